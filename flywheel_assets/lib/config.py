@@ -1,0 +1,161 @@
+"""The one configuration object. Every default is a number from the seed chapter.
+
+Settings come from an optional JSON file named by FLYWHEEL_CONFIG (any subset of
+the fields below, nested by section) and FLYWHEEL_HOME for the runtime root.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, Field, model_validator
+
+DEFAULT_HOME = "data/home"
+
+
+class ScoringWeights(BaseModel):
+    """The seed's quality_score: 0.5 plus these terms, clamped to [-1, 1]."""
+
+    base: float = 0.5
+    accepted: float = 0.3
+    not_accepted: float = -0.3
+    no_retry: float = 0.1
+    many_retries: float = -0.2
+    many_retries_at: int = 3
+    edit_ratio: float = -0.3
+    continued: float = 0.1
+    error_reported: float = -0.4
+
+
+class TierSpec(BaseModel):
+    name: str
+    lower: float  # inclusive lower edge; the top tier also includes its upper edge
+    weight: float
+    description: str
+
+
+class TierConfig(BaseModel):
+    """Seed ranges made non-overlapping: each tier is [lower, next tier's lower)."""
+
+    tiers: list[TierSpec] = Field(
+        default_factory=lambda: [
+            TierSpec(name="platinum", lower=0.85, weight=5.0, description="Human-verified"),
+            TierSpec(name="gold", lower=0.60, weight=2.0, description="High-confidence auto-judged"),
+            TierSpec(name="silver", lower=0.30, weight=1.0, description="Clear implicit acceptance signal"),
+            TierSpec(name="bronze", lower=-1.0, weight=0.3, description="Negative training examples"),
+        ]
+    )
+    # The seed describes platinum as human-verified: without a human label a score
+    # in platinum's range is capped at the next tier down.
+    platinum_requires_human: bool = True
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "TierConfig":
+        lowers = [t.lower for t in self.tiers]
+        if lowers != sorted(lowers, reverse=True):
+            raise ValueError("tiers must be listed from the highest lower edge to the lowest")
+        if self.tiers[-1].lower > -1.0:
+            raise ValueError("the last tier must start at -1.0 so that every score has a tier")
+        return self
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tiers]
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return {t.name: t.weight for t in self.tiers}
+
+
+class FusionConfig(BaseModel):
+    """combined_score = implicit_weight * implicit + judge_weight * judges (renormalised
+    over the parts that exist); a human annotation replaces it."""
+
+    implicit_weight: float = 0.7
+    judge_weight: float = 0.3
+    llm_judge_weight: float = 0.0  # used only when the LLM judge is enabled
+    synthetic_reward: float = 0.8
+    length_outlier_z: float = 3.0
+    loop_repeats: int = 3
+
+
+class CurationConfig(BaseModel):
+    target_size: int = 5000
+    seed: int = 0
+    holdout_fraction: float = 0.05
+    near_duplicate_jaccard: float = 0.9
+    high_quality_threshold: float = 0.7
+
+    def budgets(self, tiers: TierConfig) -> dict[str, int]:
+        n = self.target_size
+        seed_budgets = {
+            "platinum": max(50, n // 25),
+            "gold": max(200, n // 5),
+            "silver": max(500, n // 2),
+            "bronze": max(100, n // 10),
+        }
+        return {name: seed_budgets.get(name, n) for name in tiers.names}
+
+
+class IngestConfig(BaseModel):
+    max_line_bytes: int = 1_000_000
+    batch_lines: int = 500_000
+
+
+class LLMJudgeConfig(BaseModel):
+    """Off unless FLYWHEEL_LLM_JUDGE_URL is set (any OpenAI-compatible endpoint)."""
+
+    url: str | None = None
+    model: str = "gpt-4o-mini"
+    api_key: str | None = None
+    timeout_s: float = 30.0
+    max_trajectories_per_run: int = 200
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.url)
+
+
+class FlywheelConfig(BaseModel):
+    home: Path = Path(DEFAULT_HOME)
+    scoring: ScoringWeights = Field(default_factory=ScoringWeights)
+    tiers: TierConfig = Field(default_factory=TierConfig)
+    fusion: FusionConfig = Field(default_factory=FusionConfig)
+    curation: CurationConfig = Field(default_factory=CurationConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    llm_judge: LLMJudgeConfig = Field(default_factory=LLMJudgeConfig)
+
+    @property
+    def landing(self) -> Path:
+        return self.home / "landing"
+
+    @property
+    def lake(self) -> Path:
+        return self.home / "lake"
+
+    @property
+    def datasets(self) -> Path:
+        return self.home / "datasets"
+
+    @property
+    def models(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def reports(self) -> Path:
+        return self.home / "reports"
+
+
+def load_config(home: str | os.PathLike | None = None, config_path: str | None = None) -> FlywheelConfig:
+    """Read FLYWHEEL_CONFIG (JSON) and FLYWHEEL_HOME; explicit arguments win."""
+    path = config_path or os.environ.get("FLYWHEEL_CONFIG")
+    raw: dict = json.loads(Path(path).read_text()) if path else {}
+    raw["home"] = str(home or raw.get("home") or os.environ.get("FLYWHEEL_HOME") or DEFAULT_HOME)
+    judge = raw.setdefault("llm_judge", {})
+    for key, env in (("url", "FLYWHEEL_LLM_JUDGE_URL"), ("model", "FLYWHEEL_LLM_JUDGE_MODEL"),
+                     ("api_key", "FLYWHEEL_LLM_JUDGE_API_KEY")):
+        if os.environ.get(env):
+            judge[key] = os.environ[env]
+    return FlywheelConfig.model_validate(raw)

@@ -1,0 +1,138 @@
+"""Heuristic judges of trajectory content: cheap, deterministic, vectorised.
+
+Each judge scores a trajectory in [0, 1] (1 is good); heuristic_score maps their
+mean to [-1, 1] so that it can be fused with the implicit feedback score. Columns
+and their meaning are documented in tables.JUDGE_SCORES.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+from flywheel_assets.lib.config import FusionConfig
+
+JUDGES = ("tool_call_validity", "tool_success_rate", "final_answer_present", "loop_free", "length_ok")
+OUTPUT_SCHEMA = pl.Schema(
+    {
+        "trajectory_id": pl.String,
+        **{judge: pl.Float64 for judge in JUDGES},
+        "heuristic_score": pl.Float64,
+        "failed_judges": pl.String,
+    }
+)
+FAIL_BELOW = 0.5
+# Task types smaller than this are too few for a meaningful length distribution.
+LENGTH_MIN_ROWS = 5
+# Identical lengths can leave a std of rounding noise rather than exactly 0.
+_STD_EPSILON = 1e-12
+_ROW = "_row"
+
+
+def heuristic_judges(trajectories: pl.DataFrame, fusion: FusionConfig) -> pl.DataFrame:
+    """One row of judge scores per trajectory, in input order."""
+    if trajectories.height == 0:
+        return pl.DataFrame(schema=OUTPUT_SCHEMA)
+    rows = trajectories.lazy().select(
+        "trajectory_id", "task_type", "turns", "tool_calls", "tools_offered", "final_response"
+    ).with_row_index(_ROW)
+
+    judged = (
+        rows.select(_ROW, "trajectory_id", "task_type", "final_response", total_chars=_conversation_chars())
+        .join(_tool_call_judges(rows, fusion.loop_repeats), on=_ROW, how="left")
+        .join(_reply_loops(rows, fusion.loop_repeats), on=_ROW, how="left")
+        .with_columns(
+            final_answer_present=_as_score(_non_blank(pl.col("final_response"))),
+            loop_free=_as_score(
+                ~(pl.col("tool_call_loop").fill_null(False) | pl.col("reply_loop").fill_null(False))
+            ),
+            length_ok=_length_ok(pl.col("total_chars"), fusion.length_outlier_z),
+        )
+        .with_columns(heuristic_score=2.0 * pl.mean_horizontal(*JUDGES) - 1.0)
+        .with_columns(
+            failed_judges=pl.concat_str(
+                [pl.when(pl.col(judge) < FAIL_BELOW).then(pl.lit(judge)) for judge in JUDGES],
+                separator=",",
+                ignore_nulls=True,
+            )
+        )
+        .sort(_ROW)
+        .select(OUTPUT_SCHEMA.names())
+        .cast(dict(OUTPUT_SCHEMA))
+    )
+    return judged.collect()
+
+
+def _as_score(condition: pl.Expr) -> pl.Expr:
+    return condition.cast(pl.Float64)
+
+
+def _non_blank(text: pl.Expr) -> pl.Expr:
+    return text.fill_null("").str.strip_chars() != ""
+
+
+def _explode_structs(rows: pl.LazyFrame, column: str, *carried: str) -> pl.LazyFrame:
+    """One row per list element (with its trajectory's row index), struct fields as columns."""
+    return (
+        rows.select(_ROW, column, *carried)
+        .explode(column)
+        .filter(pl.col(column).is_not_null())
+        .unnest(column)
+    )
+
+
+def _tool_call_judges(rows: pl.LazyFrame, loop_repeats: int) -> pl.LazyFrame:
+    """tool_call_validity, tool_success_rate and tool_call_loop, for rows with calls."""
+    offered = pl.col("tools_offered").list.drop_nulls()
+    known_tool = (
+        pl.when(offered.list.len().fill_null(0) > 0)
+        .then(offered.list.contains(pl.col("name")).fill_null(False))
+        .otherwise(_non_blank(pl.col("name")))
+    )
+    calls = _explode_structs(rows, "tool_calls", "tools_offered").with_columns(
+        valid=pl.col("arguments_valid").fill_null(False) & known_tool
+    )
+    rates = calls.group_by(_ROW).agg(
+        tool_call_validity=pl.col("valid").cast(pl.Float64).mean(),
+        tool_success_rate=pl.col("success").fill_null(False).cast(pl.Float64).mean(),
+    )
+    loops = _repeats_at_least(calls, ["name", "arguments"], loop_repeats, "tool_call_loop")
+    return rates.join(loops, on=_ROW, how="left")
+
+
+def _reply_loops(rows: pl.LazyFrame, loop_repeats: int) -> pl.LazyFrame:
+    """reply_loop for rows where one non-empty assistant message repeats loop_repeats times."""
+    is_reply = (pl.element().struct.field("role") == "assistant") & _non_blank(
+        pl.element().struct.field("content")
+    )
+    # Only trajectories with enough replies can loop; grouping every message's text is costly.
+    candidates = rows.filter(pl.col("turns").list.eval(is_reply).list.sum() >= loop_repeats)
+    replies = _explode_structs(candidates, "turns").filter(
+        (pl.col("role") == "assistant") & _non_blank(pl.col("content"))
+    )
+    return _repeats_at_least(replies, ["content"], loop_repeats, "reply_loop")
+
+
+def _repeats_at_least(items: pl.LazyFrame, keys: list[str], times: int, flag: str) -> pl.LazyFrame:
+    return (
+        items.group_by(_ROW, *keys)
+        .len()
+        .group_by(_ROW)
+        .agg(most_repeats=pl.col("len").max())
+        .select(_ROW, (pl.col("most_repeats") >= times).alias(flag))
+    )
+
+
+def _conversation_chars() -> pl.Expr:
+    content_chars = pl.element().struct.field("content").str.len_chars()
+    return pl.col("turns").list.eval(content_chars).list.sum().fill_null(0)
+
+
+def _length_ok(total_chars: pl.Expr, outlier_z: float) -> pl.Expr:
+    """0 when log1p(characters) lies more than outlier_z sample std from its task type's mean."""
+    log_length = total_chars.cast(pl.Float64).log1p()
+    n = pl.len().over("task_type")
+    mean = log_length.mean().over("task_type")
+    std = log_length.std().over("task_type")
+    too_few = (n < LENGTH_MIN_ROWS) | std.is_null() | (std <= _STD_EPSILON)
+    outlier = ((log_length - mean) / std).abs() > outlier_z
+    return pl.when(too_few).then(1.0).otherwise(_as_score(~outlier))

@@ -1,0 +1,101 @@
+"""The one Delta read/write helper. Every table goes through here.
+
+Writes are single Delta commits, so a failed run leaves a table at its previous
+version, never half-written. The lake root is FLYWHEEL_HOME/lake unless
+FLYWHEEL_LAKE_URI names another (for example s3://bucket/flywheel, with credentials
+in FLYWHEEL_STORAGE_OPTIONS as a JSON object).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+
+import duckdb
+import pyarrow as pa
+from deltalake import DeltaTable, write_deltalake
+from deltalake.exceptions import TableNotFoundError
+
+from flywheel_assets.lib.config import FlywheelConfig
+from flywheel_assets.lib.tables import Table
+
+
+class Lake:
+    def __init__(self, config: FlywheelConfig):
+        self.config = config
+        self.root = os.environ.get("FLYWHEEL_LAKE_URI") or str(config.lake.resolve())
+        options = os.environ.get("FLYWHEEL_STORAGE_OPTIONS")
+        self.storage_options: dict[str, str] | None = json.loads(options) if options else None
+
+    def uri(self, table: Table) -> str:
+        return f"{self.root.rstrip('/')}/{table.layer}/{table.name}"
+
+    def delta(self, table: Table, version: int | None = None) -> DeltaTable | None:
+        try:
+            return DeltaTable(self.uri(table), version=version, storage_options=self.storage_options)
+        except TableNotFoundError:
+            return None
+
+    def exists(self, table: Table) -> bool:
+        return self.delta(table) is not None
+
+    def version(self, table: Table) -> int | None:
+        dt = self.delta(table)
+        return None if dt is None else dt.version()
+
+    def read(self, table: Table, columns: list[str] | None = None, filter_sql: str | None = None,
+             version: int | None = None) -> pa.Table:
+        """The whole table (or the named columns) as arrow; empty with its schema if absent."""
+        dt = self.delta(table, version)
+        if dt is None:
+            schema = table.schema if columns is None else pa.schema([table.schema.field(c) for c in columns])
+            return schema.empty_table()
+        dataset = dt.to_pyarrow_dataset()
+        if filter_sql is None:
+            return dataset.to_table(columns=columns)
+        con = duckdb.connect()
+        con.register("t", dataset)
+        cols = ", ".join(f'"{c}"' for c in columns) if columns else "*"
+        return con.sql(f"SELECT {cols} FROM t WHERE {filter_sql}").to_arrow_table()
+
+    def register(self, con: duckdb.DuckDBPyConnection, table: Table, name: str | None = None) -> None:
+        """Expose a table to DuckDB as a view (a lazy arrow dataset: no copy)."""
+        dt = self.delta(table)
+        con.register(name or table.name, dt.to_pyarrow_dataset() if dt is not None else table.schema.empty_table())
+
+    def append(self, table: Table, data: pa.Table) -> int:
+        return self._write(table, data, mode="append")
+
+    def overwrite(self, table: Table, data: pa.Table, predicate: str | None = None) -> int:
+        """Replace the table, or only the rows matching predicate, in one commit."""
+        return self._write(table, data, mode="overwrite", predicate=predicate)
+
+    def _write(self, table: Table, data: pa.Table, mode: str, predicate: str | None = None) -> int:
+        data = conform(data, table)
+        if mode == "append" and data.num_rows == 0 and self.exists(table):
+            return self.version(table)
+        write_deltalake(
+            self.uri(table), data, mode=mode, predicate=predicate,
+            storage_options=self.storage_options,
+            partition_by=["cycle"] if "cycle" in table.schema.names else None,
+        )
+        return self.version(table)
+
+    def versions(self, *tables: Table) -> dict[str, int | None]:
+        return {t.name: self.version(t) for t in tables}
+
+
+def conform(data: pa.Table, table: Table) -> pa.Table:
+    """Select and cast columns to the table's declared schema (missing ones as null)."""
+    columns = []
+    for field in table.schema:
+        if field.name in data.column_names:
+            columns.append(data.column(field.name).cast(field.type))
+        else:
+            columns.append(pa.nulls(data.num_rows, field.type))
+    return pa.Table.from_arrays(columns, schema=table.schema)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
