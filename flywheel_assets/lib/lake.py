@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 
@@ -43,6 +44,18 @@ class Lake:
     def version(self, table: Table) -> int | None:
         dt = self.delta(table)
         return None if dt is None else dt.version()
+
+    def row_count(self, table: Table) -> int:
+        """From the Delta log alone: no data file is opened."""
+        dt = self.delta(table)
+        if dt is None:
+            return 0
+        actions = pa.table(dt.get_add_actions(flatten=True))
+        return int(pa.compute.sum(actions.column("num_records")).as_py() or 0)
+
+    def arrow_schema(self, table: Table) -> pa.Schema | None:
+        dt = self.delta(table)
+        return None if dt is None else pa.schema(dt.schema().to_arrow())
 
     def read(self, table: Table, columns: list[str] | None = None, filter_sql: str | None = None,
              version: int | None = None) -> pa.Table:

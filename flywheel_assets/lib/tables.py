@@ -181,7 +181,7 @@ JUDGE_SCORES = Table(
         ("heuristic_score", pa.float64(), "mean of the available judges mapped to [-1, 1]"),
         ("llm_score", pa.float64(), "LLM judge score in [-1, 1]; null when disabled"),
         ("judge_score", pa.float64(), "heuristic and LLM scores fused"),
-        ("failed_judges", pa.string(), "names of the judges that scored 0, comma-separated"),
+        ("failed_judges", pa.string(), "names of the judges that scored below 0.5, comma-separated"),
     ),
     key=("trajectory_id",),
 )

@@ -10,7 +10,13 @@ from __future__ import annotations
 import polars as pl
 
 from flywheel_assets.lib.config import FusionConfig
+from flywheel_assets.lib.tables import TRAJECTORIES
 
+_INPUT_COLUMNS = ("trajectory_id", "task_type", "turns", "tool_calls", "tools_offered", "final_response")
+INPUT_SCHEMA = pl.Schema(
+    {name: dtype for name, dtype in pl.from_arrow(TRAJECTORIES.schema.empty_table()).schema.items()
+     if name in _INPUT_COLUMNS}
+)
 JUDGES = ("tool_call_validity", "tool_success_rate", "final_answer_present", "loop_free", "length_ok")
 OUTPUT_SCHEMA = pl.Schema(
     {
@@ -32,9 +38,8 @@ def heuristic_judges(trajectories: pl.DataFrame, fusion: FusionConfig) -> pl.Dat
     """One row of judge scores per trajectory, in input order."""
     if trajectories.height == 0:
         return pl.DataFrame(schema=OUTPUT_SCHEMA)
-    rows = trajectories.lazy().select(
-        "trajectory_id", "task_type", "turns", "tool_calls", "tools_offered", "final_response"
-    ).with_row_index(_ROW)
+    # The cast lets hand-built frames (all-null or empty lists, wider ints) behave like the table.
+    rows = trajectories.lazy().select(INPUT_SCHEMA.names()).cast(dict(INPUT_SCHEMA)).with_row_index(_ROW)
 
     judged = (
         rows.select(_ROW, "trajectory_id", "task_type", "final_response", total_chars=_conversation_chars())

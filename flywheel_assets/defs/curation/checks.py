@@ -1,0 +1,38 @@
+"""Nothing unsafe or leaked may reach a training set (blocking: training waits on these)."""
+
+import dagster as dg
+import duckdb
+
+from flywheel_assets.defs.partitions import cycle_partitions
+from flywheel_assets.defs.resources import FlywheelResource
+from flywheel_assets.lib.curation.scrub import find_pii
+from flywheel_assets.lib.tables import CURATED_TRAJECTORIES, TRAINING_DATASET
+
+
+@dg.asset_check(asset="training_dataset", partitions_def=cycle_partitions, blocking=True,
+                description="No email, phone, card, IP address or secret pattern is left in the cycle's rows.")
+def no_pii_in_training_set(context: dg.AssetCheckExecutionContext, flywheel: FlywheelResource) -> dg.AssetCheckResult:
+    rows = flywheel.lake().read(TRAINING_DATASET, columns=["trajectory_id", "messages_json"],
+                                filter_sql=f"cycle = '{context.partition_key}'")
+    leaks = {t: kinds for t, m in zip(rows.column("trajectory_id").to_pylist(), rows.column("messages_json").to_pylist())
+             if (kinds := find_pii(m))}
+    return dg.AssetCheckResult(passed=rows.num_rows > 0 and not leaks, metadata={
+        "rows_checked": rows.num_rows, "rows_with_pii": len(leaks), "examples": str(list(leaks.items())[:5]) or "none"})
+
+
+@dg.asset_check(asset="training_dataset", partitions_def=cycle_partitions, blocking=True,
+                description="No trajectory, and no prompt, of the held-out evaluation split is in the training set.")
+def no_holdout_leakage(context: dg.AssetCheckExecutionContext, flywheel: FlywheelResource) -> dg.AssetCheckResult:
+    lake = flywheel.lake()
+    con = duckdb.connect()
+    lake.register(con, TRAINING_DATASET)
+    lake.register(con, CURATED_TRAJECTORIES)
+    overlap, prompt_overlap = con.execute("""
+        WITH train AS (SELECT d.trajectory_id, c.prompt_key FROM training_dataset d
+                       JOIN curated_trajectories c USING (trajectory_id) WHERE d.cycle = $cycle),
+             holdout AS (SELECT trajectory_id, prompt_key FROM curated_trajectories WHERE split = 'holdout')
+        SELECT (SELECT count(*) FROM train WHERE trajectory_id IN (SELECT trajectory_id FROM holdout)),
+               (SELECT count(*) FROM train WHERE prompt_key IN (SELECT prompt_key FROM holdout))
+    """, {"cycle": context.partition_key}).fetchone()
+    return dg.AssetCheckResult(passed=overlap == 0 and prompt_overlap == 0, metadata={
+        "trajectories_in_both": overlap, "prompts_in_both": prompt_overlap})

@@ -1,0 +1,42 @@
+"""Bronze: the landing zone's files as Delta tables, with every bad line quarantined."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from flywheel_assets.defs.resources import FlywheelResource, markdown_counts, table_metadata
+from flywheel_assets.lib.ingest.pipeline import ingest_landing
+from flywheel_assets.lib.tables import ANNOTATIONS, INGESTED_FILES, QUARANTINE, SESSION_EVENTS, TRAJECTORIES
+
+BRONZE = (SESSION_EVENTS, TRAJECTORIES, ANNOTATIONS, QUARANTINE, INGESTED_FILES)
+
+
+@dg.multi_asset(
+    name="bronze_ingest",
+    specs=[
+        dg.AssetSpec(t.name, description=t.description, group_name="ingest", kinds={"delta", "duckdb"},
+                     metadata=table_metadata(t))
+        for t in BRONZE
+    ],
+    description="Ingest every landing file not yet in the ledger into the bronze Delta tables.",
+)
+def bronze_ingest(context: dg.AssetExecutionContext, flywheel: FlywheelResource):
+    lake = flywheel.lake()
+    report = ingest_landing(flywheel.config(), lake, log=context.log.info)
+    files = dg.MetadataValue.md("\n".join(
+        ["| file | lines | new | duplicates | quarantined |", "|---|---:|---:|---:|---:|"]
+        + [f"| {f['file']} | {f['lines']} | {f['new']} | {f['duplicates']} | {f['quarantined']} |" for f in report.files]
+    ))
+    new_rows = {SESSION_EVENTS: report.rows_new["events"], TRAJECTORIES: report.rows_new["trajectories"],
+                ANNOTATIONS: report.rows_new["annotations"], QUARANTINE: report.lines_quarantined,
+                INGESTED_FILES: len(report.files)}
+    for table in BRONZE:
+        extra = {"rows_added": dg.MetadataValue.int(new_rows[table]), "delta_version": lake.version(table) or 0}
+        if table is QUARANTINE:
+            extra["quarantined_by_reason"] = markdown_counts(dict(report.quarantined), "reason", "lines")
+        if table is INGESTED_FILES:
+            extra["files"] = files
+        yield dg.MaterializeResult(
+            asset_key=table.name,
+            metadata=table_metadata(table, **extra) | {"dagster/row_count": lake.row_count(table)},
+        )

@@ -1,0 +1,39 @@
+"""landing_sensor: new landing files start an ingest run, each file once."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import dagster as dg
+
+from flywheel_assets.defs.resources import FlywheelResource
+from flywheel_assets.lib.ingest.pipeline import pending_files
+
+# Ingest, then refresh everything scored from the bronze tables (not the per-cycle dataset).
+ingest_job = dg.define_asset_job(
+    "ingest_job",
+    selection=dg.AssetSelection.groups("ingest", "feedback") | dg.AssetSelection.assets("curated_trajectories"),
+    description="Landing files → bronze → feedback scores → curated trajectories.",
+)
+
+
+@dg.sensor(job=ingest_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
+           description="Starts ingest_job when ready files appear in the landing zone. The cursor is the newest "
+                       "file requested; the ingested_files ledger guarantees no file is read twice.")
+def landing_sensor(context: dg.SensorEvaluationContext, flywheel: FlywheelResource):
+    cursor = json.loads(context.cursor) if context.cursor else {"mtime_ns": -1, "path": ""}
+    high_water = (cursor["mtime_ns"], cursor["path"])
+    config = flywheel.config()
+    fresh = [f for f in pending_files(config, flywheel.lake()) if (f.mtime_ns, f.relative) > high_water]
+    if not fresh:
+        return dg.SkipReason(f"no new ready file in {config.landing} (cursor {cursor})")
+    newest = max(fresh)
+    digest = hashlib.md5("\n".join(f"{f.relative}:{f.size_bytes}:{f.mtime_ns}" for f in fresh).encode()).hexdigest()
+    return dg.SensorResult(
+        run_requests=[dg.RunRequest(
+            run_key=f"landing-{digest}",
+            tags={"flywheel/files": str(len(fresh)), "flywheel/newest": newest.relative},
+        )],
+        cursor=json.dumps({"mtime_ns": newest.mtime_ns, "path": newest.relative}),
+    )

@@ -1,0 +1,57 @@
+"""Resources and the metadata helpers every stage uses."""
+
+from __future__ import annotations
+
+import os
+
+import dagster as dg
+import pyarrow as pa
+
+from flywheel_assets.lib.config import FlywheelConfig, load_config
+from flywheel_assets.lib.lake import Lake
+from flywheel_assets.lib.tables import Table
+
+
+def get_env() -> str:
+    """LOCAL on a laptop; CLUSTER when DAGSTER_DEPLOYMENT says so (Postgres storage,
+    a run launcher and executor configured in that deployment's dagster.yaml)."""
+    return "CLUSTER" if os.environ.get("DAGSTER_DEPLOYMENT", "local").lower() in ("cluster", "prod") else "LOCAL"
+
+
+class FlywheelResource(dg.ConfigurableResource):
+    """Where Flywheel keeps its state and how it is tuned (see README: Configuration)."""
+
+    home: str | None = None
+    config_path: str | None = None
+
+    def config(self) -> FlywheelConfig:
+        return load_config(self.home, self.config_path)
+
+    def lake(self) -> Lake:
+        return Lake(self.config())
+
+
+def table_metadata(table: Table, data: pa.Table | None = None, **extra) -> dict:
+    """Column docs (shown as the asset's schema), row count and a preview."""
+    metadata: dict = {
+        "dagster/column_schema": dg.TableSchema(columns=[
+            dg.TableColumn(name, str(dtype), description=doc) for name, dtype, doc in table.columns
+        ]),
+        "table": dg.MetadataValue.text(f"{table.layer}/{table.name}"),
+    }
+    if data is not None:
+        metadata["dagster/row_count"] = dg.MetadataValue.int(data.num_rows)
+    metadata.update(extra)
+    return metadata
+
+
+def markdown_counts(counts: dict, key: str = "value", value: str = "rows") -> dg.MetadataValue:
+    total = sum(counts.values()) or 1
+    lines = [f"| {key} | {value} | share |", "|---|---:|---:|"]
+    lines += [f"| {k} | {v} | {v / total:.1%} |" for k, v in counts.items()]
+    return dg.MetadataValue.md("\n".join(lines))
+
+
+@dg.definitions
+def resources() -> dg.Definitions:
+    return dg.Definitions(resources={"flywheel": FlywheelResource()})

@@ -1,0 +1,268 @@
+"""PII and secret scrubbing into typed placeholders.
+
+Conversations become training data, so anything personal or secret in them is
+replaced by a placeholder that names its kind (`<EMAIL>`, `<SECRET>`, ...). The
+model still learns that an email went there, and never learns the email.
+
+The rules run in a fixed order: secrets first (their digits must not be half-taken by
+the phone or card rules), then emails, IPs, cards and phones. Each regex runs only when
+cheap substring hints say it could match, and every repeated group starts with a fixed
+separator, so no text can make matching backtrack catastrophically.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import string
+from collections.abc import Callable
+from dataclasses import dataclass
+
+PLACEHOLDERS: dict[str, str] = {
+    "email": "<EMAIL>",
+    "phone": "<PHONE>",
+    "card": "<CARD>",
+    "ip": "<IP>",
+    "secret": "<SECRET>",
+}
+
+_PLACEHOLDER_VALUES = frozenset(PLACEHOLDERS.values())
+
+_PRIVATE_KEY = re.compile(
+    r"-----BEGIN[A-Z0-9 ]*PRIVATE KEY-----(?s:.*?)(?:-----END[A-Z0-9 ]*PRIVATE KEY-----|\Z)"
+)
+
+# Vendor key shapes. OpenAI/Anthropic keys must hold a digit so that hyphenated prose
+# such as "sk-learn-is-a-great-library" is not taken for a key.
+_TOKEN = re.compile(
+    r"(?<![\w-])(?:"
+    r"sk-(?=[\w-]*\d)[\w-]{20,}"
+    r"|(?:AKIA|ASIA)[A-Z0-9]{16}(?![A-Za-z0-9])"
+    r"|gh[pousr]_[A-Za-z0-9]{20,}"
+    r"|github_pat_\w{20,}"
+    r"|xox[abprs]-[A-Za-z0-9-]{10,}"
+    r"|AIza[\w-]{35}(?![\w-])"
+    r"|(?:sk|pk|rk)_(?:live|test)_[A-Za-z0-9]{10,}"
+    r"|eyJ[\w-]{2,}\.eyJ[\w-]{2,}\.[\w-]*"
+    r")"
+)
+
+# The token must hold a digit so that "bearer instruments" stays prose.
+_BEARER = re.compile(r"(?<!\w)((?i:bearer)\s+)((?=[\w.~+/-]*\d)[\w.~+/-]{8,}=*)")
+
+# A secret word not followed by a lower-case letter: `max_tokens`, `tokenizer` and
+# `secretary` are not secrets, while `accessToken` and `secretKey` are.
+_KEY_ASSIGNMENT = re.compile(
+    r"(?<![\w.<-])([\"']?)([\w.-]*?(?i:api[_-]?key|secret|token|passw(?:or)?d)(?![a-z])[\w.-]*)\1"
+    r"(\s*[:=](?!=)\s*)"
+    r"(?:\"([^\"\n]+)\"|'([^'\n]+)'|([^\s\"',;&<>(){}\[\]]+))"
+)
+
+# Values that follow a secret-looking key in code and configs without being secrets.
+_NOT_SECRET_VALUES = frozenset({"null", "none", "true", "false", "str", "int", "bytes", "string"})
+
+_EMAIL = re.compile(
+    r"(?<![\w.%+-])[\w.%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}(?![\w-])"
+)
+
+_OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+_IPV4 = re.compile(rf"(?<![\w.])(?:{_OCTET}\.){{3}}{_OCTET}(?!\w|\.\d)")
+
+_HEX = r"[0-9A-Fa-f]{1,4}"
+_IPV6 = re.compile(
+    rf"(?<![\w:])(?:(?:{_HEX}:){{7}}{_HEX}"
+    rf"|(?:{_HEX}(?::{_HEX}){{0,6}})?::(?:{_HEX}(?::{_HEX}){{0,6}})?)(?![\w:])"
+)
+
+# Major networks start with 2-6; this keeps epoch milliseconds (1...) out of the card
+# rule. The look-behind sits after the first digit so the regex engine can skip ahead
+# to candidate digits instead of testing every position.
+_CARD = re.compile(
+    r"[2-6](?<![\w-][2-6])(?:\d{12,18}"
+    r"|\d{3}(?:[ -]\d{4}){2}[ -]\d{1,7}"
+    r"|(?<=3)\d{3}[ -]\d{6}[ -]\d{4,5})(?![\w-]|\.\d)"
+)
+
+# International numbers need their "+"; national ones need the 3-3-4 shape. A bare run
+# of digits, a date or "663+859" has neither.
+_PHONE_INTERNATIONAL = re.compile(
+    r"\+(?<![\w+]\+)(?:\d{10,15}|\d{1,3}(?:[ .-]?\(\d{1,4}\)[ .-]?\d{1,10})?(?:[ .-]\d{1,10}){1,6})"
+    r"(?!\w|[.-]\d)"
+)
+_PHONE_NATIONAL = re.compile(
+    r"(?<![\w+])(?:1[ .-]?)?(?:\(\d{3}\) ?|\d{3}[ .-])\d{3}[ .-]\d{4}(?!\w|[.-]\d)"
+)
+
+# Lower-cased with every digit written as 9: one cheap pass over the text lets each
+# rule's gate be a few substring tests, so most texts never reach most regexes.
+_SHAPE_TABLE = bytes.maketrans(
+    string.digits.encode() + string.ascii_uppercase.encode(),
+    b"9" * 10 + string.ascii_lowercase.encode(),
+)
+
+
+def _shape(text: str) -> bytes:
+    return text.encode("utf-8", "ignore").translate(_SHAPE_TABLE)
+
+
+@dataclass(frozen=True)
+class _Rule:
+    kind: str
+    pattern: re.Pattern[str]
+    # Returns the replacement for a match, or None when the match is not PII after all.
+    redact: Callable[[re.Match[str]], str | None]
+    # The regex runs only when one hint is found: a str in the text, a bytes in its shape.
+    text_hints: tuple[str, ...] = ()
+    shape_hints: tuple[bytes, ...] = ()
+
+    def may_match(self, text: str, shape: bytes) -> bool:
+        for hint in self.text_hints:
+            if hint in text:
+                return True
+        for shape_hint in self.shape_hints:
+            if shape_hint in shape:
+                return True
+        return False
+
+
+def _whole(kind: str) -> Callable[[re.Match[str]], str | None]:
+    return lambda match: PLACEHOLDERS[kind]
+
+
+def _redact_bearer(match: re.Match[str]) -> str:
+    return match.group(1) + PLACEHOLDERS["secret"]
+
+
+def _redact_assignment(match: re.Match[str]) -> str | None:
+    group = next(g for g in (4, 5, 6) if match.group(g) is not None)
+    value = match.group(group)
+    if value in _PLACEHOLDER_VALUES or value.lower() in _NOT_SECRET_VALUES:
+        return None
+    if group == 6 and match.string.startswith("(", match.end()):
+        return None  # `token = get_token()` assigns a call, not a literal
+    whole, offset = match.group(0), match.start()
+    return whole[: match.start(group) - offset] + PLACEHOLDERS["secret"] + whole[match.end(group) - offset :]
+
+
+def _redact_ipv6(match: re.Match[str]) -> str | None:
+    text = match.group(0)
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return None
+    if "::" in text:
+        # `::` also appears in code (`arr[1::2]`, `dead::beef`): a compressed address must
+        # have two groups, a digit, and a group of three or more hex digits.
+        groups = [g for g in text.split(":") if g]
+        if len(groups) < 2 or not any(c.isdigit() for c in text) or max(map(len, groups)) < 3:
+            return None
+    return PLACEHOLDERS["ip"]
+
+
+def luhn_valid(digits: str) -> bool:
+    """True when a string of digits passes the Luhn checksum that card numbers carry."""
+    total = 0
+    for position, char in enumerate(reversed(digits)):
+        value = int(char)
+        if position % 2 == 1:
+            value = value * 2 - 9 if value > 4 else value * 2
+        total += value
+    return total % 10 == 0
+
+
+def _redact_card(match: re.Match[str]) -> str | None:
+    digits = re.sub(r"[ -]", "", match.group(0))
+    if 13 <= len(digits) <= 19 and luhn_valid(digits):
+        return PLACEHOLDERS["card"]
+    return None
+
+
+def _redact_phone(match: re.Match[str]) -> str | None:
+    digit_count = sum(c.isdigit() for c in match.group(0))
+    return PLACEHOLDERS["phone"] if 10 <= digit_count <= 15 else None
+
+
+_RULES: tuple[_Rule, ...] = (
+    _Rule("secret", _PRIVATE_KEY, _whole("secret"), text_hints=("PRIVATE KEY",)),
+    _Rule("secret", _TOKEN, _whole("secret"), text_hints=(
+        "sk-", "AKIA", "ASIA", "ghp_", "gho_", "ghs_", "ghu_", "ghr_", "github_pat_",
+        "xox", "AIza", "_live_", "_test_", "eyJ",
+    )),
+    _Rule("secret", _BEARER, _redact_bearer, shape_hints=(b"bearer",)),
+    _Rule("secret", _KEY_ASSIGNMENT, _redact_assignment,
+          shape_hints=(b"api_key", b"api-key", b"apikey", b"secret", b"token", b"passw")),
+    _Rule("email", _EMAIL, _whole("email"), text_hints=("@",)),
+    _Rule("ip", _IPV6, _redact_ipv6, text_hints=("::",), shape_hints=(b"9:", b":9")),
+    _Rule("ip", _IPV4, _whole("ip"), shape_hints=(b"9.9",)),
+    _Rule("card", _CARD, _redact_card, shape_hints=(b"99999999", b"9999 9999", b"9999-9999")),
+    _Rule("phone", _PHONE_INTERNATIONAL, _redact_phone, shape_hints=(b"+9",)),
+    _Rule("phone", _PHONE_NATIONAL, _redact_phone, shape_hints=(b"999-9999", b"999 9999", b"999.9999")),
+)
+
+
+def _apply(rule: _Rule, text: str) -> tuple[str, int]:
+    count = 0
+
+    def replace(match: re.Match[str]) -> str:
+        nonlocal count
+        redacted = rule.redact(match)
+        if redacted is None:
+            return match.group(0)
+        count += 1
+        return redacted
+
+    return rule.pattern.sub(replace, text), count
+
+
+def scrub_text(text: str | None) -> tuple[str | None, dict[str, int]]:
+    """The text with PII and secrets replaced, and how many of each kind were replaced."""
+    if text is None:
+        return None, {}
+    counts: dict[str, int] = {}
+    shape = _shape(text)
+    for rule in _RULES:
+        if not rule.may_match(text, shape):
+            continue
+        text, count = _apply(rule, text)
+        if count:
+            counts[rule.kind] = counts.get(rule.kind, 0) + count
+            shape = _shape(text)
+    return text, counts
+
+
+def find_pii(text: str | None) -> list[str]:
+    """The kinds of PII the scrubber would still replace in a text, in PLACEHOLDERS order."""
+    found = scrub_text(text)[1]
+    return [kind for kind in PLACEHOLDERS if kind in found]
+
+
+def _add_counts(total: dict[str, int], counts: dict[str, int]) -> None:
+    for kind, count in counts.items():
+        total[kind] = total.get(kind, 0) + count
+
+
+def scrub_messages(messages: list[dict]) -> tuple[list[dict], dict[str, int]]:
+    """Chat messages with every string content and tool-call argument string scrubbed.
+
+    Returns new message dicts; the input is left untouched.
+    """
+    total: dict[str, int] = {}
+    scrubbed_messages = []
+    for message in messages:
+        scrubbed = dict(message)
+        if isinstance(message.get("content"), str):
+            scrubbed["content"], counts = scrub_text(message["content"])
+            _add_counts(total, counts)
+        if message.get("tool_calls"):
+            scrubbed["tool_calls"] = [_scrub_tool_call(call, total) for call in message["tool_calls"]]
+        scrubbed_messages.append(scrubbed)
+    return scrubbed_messages, total
+
+
+def _scrub_tool_call(call: dict, total: dict[str, int]) -> dict:
+    function = call.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return dict(call)
+    arguments, counts = scrub_text(function["arguments"])
+    _add_counts(total, counts)
+    return {**call, "function": {**function, "arguments": arguments}}

@@ -1,0 +1,69 @@
+"""Tier budgets → one cycle's training set, deterministic and balanced by task type.
+
+Within a tier, candidates are ordered by md5(seed:trajectory_id) inside their task
+type, then taken round-robin across task types (every type's 1st pick, then every
+type's 2nd, ...) up to the tier's budget. The same seed and inputs always give the
+same rows, whatever order the inputs arrive in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from flywheel_assets.lib.config import FlywheelConfig
+
+
+def select_training_rows(curated: pa.Table, cycle: str, config: FlywheelConfig) -> pa.Table:
+    """Candidates: kept (not duplicate), in the train split, whose prompt is not a held-out prompt."""
+    budgets = config.curation.budgets(config.tiers)
+    con = duckdb.connect()
+    con.register("curated", curated)
+    con.register("budgets", pa.table({"tier": list(budgets), "budget": list(budgets.values())}))
+    return con.execute("""
+        WITH holdout_prompts AS (SELECT DISTINCT prompt_key FROM curated WHERE split = 'holdout'),
+        candidates AS (
+            SELECT *, md5($seed || ':' || trajectory_id) AS shuffle
+            FROM curated
+            WHERE split = 'train' AND dedup_status = 'kept'
+              AND prompt_key NOT IN (SELECT prompt_key FROM holdout_prompts)
+        ), by_type AS (
+            SELECT *, row_number() OVER (PARTITION BY tier, task_type ORDER BY shuffle) AS type_rank FROM candidates
+        ), ranked AS (
+            SELECT *, row_number() OVER (PARTITION BY tier ORDER BY type_rank, task_type, shuffle) AS selection_rank
+            FROM by_type
+        )
+        SELECT $cycle AS cycle, trajectory_id, task_type, r.tier, weight, combined_score,
+               messages_json, tools_json, selection_rank
+        FROM ranked r JOIN budgets b ON r.tier = b.tier
+        WHERE selection_rank <= b.budget
+        ORDER BY shuffle
+    """, {"seed": str(config.curation.seed), "cycle": cycle}).to_arrow_table()
+
+
+def export_chat_jsonl(rows: pa.Table, path: Path) -> str:
+    """Write the OpenAI chat format TRL and axolotl read (messages, tools) plus weight
+    and tier, atomically; returns the file's sha256."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    digest = hashlib.sha256()
+    with temporary.open("w", encoding="utf-8") as handle:
+        for row in rows.to_pylist():
+            line = json.dumps({
+                "messages": json.loads(row["messages_json"]), "tools": json.loads(row["tools_json"] or "[]"),
+                "weight": row["weight"], "tier": row["tier"], "task_type": row["task_type"],
+                "trajectory_id": row["trajectory_id"],
+            }, ensure_ascii=False) + "\n"
+            digest.update(line.encode())
+            handle.write(line)
+    temporary.replace(path)
+    return digest.hexdigest()
+
+
+def count_by(rows: pa.Table, column: str) -> dict[str, int]:
+    values = rows.column(column).to_pylist()
+    return {value: values.count(value) for value in sorted(set(values))}

@@ -1,0 +1,151 @@
+"""Optional LLM judge through any OpenAI-compatible chat completions endpoint.
+
+Standard library only, so that turning the judge on needs no new dependency. The
+model grades a conversation 1-10 against a fixed rubric; the grade is mapped
+linearly to [-1, 1] (1 -> -1, 10 -> 1) to sit beside the other scores.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from flywheel_assets.lib.config import LLMJudgeConfig
+
+MIN_GRADE = 1
+MAX_GRADE = 10
+MAX_ATTEMPTS = 3
+
+RUBRIC = f"""You grade one conversation between a user and an AI agent that may call tools.
+Judge the agent's work only, against this rubric:
+- Did it understand and accomplish what the user asked?
+- Were its tool calls appropriate, well-formed and their results used correctly?
+- Is the final answer correct, complete and clearly stated, without invented facts?
+- Did it avoid needless repetition, loops and irrelevant detours?
+Grade with an integer from {MIN_GRADE} (useless or harmful) to {MAX_GRADE} (excellent).
+Reply with only a JSON object: {{"score": <integer {MIN_GRADE}-{MAX_GRADE}>, "reason": "<one sentence>"}}"""
+
+
+class LLMJudgeError(RuntimeError):
+    """The endpoint could not be reached or did not return a usable grade."""
+
+    def __init__(self, endpoint: str, reason: str):
+        super().__init__(f"LLM judge at {endpoint}: {reason}")
+        self.endpoint = endpoint
+        self.reason = reason
+
+
+def grade_to_score(grade: float) -> float:
+    """Map a 1-10 grade linearly onto [-1, 1]."""
+    return 2.0 * (grade - MIN_GRADE) / (MAX_GRADE - MIN_GRADE) - 1.0
+
+
+def render_conversation(messages: list[dict]) -> str:
+    """Chat messages as plain text, one block per message, tool calls spelled out."""
+    blocks = []
+    for message in messages:
+        lines = [f"[{message.get('role', 'unknown')}]"]
+        text = _text(message.get("content"))
+        if text:
+            lines.append(text)
+        for call in message.get("tool_calls") or []:
+            function = call.get("function", call) if isinstance(call, dict) else {}
+            lines.append(f"-> call {function.get('name')}({_text(function.get('arguments'))})")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def _text(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # OpenAI content parts
+        return "\n".join(part.get("text", "") if isinstance(part, dict) else str(part) for part in content)
+    return json.dumps(content, ensure_ascii=False)
+
+
+class LLMJudge:
+    def __init__(self, config: LLMJudgeConfig, *, backoff_s: float = 1.0):
+        if not config.url or not config.url.startswith(("http://", "https://")):
+            raise LLMJudgeError(str(config.url), "url must be set and start with http:// or https://")
+        self.config = config
+        self.endpoint = f"{config.url.rstrip('/')}/chat/completions"
+        self.backoff_s = backoff_s
+
+    def score(self, messages: list[dict]) -> tuple[float, str]:
+        """(score in [-1, 1], the model's reason) for one conversation."""
+        body = {
+            "model": self.config.model,
+            "messages": [
+                {"role": "system", "content": RUBRIC},
+                {"role": "user", "content": render_conversation(messages)},
+            ],
+            "temperature": 0,
+            "response_format": {"type": "json_object"},
+        }
+        return self._parse(self._post(body))
+
+    def score_many(self, items: list[tuple[str, list[dict]]]) -> list[dict]:
+        """One row per trajectory; a failure fills `error` and leaves the score null."""
+        rows = []
+        for trajectory_id, messages in items:
+            try:
+                score, reason = self.score(messages)
+                rows.append({"trajectory_id": trajectory_id, "llm_score": score, "llm_reason": reason, "error": None})
+            except LLMJudgeError as exc:
+                rows.append({"trajectory_id": trajectory_id, "llm_score": None, "llm_reason": None, "error": exc.reason})
+        return rows
+
+    def _post(self, body: dict) -> bytes:
+        headers = {"Content-Type": "application/json"}
+        if self.config.api_key:
+            headers["Authorization"] = f"Bearer {self.config.api_key}"
+        data = json.dumps(body).encode()
+        last_failure = ""
+        for attempt in range(MAX_ATTEMPTS):
+            if attempt:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            request = urllib.request.Request(self.endpoint, data=data, headers=headers, method="POST")
+            try:
+                with urllib.request.urlopen(request, timeout=self.config.timeout_s) as response:
+                    return response.read()
+            except urllib.error.HTTPError as exc:
+                last_failure = f"HTTP {exc.code}: {_error_body(exc)}"
+                if exc.code != 429 and exc.code < 500:
+                    raise LLMJudgeError(self.endpoint, last_failure) from exc
+            except (OSError, http.client.HTTPException) as exc:  # refused, reset, timed out, cut short
+                last_failure = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
+        raise LLMJudgeError(self.endpoint, f"gave up after {MAX_ATTEMPTS} attempts; last: {last_failure}")
+
+    def _parse(self, raw: bytes) -> tuple[float, str]:
+        try:
+            content = json.loads(raw)["choices"][0]["message"]["content"]
+            verdict = json.loads(_strip_code_fence(content))
+            grade = verdict["score"]
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise LLMJudgeError(self.endpoint, f"malformed response ({exc!r}): {raw[:300]!r}") from exc
+        if isinstance(grade, bool) or not isinstance(grade, (int, float)) or not MIN_GRADE <= grade <= MAX_GRADE:
+            raise LLMJudgeError(self.endpoint, f"score {grade!r} is not a number from {MIN_GRADE} to {MAX_GRADE}")
+        reason = verdict.get("reason")
+        return grade_to_score(float(grade)), reason if isinstance(reason, str) else ""
+
+
+def _error_body(error: urllib.error.HTTPError) -> str:
+    try:
+        return error.read(300).decode("utf-8", "replace")
+    except (OSError, http.client.HTTPException):
+        return str(error.reason)
+
+
+def _strip_code_fence(content: str) -> str:
+    """Some servers ignore response_format and wrap the JSON in a markdown fence."""
+    text = content.strip()
+    if text.startswith("```"):
+        text = text.split("\n", 1)[1] if "\n" in text else ""
+        text = text.rsplit("```", 1)[0]
+    return text

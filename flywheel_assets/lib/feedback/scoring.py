@@ -1,0 +1,151 @@
+"""Implicit feedback, attribution, fusion and tiers: one grouped DuckDB pass each.
+
+The seed scores a session with one SQL query per session (N+1); here every session
+is scored by one GROUP BY over the whole event table, and the tier of every
+trajectory by one CASE over the whole score table.
+"""
+
+from __future__ import annotations
+
+import duckdb
+import pyarrow as pa
+
+from flywheel_assets.lib.config import FlywheelConfig, ScoringWeights, TierConfig
+
+SCORED_EVENTS = ("output_accepted", "retry_requested", "output_edited", "session_continued", "error_reported")
+_SCORED = "(" + ", ".join(f"'{e}'" for e in SCORED_EVENTS) + ")"
+
+
+def quality_sql(w: ScoringWeights, accepted: str, retries: str, edit_ratio: str, continued: str, error: str) -> str:
+    """The seed's quality_score as a SQL expression over five signal columns."""
+    return (
+        f"greatest(-1.0, least(1.0, {w.base}"
+        f" + CASE WHEN {accepted} THEN {w.accepted} ELSE {w.not_accepted} END"
+        f" + CASE WHEN {retries} = 0 THEN {w.no_retry} WHEN {retries} >= {w.many_retries_at} THEN {w.many_retries} ELSE 0 END"
+        f" + {w.edit_ratio} * {edit_ratio}"
+        f" + CASE WHEN {continued} THEN {w.continued} ELSE 0 END"
+        f" + CASE WHEN {error} THEN {w.error_reported} ELSE 0 END))"
+    )
+
+
+def session_feedback(con: duckdb.DuckDBPyConnection, weights: ScoringWeights) -> pa.Table:
+    """One row per session with a scored event. Needs views session_events, trajectories.
+
+    edit_ratio is the latest output_edited's (the seed keeps whichever it saw last).
+    The score is attributed to the latest accepted trajectory, else to the latest
+    trajectory any event names, else to the session's latest logged trajectory.
+    """
+    quality = quality_sql(weights, "task_accepted", "retry_count", "edit_ratio", "session_continued", "error_reported")
+    return con.execute(f"""
+        WITH signals AS (
+            SELECT session_id,
+                   arg_min(user_id, ts) AS user_id,
+                   arg_min(tenant_id, ts) AS tenant_id,
+                   bool_or(event_type = 'output_accepted') AS task_accepted,
+                   count(*) FILTER (WHERE event_type = 'retry_requested') AS retry_count,
+                   coalesce(arg_max(edit_ratio, ts) FILTER (WHERE event_type = 'output_edited'), 0.0) AS edit_ratio,
+                   bool_or(event_type = 'session_continued') AS session_continued,
+                   bool_or(event_type = 'error_reported') AS error_reported,
+                   count(*) AS n_events, min(ts) AS first_ts, max(ts) AS last_ts,
+                   arg_max(trajectory_id, ts) FILTER (WHERE event_type = 'output_accepted' AND trajectory_id IS NOT NULL) AS accepted_trajectory,
+                   arg_max(trajectory_id, ts) FILTER (WHERE trajectory_id IS NOT NULL) AS named_trajectory
+            FROM session_events
+            WHERE event_type IN {_SCORED}
+            GROUP BY session_id
+        ), logged AS (
+            SELECT session_id, arg_max(trajectory_id, created_at) AS logged_trajectory
+            FROM trajectories WHERE session_id IS NOT NULL GROUP BY session_id
+        )
+        SELECT s.session_id, user_id, tenant_id, task_accepted, retry_count, edit_ratio,
+               session_continued, error_reported, {quality} AS quality_score,
+               n_events, first_ts, last_ts,
+               coalesce(accepted_trajectory, named_trajectory, logged_trajectory) AS final_trajectory_id
+        FROM signals s LEFT JOIN logged l USING (session_id)
+        ORDER BY s.session_id
+    """).to_arrow_table()
+
+
+def tier_sql(tiers: TierConfig, score: str, human_verified: str) -> str:
+    """CASE expression naming the tier; [lower, next lower) so the edges never overlap."""
+    top, second = tiers.tiers[0], tiers.tiers[1]
+    cases = []
+    for position, tier in enumerate(tiers.tiers):
+        name = tier.name
+        if position == 0 and tiers.platinum_requires_human:
+            name = f"CASE WHEN {human_verified} THEN '{top.name}' ELSE '{second.name}' END"
+        else:
+            name = f"'{name}'"
+        cases.append(f"WHEN round({score}, 9) >= {tier.lower} THEN {name}")
+    return "CASE " + " ".join(cases) + f" ELSE '{tiers.tiers[-1].name}' END"
+
+
+def weight_sql(tiers: TierConfig, tier: str) -> str:
+    return "CASE " + " ".join(f"WHEN {tier} = '{t.name}' THEN {t.weight}" for t in tiers.tiers) + " END"
+
+
+def trajectory_scores(con: duckdb.DuckDBPyConnection, config: FlywheelConfig) -> pa.Table:
+    """Fuse implicit feedback, judges and human labels into one score and tier per
+    trajectory. Needs views trajectories, session_events, session_feedback,
+    judge_scores, annotations.
+
+    Attribution: the session's score goes to its final trajectory; a trajectory the
+    user asked to retry (and that is not final) is scored as not accepted with its
+    own retries and error reports; a line's own reward (synthetic data) is used when
+    no event names the trajectory.
+    """
+    w, fusion = config.scoring, config.fusion
+    superseded = quality_sql(w, "false", "retries", "0.0", "false", "errors")
+    combined = "combined_score"
+    return con.execute(f"""
+        WITH own AS (
+            SELECT trajectory_id,
+                   count(*) FILTER (WHERE event_type = 'retry_requested') AS retries,
+                   bool_or(event_type = 'error_reported') AS errors
+            FROM session_events WHERE trajectory_id IS NOT NULL AND event_type IN {_SCORED}
+            GROUP BY trajectory_id
+        ), labels AS (
+            SELECT trajectory_id, arg_max(score, annotated_at) AS annotation_score
+            FROM annotations GROUP BY trajectory_id
+        ), implicit AS (
+            SELECT t.*, f.quality_score AS final_score, o.retries, o.errors, j.judge_score, lb.annotation_score
+            FROM trajectories t
+            LEFT JOIN session_feedback f ON f.final_trajectory_id = t.trajectory_id
+            LEFT JOIN own o USING (trajectory_id)
+            LEFT JOIN judge_scores j USING (trajectory_id)
+            LEFT JOIN labels lb USING (trajectory_id)
+        ), attributed AS (
+            SELECT *,
+                CASE WHEN final_score IS NOT NULL THEN final_score
+                     WHEN retries > 0 THEN {superseded}
+                     WHEN reward IS NOT NULL THEN reward
+                     WHEN is_synthetic THEN {fusion.synthetic_reward} END AS implicit_score,
+                CASE WHEN final_score IS NOT NULL THEN 'final' WHEN retries > 0 THEN 'superseded'
+                     WHEN reward IS NOT NULL OR is_synthetic THEN 'reward' ELSE 'none' END AS attribution
+            FROM implicit
+        ), fused AS (
+            SELECT *,
+                annotation_score IS NOT NULL OR origin = 'golden' AS human_verified,
+                CASE WHEN annotation_score IS NOT NULL THEN annotation_score
+                     WHEN origin = 'golden' THEN 1.0
+                     WHEN implicit_score IS NOT NULL AND judge_score IS NOT NULL
+                          THEN ({fusion.implicit_weight} * implicit_score + {fusion.judge_weight} * judge_score)
+                               / ({fusion.implicit_weight} + {fusion.judge_weight})
+                     ELSE coalesce(implicit_score, judge_score, 0.0) END AS {combined},
+                CASE WHEN annotation_score IS NOT NULL THEN 'annotation' WHEN origin = 'golden' THEN 'golden'
+                     WHEN implicit_score IS NOT NULL THEN 'fused' ELSE 'judges_only' END AS score_source
+            FROM attributed
+        )
+        SELECT trajectory_id, session_id, tenant_id, task_type, model_version, origin, is_synthetic,
+               created_at, implicit_score, attribution, judge_score, annotation_score, human_verified,
+               greatest(-1.0, least(1.0, {combined})) AS combined_score, score_source,
+               {tier_sql(config.tiers, combined, 'human_verified')} AS tier,
+               {weight_sql(config.tiers, tier_sql(config.tiers, combined, 'human_verified'))} AS weight
+        FROM fused ORDER BY trajectory_id
+    """).to_arrow_table()
+
+
+def classify_tiers(scores: list[float], human_verified: list[bool], tiers: TierConfig) -> list[str]:
+    """The same CASE the pipeline uses, for a list of scores (tests, notebooks)."""
+    con = duckdb.connect()
+    con.register("s", pa.table({"score": pa.array(scores, pa.float64()), "human": human_verified}))
+    return [r[0] for r in con.execute(f"SELECT {tier_sql(tiers, 'score', 'human')} FROM s").fetchall()]

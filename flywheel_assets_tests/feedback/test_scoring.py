@@ -1,0 +1,141 @@
+"""Implicit feedback against hand-computed cases, tier edges and attribution."""
+
+from datetime import datetime, timedelta, timezone
+
+import duckdb
+import pyarrow as pa
+import pytest
+
+from flywheel_assets.lib.config import FlywheelConfig, TierConfig
+from flywheel_assets.lib.feedback.scoring import classify_tiers, session_feedback, trajectory_scores
+from flywheel_assets.lib.lake import conform
+from flywheel_assets.lib.tables import ANNOTATIONS, JUDGE_SCORES, SESSION_EVENTS, TRAJECTORIES
+
+T0 = datetime(2026, 11, 26, 10, tzinfo=timezone.utc)
+
+
+def _events(rows: list[tuple]) -> pa.Table:
+    """rows: (session_id, event_type, trajectory_id, edit_ratio, minute)."""
+    return conform(pa.Table.from_pylist([
+        {"event_id": f"e{i}", "session_id": s, "event_type": kind, "trajectory_id": traj,
+         "edit_ratio": ratio, "ts": T0 + timedelta(minutes=minute), "user_id": "u", "tenant_id": "default"}
+        for i, (s, kind, traj, ratio, minute) in enumerate(rows)
+    ]), SESSION_EVENTS)
+
+
+def _con(events: pa.Table, trajectories: pa.Table | None = None) -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect()
+    con.register("session_events", events)
+    con.register("trajectories", trajectories if trajectories is not None else TRAJECTORIES.schema.empty_table())
+    return con
+
+
+# (events of one session, hand-computed quality_score)
+CASES = [
+    ([("output_accepted", "t", None, 0)], 0.5 + 0.3 + 0.1),
+    ([("output_accepted", "t", None, 0), ("session_continued", None, None, 1)], 1.0),
+    ([("retry_requested", "t", None, 0)], 0.5 - 0.3),
+    ([("retry_requested", "t", None, 0)] * 2 + [("output_accepted", "t", None, 3)], 0.5 + 0.3),
+    ([("retry_requested", "t", None, m) for m in range(3)] + [("output_accepted", "t", None, 5)], 0.5 + 0.3 - 0.2),
+    ([("retry_requested", "t", None, m) for m in range(4)], 0.5 - 0.3 - 0.2),
+    ([("output_accepted", "t", None, 0), ("output_edited", "t", 0.4, 1)], 0.5 + 0.3 + 0.1 - 0.12),
+    # the latest edit counts, whatever the file order
+    ([("output_edited", "t", 0.2, 5), ("output_edited", "t", 1.0, 1), ("output_accepted", "t", None, 0)], 0.9 - 0.06),
+    ([("output_accepted", "t", None, 0), ("error_reported", None, None, 1)], 0.5 + 0.3 + 0.1 - 0.4),
+    ([("error_reported", None, None, 0)] + [("retry_requested", "t", None, m) for m in range(3)], -0.4),
+    ([("retry_requested", "t", None, m) for m in range(3)] + [("error_reported", None, None, 4),
+                                                              ("output_edited", "t", 1.0, 5)], -0.7),
+    ([("output_accepted", "t", None, 0), ("thumbs_viewed", None, None, 1)], 0.9),
+]
+
+
+@pytest.mark.parametrize("events,expected", CASES)
+def test_quality_score_matches_hand_computed(events, expected):
+    table = _events([("s1", kind, traj, ratio, minute) for kind, traj, ratio, minute in events])
+    result = session_feedback(_con(table), FlywheelConfig().scoring).to_pylist()
+    assert len(result) == 1
+    assert result[0]["quality_score"] == pytest.approx(expected)
+
+
+def test_score_is_clamped_to_minus_one():
+    weights = FlywheelConfig().scoring.model_copy(update={"error_reported": -3.0})
+    table = _events([("s1", "error_reported", None, None, 0)])
+    assert session_feedback(_con(table), weights).to_pylist()[0]["quality_score"] == -1.0
+
+
+def test_every_session_is_scored_in_one_pass():
+    rows = [(f"s{i}", "output_accepted", f"t{i}", None, 0) for i in range(1000)]
+    rows += [(f"s{i}", "retry_requested", f"t{i}-old", None, -1) for i in range(0, 1000, 2)]
+    result = session_feedback(_con(_events(rows)), FlywheelConfig().scoring)
+    scores = dict(zip(result.column("session_id").to_pylist(), result.column("quality_score").to_pylist()))
+    assert len(scores) == 1000
+    assert scores["s0"] == pytest.approx(0.8) and scores["s1"] == pytest.approx(0.9)
+
+
+def test_signals_and_attribution_columns():
+    table = _events([
+        ("s1", "retry_requested", "t-first", None, 0),
+        ("s1", "output_accepted", "t-second", None, 2),
+        ("s1", "output_edited", "t-second", 0.5, 3),
+        ("s2", "session_continued", None, None, 0),
+    ])
+    trajectories = conform(pa.Table.from_pylist([
+        {"trajectory_id": "t-s2", "session_id": "s2", "created_at": T0},
+    ]), TRAJECTORIES)
+    rows = {r["session_id"]: r for r in session_feedback(_con(table, trajectories), FlywheelConfig().scoring).to_pylist()}
+    assert rows["s1"]["final_trajectory_id"] == "t-second"
+    assert (rows["s1"]["task_accepted"], rows["s1"]["retry_count"], rows["s1"]["edit_ratio"]) == (True, 1, 0.5)
+    assert rows["s2"]["final_trajectory_id"] == "t-s2"  # no event names one: the session's logged trajectory
+
+
+@pytest.mark.parametrize("score,tier", [
+    (1.0, "platinum"), (0.85, "platinum"), (0.8499, "gold"), (0.6, "gold"), (0.5999, "silver"),
+    (0.3, "silver"), (0.2999, "bronze"), (-0.5, "bronze"), (-0.7, "bronze"), (-1.0, "bronze"),
+])
+def test_tier_edges_are_closed_below(score, tier):
+    assert classify_tiers([score], [True], TierConfig()) == [tier]
+
+
+def test_platinum_needs_a_human():
+    assert classify_tiers([1.0, 0.9], [False, False], TierConfig()) == ["gold", "gold"]
+    relaxed = TierConfig(platinum_requires_human=False)
+    assert classify_tiers([0.9], [False], relaxed) == ["platinum"]
+
+
+def test_fusion_attribution_and_annotation_override():
+    config = FlywheelConfig()
+    events = _events([
+        ("s1", "retry_requested", "t-bad", None, 0),
+        ("s1", "output_accepted", "t-good", None, 1),
+        ("s1", "session_continued", None, None, 2),
+    ])
+    trajectories = conform(pa.Table.from_pylist([
+        {"trajectory_id": "t-bad", "session_id": "s1", "origin": "usage", "is_synthetic": False, "created_at": T0},
+        {"trajectory_id": "t-good", "session_id": "s1", "origin": "usage", "is_synthetic": False, "created_at": T0},
+        {"trajectory_id": "t-syn", "origin": "synthetic", "is_synthetic": True, "reward": 0.8, "created_at": T0},
+        {"trajectory_id": "t-gold", "origin": "golden", "is_synthetic": False, "created_at": T0},
+        {"trajectory_id": "t-human", "origin": "usage", "is_synthetic": False, "created_at": T0},
+    ]), TRAJECTORIES)
+    con = _con(events, trajectories)
+    con.register("session_feedback", session_feedback(con, config.scoring))
+    con.register("judge_scores", conform(pa.Table.from_pylist([
+        {"trajectory_id": "t-good", "judge_score": 0.0}, {"trajectory_id": "t-bad", "judge_score": -1.0},
+        {"trajectory_id": "t-human", "judge_score": 1.0},
+    ]), JUDGE_SCORES))
+    con.register("annotations", conform(pa.Table.from_pylist([
+        {"trajectory_id": "t-human", "score": 0.9, "annotated_at": T0},
+        {"trajectory_id": "t-human", "score": -0.2, "annotated_at": T0 - timedelta(days=1)},
+    ]), ANNOTATIONS))
+    rows = {r["trajectory_id"]: r for r in trajectory_scores(con, config).to_pylist()}
+    # session score 0.5+0.3+0.1 (one retry: no bonus, no penalty)... 0.5+0.3+0+0.1 = 0.9, fused 0.7*0.9 + 0.3*0
+    assert rows["t-good"]["implicit_score"] == pytest.approx(0.9)
+    assert rows["t-good"]["combined_score"] == pytest.approx(0.63)
+    assert (rows["t-good"]["tier"], rows["t-good"]["weight"]) == ("gold", 2.0)
+    # superseded: not accepted, one retry: 0.5 - 0.3 = 0.2; fused 0.7*0.2 + 0.3*(-1)
+    assert rows["t-bad"]["attribution"] == "superseded"
+    assert rows["t-bad"]["combined_score"] == pytest.approx(-0.16)
+    assert rows["t-bad"]["tier"] == "bronze"
+    assert (rows["t-syn"]["combined_score"], rows["t-syn"]["tier"]) == (pytest.approx(0.8), "gold")
+    assert (rows["t-gold"]["tier"], rows["t-gold"]["score_source"]) == ("platinum", "golden")
+    assert rows["t-human"]["annotation_score"] == 0.9  # the latest label wins
+    assert (rows["t-human"]["tier"], rows["t-human"]["human_verified"]) == ("platinum", True)
