@@ -1,7 +1,5 @@
 """Resources and the metadata helpers every stage uses."""
 
-from __future__ import annotations
-
 import os
 
 import dagster as dg

@@ -1,7 +1,5 @@
 """Gold: scrubbed, de-duplicated trajectories and each cycle's immutable training set."""
 
-from __future__ import annotations
-
 import json
 
 import dagster as dg

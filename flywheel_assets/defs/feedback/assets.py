@@ -1,7 +1,5 @@
 """Silver and gold scores: implicit feedback, judges, and their fusion into tiers."""
 
-from __future__ import annotations
-
 import dagster as dg
 import duckdb
 import polars as pl

@@ -1,7 +1,5 @@
 """Bronze: the landing zone's files as Delta tables, with every bad line quarantined."""
 
-from __future__ import annotations
-
 import dagster as dg
 
 from flywheel_assets.defs.resources import FlywheelResource, markdown_counts, table_metadata

@@ -1,7 +1,5 @@
 """Bronze tables must have the declared schema and hold rows before anything is scored."""
 
-from __future__ import annotations
-
 import dagster as dg
 
 from flywheel_assets.defs.resources import FlywheelResource

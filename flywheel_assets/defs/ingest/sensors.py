@@ -1,7 +1,5 @@
 """landing_sensor: new landing files start an ingest run, each file once."""
 
-from __future__ import annotations
-
 import hashlib
 import json
 

@@ -105,10 +105,11 @@ def _parse_hermes(conversations: list) -> tuple[list[dict], list[dict], list[dic
             raise BadLine("invalid_value", f"conversations[{position}] has unknown role {message.get('from')!r}")
         text = message["value"]
         if role == "system":
-            declared = _TOOLS.search(text)
-            if declared:
-                tools = _tool_schemas(declared.group(1))
-                text = _TOOLS.sub("", text)
+            # hermes prompts mention "<tools></tools>" before the real block: use the last block that parses
+            for block in reversed(_TOOLS.findall(text)):
+                if tools := _tool_schemas(block):
+                    break
+            text = _TOOLS.sub("", text)
         elif role == "assistant":
             for body in _TOOL_CALL.findall(text):
                 call = _hermes_call(len(turns), body)

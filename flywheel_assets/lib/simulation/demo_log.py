@@ -255,11 +255,11 @@ class _Session:
                     ts=_iso(self.moment), data=data)
         self.log["events"].append(line)
 
-    def trajectory(self, plan: dict, task_type: str, fmt: str, failure: str | None) -> str:
+    def trajectory(self, plan: dict, task_type: str, fmt: str, failure: str | None, may_repeat: bool = False) -> str:
         rng, log = self.rng, self.log
         record = {"trajectory_id": f"traj-{_hex(rng, 64)}", **self.ids, "task_type": task_type,
                   "model_version": MODEL, "is_synthetic": False, "origin": "usage", "created_at": _iso(self.moment)}
-        if failure is None and log["clean"] and rng.random() < 0.015:
+        if may_repeat and failure is None and log["clean"] and rng.random() < 0.02:
             fmt, task_type, content = rng.choice(log["clean"])  # same conversation, served again
             record.update(task_type=task_type, **content)
             log["stats"]["exact_duplicates"] += 1
@@ -294,7 +294,8 @@ class _Session:
                 self.event("error_reported", trajectory_id, {"message": _COMPLAINTS[failure]})
             self.event("retry_requested", trajectory_id)
         failure = None if rng.random() < 0.85 else rng.choice(FAILURES)
-        trajectory_id = self.trajectory(plan, task_type, fmt, failure)
+        # A session without retries may be served a conversation seen before, verbatim.
+        trajectory_id = self.trajectory(plan, task_type, fmt, failure, may_repeat=attempts == 1)
         roll = rng.random()
         accepted = roll < 0.8 if failure is None else (failure == "wrong_answer" and roll < 0.25)
         if accepted:
@@ -370,13 +371,13 @@ def _split(counts: dict[str, int]) -> tuple[dict[str, int], dict[str, int]]:
 def _annotations(rng: Random, log: dict) -> list[dict]:
     notes = {None: "correct and concise", **{k: f"bad: {v}" for k, v in _COMPLAINTS.items() if k}}
     records = sorted((record for _, record in log["trajectories"]), key=lambda r: r["trajectory_id"])
-    picked = rng.sample(records, 38)
+    picked = rng.sample(records, min(38, len(records)))
     labels = []
     for record in picked + picked[:2]:  # the first two are labelled twice; the later label wins
         failure = log["failures"][record["trajectory_id"]]
         score = rng.uniform(0.6, 1.0) if failure is None else rng.uniform(-1.0, -0.3)
         at = datetime.fromisoformat(record["created_at"].replace("Z", "+00:00")) + timedelta(hours=rng.randint(24, 72))
-        at += timedelta(days=1) if len(labels) >= 38 else timedelta(0)
+        at += timedelta(days=1) if len(labels) >= len(picked) else timedelta(0)
         labels.append({"trajectory_id": record["trajectory_id"], "score": round(score, 2),
                        "annotator": rng.choice(("alice", "bhavin", "chen")), "note": notes[failure],
                        "annotated_at": _iso(min(at, datetime(2026, 11, 25, 23, tzinfo=timezone.utc)))})

@@ -1,0 +1,213 @@
+"""Exact and near-duplicate detection for training texts.
+
+Exact duplicates are texts equal after normalisation. Near duplicates are texts whose
+word 3-shingle sets have an estimated Jaccard similarity at or above a threshold,
+estimated with MinHash and found with LSH banding, so no step compares all pairs.
+
+Numbers are ordinary words here, so a shingle holding one carries it: two tool-use
+conversations that differ only in their operands and result differ in every shingle
+around each number, and stay apart at the default threshold. (In a text of w words,
+one changed word leaves a Jaccard of (w - 5) / (w + 1): below 0.9 until w reaches 59.)
+
+Within a duplicate group the row with the highest priority is kept (ties: smallest id).
+Rows are visited in that order and each joins the best kept row it resembles, so every
+`duplicate_of` names a kept row that the duplicate itself is similar to.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+
+import numpy as np
+
+_PUNCTUATION = re.compile(r"[^\w\s]|_")
+_SHINGLE_WORDS = 3
+# Candidate pairs found per LSH band are kept when at least this share of pairs at the
+# threshold similarity would be found.
+_LSH_RECALL = 0.99
+_PAIR_CHUNK = 100_000
+_HASH_BLOCK = 4_000_000
+
+_MIX_1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX_2 = np.uint64(0x94D049BB133111EB)
+_WORD_WEIGHTS = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F), np.uint64(0x165667B19E3779F9))
+
+
+def normalize(text: str) -> str:
+    """Lower case, punctuation turned into spaces, whitespace collapsed."""
+    return " ".join(_PUNCTUATION.sub(" ", text.lower()).split())
+
+
+def lsh_bands(num_perm: int, threshold: float) -> tuple[int, int]:
+    """(bands, rows): the most rows per band that still finds 99% of pairs at the threshold.
+
+    More rows per band means fewer dissimilar pairs become candidates.
+    """
+    best = (num_perm, 1)
+    for rows in range(1, num_perm + 1):
+        bands = num_perm // rows
+        if 1 - (1 - threshold**rows) ** bands >= _LSH_RECALL:
+            best = (bands, rows)
+    return best
+
+
+class _WordHashes(dict):
+    # crc32 rather than hash(): Python's string hash changes with every process.
+    def __missing__(self, word: str) -> int:
+        value = self[word] = zlib.crc32(word.encode("utf-8", "surrogatepass"))
+        return value
+
+
+def _mix(values: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser, so that combined word hashes spread over all 64 bits."""
+    values = (values ^ (values >> np.uint64(30))) * _MIX_1
+    values = (values ^ (values >> np.uint64(27))) * _MIX_2
+    return values ^ (values >> np.uint64(31))
+
+
+def _shingles(normalized: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """32-bit hashes of every text's word 3-shingles, concatenated, and where each text starts.
+
+    A text of fewer than three words is one shingle: the whole text.
+    """
+    word_hashes = _WordHashes()
+    flat: list[int] = []
+    lengths = np.empty(len(normalized), dtype=np.int64)
+    for row, text in enumerate(normalized):
+        words = text.split()
+        if len(words) < _SHINGLE_WORDS:
+            words = [text]
+        lengths[row] = len(words)
+        flat.extend(map(word_hashes.__getitem__, words))
+    words = np.array(flat, dtype=np.uint64)
+    word_starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    short = lengths < _SHINGLE_WORDS
+    counts = np.where(short, 1, lengths - (_SHINGLE_WORDS - 1))
+    shingle_starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    position = np.repeat(word_starts, counts) + np.arange(counts.sum()) - np.repeat(shingle_starts, counts)
+    padded = np.concatenate((words, np.zeros(_SHINGLE_WORDS - 1, dtype=np.uint64)))
+    single = np.repeat(short, counts)
+    combined = padded[position] * _WORD_WEIGHTS[0]
+    for offset in range(1, _SHINGLE_WORDS):
+        # A one-shingle text has no following words of its own: leave its neighbour out.
+        following = np.where(single, np.uint64(0), padded[position + offset])
+        combined += following * _WORD_WEIGHTS[offset]
+    return _mix(combined) >> np.uint64(32), shingle_starts
+
+
+def minhash_signatures(normalized: list[str], num_perm: int, seed: int) -> np.ndarray:
+    """(len(normalized), num_perm) uint32 MinHash signatures of the texts' shingle sets.
+
+    Permutation i is the multiply-add-shift hash ((a_i * x + b_i) mod 2^64) >> 32.
+    """
+    shingles, starts = _shingles(normalized)
+    rng = np.random.default_rng(seed)
+    multipliers = rng.integers(0, 2**64, size=num_perm, dtype=np.uint64) | np.uint64(1)
+    offsets = rng.integers(0, 2**64, size=num_perm, dtype=np.uint64)
+    signatures = np.empty((len(normalized), num_perm), dtype=np.uint32)
+    block = max(1, _HASH_BLOCK // max(1, len(shingles)))
+    for first in range(0, num_perm, block):
+        perms = slice(first, min(first + block, num_perm))
+        hashed = (multipliers[perms, None] * shingles[None, :] + offsets[perms, None]) >> np.uint64(32)
+        signatures[:, perms] = np.minimum.reduceat(hashed, starts, axis=1).T
+    return signatures
+
+
+def _pairs_within_groups(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every (i, j), i < j, of rows that share a key."""
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    group_start = np.flatnonzero(np.concatenate(([True], sorted_keys[1:] != sorted_keys[:-1])))
+    group_size = np.diff(np.concatenate((group_start, [len(keys)])))
+    start_of = np.repeat(group_start, group_size)
+    # Each sorted position pairs with every later position in its group.
+    partners = start_of + np.repeat(group_size, group_size) - 1 - np.arange(len(keys))
+    first = np.repeat(np.arange(len(keys)), partners)
+    step = np.arange(partners.sum()) - np.repeat(np.cumsum(partners) - partners, partners) + 1
+    left, right = order[first], order[first + step]
+    return np.minimum(left, right), np.maximum(left, right)
+
+
+def _similar_pairs(signatures: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of rows whose estimated Jaccard similarity is at least the threshold."""
+    rows_count, num_perm = signatures.shape
+    bands, rows = lsh_bands(num_perm, threshold)
+    lefts, rights = [], []
+    for band in range(bands):
+        key = np.zeros(rows_count, dtype=np.uint64)
+        for column in range(band * rows, (band + 1) * rows):
+            key = _mix(key ^ signatures[:, column].astype(np.uint64))
+        left, right = _pairs_within_groups(key)
+        lefts.append(left)
+        rights.append(right)
+    pair_codes = np.unique(np.concatenate(lefts) * rows_count + np.concatenate(rights))
+    left, right = pair_codes // rows_count, pair_codes % rows_count
+    keep = np.zeros(len(pair_codes), dtype=bool)
+    for start in range(0, len(pair_codes), _PAIR_CHUNK):
+        chunk = slice(start, start + _PAIR_CHUNK)
+        agreement = (signatures[left[chunk]] == signatures[right[chunk]]).mean(axis=1)
+        keep[chunk] = agreement >= threshold
+    return left[keep], right[keep]
+
+
+def _nearest_kept(signatures: np.ndarray, threshold: float) -> np.ndarray:
+    """For rows already in keep order, the kept row each duplicates, or -1 when kept."""
+    earlier, later = _similar_pairs(signatures, threshold)
+    duplicate_of = np.full(len(signatures), -1, dtype=np.int64)
+    # Sorted by the later row, a row's status is final before any later row consults it,
+    # and its best-ranked kept neighbour comes first.
+    for position in np.lexsort((earlier, later)):
+        row, candidate = later[position], earlier[position]
+        if duplicate_of[row] == -1 and duplicate_of[candidate] == -1:
+            duplicate_of[row] = candidate
+    return duplicate_of
+
+
+def _keep_order(ids: list[str], priority: list[float]) -> list[int]:
+    """Row indices, best first: highest priority, then smallest id. NaN ranks last."""
+
+    def rank(row: int) -> tuple[float, str, int]:
+        value = priority[row]
+        return (-value if not math.isnan(value) else math.inf, ids[row], row)
+
+    return sorted(range(len(ids)), key=rank)
+
+
+def find_duplicates(
+    ids: list[str],
+    texts: list[str],
+    priority: list[float],
+    near_threshold: float = 0.9,
+    num_perm: int = 64,
+    seed: int = 0,
+) -> list[tuple[str, str | None]]:
+    """(status, duplicate_of) per row: "kept", "exact_duplicate" or "near_duplicate"."""
+    if not len(ids) == len(texts) == len(priority):
+        raise ValueError("ids, texts and priority must have the same length")
+    if not ids:
+        return []
+    normalized = [normalize(text) for text in texts]
+    order = _keep_order(ids, priority)
+    representative_of: dict[str, int] = {}
+    exact_of = [0] * len(ids)
+    for row in order:
+        exact_of[row] = representative_of.setdefault(normalized[row], row)
+    representatives = [row for row in order if exact_of[row] == row]
+    signatures = minhash_signatures([normalized[row] for row in representatives], num_perm, seed)
+    nearest = _nearest_kept(signatures, near_threshold)
+    near_of = {
+        row: representatives[nearest[rank]] for rank, row in enumerate(representatives) if nearest[rank] >= 0
+    }
+    results: list[tuple[str, str | None]] = []
+    for row in range(len(ids)):
+        representative = exact_of[row]
+        if representative in near_of:
+            # An exact copy of a near duplicate is a near duplicate of the same kept row.
+            results.append(("near_duplicate", ids[near_of[representative]]))
+        elif representative != row:
+            results.append(("exact_duplicate", ids[representative]))
+        else:
+            results.append(("kept", None))
+    return results
