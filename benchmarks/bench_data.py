@@ -1,0 +1,456 @@
+"""Data-half benchmark: landing JSONL → bronze Delta → session scores and tiers.
+
+One run generates N synthetic events over S sessions, ingests them with the real
+`ingest_landing`, scores every session with `session_feedback` and tiers the scores
+with `tier_sql`, then measures the seed's query-per-session reference on a sample of
+the same sessions (same Delta table, same run) and checks that both give the same
+scores. Prints a results table and writes benchmarks/results/bench_data-latest.json.
+
+    .venv/bin/python benchmarks/bench_data.py [--events 10000000] [--sessions 2000000]
+        [--files 10] [--reference-sessions 200] [--workdir DIR] [--keep]
+
+Targets are reported as ✓/✗ and never fail the run: wall-clock time is not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "bench_data-latest.json"
+
+TARGET_EVENTS_PER_S = 300_000
+TARGET_PEAK_RSS_MB = 4096
+TARGET_SCORING_S = 15.0
+TARGET_SPEEDUP = 500
+
+EVENT_TYPES = ("output_accepted", "retry_requested", "output_edited", "session_continued", "error_reported")
+# Two kinds of session, so that the tier mix looks like usage rather than noise:
+# a good session is mostly accepted and continued, a bad one retried, edited, reported.
+GOOD_SESSION_SHARE = 0.65
+GOOD_MIX = (0.42, 0.10, 0.10, 0.35, 0.03)
+BAD_MIX = (0.12, 0.38, 0.22, 0.10, 0.18)
+TENANTS = ("acme", "globex", "initech", "default")
+SESSION_MINUTES = 30
+FILE_WINDOW_HOURS = 24
+START_US = 1_793_491_200_000_000  # 2026-11-01T00:00:00Z
+SCRAMBLE = np.uint64(0x9E3779B97F4A7C15)  # odd, so idx * SCRAMBLE is a bijection on uint64
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    path: str
+    index: int
+    first_event: int
+    n_events: int
+    first_session: int
+    n_sessions: int
+    n_users: int
+    seed: int
+
+
+def file_specs(landing: Path, events: int, sessions: int, files: int, seed: int) -> list[FileSpec]:
+    """Split events and sessions into files; a session's events all sit in one file."""
+    event_edges = np.linspace(0, events, files + 1).astype(np.int64)
+    session_edges = np.linspace(0, sessions, files + 1).astype(np.int64)
+    n_users = max(1, sessions // 4)
+    return [
+        FileSpec(str(landing / f"events-{k:05d}.jsonl"), k, int(event_edges[k]), int(event_edges[k + 1] - event_edges[k]),
+                 int(session_edges[k]), int(session_edges[k + 1] - session_edges[k]), n_users, seed)
+        for k in range(files)
+    ]
+
+
+def _scrambled(ids: np.ndarray) -> pl.Series:
+    # Session ids carry no order, as uuids would not: Parquet min/max statistics
+    # cannot prune a per-session query, which is what the seed would face.
+    return pl.Series((ids.astype(np.uint64) * SCRAMBLE) >> np.uint64(16)).cast(pl.Utf8)
+
+
+def write_event_file(spec: FileSpec) -> int:
+    """One landing file, built column-wise (numpy draws, polars string concat)."""
+    rng = np.random.default_rng([spec.seed, spec.index])
+    extra = spec.n_events - spec.n_sessions
+    session = np.concatenate([
+        np.arange(spec.first_session, spec.first_session + spec.n_sessions),
+        rng.integers(spec.first_session, spec.first_session + spec.n_sessions, extra),
+    ])
+    local = session - spec.first_session
+    session_good = rng.random(spec.n_sessions) < GOOD_SESSION_SHARE
+    session_start = START_US + spec.index * FILE_WINDOW_HOURS * 3_600_000_000 + rng.integers(
+        0, FILE_WINDOW_HOURS * 3_600_000_000, spec.n_sessions)
+    ts = session_start[local] + rng.integers(0, SESSION_MINUTES * 60_000_000, spec.n_events)
+
+    draw = rng.random(spec.n_events)
+    good = session_good[local]
+    event_type = np.where(good, np.searchsorted(np.cumsum(GOOD_MIX), draw, side="right"),
+                          np.searchsorted(np.cumsum(BAD_MIX), draw, side="right"))
+    event_type = np.minimum(event_type, len(EVENT_TYPES) - 1)
+    edit_ratio = np.round(rng.beta(np.where(good, 1.5, 3.0), np.where(good, 6.0, 3.0)), 3)
+    trajectory = rng.integers(0, 3, spec.n_events)
+
+    order = np.argsort(ts, kind="stable")  # a log is written in time order
+    session, ts, event_type, edit_ratio, trajectory = (a[order] for a in (session, ts, event_type, edit_ratio, trajectory))
+    session_id = _scrambled(session)
+    user = (session.astype(np.uint64) * SCRAMBLE) % np.uint64(spec.n_users)
+
+    frame = pl.DataFrame({
+        "event_id": pl.Series(np.arange(spec.first_event, spec.first_event + spec.n_events)).cast(pl.Utf8),
+        "session_id": session_id,
+        "trajectory": pl.Series(trajectory).cast(pl.Utf8),
+        "user_id": pl.Series(user).cast(pl.Utf8),
+        "tenant_id": pl.Series(np.array(TENANTS)[(user % np.uint64(len(TENANTS))).astype(np.int64)]),
+        "event_type": pl.Series(np.array(EVENT_TYPES)[event_type]),
+        "ts": pl.Series(ts).cast(pl.Datetime("us")).dt.strftime("%Y-%m-%dT%H:%M:%S%.6fZ"),
+        "edit_ratio": pl.Series(edit_ratio).cast(pl.Utf8),
+    })
+    edited = pl.col("event_type") == "output_edited"
+    line = pl.concat_str([
+        pl.lit('{"event_id":"ev-'), pl.col("event_id"),
+        pl.lit('","session_id":"s-'), pl.col("session_id"),
+        pl.lit('","trajectory_id":"t-'), pl.col("session_id"), pl.lit("-"), pl.col("trajectory"),
+        pl.lit('","user_id":"u-'), pl.col("user_id"),
+        pl.lit('","tenant_id":"'), pl.col("tenant_id"),
+        pl.lit('","event_type":"'), pl.col("event_type"),
+        pl.lit('","ts":"'), pl.col("ts"),
+        pl.lit('","data":'),
+        pl.when(edited).then(pl.concat_str([pl.lit('{"edit_ratio":'), pl.col("edit_ratio"), pl.lit("}")]))
+          .otherwise(pl.lit("{}")),
+        pl.lit("}"),
+    ]).alias("line")
+    frame.select(line).write_csv(spec.path, include_header=False, quote_style="never")
+    return spec.n_events
+
+
+def generate(landing: Path, events: int, sessions: int, files: int, seed: int = 0) -> int:
+    landing.mkdir(parents=True, exist_ok=True)
+    specs = file_specs(landing, events, sessions, files, seed)
+    # Spawned workers: generation memory never counts in this process's peak RSS.
+    with ProcessPoolExecutor(max_workers=min(files, os.cpu_count() or 1), mp_context=get_context("spawn")) as pool:
+        written = sum(pool.map(write_event_file, specs))
+    for spec in specs:  # the ledger ingests oldest first: make that the file order
+        stamp = time.time_ns() - (len(specs) - spec.index) * 1_000_000
+        os.utime(spec.path, ns=(stamp, stamp))
+    return sum(os.path.getsize(s.path) for s in specs) if written == events else -1
+
+
+class RssSampler:
+    """Peak resident memory of this process between start and stop, sampled every 0.2 s."""
+
+    def __init__(self, interval_s: float = 0.2):
+        import psutil
+
+        self.process = psutil.Process()
+        self.interval_s = interval_s
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> "RssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak / 2**20
+
+
+@contextmanager
+def stage_timers(totals: dict[str, float]):
+    """Time the ingest pipeline's stages (read lines, parse, dedup, Delta append)
+    by wrapping the functions it calls; restored on exit. Measurement only."""
+    from flywheel_assets.lib.ingest import pipeline
+    from flywheel_assets.lib.lake import Lake
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                totals[name] = totals.get(name, 0.0) + time.perf_counter() - started
+        return wrapper
+
+    def timed_iter(name, fn):
+        def wrapper(*args, **kwargs):
+            iterator = fn(*args, **kwargs)
+            while True:
+                started = time.perf_counter()
+                try:
+                    item = next(iterator)
+                except StopIteration:
+                    return
+                finally:
+                    totals[name] = totals.get(name, 0.0) + time.perf_counter() - started
+                yield item
+        return wrapper
+
+    originals = [(pipeline, "read_line_batches"), (pipeline, "parse_event_lines"),
+                 (pipeline._KeyIndex, "only_new"), (pipeline._KeyIndex, "remember"), (Lake, "append")]
+    saved = [(owner, name, getattr(owner, name)) for owner, name in originals]
+    pipeline.read_line_batches = timed_iter("read lines (Python loop)", pipeline.read_line_batches)
+    pipeline.parse_event_lines = timed("parse + validate (DuckDB)", pipeline.parse_event_lines)
+    pipeline._KeyIndex.only_new = timed("dedup against lake", pipeline._KeyIndex.only_new)
+    pipeline._KeyIndex.remember = timed("remember keys", pipeline._KeyIndex.remember)
+    Lake.append = timed("Delta append", Lake.append)
+    try:
+        yield totals
+    finally:
+        for owner, name, original in saved:
+            setattr(owner, name, original)
+
+
+def seed_quality_score(rows: list[tuple[str, float | None, str | None]]) -> float:
+    """The seed's ImplicitFeedback.quality_score over a session's (event_type, edit_ratio,
+    trajectory_id) rows, folded in the order given (the last edit wins, as in the seed)."""
+    accepted = continued = error = False
+    retries = 0
+    edit_ratio = 0.0
+    for event_type, ratio, _trajectory in rows:
+        if event_type == "output_accepted":
+            accepted = True
+        elif event_type == "retry_requested":
+            retries += 1
+        elif event_type == "output_edited":
+            edit_ratio = ratio or 0.0
+        elif event_type == "session_continued":
+            continued = True
+        elif event_type == "error_reported":
+            error = True
+    score = 0.5
+    score += 0.3 if accepted else -0.3
+    if retries == 0:
+        score += 0.1
+    elif retries >= 3:
+        score -= 0.2
+    score -= edit_ratio * 0.3
+    if continued:
+        score += 0.1
+    if error:
+        score -= 0.4
+    return max(-1.0, min(1.0, score))
+
+
+def human_mb(value: float) -> str:
+    return f"{value:,.0f} MB"
+
+
+def run(args: argparse.Namespace, workdir: Path) -> dict:
+    import duckdb
+
+    from flywheel_assets.lib.config import load_config
+    from flywheel_assets.lib.feedback.scoring import session_feedback, tier_sql
+    from flywheel_assets.lib.ingest.pipeline import ingest_landing
+    from flywheel_assets.lib.lake import Lake
+    from flywheel_assets.lib.tables import SESSION_EVENTS, TRAJECTORIES
+
+    config = load_config(home=workdir)
+    if args.batch_lines:
+        config.ingest.batch_lines = args.batch_lines
+    lake = Lake(config)
+
+    print(f"workdir {workdir}; generating {args.events:,} events over {args.sessions:,} sessions "
+          f"in {args.files} files …", flush=True)
+    started = time.perf_counter()
+    landing_bytes = generate(config.landing / "events", args.events, args.sessions, args.files)
+    generation_s = time.perf_counter() - started
+    print(f"generated {landing_bytes / 2**20:,.0f} MB of JSONL in {generation_s:.1f} s", flush=True)
+
+    def log(message: str) -> None:
+        print(f"  {time.perf_counter() - ingest_started:7.1f} s  {message}", flush=True)
+
+    stages: dict[str, float] = {}
+    print(f"ingesting (batch_lines={config.ingest.batch_lines:,}) …", flush=True)
+    with stage_timers(stages), RssSampler() as ingest_rss:
+        ingest_started = time.perf_counter()
+        report = ingest_landing(config, lake, log=log)
+        ingest_s = time.perf_counter() - ingest_started
+    ru_maxrss_after_ingest_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rows_in_lake = lake.row_count(SESSION_EVENTS)
+    print(f"ingested {rows_in_lake:,} rows in {ingest_s:.1f} s", flush=True)
+
+    print("scoring and tiering …", flush=True)
+    con = duckdb.connect()
+    with RssSampler() as scoring_rss:
+        started = time.perf_counter()
+        lake.register(con, SESSION_EVENTS)
+        lake.register(con, TRAJECTORIES)
+        register_s = time.perf_counter() - started
+
+        started = time.perf_counter()
+        feedback = session_feedback(con, config.scoring)
+        feedback_s = time.perf_counter() - started
+
+        started = time.perf_counter()
+        con.register("session_feedback", feedback)
+        tier_rows = con.execute(f"""
+            SELECT {tier_sql(config.tiers, "quality_score", "false")} AS tier, count(*) AS sessions
+            FROM session_feedback GROUP BY tier
+        """).fetchall()
+        tiering_s = time.perf_counter() - started
+    scoring_s = register_s + feedback_s + tiering_s
+    tier_counts = {name: 0 for name in config.tiers.names}
+    tier_counts.update({tier: int(n) for tier, n in tier_rows})
+    print(f"scored {feedback.num_rows:,} sessions in {scoring_s:.1f} s", flush=True)
+
+    print(f"reference: one query per session for {args.reference_sessions} sessions …", flush=True)
+    scores = dict(zip(feedback.column("session_id").to_pylist(), feedback.column("quality_score").to_pylist()))
+    rng = np.random.default_rng(1)
+    sample = [feedback.column("session_id")[int(i)].as_py()
+              for i in rng.choice(feedback.num_rows, min(args.reference_sessions, feedback.num_rows), replace=False)]
+    mismatches = []
+    started = time.perf_counter()
+    for session_id in sample:
+        rows = con.execute("SELECT event_type, edit_ratio, trajectory_id FROM session_events "
+                           "WHERE session_id = ? ORDER BY ts", [session_id]).fetchall()
+        reference = seed_quality_score(rows)
+        if abs(reference - scores[session_id]) > 1e-9:
+            mismatches.append({"session_id": session_id, "reference": reference, "vectorised": scores[session_id]})
+    reference_s = time.perf_counter() - started
+    reference_per_session = reference_s / max(1, len(sample))
+    vectorised_per_session = scoring_s / max(1, feedback.num_rows)
+    speedup = reference_per_session / vectorised_per_session if vectorised_per_session else float("inf")
+
+    return {
+        "events": args.events, "sessions": args.sessions, "files": args.files,
+        "landing_mb": round(landing_bytes / 2**20, 1), "batch_lines": config.ingest.batch_lines,
+        "generation_s": generation_s,
+        "ingest_s": ingest_s, "events_per_s": args.events / ingest_s,
+        "ingest_stages_s": stages,
+        "rows_new": report.rows_new.get("events", 0), "rows_in_lake": rows_in_lake,
+        "duplicates": report.duplicates.get("events", 0), "quarantined": report.lines_quarantined,
+        "ingest_peak_rss_mb": ingest_rss.peak_mb, "ru_maxrss_after_ingest_mb": ru_maxrss_after_ingest_mb,
+        "register_s": register_s, "session_feedback_s": feedback_s, "tiering_s": tiering_s, "scoring_s": scoring_s,
+        "scoring_peak_rss_mb": scoring_rss.peak_mb, "sessions_scored": feedback.num_rows,
+        "reference_sessions": len(sample), "reference_s": reference_s,
+        "reference_s_per_session": reference_per_session, "vectorised_s_per_session": vectorised_per_session,
+        "speedup": speedup, "score_mismatches": len(mismatches), "mismatch_examples": mismatches[:5],
+        "tier_counts": tier_counts,
+        "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def mark(ok: bool) -> str:
+    return "✓" if ok else "✗"
+
+
+def print_table(r: dict) -> None:
+    rows = [
+        ("generation (not ingest)", f"{r['generation_s']:.1f} s", f"{r['landing_mb']:,.0f} MB JSONL", ""),
+        ("ingest", f"{r['ingest_s']:.1f} s", "", ""),
+        ("ingest throughput", f"{r['events_per_s']:,.0f} events/s", f"≥ {TARGET_EVENTS_PER_S:,}",
+         mark(r["events_per_s"] >= TARGET_EVENTS_PER_S)),
+        ("peak RSS during ingest", human_mb(r["ingest_peak_rss_mb"]), f"≤ {human_mb(TARGET_PEAK_RSS_MB)}",
+         mark(r["ingest_peak_rss_mb"] <= TARGET_PEAK_RSS_MB)),
+        ("ru_maxrss (whole process)", human_mb(r["ru_maxrss_mb"]), f"≤ {human_mb(TARGET_PEAK_RSS_MB)}",
+         mark(r["ru_maxrss_mb"] <= TARGET_PEAK_RSS_MB)),
+        ("rows in lake / quarantined", f"{r['rows_in_lake']:,} / {r['quarantined']:,}", f"{r['events']:,} / 0",
+         mark(r["rows_in_lake"] == r["events"] and r["quarantined"] == 0)),
+        *[(f"  ingest: {name}", f"{seconds:.1f} s", f"{seconds / r['ingest_s']:.0%} of ingest", "")
+          for name, seconds in sorted(r["ingest_stages_s"].items(), key=lambda kv: -kv[1])],
+        ("register Delta in DuckDB", f"{r['register_s']:.2f} s", "", ""),
+        ("session_feedback (all events)", f"{r['session_feedback_s']:.2f} s", "", ""),
+        ("tiering (one query)", f"{r['tiering_s']:.2f} s", "", ""),
+        ("scoring + tiering total", f"{r['scoring_s']:.2f} s", f"≤ {TARGET_SCORING_S:.0f} s",
+         mark(r["scoring_s"] <= TARGET_SCORING_S)),
+        ("peak RSS during scoring", human_mb(r["scoring_peak_rss_mb"]), "", ""),
+        ("reference (query per session)", f"{r['reference_s_per_session'] * 1e3:.1f} ms/session",
+         f"{r['reference_sessions']} sessions", ""),
+        ("vectorised", f"{r['vectorised_s_per_session'] * 1e6:.2f} µs/session",
+         f"{r['sessions_scored']:,} sessions", ""),
+        ("speed-up per session", f"{r['speedup']:,.0f}×", f"≥ {TARGET_SPEEDUP}×", mark(r["speedup"] >= TARGET_SPEEDUP)),
+        ("score mismatches (sample)", f"{r['score_mismatches']}", "0", mark(r["score_mismatches"] == 0)),
+        *[(f"  tier {tier}", f"{n:,}", f"{n / max(1, r['sessions_scored']):.1%}", "")
+          for tier, n in r["tier_counts"].items()],
+    ]
+    widths = [max(len(str(row[i])) for row in rows) for i in range(4)]
+    title = f"bench_data: {r['events']:,} events / {r['sessions']:,} sessions on {r['machine']['cpu_count']} cores"
+    print("\n" + title + "\n" + "-" * len(title))
+    for row in rows:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def machine() -> dict:
+    import deltalake
+    import duckdb
+    import psutil
+
+    return {
+        "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "duckdb": duckdb.__version__, "polars": pl.__version__, "deltalake": deltalake.__version__,
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=10_000_000)
+    parser.add_argument("--sessions", type=int, default=2_000_000)
+    parser.add_argument("--files", type=int, default=10)
+    parser.add_argument("--reference-sessions", type=int, default=200)
+    parser.add_argument("--batch-lines", type=int, default=None, help="override config.ingest.batch_lines")
+    parser.add_argument("--workdir", type=Path, default=None, help="empty or new folder (default: a temp dir in /tmp)")
+    parser.add_argument("--keep", action="store_true", help="keep the workdir (landing files and lake)")
+    args = parser.parse_args(argv)
+    if not 0 < args.sessions <= args.events:
+        parser.error("need 0 < --sessions <= --events (every session has at least one event)")
+    if not 0 < args.files <= args.sessions:
+        parser.error("need 0 < --files <= --sessions")
+    if args.workdir is not None and args.workdir.exists() and any(args.workdir.iterdir()):
+        parser.error(f"--workdir {args.workdir} is not empty")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.workdir is None:
+        workdir = Path(tempfile.mkdtemp(prefix="bench_data-", dir="/tmp"))
+    else:
+        workdir = args.workdir.resolve()
+        workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        results = run(args, workdir)
+    finally:
+        if args.keep:
+            print(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    results["machine"] = machine()
+    results["workdir"] = str(workdir) if args.keep else None
+    results["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    print_table(results)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nresults written to {RESULTS.relative_to(REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
