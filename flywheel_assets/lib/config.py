@@ -75,7 +75,7 @@ class FusionConfig(BaseModel):
 
     implicit_weight: float = 0.7
     judge_weight: float = 0.3
-    llm_judge_weight: float = 0.0  # used only when the LLM judge is enabled
+    llm_judge_weight: float = 0.5  # share of the LLM judge in judge_score, when it is enabled
     synthetic_reward: float = 0.8
     length_outlier_z: float = 3.0
     loop_repeats: int = 3

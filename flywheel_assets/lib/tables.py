@@ -274,3 +274,18 @@ ALL_TABLES: tuple[Table, ...] = (
     SESSION_FEEDBACK, JUDGE_SCORES, TRAJECTORY_SCORES, CURATED_TRAJECTORIES,
     TRAINING_DATASET, DATASET_MANIFESTS,
 )
+
+
+def markdown_reference() -> str:
+    """README's table reference, generated from the declarations above."""
+    parts = []
+    for table in ALL_TABLES:
+        key = f" Key: `{', '.join(table.key)}`." if table.key else ""
+        parts.append(f"#### `{table.layer}/{table.name}`\n\n{table.description}{key}\n\n| column | type | meaning |\n|---|---|---|")
+        parts += [f"| `{name}` | {str(dtype).replace('|', '/')} | {doc} |" for name, dtype, doc in table.columns]
+        parts.append("")
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    print(markdown_reference())

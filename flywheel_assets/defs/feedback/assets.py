@@ -64,7 +64,7 @@ def _with_llm_judge(context, judged: pl.DataFrame, trajectories: pl.DataFrame, c
                                    "error": pl.String})
     failures = results.filter(pl.col("error").is_not_null()).height
     context.log.info(f"LLM judge scored {results.height - failures} trajectories, {failures} failed")
-    weight = config.fusion.llm_judge_weight or 0.5
+    weight = config.fusion.llm_judge_weight
     judged = judged.drop("llm_score").join(results.select("trajectory_id", "llm_score"), on="trajectory_id", how="left")
     judged = judged.with_columns(
         pl.when(pl.col("llm_score").is_not_null())

@@ -28,14 +28,26 @@ PLACEHOLDERS: dict[str, str] = {
 
 _PLACEHOLDER_VALUES = frozenset(PLACEHOLDERS.values())
 
+
+def _after(excluded: str) -> str:
+    """Look-behind: the previous character is not one of `excluded`, or closes a JSON escape.
+
+    Tool arguments (and stored messages) are JSON text, where "\n555-123-4567" must still
+    start a phone number although "n" is a word character.
+    """
+    return rf"(?:(?<![{excluded}])|(?<=\\[nrt]))"
+
+
+# Without an END line, the match stops where the base64 body does, not at the end of the text.
 _PRIVATE_KEY = re.compile(
-    r"-----BEGIN[A-Z0-9 ]*PRIVATE KEY-----(?s:.*?)(?:-----END[A-Z0-9 ]*PRIVATE KEY-----|\Z)"
+    r"-----BEGIN[A-Z0-9 ]*PRIVATE KEY-----(?:[\w+/=\s:,.]|\\[nrt]|-(?!----))*"
+    r"(?:-----END[A-Z0-9 ]*PRIVATE KEY-----)?"
 )
 
 # Vendor key shapes. OpenAI/Anthropic keys must hold a digit so that hyphenated prose
 # such as "sk-learn-is-a-great-library" is not taken for a key.
 _TOKEN = re.compile(
-    r"(?<![\w-])(?:"
+    _after(r"\w-") + r"(?:"
     r"sk-(?=[\w-]*\d)[\w-]{20,}"
     r"|(?:AKIA|ASIA)[A-Z0-9]{16}(?![A-Za-z0-9])"
     r"|gh[pousr]_[A-Za-z0-9]{20,}"
@@ -48,49 +60,51 @@ _TOKEN = re.compile(
 )
 
 # The token must hold a digit so that "bearer instruments" stays prose.
-_BEARER = re.compile(r"(?<!\w)((?i:bearer)\s+)((?=[\w.~+/-]*\d)[\w.~+/-]{8,}=*)")
+_BEARER = re.compile(_after(r"\w") + r"((?i:bearer)\s+)((?=[\w.~+/-]*\d)[\w.~+/-]{8,}=*)")
 
 # A secret word not followed by a lower-case letter: `max_tokens`, `tokenizer` and
-# `secretary` are not secrets, while `accessToken` and `secretKey` are.
+# `secretary` are not secrets, while `accessToken` and `secretKey` are. The key may be
+# quoted, also as \" inside JSON-encoded JSON; a value never ends inside a JSON escape.
 _KEY_ASSIGNMENT = re.compile(
-    r"(?<![\w.<-])([\"']?)([\w.-]*?(?i:api[_-]?key|secret|token|passw(?:or)?d)(?![a-z])[\w.-]*)\1"
+    r"(?<![\w.<-])((?:\\?[\"'])?)([\w.-]*?(?i:api[_-]?key|secret|token|passw(?:or)?d)(?![a-z])[\w.-]*)\1"
     r"(\s*[:=](?!=)\s*)"
-    r"(?:\"([^\"\n]+)\"|'([^'\n]+)'|([^\s\"',;&<>(){}\[\]]+))"
+    r"(?:\\\"((?:[^\"\\\n]|\\[^\"\n])+)\\\"|\"((?:[^\"\\\n]|\\.)+)\"|'([^'\n]+)'"
+    r"|([^\s\"',;&<>(){}\[\]\\]+))"
 )
+_VALUE_GROUPS = (4, 5, 6, 7)
+_UNQUOTED_VALUE = 7
 
 # Values that follow a secret-looking key in code and configs without being secrets.
 _NOT_SECRET_VALUES = frozenset({"null", "none", "true", "false", "str", "int", "bytes", "string"})
 
 _EMAIL = re.compile(
-    r"(?<![\w.%+-])[\w.%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}(?![\w-])"
+    _after(r"\w.%+\\-") + r"[\w.%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}(?![\w-])"
 )
 
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
-_IPV4 = re.compile(rf"(?<![\w.])(?:{_OCTET}\.){{3}}{_OCTET}(?!\w|\.\d)")
+_IPV4 = re.compile(_after(r"\w.") + rf"(?:{_OCTET}\.){{3}}{_OCTET}(?!\w|\.\d)")
 
 _HEX = r"[0-9A-Fa-f]{1,4}"
 _IPV6 = re.compile(
-    rf"(?<![\w:])(?:(?:{_HEX}:){{7}}{_HEX}"
+    _after(r"\w:") + rf"(?:(?:{_HEX}:){{7}}{_HEX}"
     rf"|(?:{_HEX}(?::{_HEX}){{0,6}})?::(?:{_HEX}(?::{_HEX}){{0,6}})?)(?![\w:])"
 )
 
-# Major networks start with 2-6; this keeps epoch milliseconds (1...) out of the card
-# rule. The look-behind sits after the first digit so the regex engine can skip ahead
-# to candidate digits instead of testing every position.
+# Major networks start with 2-6; this keeps epoch milliseconds (1...) out of the card rule.
 _CARD = re.compile(
-    r"[2-6](?<![\w-][2-6])(?:\d{12,18}"
-    r"|\d{3}(?:[ -]\d{4}){2}[ -]\d{1,7}"
-    r"|(?<=3)\d{3}[ -]\d{6}[ -]\d{4,5})(?![\w-]|\.\d)"
+    _after(r"\w-") + r"(?:[2-6]\d{12,18}"
+    r"|[2-6]\d{3}(?:[ -]\d{4}){2}[ -]\d{1,7}"
+    r"|3\d{3}[ -]\d{6}[ -]\d{4,5})(?![\w-]|\.\d)"
 )
 
 # International numbers need their "+"; national ones need the 3-3-4 shape. A bare run
 # of digits, a date or "663+859" has neither.
 _PHONE_INTERNATIONAL = re.compile(
-    r"\+(?<![\w+]\+)(?:\d{10,15}|\d{1,3}(?:[ .-]?\(\d{1,4}\)[ .-]?\d{1,10})?(?:[ .-]\d{1,10}){1,6})"
+    _after(r"\w+") + r"\+(?:\d{10,15}|\d{1,3}(?:[ .-]?\(\d{1,4}\)[ .-]?\d{1,10})?(?:[ .-]\d{1,10}){1,6})"
     r"(?!\w|[.-]\d)"
 )
 _PHONE_NATIONAL = re.compile(
-    r"(?<![\w+])(?:1[ .-]?)?(?:\(\d{3}\) ?|\d{3}[ .-])\d{3}[ .-]\d{4}(?!\w|[.-]\d)"
+    _after(r"\w+") + r"(?:1[ .-]?)?(?:\(\d{3}\) ?|\d{3}[ .-])\d{3}[ .-]\d{4}(?!\w|[.-]\d)"
 )
 
 # Lower-cased with every digit written as 9: one cheap pass over the text lets each
@@ -134,11 +148,11 @@ def _redact_bearer(match: re.Match[str]) -> str:
 
 
 def _redact_assignment(match: re.Match[str]) -> str | None:
-    group = next(g for g in (4, 5, 6) if match.group(g) is not None)
+    group = next(g for g in _VALUE_GROUPS if match.group(g) is not None)
     value = match.group(group)
     if value in _PLACEHOLDER_VALUES or value.lower() in _NOT_SECRET_VALUES:
         return None
-    if group == 6 and match.string.startswith("(", match.end()):
+    if group == _UNQUOTED_VALUE and match.string.startswith("(", match.end()):
         return None  # `token = get_token()` assigns a call, not a literal
     whole, offset = match.group(0), match.start()
     return whole[: match.start(group) - offset] + PLACEHOLDERS["secret"] + whole[match.end(group) - offset :]
