@@ -44,7 +44,10 @@ def validate_event_type(event_type: str) -> bool:
 def utc_iso(value: datetime | str | None = None) -> str:
     """ISO-8601 in UTC with a Z suffix; naive datetimes are taken as UTC."""
     if isinstance(value, str):
-        value = datetime.fromisoformat(value.replace("Z", "+00:00"))  # raises on a non-date
+        try:
+            value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"timestamp must be ISO-8601, got {value!r}") from None
     moment = value or datetime.now(timezone.utc)
     moment = moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
     return moment.isoformat().replace("+00:00", "Z")

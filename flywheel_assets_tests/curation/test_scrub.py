@@ -1,4 +1,5 @@
 import copy
+import json
 
 import pytest
 
@@ -208,3 +209,33 @@ def test_scrub_messages_scrubs_content_and_tool_arguments_without_mutating_input
 
 def test_scrub_messages_of_nothing():
     assert scrub_messages([]) == ([], {})
+
+
+def test_tool_arguments_stay_valid_json_with_pii_after_escaped_newlines():
+    arguments = json.dumps({
+        "body": f"Hi,\nann@example.com\n555-123-4567\n4111111111111111\n10.0.0.1\n{OPENAI_KEY}",
+        "password": 'quote " and backslash \\ inside',
+        "key": "-----BEGIN " + "PRIVATE KEY-----\nMIIEvQIBADAN\n",
+    })
+    call = {"id": "c", "type": "function", "function": {"name": "send", "arguments": arguments}}
+
+    scrubbed, counts = scrub_messages([{"role": "assistant", "content": None, "tool_calls": [call]}])
+
+    assert json.loads(scrubbed[0]["tool_calls"][0]["function"]["arguments"]) == {
+        "body": "Hi,\n<EMAIL>\n<PHONE>\n<CARD>\n<IP>\n<SECRET>",
+        "password": "<SECRET>",
+        "key": "<SECRET>",
+    }
+    assert counts == {"secret": 3, "email": 1, "phone": 1, "card": 1, "ip": 1}
+
+
+def test_find_pii_sees_through_stored_message_json_and_passes_scrubbed_json():
+    # The blocking check reads messages_json, where tool arguments are JSON inside JSON.
+    messages = [
+        {"role": "user", "content": "reach me:\nann@example.com or\n+44 20 7946 0958"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function", "function": {
+            "name": "pay", "arguments": json.dumps({"card": "4111 1111 1111 1111", "api_key": "abc123", "ip": "10.0.0.1"})}}]},
+    ]
+    assert find_pii(json.dumps(messages, ensure_ascii=False)) == ["email", "phone", "card", "ip", "secret"]
+    scrubbed, _ = scrub_messages(messages)
+    assert find_pii(json.dumps(scrubbed, ensure_ascii=False)) == []

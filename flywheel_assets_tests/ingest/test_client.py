@@ -60,7 +60,7 @@ def test_no_partial_file_is_ever_visible(home, config):
 
 @pytest.mark.parametrize("kwargs,message", [
     ({"event_type": "output_edited", "data": {"edit_ratio": 2}}, "edit_ratio"),
-    ({"event_type": "output_accepted", "ts": "yesterday"}, ""),
+    ({"event_type": "output_accepted", "ts": "yesterday"}, "ISO-8601"),
 ])
 def test_bad_events_are_refused_at_the_source(home, kwargs, message):
     with pytest.raises(ValueError, match=message):

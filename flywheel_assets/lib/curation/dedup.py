@@ -24,8 +24,8 @@ import numpy as np
 
 _PUNCTUATION = re.compile(r"[^\w\s]|_")
 _SHINGLE_WORDS = 3
-# Candidate pairs found per LSH band are kept when at least this share of pairs at the
-# threshold similarity would be found.
+# LSH bands are shaped so that a pair exactly at the threshold becomes a candidate with
+# at least this probability; candidates are then checked against the full signature.
 _LSH_RECALL = 0.99
 _PAIR_CHUNK = 100_000
 _HASH_BLOCK = 4_000_000

@@ -6,8 +6,8 @@ model still learns that an email went there, and never learns the email.
 
 The rules run in a fixed order: secrets first (their digits must not be half-taken by
 the phone or card rules), then emails, IPs, cards and phones. Each regex runs only when
-cheap substring hints say it could match, and every repeated group starts with a fixed
-separator, so no text can make matching backtrack catastrophically.
+cheap substring hints say it could match, and no repeat can split the same characters
+two ways, so no text can make matching backtrack catastrophically.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import string
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,8 +33,8 @@ _PLACEHOLDER_VALUES = frozenset(PLACEHOLDERS.values())
 def _after(excluded: str) -> str:
     """Look-behind: the previous character is not one of `excluded`, or closes a JSON escape.
 
-    Tool arguments (and stored messages) are JSON text, where "\n555-123-4567" must still
-    start a phone number although "n" is a word character.
+    Tool arguments (and stored messages) are JSON text, where an escaped newline puts a
+    word character, the "n" of backslash-n, right before the number or address it ends.
     """
     return rf"(?:(?<![{excluded}])|(?<=\\[nrt]))"
 
@@ -250,33 +251,31 @@ def find_pii(text: str | None) -> list[str]:
     return [kind for kind in PLACEHOLDERS if kind in found]
 
 
-def _add_counts(total: dict[str, int], counts: dict[str, int]) -> None:
-    for kind, count in counts.items():
-        total[kind] = total.get(kind, 0) + count
-
-
 def scrub_messages(messages: list[dict]) -> tuple[list[dict], dict[str, int]]:
     """Chat messages with every string content and tool-call argument string scrubbed.
 
-    Returns new message dicts; the input is left untouched.
+    Returns new message dicts, leaving the input untouched, and the total counts per kind.
     """
-    total: dict[str, int] = {}
-    scrubbed_messages = []
+    total: Counter[str] = Counter()
+
+    def scrub(text: str) -> str:
+        scrubbed, counts = scrub_text(text)
+        total.update(counts)
+        return scrubbed
+
+    result = []
     for message in messages:
-        scrubbed = dict(message)
+        message = dict(message)
         if isinstance(message.get("content"), str):
-            scrubbed["content"], counts = scrub_text(message["content"])
-            _add_counts(total, counts)
+            message["content"] = scrub(message["content"])
         if message.get("tool_calls"):
-            scrubbed["tool_calls"] = [_scrub_tool_call(call, total) for call in message["tool_calls"]]
-        scrubbed_messages.append(scrubbed)
-    return scrubbed_messages, total
+            message["tool_calls"] = [_scrub_arguments(call, scrub) for call in message["tool_calls"]]
+        result.append(message)
+    return result, dict(total)
 
 
-def _scrub_tool_call(call: dict, total: dict[str, int]) -> dict:
+def _scrub_arguments(call: dict, scrub: Callable[[str], str]) -> dict:
     function = call.get("function")
     if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
         return dict(call)
-    arguments, counts = scrub_text(function["arguments"])
-    _add_counts(total, counts)
-    return {**call, "function": {**function, "arguments": arguments}}
+    return {**call, "function": {**function, "arguments": scrub(function["arguments"])}}
