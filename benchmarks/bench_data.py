@@ -327,7 +327,9 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
               for i in rng.choice(feedback.num_rows, min(args.reference_sessions, feedback.num_rows), replace=False)]
     mismatches = []
     started = time.perf_counter()
-    for session_id in sample:
+    for done, session_id in enumerate(sample, start=1):
+        if done % 25 == 0:
+            print(f"  {time.perf_counter() - started:7.1f} s  {done}/{len(sample)} sessions", flush=True)
         rows = con.execute("SELECT event_type, edit_ratio, trajectory_id FROM session_events "
                            "WHERE session_id = ? ORDER BY ts", [session_id]).fetchall()
         reference = seed_quality_score(rows)

@@ -118,6 +118,52 @@ class LLMJudgeConfig(BaseModel):
         return bool(self.url)
 
 
+class ColdStartConfig(BaseModel):
+    """Phase 0: the shipped golden trajectories plus synthetic ones from a teacher."""
+
+    synthetic_trajectories: int = 1500
+    seed: int = 11
+    teacher: str = "scripted"  # or "openai": FLYWHEEL_TEACHER_URL / _MODEL / _API_KEY
+
+
+class BaseModelConfig(BaseModel):
+    """The embedded base model (a ≈2.5M-parameter Llama), or any HF model id / local path."""
+
+    model_id: str | None = None
+    hidden_size: int = 128
+    layers: int = 4
+    heads: int = 4
+    intermediate_size: int = 384
+    max_length: int = 128
+    pretrain_steps: int = 400
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    seed: int = 0
+
+
+class LoraConfigModel(BaseModel):
+    """FINDINGS.md: r64 on every linear layer plus the (tied) embeddings at lr 3e-3 beat
+    full fine-tuning of a 1M-parameter model; lr 1e-2 diverged."""
+
+    rank: int = 64
+    alpha: int = 128
+    dropout: float = 0.0
+    target_modules: list[str] = Field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens"])
+    learning_rate: float = 3e-3
+    steps: int = 200
+    batch_size: int = 32
+    dpo_beta: float = 0.1
+    dpo_weight: float = 0.3
+    seed: int = 0
+
+
+class EvaluationConfig(BaseModel):
+    tasks: int = 600
+    gate_margin: float = 0.02
+    batch_size: int = 300
+
+
 class FlywheelConfig(BaseModel):
     home: Path = Path(DEFAULT_HOME)
     scoring: ScoringWeights = Field(default_factory=ScoringWeights)
@@ -126,6 +172,10 @@ class FlywheelConfig(BaseModel):
     curation: CurationConfig = Field(default_factory=CurationConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     llm_judge: LLMJudgeConfig = Field(default_factory=LLMJudgeConfig)
+    cold_start: ColdStartConfig = Field(default_factory=ColdStartConfig)
+    base_model: BaseModelConfig = Field(default_factory=BaseModelConfig)
+    lora: LoraConfigModel = Field(default_factory=LoraConfigModel)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
 
     @property
     def landing(self) -> Path:

@@ -91,7 +91,7 @@ class Lake:
         write_deltalake(
             self.uri(table), data, mode=mode, predicate=predicate,
             storage_options=self.storage_options,
-            partition_by=["cycle"] if "cycle" in table.schema.names else None,
+            partition_by=list(table.partition_by) or None,
         )
         return self.version(table)
 

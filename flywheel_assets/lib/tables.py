@@ -32,6 +32,7 @@ class Table:
     description: str
     columns: tuple[tuple[str, pa.DataType, str], ...]
     key: tuple[str, ...] = ()
+    partition_by: tuple[str, ...] = ()
 
     @property
     def schema(self) -> pa.Schema:
@@ -248,6 +249,7 @@ TRAINING_DATASET = Table(
         ("selection_rank", pa.int64(), "order of selection within the tier"),
     ),
     key=("cycle", "trajectory_id"),
+    partition_by=("cycle",),
 )
 
 DATASET_MANIFESTS = Table(
@@ -269,10 +271,31 @@ DATASET_MANIFESTS = Table(
     key=("cycle",),
 )
 
+MODEL_REGISTRY = Table(
+    "gold", "model_registry",
+    "Every model version and every change of its status, append-only: the latest row per version is its state.",
+    _cols(
+        ("event_id", pa.string(), "uuid4 hex of the change"),
+        ("version", pa.string(), "model version, e.g. base-v0 or cycle-0001-lora"),
+        ("parent", pa.string(), "version it was trained from; null for a base model"),
+        ("base", pa.string(), "base model version it sits on (itself for a base model)"),
+        ("base_path", pa.string(), "base model directory, relative to FLYWHEEL_HOME"),
+        ("adapter_path", pa.string(), "LoRA adapter directory, relative to FLYWHEEL_HOME; null for a base model"),
+        ("cycle", pa.string(), "training cycle that produced it; null for a base model"),
+        ("status", pa.string(), "candidate, canary, treatment, champion, retired or rolled_back"),
+        ("traffic_share", pa.float64(), "share of traffic after this change (the champion serves what the other arms leave)"),
+        ("reason", pa.string(), "why the change happened"),
+        ("actor", pa.string(), "who or what made it: a sensor name, `cli:<user>`, `demo`"),
+        ("changed_at", UTC_TS, "when (UTC); one order for the whole history"),
+        ("metadata_json", pa.string(), "the version's metadata so far (metrics, report paths) as a JSON object"),
+    ),
+    key=("event_id",),
+)
+
 ALL_TABLES: tuple[Table, ...] = (
     SESSION_EVENTS, TRAJECTORIES, ANNOTATIONS, QUARANTINE, INGESTED_FILES,
     SESSION_FEEDBACK, JUDGE_SCORES, TRAJECTORY_SCORES, CURATED_TRAJECTORIES,
-    TRAINING_DATASET, DATASET_MANIFESTS,
+    TRAINING_DATASET, DATASET_MANIFESTS, MODEL_REGISTRY,
 )
 
 

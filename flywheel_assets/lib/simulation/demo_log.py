@@ -1,36 +1,30 @@
 """A deterministic demo usage log: what a month of a tool-using agent leaves behind.
 
-~1200 sessions of the five task types (data/tools.json) served by base-v0, with
-correct tool results but realistic failures, the seed's feedback events, duplicates,
-PII, and about 1-2% of malformed lines of every kind the ingester must quarantine.
+~1200 sessions of the task environment's requests (tasks.generate_tasks, all 8
+phrasings, never an evaluation prompt) served by base-v0: the scripted expert's
+conversations with real tool results, realistic failures, the seed's feedback events,
+duplicates, PII, and about 1-2% of malformed lines of every kind the ingester must
+quarantine.
 `python -m flywheel_assets.lib.simulation.demo_log` rewrites data/demo/.
 """
 
 from __future__ import annotations
 
-import ast
 import gzip
 import json
-import operator
 import string
 from collections import Counter
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from random import Random
 
-DATA_DIR = Path(__file__).resolve().parents[3] / "data"
+from flywheel_assets.lib.simulation.tasks import (
+    CAPITALS, DATA_DIR, TOOLS, WEATHER, Task, expert_messages, generate_tasks, run_tool, to_hermes,
+)
+
 START = datetime(2026, 11, 1, tzinfo=timezone.utc)
-TASK_TYPES = ("calculator", "unit_conversion", "capital_lookup", "text_ops", "weather_of_capital")
 FAILURES = ("wrong_answer", "malformed_args", "unoffered_tool", "tool_error", "empty_final", "loop")
 MODEL = "base-v0"
-UNIT_NAMES = {"km": "km", "miles": "miles", "kg": "kg", "lb": "pounds", "celsius": "degrees Celsius",
-              "fahrenheit": "degrees Fahrenheit", "m": "meters", "ft": "feet", "l": "liters", "gal": "gallons"}
-FACTORS = {("km", "miles"): 1 / 1.609344, ("miles", "km"): 1.609344, ("kg", "lb"): 1 / 0.45359237,
-           ("lb", "kg"): 0.45359237, ("m", "ft"): 1 / 0.3048, ("ft", "m"): 0.3048,
-           ("l", "gal"): 1 / 3.785411784, ("gal", "l"): 3.785411784}
-PHRASES = ("hello world", "data flywheel", "the quick brown fox", "Lorem ipsum dolor sit amet", "keep it simple",
-           "stressed", "Never odd or even", "good morning team", "ship it on friday", "python is fun",
-           "A man a plan a canal Panama", "LOUD NOISES")
 # Malformed line kinds and the quarantine reason_code the ingester should give each.
 REASON_CODES = {
     "malformed_json": "malformed_json", "not_an_object": "not_an_object", "missing_session_id": "missing_key",
@@ -43,119 +37,37 @@ BAD_EVENTS = {"malformed_json": 8, "not_an_object": 5, "missing_session_id": 6, 
               "ts_not_a_date": 5, "edit_ratio_string": 4, "edit_ratio_out_of_range": 4, "not_utf8": 4}
 BAD_TRAJECTORIES = {"malformed_json": 6, "not_an_object": 3, "unknown_format": 5,
                     "conversations_not_a_list": 3, "created_at_not_a_date": 3, "not_utf8": 3}
-_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
-
-
-def _load(name: str):
-    return json.loads((DATA_DIR / name).read_text())
-
-
-TOOLS, CAPITALS, WEATHER = _load("tools.json"), _load("capitals.json"), _load("weather.json")
-HERMES_SYSTEM = (
-    "You are a function calling AI model. You are provided with function signatures within <tools></tools> "
-    "XML tags. You may call one or more functions to assist with the user query. Don't make assumptions about "
-    "what values to plug into functions. Here are the available tools: <tools>" + json.dumps(TOOLS) + "</tools> "
-    "For each function call return a json object with function name and arguments within <tool_call></tool_call> "
-    "XML tags as follows:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-dict>}\n</tool_call>")
 OPENAI_SYSTEM = "You are a helpful assistant. Use the provided tools to answer exactly."
+_CONDITIONS = sorted({report["condition"] for report in WEATHER.values()})
 
 
-def run_tool(name: str, args: dict):
-    """The true result of a tool call: a string, the weather object, or {"error": ...}."""
-    try:
-        if name == "calculator":
-            return str(_evaluate(ast.parse(args["expression"], mode="eval").body))
-        if name == "convert_units":
-            value, pair = args["value"], (args["from_unit"], args["to_unit"])
-            if pair == ("celsius", "fahrenheit"):
-                return str(round(value * 9 / 5 + 32, 2))
-            if pair == ("fahrenheit", "celsius"):
-                return str(round((value - 32) * 5 / 9, 2))
-            if pair not in FACTORS:
-                return {"error": f"unsupported conversion: {pair[0]} -> {pair[1]}"}
-            return str(round(value * FACTORS[pair], 2))
-        if name == "lookup_capital":
-            return CAPITALS.get(args["country"]) or {"error": f"unknown country: {args['country']}"}
-        if name == "text_transform":
-            text, operation = args["text"], args["operation"]
-            ops = {"reverse": text[::-1], "upper": text.upper(), "lower": text.lower(),
-                   "word_count": str(len(text.split()))}
-            return ops[operation] if operation in ops else {"error": f"unknown operation: {operation}"}
-        if name == "get_weather":
-            found = WEATHER.get(args["city"])
-            return dict(found) if found else {"error": f"unknown city: {args['city']}"}
-    except (KeyError, SyntaxError, ValueError) as problem:
-        return {"error": f"invalid arguments: {problem}"}
-    return {"error": f"unknown tool: {name}"}
+def _plan(rng: Random, task: Task) -> dict:
+    """A user request: its prompt, the expert's calls as (name, arguments text, result), a right and a wrong answer."""
+    messages = expert_messages(task, rng)
+    results = {m["tool_call_id"]: m["content"] for m in messages if m["role"] == "tool"}
+    calls = [(c["function"]["name"], c["function"]["arguments"], results[c["id"]])
+             for m in messages for c in m.get("tool_calls") or []]
+    answer = messages[-1]["content"]
+    return {"prompt": task.prompt, "calls": calls, "answer": answer, "wrong": _wrong(rng, task, answer, calls[-1][2])}
 
 
-def _evaluate(node: ast.AST) -> int:
-    if isinstance(node, ast.Constant) and type(node.value) is int:
-        return node.value
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-        return -_evaluate(node.operand)
-    if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
-        return _OPS[type(node.op)](_evaluate(node.left), _evaluate(node.right))
-    raise ValueError("only integers with + - * are supported")
-
-
-def _plan(rng: Random, task_type: str) -> dict:
-    """A user request: its prompt, the right calls and their results, a correct and a wrong answer."""
-    if task_type == "calculator":
-        terms = [str(rng.randint(2, 999)) for _ in range(rng.choice((2, 2, 3)))]
-        expr = terms[0] + "".join(f" {rng.choice('+-*')} {t}" for t in terms[1:])
-        prompt = rng.choice(("What is {}?", "Compute {}", "calculate {} please", "Can you work out {}?", "{} = ?"))
-        calls = [("calculator", {"expression": expr})]
-        (result,) = results = _results(calls)
+def _wrong(rng: Random, task: Task, answer: str, result: str) -> str:
+    """The answer with its verified part replaced by a plausible wrong value."""
+    if task.task_type == "weather_of_capital":
+        condition = json.loads(result)["condition"]
+        other = rng.choice([c for c in _CONDITIONS if c != condition])
+        return answer.replace(f"{condition} and", f"{other} and")
+    if task.task_type == "capital_lookup":
+        wrong = rng.choice(sorted(set(CAPITALS.values()) - {result}))
+    elif task.task_type == "unit_conversion":
+        wrong = str(round(float(result) * 1.1 + 1, 2))
+    elif task.task_type == "text_ops":
+        wrong = str(int(result) + rng.choice((-1, 1))) if result.isdigit() else json.loads(task.calls[0][1])["text"]
+    else:
         off_by = rng.choice((-10, -1, 1, 10, 100))
-        return _request(prompt.format(expr), calls, results, f"{expr} = {result}.", f"{expr} = {int(result) + off_by}.")
-    if task_type == "unit_conversion":
-        a, b = rng.choice(sorted(FACTORS) + [("celsius", "fahrenheit"), ("fahrenheit", "celsius")])
-        value = rng.randint(1, 300) if rng.random() < 0.7 else round(rng.uniform(1, 100), 1)
-        prompt = rng.choice(("Convert {v} {a} to {b}.", "How many {b} is {v} {a}?", "What is {v} {a} in {b}?"))
-        calls = [("convert_units", {"value": value, "from_unit": a, "to_unit": b})]
-        (result,) = results = _results(calls)
-        said = f"{value} {UNIT_NAMES[a]} is {{}} {UNIT_NAMES[b]}."
-        return _request(prompt.format(v=value, a=UNIT_NAMES[a], b=UNIT_NAMES[b]), calls, results,
-                        said.format(result), said.format(round(float(result) * 1.1 + 1, 2)))
-    if task_type == "capital_lookup":
-        country = rng.choice(sorted(CAPITALS))
-        prompt = rng.choice(("What is the capital of {}?", "capital of {}?", "Which city is the capital of {}?",
-                             "Tell me the capital city of {}."))
-        calls = [("lookup_capital", {"country": country})]
-        (result,) = results = _results(calls)
-        other = rng.choice(sorted(set(CAPITALS.values()) - {result}))
-        return _request(prompt.format(country), calls, results,
-                        f"The capital of {country} is {result}.", f"The capital of {country} is {other}.")
-    if task_type == "text_ops":
-        text, operation = rng.choice(PHRASES), rng.choice(("reverse", "upper", "lower", "word_count"))
-        prompt = {"reverse": "Reverse the text \"{}\".", "upper": "Make \"{}\" upper case.",
-                  "lower": "Convert \"{}\" to lower case.", "word_count": "How many words are in \"{}\"?"}[operation]
-        calls = [("text_transform", {"text": text, "operation": operation})]
-        (result,) = results = _results(calls)
-        if operation == "word_count":
-            answer, wrong = f"\"{text}\" has {result} words.", f"\"{text}\" has {int(result) + 1} words."
-        else:
-            answer, wrong = f"Result: \"{result}\".", f"Result: \"{text.title()}\"."
-        return _request(prompt.format(text), calls, results, answer, wrong)
-    country = rng.choice(sorted(CAPITALS))
-    city = CAPITALS[country]
-    prompt = rng.choice(("What's the weather in the capital of {}?", "How is the weather in {}'s capital today?",
-                         "weather in the capital city of {}?"))
-    calls = [("lookup_capital", {"country": country}), ("get_weather", {"city": city})]
-    results = _results(calls)
-    weather = results[1]
-    other = rng.choice(sorted({"sunny", "cloudy", "rainy", "snowy", "windy", "foggy"} - {weather["condition"]}))
-    said = f"{city}, the capital of {country}, is {{}} at {weather['temp_c']} °C."
-    return _request(prompt.format(country), calls, results, said.format(weather["condition"]), said.format(other))
-
-
-def _results(calls: list[tuple[str, dict]]) -> list:
-    return [run_tool(name, args) for name, args in calls]
-
-
-def _request(prompt: str, calls: list, results: list, answer: str, wrong: str) -> dict:
-    return {"prompt": prompt, "calls": calls, "results": results, "answer": answer, "wrong": wrong}
+        wrong = str(int(result) + off_by if int(result) + off_by >= 0 else int(result) - off_by)  # "-5" holds "5"
+    head, _, tail = answer.rpartition(result)
+    return head + wrong + tail
 
 
 _BAD_ARGS = {"calculator": {"expression": "12 / 4"}, "lookup_capital": {"country": "Atlantis"},
@@ -163,19 +75,21 @@ _BAD_ARGS = {"calculator": {"expression": "12 / 4"}, "lookup_capital": {"country
              "text_transform": {"text": "hello world", "operation": "title"}}
 
 
-def _steps(rng: Random, plan: dict, failure: str | None) -> tuple[list[tuple[str, str, object]], str | None, bool]:
+def _steps(rng: Random, plan: dict, failure: str | None) -> tuple[list[tuple[str, str, str]], str | None, bool]:
     """(calls as (name, arguments JSON text, result), final answer, completed) for one failure mode."""
-    calls = [(name, json.dumps(args), result) for (name, args), result in zip(plan["calls"], plan["results"])]
+    calls = plan["calls"]
     sorry = "Sorry, I could not complete that request."
     if failure == "wrong_answer":
         return calls, plan["wrong"], True
     if failure == "malformed_args":
         name, arguments, _ = calls[0]
-        return [(name, arguments[:-rng.randint(1, 6)], {"error": "could not parse arguments as JSON"})], sorry, True
+        broken = arguments[:-rng.randint(1, 6)]
+        return [(name, broken, run_tool(name, broken))], sorry, True
     if failure == "unoffered_tool":
-        return [("web_search", json.dumps({"query": plan["prompt"]}), run_tool("web_search", {}))], sorry, True
+        arguments = json.dumps({"query": plan["prompt"]})
+        return [("web_search", arguments, run_tool("web_search", arguments))], sorry, True
     if failure == "tool_error":
-        name = plan["calls"][0][0]
+        name = calls[0][0]
         return [(name, json.dumps(_BAD_ARGS[name]), run_tool(name, _BAD_ARGS[name]))], sorry, True
     if failure == "empty_final":
         return calls, "", True
@@ -184,25 +98,13 @@ def _steps(rng: Random, plan: dict, failure: str | None) -> tuple[list[tuple[str
     return calls, plan["answer"], True
 
 
-def _hermes(prompt: str, steps, final: str | None) -> list[dict]:
-    turns = [{"from": "system", "value": HERMES_SYSTEM}, {"from": "human", "value": prompt}]
-    for name, arguments, result in steps:
-        # Built as text so that malformed arguments stay malformed inside the call.
-        call = f'{{"name": {json.dumps(name)}, "arguments": {arguments}}}'
-        response = json.dumps({"name": name, "content": result})
-        turns.append({"from": "gpt", "value": f"<tool_call>\n{call}\n</tool_call>"})
-        turns.append({"from": "tool", "value": f"<tool_response>\n{response}\n</tool_response>"})
-    return turns if final is None else turns + [{"from": "gpt", "value": final}]
-
-
 def _openai(rng: Random, prompt: str, steps, final: str | None) -> list[dict]:
     messages = [{"role": "system", "content": OPENAI_SYSTEM}, {"role": "user", "content": prompt}]
     for name, arguments, result in steps:
         call_id = f"call_{rng.getrandbits(48):012x}"
         messages.append({"role": "assistant", "content": None, "tool_calls": [
             {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}]})
-        messages.append({"role": "tool", "tool_call_id": call_id,
-                         "content": result if isinstance(result, str) else json.dumps(result)})
+        messages.append({"role": "tool", "tool_call_id": call_id, "content": result})
     return messages if final is None else messages + [{"role": "assistant", "content": final}]
 
 
@@ -269,10 +171,11 @@ class _Session:
                 prompt += _pii(rng)
                 log["stats"]["with_pii"] += 1
             steps, final, completed = _steps(rng, plan, failure)
+            messages = _openai(rng, prompt, steps, final)
             if fmt == "hermes":
-                content = {"completed": completed, "conversations": _hermes(prompt, steps, final)}
+                content = {"completed": completed, "conversations": to_hermes(messages)}
             else:
-                content = {"messages": _openai(rng, prompt, steps, final), "tools": TOOLS}
+                content = {"messages": messages, "tools": TOOLS}
             record.update(content)
             if failure is None:
                 log["clean"].append((fmt, task_type, content))
@@ -282,10 +185,9 @@ class _Session:
         self.moment += timedelta(seconds=rng.randint(5, 90))
         return record["trajectory_id"]
 
-    def play(self) -> None:
-        rng = self.rng
-        task_type = rng.choice(TASK_TYPES)
-        plan, fmt = _plan(rng, task_type), "hermes" if rng.random() < 0.35 else "openai"
+    def play(self, task: Task) -> None:
+        rng, task_type = self.rng, task.task_type
+        plan, fmt = _plan(rng, task), "hermes" if rng.random() < 0.35 else "openai"
         attempts = rng.choices((1, 2, 3), weights=(45, 35, 20))[0]
         for _ in range(attempts - 1):
             failure = rng.choices(FAILURES, weights=(40, 15, 10, 15, 10, 10))[0]
@@ -396,8 +298,11 @@ def write_demo_log(out_dir: Path, seed: int = 7, n_sessions: int = 1200) -> dict
     rng, out_dir = Random(seed), Path(out_dir)
     users = [(f"user-{i:04d}", "acme" if rng.random() < 0.6 else "globex") for i in range(300)]
     log = {"events": [], "trajectories": [], "clean": [], "failures": {}, "stats": Counter()}
-    for _ in range(n_sessions):
-        _Session(rng, rng.choice(users), log).play()
+    # All 8 phrasings: real users ask in ways the cold-start data never shows. Never an evaluation prompt.
+    tasks = generate_tasks(n_sessions, seed=seed)
+    rng.shuffle(tasks)
+    for task in tasks:
+        _Session(rng, rng.choice(users), log).play(task)
     events = sorted(log["events"], key=lambda e: e["ts"])
     part1 = [e for e in events if e["ts"] < "2026-11-13T12:00:00Z"]
     part2 = [e for e in events if e["ts"] >= "2026-11-13T12:00:00Z"]

@@ -1,0 +1,93 @@
+"""Offline evaluation on the held-out task set: metrics with intervals, and the gate.
+
+Success: the verifier accepts the final answer. Tool-name accuracy: the model called
+exactly the right tools in the right order. Argument accuracy: names and arguments
+all right (values compared after the same normalisation the verifier uses).
+Candidate and champion answer the same tasks, so their difference gets a paired
+interval (the standard error of the per-task difference), tighter than two
+independent ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+
+from scipy import stats
+
+_UNITS = re.compile(r"\w+|[^\w\s]")
+
+
+@dataclass(frozen=True)
+class TaskOutcome:
+    task_id: str
+    task_type: str
+    success: bool
+    tool_names_right: bool
+    arguments_right: bool
+
+
+def outcome(task, run, verify) -> TaskOutcome:
+    """`task` has calls ((name, canonical JSON arguments), ...); `run` is an AgentRun."""
+    expected = [(name, _normalise(json.loads(arguments))) for name, arguments in task.calls]
+    actual = [(name, _normalise(arguments) if arguments is not None else None) for name, arguments, _ in run.calls]
+    names_right = [n for n, _ in expected] == [n for n, _ in actual]
+    return TaskOutcome(task.task_id, task.task_type, bool(verify(task, run.final_answer)), names_right,
+                       names_right and expected == actual)
+
+
+def _normalise(arguments: dict) -> dict:
+    return {str(k).lower(): " ".join(_UNITS.findall(str(v).lower())) for k, v in arguments.items()}
+
+
+def wilson(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    if n == 0:
+        return (0.0, 1.0)
+    z = stats.norm.ppf(0.5 + confidence / 2)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def summarise(outcomes: list[TaskOutcome], confidence: float = 0.95) -> dict:
+    """Overall and per task type: n, success (with Wilson interval), tool-name and argument accuracy."""
+    def block(rows: list[TaskOutcome]) -> dict:
+        n = len(rows)
+        wins = sum(r.success for r in rows)
+        low, high = wilson(wins, n, confidence)
+        return {"n": n, "success": wins / n if n else 0.0, "success_low": low, "success_high": high,
+                "tool_name_accuracy": sum(r.tool_names_right for r in rows) / n if n else 0.0,
+                "argument_accuracy": sum(r.arguments_right for r in rows) / n if n else 0.0}
+
+    by_type = {t: block([r for r in outcomes if r.task_type == t]) for t in sorted({r.task_type for r in outcomes})}
+    return {"overall": block(outcomes), "by_task_type": by_type}
+
+
+def paired_difference(candidate: list[TaskOutcome], champion: list[TaskOutcome], confidence: float = 0.95) -> dict:
+    """Candidate − champion success on the same tasks, with a normal interval of the paired difference."""
+    champion_by_id = {o.task_id: o.success for o in champion}
+    differences = [int(o.success) - int(champion_by_id[o.task_id]) for o in candidate if o.task_id in champion_by_id]
+    n = len(differences)
+    if n == 0:
+        return {"n": 0, "difference": 0.0, "low": 0.0, "high": 0.0, "standard_error": 0.0}
+    mean = sum(differences) / n
+    variance = sum((d - mean) ** 2 for d in differences) / max(n - 1, 1)
+    se = math.sqrt(variance / n)
+    z = stats.norm.ppf(0.5 + confidence / 2)
+    return {"n": n, "difference": mean, "low": mean - z * se, "high": mean + z * se, "standard_error": se}
+
+
+def gate(difference: dict, margin: float) -> tuple[bool, str]:
+    """Pass unless the candidate is worse than the champion by more than `margin` (point estimate).
+
+    The point estimate, not the interval, decides: on 600 tasks the interval is about
+    ±4 points, and a gate that passed whenever the interval reached −margin would let
+    clearly worse candidates through. The A/B test settles small differences online.
+    """
+    delta = difference["difference"]
+    if delta < -margin:
+        return False, f"candidate is {-delta:.1%} worse than the champion (margin {margin:.1%})"
+    return True, f"candidate − champion = {delta:+.1%} [{difference['low']:+.1%}, {difference['high']:+.1%}]"

@@ -1,0 +1,242 @@
+"""Which model versions exist, which serve traffic, and who gets which.
+
+gold/model_registry is an append-only history: every status change is a new row and
+the latest row per version is its state. A change that touches two versions (a
+promotion retires the old champion, a rollback reinstates it) is one Delta commit, so
+the history is never half-written. Loading a version for inference is not done here:
+the registry only stores paths relative to FLYWHEEL_HOME.
+
+Routing follows the seed's enterprise layout (90% champion / 9% A/B / 1% canary): a
+user's stable hash u in [0, 1) sends u < canary_share to the canary, the next
+treatment_share to the treatment, the rest to the champion.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+
+import pyarrow as pa
+
+from flywheel_assets.lib.lake import Lake, utcnow
+from flywheel_assets.lib.tables import MODEL_REGISTRY
+
+STATUSES = ("candidate", "canary", "treatment", "champion", "retired", "rolled_back")
+LIVE = ("champion", "treatment", "canary")
+FINAL = ("retired", "rolled_back")
+TRANSITIONS: dict[str, frozenset[str]] = {
+    "candidate": frozenset({"canary", "treatment", "retired", "rolled_back"}),
+    "canary": frozenset({"treatment", "champion", "rolled_back", "retired"}),
+    "treatment": frozenset({"champion", "rolled_back", "retired"}),
+    "champion": frozenset({"retired", "rolled_back"}),
+    "retired": frozenset(),
+    "rolled_back": frozenset(),
+}
+DEFAULT_SHARES = {"canary": 0.01, "treatment": 0.09}
+_TOLERANCE = 1e-9
+
+
+class RegistryError(ValueError):
+    """A change the registry's rules forbid (unknown version, invalid transition, shares over 1)."""
+
+
+def bucket(user_id: str, tenant_id: str, salt: str = "") -> float:
+    """The user's stable position in [0, 1): first 8 bytes of sha256(salt:tenant:user) / 2**64."""
+    digest = hashlib.sha256(f"{salt}:{tenant_id}:{user_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def route(user_id: str, tenant_id: str, *, champion: str, treatment: str | None = None,
+          canary: str | None = None, treatment_share: float = DEFAULT_SHARES["treatment"],
+          canary_share: float = DEFAULT_SHARES["canary"], salt: str = "") -> str:
+    """The version that serves this user. An absent arm's users go to the champion, so
+    the other arms keep their users when one arm comes or goes."""
+    return _pick(bucket(user_id, tenant_id, salt), [(canary, canary_share), (treatment, treatment_share)], champion)
+
+
+def _pick(u: float, arms: list[tuple[str | None, float]], champion: str) -> str:
+    shares = [share for _, share in arms]
+    if any(share < 0 for share in shares) or sum(shares) > 1 + _TOLERANCE:
+        raise ValueError(f"arm shares must be non-negative and sum to at most 1, got {shares}")
+    edge = 0.0
+    for version, share in arms:
+        edge += share
+        if u < edge:
+            return version or champion
+    return champion
+
+
+def _order(row: dict) -> tuple:
+    # Rows of one commit share changed_at; the version leaving comes before the one entering.
+    return row["changed_at"], row["status"] not in FINAL
+
+
+class ModelRegistry:
+    def __init__(self, lake: Lake, clock: Callable[[], datetime] = utcnow):
+        self.lake = lake
+        self.clock = clock
+
+    def register(self, version: str, *, base: str, base_path: str, adapter_path: str | None = None,
+                 parent: str | None = None, cycle: str | None = None, status: str = "candidate",
+                 reason: str, actor: str, metadata: dict | None = None) -> dict:
+        """Add a version. A base model (no parent, no adapter) becomes champion with
+        all traffic when there is no champion yet."""
+        history = self._history()
+        latest = _latest(history)
+        if version in latest:
+            raise RegistryError(f"{version} is already registered (status {latest[version]['status']})")
+        if status not in STATUSES or status in FINAL:
+            raise RegistryError(f"{version} cannot be registered as {status!r}: use one of {LIVE + ('candidate',)}")
+        is_base = parent is None and adapter_path is None
+        if status == "candidate" and is_base and _champion(latest) is None:
+            status = "champion"
+        row = {"version": version, "parent": parent, "base": base, "base_path": base_path,
+               "adapter_path": adapter_path, "cycle": cycle, "metadata_json": "{}"}
+        return self._change(history, row, status, reason=reason, actor=actor, metadata=metadata)
+
+    def transition(self, version: str, to_status: str, *, reason: str, actor: str,
+                   traffic_share: float | None = None, metadata: dict | None = None) -> dict:
+        """Move a version to to_status; promoting to champion retires the current one in the same commit."""
+        if to_status == "rolled_back":
+            if traffic_share:
+                raise RegistryError(f"{version}: a rolled-back version serves no traffic")
+            return self.rollback(version, reason=reason, actor=actor, metadata=metadata)
+        history = self._history()
+        current = self._require(_latest(history), version)
+        _check(version, current["status"], to_status)
+        return self._change(history, current, to_status, reason=reason, actor=actor,
+                            traffic_share=traffic_share, metadata=metadata)
+
+    def rollback(self, version: str, *, reason: str, actor: str, metadata: dict | None = None) -> dict:
+        """Mark a version rolled_back; a rolled-back champion's predecessor (the most recent
+        retired champion) serves again, in the same commit."""
+        history = self._history()
+        latest = _latest(history)
+        current = self._require(latest, version)
+        _check(version, current["status"], "rolled_back")
+        at = self._now(history)
+        rows = [_next(current, "rolled_back", 0.0, reason, actor, at, metadata)]
+        if current["status"] == "champion":
+            previous = next((r["version"] for r in reversed(history) if r["status"] == "champion"
+                             and r["version"] != version and latest[r["version"]]["status"] == "retired"), None)
+            if previous is None:
+                raise RegistryError(f"cannot roll back champion {version}: no retired champion to reinstate")
+            rows.append(_next(latest[previous], "champion", max(0.0, 1.0 - _arm_total(latest, version)),
+                              f"reinstated after rollback of {version}: {reason}", actor, at, None))
+        self._append(rows)
+        return rows[0]
+
+    def current(self) -> list[dict]:
+        """The latest row of every version, ordered by changed_at."""
+        return sorted(_latest(self._history()).values(), key=_order)
+
+    def get(self, version: str) -> dict | None:
+        return _latest(self._history()).get(version)
+
+    def champion(self) -> dict | None:
+        return _champion(_latest(self._history()))
+
+    def history(self, version: str | None = None) -> list[dict]:
+        """Every change (of one version, or of all), oldest first."""
+        return [r for r in self._history() if version is None or r["version"] == version]
+
+    def serving(self) -> dict[str, list[dict]]:
+        """The versions that serve traffic, by status: champion, treatment, canary."""
+        live = {status: [] for status in LIVE}
+        for row in self.current():
+            if row["status"] in live:
+                live[row["status"]].append(row)
+        return live
+
+    def router(self) -> Callable[[str, str], str]:
+        """route(user_id, tenant_id) over a snapshot of the current layout (one read for many users).
+
+        Canaries then treatments take their traffic_share from u = 0 upward; the champion
+        serves the rest. The salt is the champion's version, so a new champion reshuffles users.
+        """
+        live = self.serving()
+        if not live["champion"]:
+            raise RegistryError("no champion: nothing to route to")
+        champion = live["champion"][0]["version"]
+        arms = [(r["version"], r["traffic_share"]) for r in live["canary"] + live["treatment"]]
+        return lambda user_id, tenant_id: _pick(bucket(user_id, tenant_id, champion), arms, champion)
+
+    def route(self, user_id: str, tenant_id: str) -> str:
+        return self.router()(user_id, tenant_id)
+
+    def _change(self, history: list[dict], row: dict, status: str, *, reason: str, actor: str,
+                traffic_share: float | None = None, metadata: dict | None = None) -> dict:
+        latest = _latest(history)
+        arms = _arm_total(latest, row["version"])
+        if status in DEFAULT_SHARES:
+            share = DEFAULT_SHARES[status] if traffic_share is None else traffic_share
+            if share < 0 or arms + share > 1 + _TOLERANCE:
+                raise RegistryError(f"{row['version']} -> {status}: share {share} with {arms:g} already "
+                                    "held by other canary/treatment arms exceeds 1")
+        elif status == "champion":
+            share = max(0.0, 1.0 - arms) if traffic_share is None else traffic_share
+        elif traffic_share:
+            raise RegistryError(f"{row['version']} -> {status}: a {status} version serves no traffic")
+        else:
+            share = 0.0
+        at = self._now(history)
+        rows = []
+        old = _champion(latest)
+        if status == "champion" and old is not None:
+            rows.append(_next(old, "retired", 0.0, f"replaced by {row['version']}: {reason}", actor, at, None))
+        rows.append(_next(row, status, share, reason, actor, at, metadata))
+        self._append(rows)
+        return rows[-1]
+
+    def _history(self) -> list[dict]:
+        return sorted(self.lake.read(MODEL_REGISTRY).to_pylist(), key=_order)
+
+    def _now(self, history: list[dict]) -> datetime:
+        """The clock's time, nudged one microsecond past the last change if it is not after it."""
+        now = self.clock()
+        now = (now if now.tzinfo else now.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
+        if history and now <= history[-1]["changed_at"]:
+            now = history[-1]["changed_at"] + timedelta(microseconds=1)
+        return now
+
+    def _append(self, rows: list[dict]) -> None:
+        self.lake.append(MODEL_REGISTRY, pa.Table.from_pylist(rows, schema=MODEL_REGISTRY.schema))
+
+    @staticmethod
+    def _require(latest: dict[str, dict], version: str) -> dict:
+        if version not in latest:
+            raise RegistryError(f"unknown version {version!r}")
+        return latest[version]
+
+
+def _check(version: str, from_status: str, to_status: str) -> None:
+    if to_status not in STATUSES:
+        raise RegistryError(f"{version} cannot go from {from_status} to {to_status}: not a status {STATUSES}")
+    if to_status not in TRANSITIONS[from_status]:
+        allowed = ", ".join(sorted(TRANSITIONS[from_status])) or f"none, {from_status} is final"
+        raise RegistryError(f"{version} cannot go from {from_status} to {to_status} (allowed: {allowed})")
+
+
+def _latest(history: list[dict]) -> dict[str, dict]:
+    return {row["version"]: row for row in history}
+
+
+def _arm_total(latest: dict[str, dict], excluding: str) -> float:
+    """Traffic held by canary and treatment versions other than `excluding`."""
+    return sum(r["traffic_share"] for v, r in latest.items() if v != excluding and r["status"] in ("canary", "treatment"))
+
+
+def _champion(latest: dict[str, dict]) -> dict | None:
+    return next((r for r in latest.values() if r["status"] == "champion"), None)
+
+
+def _next(row: dict, status: str, share: float, reason: str, actor: str, at: datetime,
+          metadata: dict | None) -> dict:
+    """The version's next row: same identity and paths, new status; metadata merged into what it had."""
+    merged = {**json.loads(row.get("metadata_json") or "{}"), **(metadata or {})}
+    changed = {**row, "event_id": uuid.uuid4().hex, "status": status, "traffic_share": float(share),
+               "reason": reason, "actor": actor, "changed_at": at, "metadata_json": json.dumps(merged, sort_keys=True)}
+    return {name: changed.get(name) for name in MODEL_REGISTRY.schema.names}

@@ -1,0 +1,387 @@
+"""The embedded default's task environment: the five tools, the tasks users ask, the verifier.
+
+Tools are real Python (data/tools.json declares them; the golden file shows their
+results). A tiny model must copy numbers and entities from the question into tool
+calls and answers, so every number it copies is an integer 0..9999 or a 2-decimal
+number, and each task type has 8 phrasings sharing its key noun: cold-start data
+uses the first COLD_START_PHRASINGS, the held-out evaluation all 8 (FINDINGS.md).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import operator
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from functools import cache
+from pathlib import Path
+
+DATA_DIR = Path(__file__).resolve().parents[3] / "data"
+TOOLS: list[dict] = json.loads((DATA_DIR / "tools.json").read_text())
+CAPITALS: dict[str, str] = json.loads((DATA_DIR / "capitals.json").read_text())
+WEATHER: dict[str, dict] = json.loads((DATA_DIR / "weather.json").read_text())
+HERMES_SYSTEM = (
+    "You are a function calling AI model. You are provided with function signatures within <tools></tools> "
+    "XML tags. You may call one or more functions to assist with the user query. Don't make assumptions about "
+    "what values to plug into functions. Here are the available tools: <tools>" + json.dumps(TOOLS) + "</tools> "
+    "For each function call return a json object with function name and arguments within <tool_call></tool_call> "
+    "XML tags as follows:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-dict>}\n</tool_call>")
+
+TASK_TYPES = ("calculator", "unit_conversion", "capital_lookup", "text_ops", "weather_of_capital")
+N_PHRASINGS = 8
+COLD_START_PHRASINGS = 3
+EVAL_SEED = 1_000_003
+EVAL_SIZE = 600
+PHRASINGS: dict[str, list[str]] = {
+    "calculator": [
+        "What is {expression}?", "Calculate {expression}.", "Compute {expression} for me.",
+        "Please work out {expression}.", "Can you calculate {expression}?", "I need the result of {expression}.",
+        "How much is {expression}?", "Evaluate {expression}, please."],
+    "unit_conversion": [
+        "Convert {value} {from_name} to {to_name}.", "How many {to_name} is {value} {from_name}?",
+        "What is {value} {from_name} in {to_name}?", "Please convert {value} {from_name} into {to_name}.",
+        "{value} {from_name} equals how many {to_name}?", "I have {value} {from_name}. How much is that in {to_name}?",
+        "Express {value} {from_name} in {to_name}, please.", "Can you convert {value} {from_name} to {to_name} for me?"],
+    "capital_lookup": [
+        "What is the capital of {country}?", "Tell me the capital of {country}.",
+        "Which city is the capital of {country}?", "What's the capital city of {country}?",
+        "Name the capital of {country}, please.", "I need to know the capital of {country}.",
+        "{country}: what is its capital?", "Do you know which city is the capital of {country}?"],
+    "text_ops": [
+        'What is the {op} of the text "{text}"?', 'Give me the {op} of the text "{text}".',
+        'Find the {op} of the text "{text}".', 'I need the {op} of this text: "{text}"',
+        'Text: "{text}". What is its {op}?', 'Please compute the {op} of the text "{text}".',
+        'Could you tell me the {op} of the text "{text}"?', 'For the text "{text}", what is the {op}?'],
+    "weather_of_capital": [
+        "What is the weather in the capital of {country}?", "How is the weather in the capital of {country} today?",
+        "Tell me the weather in the capital of {country}.", "What's the weather like in the capital city of {country}?",
+        "I am visiting the capital of {country}. What is the weather there?",
+        "Check the weather for the capital of {country}, please.", "Weather report for the capital of {country}?",
+        "Could you get me the current weather in the capital of {country}?"],
+}
+# The scripted expert's final answers (the first is a task's canonical `expected`) and, where it is not
+# the last tool result, the span of the answer that the verifier looks for.
+ANSWERS: dict[str, list[str]] = {
+    "calculator": ["{expression} = {result}.", "The result is {result}.", "{expression} equals {result}.",
+                   "The answer is {result}."],
+    "unit_conversion": ["{value} {from_name} is {result} {to_name}.", "That is {result} {to_name}.",
+                        "{value} {from_name} equals {result} {to_name}.", "It comes to {result} {to_name}."],
+    "capital_lookup": ["The capital of {country} is {result}.", "{result} is the capital of {country}.",
+                       "The capital city of {country} is {result}.", "It is {result}."],
+    "reverse": ['"{text}" reversed is "{result}".', 'The reverse is "{result}".', 'Reversed: "{result}".'],
+    "word_count": ['"{text}" has {result} words.', "The text has {result} words.", "Word count: {result}."],
+    "weather_of_capital": [
+        "In {city}, the capital of {country}, it is {condition} and {temp_c} °C.",
+        "The capital of {country} is {city}, where it is {condition} and {temp_c} °C.",
+        "{city} is the capital of {country}; right now it is {condition} and {temp_c} °C.",
+        "Weather in {city}: {condition} and {temp_c} °C."],
+}
+SPANS = {"weather_of_capital": "{condition} and {temp_c} °C"}
+UNIT_NAMES = {"km": "km", "miles": "miles", "kg": "kg", "lb": "pounds", "celsius": "celsius",
+              "fahrenheit": "fahrenheit", "m": "meters", "ft": "feet", "l": "liters", "gal": "gallons"}
+OPERATION_NOUNS = {"reverse": "reverse", "word_count": "word count"}
+# upper/lower are left out of tasks: the verifier ignores case, so echoing the text would pass.
+WORDS = (
+    "apple", "river", "green", "house", "music", "table", "light", "water", "happy", "cloud", "stone", "bread",
+    "chair", "dream", "field", "glass", "horse", "lemon", "money", "night", "ocean", "paper", "plant", "quiet",
+    "robot", "smile", "sugar", "tiger", "train", "voice", "world", "yellow", "bird", "book", "cake", "door",
+    "fish", "game", "hand", "king", "lamp", "moon", "road", "ship", "star", "tree", "wind", "blue", "cold",
+    "fast", "warm", "small", "early", "brave", "sweet", "winter", "summer", "garden", "window", "forest",
+    "silver", "market", "rabbit", "pencil", "orange", "family", "friend", "letter", "planet", "school", "coffee",
+    "dinner", "doctor", "flower", "island", "jacket", "mirror", "number", "pocket", "simple")
+_FACTORS = {("km", "miles"): 1 / 1.609344, ("miles", "km"): 1.609344, ("kg", "lb"): 1 / 0.45359237,
+            ("lb", "kg"): 0.45359237, ("m", "ft"): 1 / 0.3048, ("ft", "m"): 0.3048,
+            ("l", "gal"): 1 / 3.785411784, ("gal", "l"): 3.785411784}
+_CONVERSIONS = {**{pair: (lambda value, factor=factor: value * factor) for pair, factor in _FACTORS.items()},
+                ("celsius", "fahrenheit"): lambda value: value * 9 / 5 + 32,
+                ("fahrenheit", "celsius"): lambda value: (value - 32) * 5 / 9}
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
+_UNITS = re.compile(r"\w+|[^\w\s]")
+_SCHEMAS = {tool["function"]["name"]: tool["function"]["parameters"] for tool in TOOLS}
+_CAPITALS = {country.casefold(): city for country, city in CAPITALS.items()}
+_WEATHER = {city.casefold(): json.dumps(report) for city, report in WEATHER.items()}
+
+
+class ToolError(ValueError):
+    pass
+
+
+def _calculator(expression: str) -> str:
+    if len(expression) > 200:
+        raise ToolError("expression too long")
+    try:
+        return str(_evaluate(ast.parse(expression.strip(), mode="eval").body))
+    except SyntaxError as problem:
+        raise ToolError(f"invalid expression: {problem.msg}") from problem
+
+
+def _evaluate(node: ast.AST) -> int:
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return node.value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        return -_evaluate(node.operand)
+    if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+        return _OPS[type(node.op)](_evaluate(node.left), _evaluate(node.right))
+    raise ToolError("only integers with + - * are supported")
+
+
+def _convert_units(value: float, from_unit: str, to_unit: str) -> str:
+    if (from_unit, to_unit) not in _CONVERSIONS:
+        raise ToolError(f"unsupported conversion: {from_unit} -> {to_unit}")
+    if not math.isfinite(value):
+        raise ToolError("value must be a finite number")
+    return str(round(_CONVERSIONS[from_unit, to_unit](value), 2))
+
+
+def _lookup(table: dict[str, str], key: str, what: str) -> str:
+    if (found := table.get(key.strip().casefold())) is None:
+        raise ToolError(f"unknown {what}: {key}")
+    return found
+
+
+_TOOL_CODE = {
+    "calculator": _calculator, "convert_units": _convert_units,
+    "lookup_capital": lambda country: _lookup(_CAPITALS, country, "country"),
+    "get_weather": lambda city: _lookup(_WEATHER, city, "city"),
+    "text_transform": lambda text, operation: {"reverse": text[::-1], "upper": text.upper(), "lower": text.lower(),
+                                               "word_count": str(len(text.split()))}[operation],
+}
+
+
+def _check_arguments(name: str, arguments) -> dict:
+    """Arguments as the tool's JSON schema declares them: required present, no others, types and enums."""
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError as problem:
+            raise ToolError(f"invalid arguments: not JSON ({problem.msg})") from problem
+    if not isinstance(arguments, dict):
+        raise ToolError("invalid arguments: expected a JSON object")
+    schema = _SCHEMAS[name]
+    if missing := [key for key in schema["required"] if key not in arguments]:
+        raise ToolError(f"invalid arguments: missing {', '.join(missing)}")
+    for key, value in arguments.items():
+        if (spec := schema["properties"].get(key)) is None:
+            raise ToolError(f"invalid arguments: unexpected {key}")
+        if isinstance(value, bool) or not isinstance(value, str if spec["type"] == "string" else (int, float)):
+            raise ToolError(f"invalid arguments: {key} must be a {spec['type']}")
+        if value not in spec.get("enum", [value]):
+            raise ToolError(f"invalid arguments: {key} must be one of {', '.join(spec['enum'])}")
+    return arguments
+
+
+def run_tool(name: str, arguments: dict | str) -> str:
+    """The tool's result as the agent sees it; failures are a JSON string {"error": ...}."""
+    try:
+        if name not in _TOOL_CODE:
+            raise ToolError(f"unknown tool: {name}")
+        return _TOOL_CODE[name](**_check_arguments(name, arguments))
+    except (ValueError, RecursionError, OverflowError, MemoryError) as problem:  # ToolError is a ValueError
+        return json.dumps({"error": str(problem) or type(problem).__name__})
+
+
+@dataclass(frozen=True)
+class Task:
+    task_id: str
+    task_type: str
+    prompt: str
+    phrasing: int
+    calls: tuple[tuple[str, str], ...]  # the right tool calls in order: (name, canonical JSON arguments)
+    expected: str  # the canonical right final answer
+    answer_units: tuple[str, ...]  # what verify looks for, as lowercased units
+
+
+def units(text: str) -> list[str]:
+    return _UNITS.findall(text.lower())
+
+
+def _contains(haystack: list[str], needle: Sequence[str]) -> bool:
+    size = len(needle)
+    return size > 0 and any(tuple(haystack[i:i + size]) == tuple(needle) for i in range(len(haystack) - size + 1))
+
+
+def verify(task: Task, final_answer: str | None) -> bool:
+    """The answer holds the task's answer units, contiguously (case and spacing ignored)."""
+    return isinstance(final_answer, str) and _contains(units(final_answer), [u.lower() for u in task.answer_units])
+
+
+def _number(rng: random.Random, high: int) -> int:
+    """2..high (or 0..high when high < 2), with 1- to 4-digit sizes equally likely."""
+    top = min(high, 10 ** rng.randint(1, 4) - 1)
+    return rng.randint(min(2, top), top)
+
+
+def _expression(rng: random.Random) -> str:
+    form = rng.choice(("+", "-", "*", "+", "-", "*", "*+", "*-", "+-"))
+    if form == "*" or form[0] == "*":
+        a = rng.randint(2, 99)
+        b = _number(rng, 9999 // a)
+        if form == "*":
+            return f"{a} * {b}"
+        c = _number(rng, 9999 - a * b if form == "*+" else a * b)
+        return f"{a} * {b} {form[1]} {c}"
+    a = _number(rng, 9997)
+    b = _number(rng, 9999 - a) if form[0] == "+" else _number(rng, a)
+    return f"{a} {form[0]} {b}" if len(form) == 1 else f"{a} + {b} - {_number(rng, a + b)}"
+
+
+def _draw_calls(rng: random.Random, task_type: str) -> list[tuple[str, dict]]:
+    if task_type == "calculator":
+        return [("calculator", {"expression": _expression(rng)})]
+    if task_type == "unit_conversion":
+        from_unit, to_unit = rng.choice(list(_CONVERSIONS))
+        if from_unit in ("celsius", "fahrenheit"):
+            value = rng.randint(0, 300) if from_unit == "celsius" else rng.randint(32, 600)
+        else:
+            value = _number(rng, 999) if rng.random() < 0.8 else round(_number(rng, 999) + rng.randint(1, 99) / 100, 2)
+        return [("convert_units", {"value": value, "from_unit": from_unit, "to_unit": to_unit})]
+    country = rng.choice(sorted(CAPITALS))
+    if task_type == "capital_lookup":
+        return [("lookup_capital", {"country": country})]
+    if task_type == "text_ops":
+        text = " ".join(rng.sample(WORDS, rng.randint(2, 4)))
+        return [("text_transform", {"text": text, "operation": rng.choice(sorted(OPERATION_NOUNS))})]
+    return [("lookup_capital", {"country": country}), ("get_weather", {"city": CAPITALS[country]})]
+
+
+def _slots(calls: Sequence[tuple[str, dict]], results: Sequence[str]) -> dict:
+    """Everything a prompt or answer template may name, from the calls and their results."""
+    slots: dict = {"result": results[-1]}
+    for (name, arguments), result in zip(calls, results):
+        slots.update(arguments)
+        if name == "get_weather":
+            slots.update(json.loads(result))
+        elif name == "lookup_capital":
+            slots["city"] = result
+    if "from_unit" in slots:
+        slots.update(from_name=UNIT_NAMES[slots["from_unit"]], to_name=UNIT_NAMES[slots["to_unit"]])
+    if "operation" in slots:
+        slots["op"] = OPERATION_NOUNS[slots["operation"]]
+    return slots
+
+
+def _answers(task_type: str, slots: dict) -> list[str]:
+    return ANSWERS[slots["operation"] if task_type == "text_ops" else task_type]
+
+
+def _draw_task(rng: random.Random, task_type: str, phrasing: int, task_id: str) -> Task | None:
+    calls = _draw_calls(rng, task_type)
+    slots = _slots(calls, [run_tool(name, arguments) for name, arguments in calls])
+    prompt = PHRASINGS[task_type][phrasing].format(**slots)
+    answer_units = tuple(units(SPANS.get(task_type, "{result}").format(**slots)))
+    if _contains(units(prompt), answer_units):
+        return None  # the answer is in the question (`10 - 5`): echoing it would pass
+    canonical = tuple((name, json.dumps(arguments, sort_keys=True)) for name, arguments in calls)
+    expected = _answers(task_type, slots)[0].format(**slots)
+    return Task(task_id, task_type, prompt, phrasing, canonical, expected, answer_units)
+
+
+def _prompt_key(prompt: str) -> str:
+    return " ".join(prompt.lower().split())
+
+
+def _generate(n: int, seed: int, phrasings: Sequence[int] | None, task_types: Sequence[str],
+              exclude: frozenset[str], unique: bool) -> list[Task]:
+    choices = list(range(N_PHRASINGS) if phrasings is None else phrasings)
+    if not choices or not set(choices) <= set(range(N_PHRASINGS)) or not set(task_types) <= set(TASK_TYPES):
+        raise ValueError(f"phrasings must be among 0..{N_PHRASINGS - 1} and task types among {TASK_TYPES}")
+    rng, seen, tasks = random.Random(seed), set(), []
+    for i, task_type in enumerate(task_types[i % len(task_types)] for i in range(n)):
+        for _ in range(10_000):
+            task = _draw_task(rng, task_type, rng.choice(choices), f"{task_type}-{seed}-{i}")
+            if task is not None and (key := _prompt_key(task.prompt)) not in exclude and key not in seen:
+                break
+        else:
+            raise RuntimeError(f"no {task_type} task outside the excluded prompts for phrasings {choices}")
+        seen.update([key] if unique else [])
+        tasks.append(task)
+    return tasks
+
+
+def generate_tasks(n: int, seed: int, phrasings: Sequence[int] | None = None,
+                   task_types: Sequence[str] = TASK_TYPES) -> list[Task]:
+    """n tasks, round-robin over task_types, deterministic for a seed; never an evaluation prompt."""
+    exclude = frozenset() if seed == EVAL_SEED else _eval_prompt_keys()
+    return _generate(n, seed, phrasings, task_types, exclude, unique=False)
+
+
+def eval_tasks(n: int = EVAL_SIZE) -> list[Task]:
+    """The fixed held-out evaluation set: distinct prompts over all 8 phrasings."""
+    return _generate(n, EVAL_SEED, None, TASK_TYPES, frozenset(), unique=True)
+
+
+@cache
+def _eval_prompt_keys() -> frozenset[str]:
+    return frozenset(_prompt_key(task.prompt) for task in eval_tasks(EVAL_SIZE))
+
+
+def is_eval_prompt(prompt: str) -> bool:
+    return _prompt_key(prompt) in _eval_prompt_keys()
+
+
+def expert_messages(task: Task, rng: random.Random) -> list[dict]:
+    """A correct OpenAI-chat conversation solving the task: the right calls, real results, a varied answer."""
+    messages: list[dict] = [{"role": "user", "content": task.prompt}]
+    calls, results = [], []
+    for name, canonical in task.calls:
+        arguments = json.loads(canonical)
+        call_id = f"call_{rng.getrandbits(48):012x}"
+        result = run_tool(name, arguments)
+        messages.append({"role": "assistant", "content": None, "tool_calls": [
+            {"id": call_id, "type": "function", "function": {"name": name, "arguments": canonical}}]})
+        messages.append({"role": "tool", "tool_call_id": call_id, "content": result})
+        calls.append((name, arguments))
+        results.append(result)
+    slots = _slots(calls, results)
+    messages.append({"role": "assistant", "content": rng.choice(_answers(task.task_type, slots)).format(**slots)})
+    return messages
+
+
+def _hermes_content(result: str):
+    """A tool result inside a hermes <tool_response>: JSON objects embedded as objects, as golden data does."""
+    try:
+        parsed = json.loads(result)
+    except (json.JSONDecodeError, TypeError):
+        return result
+    return parsed if isinstance(parsed, dict) else result
+
+
+def _hermes_call(name: str, arguments) -> str:
+    """One <tool_call> block; arguments that are not a JSON object stay as the text they were."""
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            return f'<tool_call>\n{{"name": {json.dumps(name)}, "arguments": {arguments}}}\n</tool_call>'
+    return f"<tool_call>\n{json.dumps({'name': name, 'arguments': arguments})}\n</tool_call>"
+
+
+def to_hermes(messages: list[dict]) -> list[dict]:
+    """OpenAI chat messages as hermes conversations (the golden file's system prompt and tags)."""
+    turns, names = [{"from": "system", "value": HERMES_SYSTEM}], {}
+    for message in messages:
+        role = message.get("role")
+        if role == "user":
+            turns.append({"from": "human", "value": message.get("content") or ""})
+        elif role == "assistant":
+            parts = [message["content"]] if message.get("content") else []
+            for call in message.get("tool_calls") or []:
+                function = call.get("function") or {}
+                names[call.get("id")] = function.get("name")
+                parts.append(_hermes_call(function.get("name"), function.get("arguments")))
+            turns.append({"from": "gpt", "value": "\n".join(parts)})
+        elif role == "tool":
+            name = message.get("name") or names.get(message.get("tool_call_id"))
+            body = json.dumps({"name": name, "content": _hermes_content(message.get("content"))})
+            turns.append({"from": "tool", "value": f"<tool_response>\n{body}\n</tool_response>"})
+    return turns
+
+
+if __name__ == "__main__":
+    lines = [json.dumps(asdict(task)) + "\n" for task in eval_tasks()]
+    (DATA_DIR / "eval_tasks.jsonl").write_text("".join(lines))
+    print(f"wrote {len(lines)} evaluation tasks to {DATA_DIR / 'eval_tasks.jsonl'}")

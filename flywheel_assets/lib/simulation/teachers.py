@@ -1,0 +1,234 @@
+"""Cold-start data (seed 75.2): teacher-written synthetic trajectories and public trajectory files.
+
+A teacher's conversation is kept only when it really solves its task: every tool call is
+run again with the real tool and the teacher's claimed result replaced by the real one, the
+calls must produce the task's right results, and the final answer must pass the verifier.
+ScriptedTeacher (the task environment's expert) works offline; any OpenAI-compatible
+endpoint can play the seed's GPT-4 teacher (FLYWHEEL_TEACHER_URL / _MODEL / _API_KEY).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from random import Random
+
+from flywheel_assets.lib.simulation.tasks import (
+    ANSWERS, COLD_START_PHRASINGS, TOOLS, Task, expert_messages, generate_tasks, run_tool, to_hermes, verify,
+)
+
+SYNTHETIC_REWARD = 0.8  # the seed's value: synthetic data is good, not perfect
+MAX_ATTEMPTS = 3
+TOOL_NAMES = frozenset(tool["function"]["name"] for tool in TOOLS)
+TEACHER_PROMPT = """You write training data for a tool-using AI agent.
+Solve the user's request below exactly as the agent should: call the tools it needs (only the
+tools listed, with arguments matching their JSON schemas), one call per step, never guessing
+what a tool can look up, then answer stating the tool's result exactly as it was returned.
+
+Tools: {tools}
+Task type: {task_type}
+User request: {prompt}
+Final answer in the style of (placeholders in braces): {style}
+
+Reply with only a JSON object {{"messages": [...]}} holding the whole conversation in OpenAI chat
+format: the user message; for each tool call an assistant message {{"role": "assistant",
+"content": null, "tool_calls": [{{"id": "call_1", "type": "function", "function": {{"name": "...",
+"arguments": "<arguments as a JSON string>"}}}}]}} followed by {{"role": "tool", "tool_call_id":
+"call_1", "content": "<the tool's result>"}}; last, an assistant message with the final answer."""
+
+
+class TeacherError(RuntimeError):
+    """The teacher's endpoint could not be reached or refused the request."""
+
+
+class Rejected(ValueError):
+    def __init__(self, code: str, reason: str):
+        super().__init__(f"{code}: {reason}")
+        self.code = code
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def landing_line(task: Task, messages: list[dict], model_version: str) -> dict:
+    """A synthetic trajectory as a landing-zone line, in hermes format like the golden file."""
+    return {"trajectory_id": f"{model_version}-{task.task_id}", "task_type": task.task_type,
+            "origin": "synthetic", "is_synthetic": True, "reward": SYNTHETIC_REWARD, "model_version": model_version,
+            "tenant_id": "default", "created_at": _now(), "completed": True, "conversations": to_hermes(messages)}
+
+
+class ScriptedTeacher:
+    """The offline teacher: the task environment's expert, right by construction."""
+
+    model_version = "teacher-scripted"
+
+    def __init__(self, seed: int):
+        self.rng = Random(seed)
+
+    def trajectory(self, task: Task) -> dict:
+        return landing_line(task, expert_messages(task, self.rng), self.model_version)
+
+
+def grounded(task: Task, messages) -> list[dict]:
+    """The teacher's conversation with real tool results, or Rejected when it does not solve the task."""
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise Rejected("malformed", "messages must be a non-empty list of objects")
+    final = messages[-1]
+    if final.get("role") != "assistant" or final.get("tool_calls") or not isinstance(final.get("content"), str) \
+            or not final["content"].strip():
+        raise Rejected("no_final_answer", "the last message must be the assistant's answer")
+    rebuilt: list[dict] = [{"role": "user", "content": task.prompt}]
+    results = []
+    for message in messages[:-1]:
+        if message.get("role") != "assistant" or not message.get("tool_calls"):
+            continue  # the teacher's own tool messages are replaced below; other text is not needed
+        calls = []
+        for number, call in enumerate(message["tool_calls"]):
+            function = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(function, dict) or function.get("name") not in TOOL_NAMES:
+                raise Rejected("unknown_tool", f"call to a tool that does not exist: {function}")
+            arguments = function.get("arguments")
+            arguments = arguments if isinstance(arguments, str) else json.dumps(arguments)
+            call_id = str(call.get("id") or f"call_{len(results) + number}")
+            calls.append({"id": call_id, "type": "function",
+                          "function": {"name": function["name"], "arguments": arguments}})
+        content = message.get("content") if isinstance(message.get("content"), str) else None
+        rebuilt.append({"role": "assistant", "content": content, "tool_calls": calls})
+        for call in calls:
+            results.append(run_tool(call["function"]["name"], call["function"]["arguments"]))
+            rebuilt.append({"role": "tool", "tool_call_id": call["id"], "content": results[-1]})
+    if results != [run_tool(name, arguments) for name, arguments in task.calls]:
+        raise Rejected("wrong_calls", "the tool calls do not produce the task's results")
+    if not verify(task, final["content"]):
+        raise Rejected("wrong_answer", f"final answer fails the verifier: {final['content'][:200]!r}")
+    return rebuilt + [{"role": "assistant", "content": final["content"]}]
+
+
+class OpenAITeacher:
+    """A teacher behind any OpenAI-compatible /chat/completions endpoint (standard library only)."""
+
+    def __init__(self, url: str, model: str, api_key: str | None = None, timeout_s: float = 60,
+                 *, backoff_s: float = 1.0, temperature: float = 0.7):
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"teacher url must start with http:// or https://, got {url!r}")
+        self.endpoint = f"{url.rstrip('/')}/chat/completions"
+        self.model, self.api_key, self.timeout_s = model, api_key, timeout_s
+        self.backoff_s, self.temperature = backoff_s, temperature
+        self.model_version = f"teacher-{model}"
+        self.rejects: Counter[str] = Counter()
+
+    @classmethod
+    def from_env(cls, environ=None) -> OpenAITeacher | None:
+        environ = os.environ if environ is None else environ
+        if not environ.get("FLYWHEEL_TEACHER_URL"):
+            return None
+        return cls(environ["FLYWHEEL_TEACHER_URL"], environ.get("FLYWHEEL_TEACHER_MODEL") or "gpt-4o",
+                   environ.get("FLYWHEEL_TEACHER_API_KEY") or None)
+
+    @property
+    def rejected(self) -> int:
+        return sum(self.rejects.values())
+
+    def trajectory(self, task: Task) -> dict | None:
+        """A verified landing line, or None (counted in `rejects` by reason) when the teacher got it wrong."""
+        operation = json.loads(task.calls[0][1]).get("operation") if task.task_type == "text_ops" else None
+        prompt = TEACHER_PROMPT.format(tools=json.dumps(TOOLS), task_type=task.task_type, prompt=task.prompt,
+                                       style=ANSWERS[operation or task.task_type][0])
+        body = {"model": self.model, "messages": [{"role": "user", "content": prompt}],
+                "response_format": {"type": "json_object"}, "temperature": self.temperature}
+        raw = self._post(body)
+        try:
+            messages = _reply_messages(raw)
+            return landing_line(task, grounded(task, messages), self.model_version)
+        except Rejected as rejection:
+            self.rejects[rejection.code] += 1
+            return None
+
+    def _post(self, body: dict) -> bytes:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        data, last_failure = json.dumps(body).encode(), ""
+        for attempt in range(MAX_ATTEMPTS):
+            if attempt:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            request = urllib.request.Request(self.endpoint, data=data, headers=headers, method="POST")
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                    return response.read()
+            except urllib.error.HTTPError as error:
+                last_failure = f"HTTP {error.code}"
+                if error.code != 429 and error.code < 500:
+                    raise TeacherError(f"teacher at {self.endpoint}: {last_failure}") from error
+            except (OSError, http.client.HTTPException) as error:  # refused, reset, timed out, cut short
+                last_failure = f"{type(error).__name__}: {getattr(error, 'reason', error)}"
+        raise TeacherError(f"teacher at {self.endpoint}: gave up after {MAX_ATTEMPTS} attempts; last: {last_failure}")
+
+
+def _reply_messages(raw: bytes):
+    try:
+        content = json.loads(raw)["choices"][0]["message"]["content"].strip()
+        # some servers ignore response_format and wrap the JSON in a markdown fence
+        content = re.sub(r"^```(?:json)?\s*|\s*```$", "", content)
+        return json.loads(content)["messages"]
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as error:
+        raise Rejected("malformed", f"reply is not a JSON object with messages ({error!r})") from error
+
+
+def cold_start_lines(n_synthetic: int, seed: int, teacher=None) -> list[dict]:
+    """Synthetic trajectories for n tasks in the cold-start phrasings; rejected ones are left out."""
+    teacher = teacher or ScriptedTeacher(seed)
+    tasks = generate_tasks(n_synthetic, seed, phrasings=range(COLD_START_PHRASINGS))
+    return [line for task in tasks if (line := teacher.trajectory(task)) is not None]
+
+
+def _records(path: Path) -> Iterator[bytes]:
+    """A JSON array file's elements, or a JSON-lines file's non-empty lines, as one line each."""
+    with path.open("rb") as handle:
+        head = handle.read(4096).lstrip()
+    if head.startswith(b"["):
+        try:
+            records = json.loads(path.read_bytes())
+        except (ValueError, UnicodeDecodeError):
+            records = None  # a JSON-lines file whose first line is an array
+        if isinstance(records, list):
+            yield from (json.dumps(record, ensure_ascii=False).encode() for record in records)
+            return
+    with path.open("rb") as handle:
+        yield from (line.rstrip(b"\r\n") for line in handle if line.strip())
+
+
+def _labelled(line: bytes) -> bytes:
+    try:
+        record = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        return line  # copied as it is: the ingester quarantines it
+    if not isinstance(record, dict):
+        return line
+    record.setdefault("origin", "imported")
+    record.setdefault("is_synthetic", False)
+    return json.dumps(record, ensure_ascii=False).encode()
+
+
+def import_public_file(path: Path, landing: Path) -> Path:
+    """Copy a public hermes/ShareGPT or OpenAI trajectory file (JSON lines or a JSON array) into the landing zone."""
+    path = Path(path)
+    name = re.sub(r"\.(jsonl|ndjson|json)$", "", path.name)
+    target = Path(landing) / "trajectories" / f"imported-{name}.jsonl"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.tmp")
+    with temporary.open("wb") as out:
+        for line in _records(path):
+            out.write(_labelled(line) + b"\n")
+    temporary.replace(target)
+    return target

@@ -1,0 +1,42 @@
+"""The embedded model's tokenizer, trained locally with `tokenizers`.
+
+A WordPiece vocabulary large enough that every word, entity and integer 0..9999 of
+the corpus is ONE token, with single characters as the fallback for anything new.
+FINDINGS.md: a 2M-parameter model fails at copying multi-token numbers and unseen
+words; copying one token is easy. (Byte-level BPE split 663 into pieces and the
+model altered digits between question, tool call and answer.)
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from flywheel_assets.lib.training.chat_format import END, PAD, SPECIAL_TOKENS, UNK
+
+MAX_NUMBER = 9999
+
+
+def train_tokenizer(corpus: Iterable[str], vocab_size: int = 16000) -> PreTrainedTokenizerFast:
+    tokenizer = Tokenizer(models.WordPiece(unk_token=UNK, max_input_chars_per_word=64))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, min_frequency=1, special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=list(string.printable.strip()), show_progress=False,
+    )
+    numbers = (str(n) for n in range(MAX_NUMBER + 1))
+    tokenizer.train_from_iterator(_chain(numbers, corpus), trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token=PAD, unk_token=UNK, eos_token=END,
+        additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in (PAD, UNK, END)],
+        padding_side="left",
+    )
+
+
+def _chain(*iterables: Iterable[str]) -> Iterable[str]:
+    for iterable in iterables:
+        yield from iterable
