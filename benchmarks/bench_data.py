@@ -287,6 +287,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
         print(f"  {time.perf_counter() - ingest_started:7.1f} s  {message}", flush=True)
 
     stages: dict[str, float] = {}
+    load_before = os.getloadavg()
     print(f"ingesting (batch_lines={config.ingest.batch_lines:,}) …", flush=True)
     with stage_timers(stages), RssSampler() as ingest_rss:
         ingest_started = time.perf_counter()
@@ -336,6 +337,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
         if abs(reference - scores[session_id]) > 1e-9:
             mismatches.append({"session_id": session_id, "reference": reference, "vectorised": scores[session_id]})
     reference_s = time.perf_counter() - started
+    load_after = os.getloadavg()
     reference_per_session = reference_s / max(1, len(sample))
     vectorised_per_session = scoring_s / max(1, feedback.num_rows)
     speedup = reference_per_session / vectorised_per_session if vectorised_per_session else float("inf")
@@ -355,6 +357,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
         "reference_s_per_session": reference_per_session, "vectorised_s_per_session": vectorised_per_session,
         "speedup": speedup, "score_mismatches": len(mismatches), "mismatch_examples": mismatches[:5],
         "tier_counts": tier_counts,
+        # Other work on the machine slows every number; 1-minute load before ingest and after the reference.
+        "load_avg_1m": [round(load_before[0], 2), round(load_after[0], 2)],
         "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
@@ -393,7 +397,8 @@ def print_table(r: dict) -> None:
           for tier, n in r["tier_counts"].items()],
     ]
     widths = [max(len(str(row[i])) for row in rows) for i in range(4)]
-    title = f"bench_data: {r['events']:,} events / {r['sessions']:,} sessions on {r['machine']['cpu_count']} cores"
+    title = (f"bench_data: {r['events']:,} events / {r['sessions']:,} sessions on {r['machine']['cpu_count']} cores "
+             f"(load {r['load_avg_1m'][0]:.1f} → {r['load_avg_1m'][1]:.1f})")
     print("\n" + title + "\n" + "-" * len(title))
     for row in rows:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())

@@ -15,8 +15,8 @@ import duckdb
 
 from flywheel_assets.lib.config import FlywheelConfig, load_config
 from flywheel_assets.lib.lake import Lake
-from flywheel_assets.lib.simulation.seed import seed_landing
-from flywheel_assets.lib.tables import ALL_TABLES, DATASET_MANIFESTS, QUARANTINE, TRAJECTORY_SCORES
+from flywheel_assets.lib.simulation.seed import seed_demo_usage
+from flywheel_assets.lib.tables import ALL_TABLES, DATASET_MANIFESTS, OFFLINE_EVALUATIONS, QUARANTINE, TRAJECTORY_SCORES
 
 
 def run_landing_sensor(defs: dg.Definitions, instance: dg.DagsterInstance) -> list[dg.RunRequest]:
@@ -28,10 +28,13 @@ def run_landing_sensor(defs: dg.Definitions, instance: dg.DagsterInstance) -> li
     return list(result.run_requests or [])
 
 
-def materialize_cycle(defs: dg.Definitions, instance: dg.DagsterInstance, cycle: str) -> dg.ExecuteInProcessResult:
-    instance.add_dynamic_partitions("cycle", [cycle])
-    job = defs.resolve_job_def("dataset_job")
-    return job.execute_in_process(instance=instance, partition_key=cycle, raise_on_error=True)
+def run_job(defs: dg.Definitions, instance: dg.DagsterInstance, name: str, **kwargs) -> dg.ExecuteInProcessResult:
+    result = defs.resolve_job_def(name).execute_in_process(instance=instance, raise_on_error=False, **kwargs)
+    label = f"{name}[{kwargs['partition_key']}]" if "partition_key" in kwargs else name
+    print(f"{label} run {result.run_id}: {'success' if result.success else 'FAILED'}", flush=True)
+    if not result.success:
+        raise SystemExit(f"{label} failed; see the run in the UI (make dev) for the step that broke")
+    return result
 
 
 def summary(config: FlywheelConfig) -> str:
@@ -52,6 +55,12 @@ def summary(config: FlywheelConfig) -> str:
     lines += ["", "training datasets:"]
     for row in lake.read(DATASET_MANIFESTS).to_pylist():
         lines.append(f"  {row['cycle']}: {row['n_rows']} rows {json.loads(row['tier_counts_json'])} -> {row['export_path']}")
+    lines += ["", "held-out success (600 tasks, 95% interval):"]
+    evaluations = lake.read(OFFLINE_EVALUATIONS, filter_sql="scope = 'overall'").to_pylist()
+    for row in sorted(evaluations, key=lambda r: (r["cycle"], r["role"] != "champion")):
+        gate = f"  gate: {'PASS' if row['gate_passed'] else 'BLOCK'} ({row['gate_reason']})" if row["role"] == "candidate" else ""
+        lines.append(f"  {row['cycle']} {row['role']:<9} {row['version']:<22} {row['success']:6.1%} "
+                     f"[{row['success_low']:.1%}, {row['success_high']:.1%}]{gate}")
     return "\n".join(lines)
 
 
@@ -59,22 +68,21 @@ def main() -> int:
     from flywheel_assets.definitions import defs as load_defs
 
     config = load_config()
-    copied = seed_landing(config)
-    print(f"seeded {len(copied)} landing files into {config.landing}")
     defs = load_defs()
     instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
+    run_job(defs, instance, "bootstrap_job")
+    copied = seed_demo_usage(config)
+    print(f"demo agents dropped {len(copied)} usage files into {config.landing}")
     requests = run_landing_sensor(defs, instance)
     print(f"landing_sensor requested {len(requests)} run(s)")
     for request in requests:
-        result = defs.resolve_job_def("ingest_job").execute_in_process(instance=instance, tags=request.tags)
-        print(f"ingest_job run {result.run_id}: {'success' if result.success else 'FAILED'}")
-        if not result.success:
-            return 1
+        run_job(defs, instance, "ingest_job", tags=request.tags)
+    run_job(defs, instance, "base_model_job")
     cycle = "cycle-0001"
-    result = materialize_cycle(defs, instance, cycle)
-    print(f"dataset_job[{cycle}] run {result.run_id}: {'success' if result.success else 'FAILED'}")
+    instance.add_dynamic_partitions("cycle", [cycle])
+    run_job(defs, instance, "cycle_job", partition_key=cycle)
     print(summary(config))
-    return 0 if result.success else 1
+    return 0
 
 
 if __name__ == "__main__":

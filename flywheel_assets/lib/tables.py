@@ -240,6 +240,7 @@ TRAINING_DATASET = Table(
     _cols(
         ("cycle", pa.string(), "training cycle (the Dagster partition key)"),
         ("trajectory_id", pa.string(), "trajectory used"),
+        ("session_id", pa.string(), "its session (pairs a retried trajectory with the accepted one)"),
         ("task_type", pa.string(), "task type"),
         ("tier", pa.string(), "tier"),
         ("weight", pa.float64(), "per-example loss weight"),
@@ -292,10 +293,35 @@ MODEL_REGISTRY = Table(
     key=("event_id",),
 )
 
+OFFLINE_EVALUATIONS = Table(
+    "gold", "offline_evaluations",
+    "Held-out results per cycle: the candidate and the champion on the same tasks, overall and per task type.",
+    _cols(
+        ("cycle", pa.string(), "training cycle"),
+        ("version", pa.string(), "model version evaluated"),
+        ("role", pa.string(), "candidate or champion"),
+        ("scope", pa.string(), "'overall' or a task type"),
+        ("n", pa.int64(), "tasks"),
+        ("success", pa.float64(), "share of tasks whose final answer the verifier accepts"),
+        ("success_low", pa.float64(), "95% Wilson interval, lower end"),
+        ("success_high", pa.float64(), "95% Wilson interval, upper end"),
+        ("tool_name_accuracy", pa.float64(), "share calling exactly the right tools in order"),
+        ("argument_accuracy", pa.float64(), "share with the right tools and arguments"),
+        ("difference", pa.float64(), "candidate − champion success on the same tasks (overall rows of the candidate)"),
+        ("difference_low", pa.float64(), "95% paired interval, lower end"),
+        ("difference_high", pa.float64(), "95% paired interval, upper end"),
+        ("gate_passed", pa.bool_(), "the promotion gate's verdict (candidate rows)"),
+        ("gate_reason", pa.string(), "why"),
+        ("evaluated_at", UTC_TS, "when"),
+    ),
+    key=("cycle", "version", "scope"),
+    partition_by=("cycle",),
+)
+
 ALL_TABLES: tuple[Table, ...] = (
     SESSION_EVENTS, TRAJECTORIES, ANNOTATIONS, QUARANTINE, INGESTED_FILES,
     SESSION_FEEDBACK, JUDGE_SCORES, TRAJECTORY_SCORES, CURATED_TRAJECTORIES,
-    TRAINING_DATASET, DATASET_MANIFESTS, MODEL_REGISTRY,
+    TRAINING_DATASET, DATASET_MANIFESTS, OFFLINE_EVALUATIONS, MODEL_REGISTRY,
 )
 
 

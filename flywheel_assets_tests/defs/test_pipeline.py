@@ -17,7 +17,7 @@ from flywheel_assets.defs.ingest.checks import session_events_check, trajectorie
 from flywheel_assets.defs.ingest.sensors import landing_sensor
 from flywheel_assets.defs.resources import FlywheelResource
 from flywheel_assets.lib.curation.scrub import find_pii
-from flywheel_assets.lib.simulation.seed import seed_landing
+from flywheel_assets.lib.simulation.seed import seed_demo_usage, write_cold_start
 from flywheel_assets.lib.tables import (
     DATASET_MANIFESTS, INGESTED_FILES, QUARANTINE, SESSION_EVENTS, TRAINING_DATASET, TRAJECTORIES, TRAJECTORY_SCORES,
 )
@@ -46,7 +46,9 @@ def test_definitions_load_with_stages_as_groups():
 
 
 def test_whole_chain_on_the_shipped_demo_data(home, config, lake):
-    seed_landing(config)
+    config.cold_start.synthetic_trajectories = 100
+    write_cold_start(config)
+    seed_demo_usage(config)
     instance = dg.DagsterInstance.ephemeral()
     resources = {"flywheel": FlywheelResource(home=str(home))}
     result = dg.materialize(UNPARTITIONED + CHECKS, resources=resources, instance=instance)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from flywheel_assets.lib.simulation.tasks import (
+    MAX_NUMBER,
     COLD_START_PHRASINGS, DATA_DIR, EVAL_SEED, HERMES_SYSTEM, PHRASINGS, TASK_TYPES, TOOLS, WORDS, Task,
     eval_tasks, expert_messages, generate_tasks, is_eval_prompt, run_tool, to_hermes, verify,
 )
@@ -125,12 +126,12 @@ def test_copied_numbers_and_words_stay_in_the_tokenizer_range():
     tasks = generate_tasks(2000, seed=5)
     for task in tasks:
         text = " ".join([task.prompt, task.expected, *(arguments for _, arguments in task.calls)])
-        assert all(int(n) <= 9999 for n in re.findall(r"\d+", text)), task
+        assert all(int(n) <= MAX_NUMBER for n in re.findall(r"\d+", text)), task
         assert not re.search(r"\d\.\d{3}", text), task
         # no negatives, but for the sub-zero temperatures of data/weather.json ("-" "3": still one token each)
         assert "-" not in task.answer_units or task.task_type == "weather_of_capital", task
         if task.task_type == "calculator":
-            assert 0 <= int(task.answer_units[0]) <= 9999
+            assert 0 <= int(task.answer_units[0]) <= MAX_NUMBER
         if task.task_type == "text_ops":
             words = json.loads(task.calls[0][1])["text"].split()
             assert 2 <= len(words) <= 4 and set(words) <= set(WORDS)

@@ -13,7 +13,7 @@ BRONZE = (SESSION_EVENTS, TRAJECTORIES, ANNOTATIONS, QUARANTINE, INGESTED_FILES)
     name="bronze_ingest",
     specs=[
         dg.AssetSpec(t.name, description=t.description, group_name="ingest", kinds={"delta", "duckdb"},
-                     metadata=table_metadata(t))
+                     metadata=table_metadata(t), deps=["cold_start_trajectories"] if t is TRAJECTORIES else [])
         for t in BRONZE
     ],
     description="Ingest every landing file not yet in the ledger into the bronze Delta tables.",

@@ -37,7 +37,7 @@ def select_training_rows(curated: pa.Table, cycle: str, config: FlywheelConfig) 
             SELECT *, row_number() OVER (PARTITION BY tier ORDER BY type_rank, task_type, shuffle) AS selection_rank
             FROM by_type
         )
-        SELECT $cycle AS cycle, trajectory_id, task_type, r.tier, weight, combined_score,
+        SELECT $cycle AS cycle, trajectory_id, session_id, task_type, r.tier, weight, combined_score,
                messages_json, tools_json, selection_rank
         FROM ranked r JOIN budgets b ON r.tier = b.tier
         WHERE selection_rank <= b.budget

@@ -91,3 +91,59 @@ def gate(difference: dict, margin: float) -> tuple[bool, str]:
     if delta < -margin:
         return False, f"candidate is {-delta:.1%} worse than the champion (margin {margin:.1%})"
     return True, f"candidate − champion = {delta:+.1%} [{difference['low']:+.1%}, {difference['high']:+.1%}]"
+
+
+def evaluate_model(model, tokenizer, tasks, batch_size: int = 300) -> list[TaskOutcome]:
+    from flywheel_assets.lib.simulation.tasks import run_tool, verify
+    from flywheel_assets.lib.training.inference import run_agent
+
+    runs = run_agent(model, tokenizer, [t.prompt for t in tasks], run_tool, batch_size=batch_size)
+    return [outcome(task, run, verify) for task, run in zip(tasks, runs)]
+
+
+def evaluate_versions(config, candidate: dict, champion: dict, log=print) -> dict:
+    """Both registry versions on the fixed held-out tasks; rows for OFFLINE_EVALUATIONS and a verdict."""
+    from flywheel_assets.lib.simulation.tasks import eval_tasks
+    from flywheel_assets.lib.training.pipeline import load_for_inference
+
+    tasks = eval_tasks(config.evaluation.tasks)
+    outcomes = {}
+    for role, version in (("candidate", candidate), ("champion", champion)):
+        adapter = config.home / version["adapter_path"] if version["adapter_path"] else None
+        model, tokenizer = load_for_inference(config.home / version["base_path"], adapter)
+        outcomes[role] = evaluate_model(model, tokenizer, tasks, config.evaluation.batch_size)
+        log(f"{role} {version['version']}: {sum(o.success for o in outcomes[role])}/{len(tasks)} tasks solved")
+    summaries = {role: summarise(rows) for role, rows in outcomes.items()}
+    difference = paired_difference(outcomes["candidate"], outcomes["champion"])
+    passed, reason = gate(difference, config.evaluation.gate_margin)
+    rows = []
+    for role, version in (("candidate", candidate), ("champion", champion)):
+        scopes = {"overall": summaries[role]["overall"], **summaries[role]["by_task_type"]}
+        for scope, block in scopes.items():
+            overall_candidate = role == "candidate" and scope == "overall"
+            rows.append({"version": version["version"], "role": role, "scope": scope, **block,
+                         "difference": difference["difference"] if overall_candidate else None,
+                         "difference_low": difference["low"] if overall_candidate else None,
+                         "difference_high": difference["high"] if overall_candidate else None,
+                         "gate_passed": passed if overall_candidate else None,
+                         "gate_reason": reason if overall_candidate else None})
+    return {"rows": rows, "candidate": summaries["candidate"], "champion": summaries["champion"],
+            "difference": difference, "gate_passed": passed, "gate_reason": reason,
+            "markdown": markdown_table(summaries, candidate["version"], champion["version"])}
+
+
+def markdown_table(summaries: dict, candidate: str, champion: str) -> str:
+    lines = [f"| scope | {champion} (champion) | {candidate} (candidate) | tool names | arguments |",
+             "|---|---:|---:|---:|---:|"]
+    scopes = ["overall", *summaries["candidate"]["by_task_type"]]
+    for scope in scopes:
+        get = (lambda role: summaries[role]["overall"]) if scope == "overall" else \
+            (lambda role: summaries[role]["by_task_type"][scope])
+        cand, champ = get("candidate"), get("champion")
+        lines.append(f"| {scope} | {_pct(champ)} | {_pct(cand)} | {cand['tool_name_accuracy']:.1%} | "
+                     f"{cand['argument_accuracy']:.1%} |")
+    return "\n".join(lines)
+
+
+def _pct(block: dict) -> str:
+    return f"{block['success']:.1%} [{block['success_low']:.1%}, {block['success_high']:.1%}]"

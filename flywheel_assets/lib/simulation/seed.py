@@ -1,37 +1,72 @@
-"""Copy the shipped data (golden trajectories, demo usage log) into the landing zone.
+"""What lands in the landing zone before any user: phase 0 and the demo usage log.
 
-Files are copied under their own names, atomically (temp name, then rename), and
-only when absent, so seeding twice lands nothing new.
+* cold start (the seed's phase 0): the shipped golden trajectories and synthetic
+  ones from a teacher (the scripted expert, or an OpenAI-compatible endpoint);
+* the embedded demo's usage log (data/demo), with malformed lines among it.
+
+Files are written under fixed names, atomically (temp name, then rename), and only
+when absent, so seeding twice lands nothing new.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 from flywheel_assets.lib.config import FlywheelConfig, load_config
+from flywheel_assets.lib.simulation.teachers import OpenAITeacher, ScriptedTeacher, cold_start_lines
 
 DATA = Path(__file__).resolve().parents[3] / "data"
+GOLDEN = DATA / "golden" / "golden_trajectories.jsonl"
 
 
-def seed_landing(config: FlywheelConfig, data: Path = DATA) -> list[Path]:
-    sources = [(data / "golden" / "golden_trajectories.jsonl", "trajectories")]
-    for kind in ("events", "trajectories", "annotations"):
-        sources += [(path, kind) for path in sorted((data / "demo" / kind).glob("*")) if path.is_file()]
+def write_cold_start(config: FlywheelConfig) -> dict:
+    """Golden + synthetic trajectories into landing/trajectories; counts of what was written."""
+    settings = config.cold_start
+    folder = config.landing / "trajectories"
+    golden = _copy(GOLDEN, folder / "cold-start-golden.jsonl")
+    teacher = OpenAITeacher.from_env() if settings.teacher == "openai" else ScriptedTeacher(settings.seed)
+    if teacher is None:
+        raise ValueError("cold_start.teacher is 'openai' but FLYWHEEL_TEACHER_URL is not set")
+    target = folder / f"cold-start-synthetic-{settings.teacher}-{settings.seed}-{settings.synthetic_trajectories}.jsonl"
+    synthetic = 0
+    if not target.exists():
+        lines = cold_start_lines(settings.synthetic_trajectories, settings.seed, teacher=teacher)
+        _write(target, "".join(json.dumps(line) + "\n" for line in lines))
+        synthetic = len(lines)
+    return {"golden_files": int(golden), "synthetic_trajectories": synthetic,
+            "teacher_rejects": getattr(teacher, "rejected", 0)}
+
+
+def seed_demo_usage(config: FlywheelConfig, data: Path = DATA) -> list[Path]:
     copied = []
-    for source, kind in sources:
-        target = config.landing / kind / f"seed-{source.name}"
-        if target.exists():
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = target.with_name(f".{target.name}.tmp")
-        shutil.copyfile(source, temporary)
-        temporary.replace(target)
-        copied.append(target)
+    for kind in ("events", "trajectories", "annotations"):
+        for source in sorted((data / "demo" / kind).glob("*")):
+            if source.is_file() and _copy(source, config.landing / kind / f"demo-{source.name}"):
+                copied.append(config.landing / kind / f"demo-{source.name}")
     return copied
+
+
+def _copy(source: Path, target: Path) -> bool:
+    if target.exists():
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(source, temporary)
+    temporary.replace(target)
+    return True
+
+
+def _write(target: Path, text: str) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.tmp")
+    temporary.write_text(text)
+    temporary.replace(target)
 
 
 if __name__ == "__main__":
     config = load_config()
-    copied = seed_landing(config)
-    print(f"seeded {len(copied)} files into {config.landing}" if copied else f"{config.landing} already seeded")
+    counts = write_cold_start(config)
+    copied = seed_demo_usage(config)
+    print(f"cold start: {counts}; demo usage: {len(copied)} new files in {config.landing}")

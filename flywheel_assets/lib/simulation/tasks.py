@@ -2,7 +2,7 @@
 
 Tools are real Python (data/tools.json declares them; the golden file shows their
 results). A tiny model must copy numbers and entities from the question into tool
-calls and answers, so every number it copies is an integer 0..9999 or a 2-decimal
+calls and answers, so every number it copies is an integer 0..999 or a 2-decimal
 number, and each task type has 8 phrasings sharing its key noun: cold-start data
 uses the first COLD_START_PHRASINGS, the held-out evaluation all 8 (FINDINGS.md).
 """
@@ -209,23 +209,26 @@ def verify(task: Task, final_answer: str | None) -> bool:
     return isinstance(final_answer, str) and _contains(units(final_answer), [u.lower() for u in task.answer_units])
 
 
+MAX_NUMBER = 999  # one token per integer 0..MAX_NUMBER (lib/training/tokenizer.py)
+
+
 def _number(rng: random.Random, high: int) -> int:
-    """2..high (or 0..high when high < 2), with 1- to 4-digit sizes equally likely."""
-    top = min(high, 10 ** rng.randint(1, 4) - 1)
+    """2..high (or 0..high when high < 2), with 1- to 3-digit sizes equally likely."""
+    top = min(high, 10 ** rng.randint(1, 3) - 1)
     return rng.randint(min(2, top), top)
 
 
 def _expression(rng: random.Random) -> str:
     form = rng.choice(("+", "-", "*", "+", "-", "*", "*+", "*-", "+-"))
     if form == "*" or form[0] == "*":
-        a = rng.randint(2, 99)
-        b = _number(rng, 9999 // a)
+        a = rng.randint(2, 31)
+        b = _number(rng, MAX_NUMBER // a)
         if form == "*":
             return f"{a} * {b}"
-        c = _number(rng, 9999 - a * b if form == "*+" else a * b)
+        c = _number(rng, MAX_NUMBER - a * b if form == "*+" else a * b)
         return f"{a} * {b} {form[1]} {c}"
-    a = _number(rng, 9997)
-    b = _number(rng, 9999 - a) if form[0] == "+" else _number(rng, a)
+    a = _number(rng, MAX_NUMBER - 2)
+    b = _number(rng, MAX_NUMBER - a) if form[0] == "+" else _number(rng, a)
     return f"{a} {form[0]} {b}" if len(form) == 1 else f"{a} + {b} - {_number(rng, a + b)}"
 
 
@@ -234,10 +237,13 @@ def _draw_calls(rng: random.Random, task_type: str) -> list[tuple[str, dict]]:
         return [("calculator", {"expression": _expression(rng)})]
     if task_type == "unit_conversion":
         from_unit, to_unit = rng.choice(list(_CONVERSIONS))
-        if from_unit in ("celsius", "fahrenheit"):
-            value = rng.randint(0, 300) if from_unit == "celsius" else rng.randint(32, 600)
-        else:
-            value = _number(rng, 999) if rng.random() < 0.8 else round(_number(rng, 999) + rng.randint(1, 99) / 100, 2)
+        while True:  # every number the model copies stays one token: results too stay within MAX_NUMBER
+            if from_unit in ("celsius", "fahrenheit"):
+                value = rng.randint(0, 300) if from_unit == "celsius" else rng.randint(32, 600)
+            else:
+                value = _number(rng, 999) if rng.random() < 0.8 else round(_number(rng, 999) + rng.randint(1, 99) / 100, 2)
+            if _CONVERSIONS[from_unit, to_unit](value) <= MAX_NUMBER:
+                break
         return [("convert_units", {"value": value, "from_unit": from_unit, "to_unit": to_unit})]
     country = rng.choice(sorted(CAPITALS))
     if task_type == "capital_lookup":

@@ -22,6 +22,8 @@ IGNORE = -100
 
 _QUOTE_SPACES = re.compile(r'\s*"\s*')
 _SPACES = re.compile(r"\s+")
+_DECIMAL = re.compile(r"(?<=\d) \. (?=\d)")
+_NEGATIVE = re.compile(r"(?<=[:\[,]) ?- (?=\d)")
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ def parse_call(generated: str) -> tuple[str | None, dict | None]:
     if not body:
         return None, None
     name, _, rest = body.partition(" ")
-    rest = _QUOTE_SPACES.sub('"', rest.strip())
+    rest = _NEGATIVE.sub("-", _DECIMAL.sub(".", _QUOTE_SPACES.sub('"', rest.strip())))
     try:
         arguments = json.loads(rest)
     except json.JSONDecodeError:

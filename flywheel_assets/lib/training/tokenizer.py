@@ -1,6 +1,6 @@
 """The embedded model's tokenizer, trained locally with `tokenizers`.
 
-A WordPiece vocabulary large enough that every word, entity and integer 0..9999 of
+A WordPiece vocabulary large enough that every word, entity and integer 0..999 of
 the corpus is ONE token, with single characters as the fallback for anything new.
 FINDINGS.md: a 2M-parameter model fails at copying multi-token numbers and unseen
 words; copying one token is easy. (Byte-level BPE split 663 into pieces and the
@@ -15,9 +15,9 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from flywheel_assets.lib.simulation.tasks import MAX_NUMBER
 from flywheel_assets.lib.training.chat_format import END, PAD, SPECIAL_TOKENS, UNK
 
-MAX_NUMBER = 9999
 
 
 def train_tokenizer(corpus: Iterable[str], vocab_size: int = 16000) -> PreTrainedTokenizerFast:
