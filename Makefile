@@ -9,7 +9,7 @@ export DAGSTER_HOME ?= $(FLYWHEEL_HOME)/dagster
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
-.PHONY: dev demo test bench seed clean
+.PHONY: dev demo test bench bench-training seed clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ test: $(STAMP)
 ## bench: the data-half benchmark (10M events; EVENTS=... to change)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_data.py $(if $(EVENTS),--events $(EVENTS),)
+
+## bench-training: our LoRA step against a plain-torch loop, and batched generation
+bench-training: $(STAMP)
+	$(BIN)/python benchmarks/bench_training.py
 
 clean:
 	rm -rf $(FLYWHEEL_HOME)

@@ -21,7 +21,7 @@ def build_model(vocab_size: int, config: BaseModelConfig, pad_id: int, eos_id: i
         vocab_size=vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.layers,
         num_attention_heads=config.heads, num_key_value_heads=config.heads,
         intermediate_size=config.intermediate_size, max_position_embeddings=config.max_length * 2,
-        tie_word_embeddings=True, pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=None,
+        tie_word_embeddings=False, pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=None,
     ))
 
 

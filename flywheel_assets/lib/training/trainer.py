@@ -88,7 +88,7 @@ def _loop(model, optimizer, examples, pairs, *, steps, batch_size, pad_id, seed,
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
         scheduler.step()
-        result.losses.append(float(loss))
+        result.losses.append(loss.item())
         if log and (step % 25 == 0 or step == steps - 1):
             elapsed = time.perf_counter() - started
             log({"step": step + 1, "steps": steps, "loss": round(float(loss), 4),

@@ -1,0 +1,400 @@
+"""Training-half benchmark: our LoRA step against a plain-torch reference, then generation.
+
+One process builds the embedded setup as the product does (WordPiece tokenizer over the
+domain corpus, `build_model` from the default BaseModelConfig, `encode`d cold-start
+conversations), saves it, and trains from those identical weights in alternating arms:
+
+  A   ours: `attach_lora` + `train_lora` with the default LoraConfigModel (peft, weighted
+      loss, warm-up/cosine schedule, gradient clipping)
+  B   plain torch: the same batches, full-parameter AdamW on `F.cross_entropy`, no peft
+  A′  ours without LoRA on `embed_tokens` and `lm_head`
+
+Each arm runs `--repeats` times (A, B, A′, A, B, A′, …) and the best tokens/s counts,
+because other jobs share the machine. A short per-phase timing of each arm says where
+the difference goes. Then `run_agent` answers the held-out prompts with the trained
+adapter, as offline evaluation does. Prints a table and writes
+benchmarks/results/bench_training-latest.json.
+
+    .venv/bin/python benchmarks/bench_training.py [--steps 60] [--batch-size 32] [--threads 2]
+
+Targets are reported as ✓/✗ and never fail the run: wall-clock time is not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import random
+import resource
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "bench_training-latest.json"
+sys.path.insert(0, str(REPO))
+
+from flywheel_assets.lib.config import FlywheelConfig  # noqa: E402
+from flywheel_assets.lib.simulation.tasks import (  # noqa: E402
+    COLD_START_PHRASINGS, eval_tasks, expert_messages, generate_tasks, run_tool,
+)
+from flywheel_assets.lib.training import model as model_lib  # noqa: E402
+from flywheel_assets.lib.training.chat_format import IGNORE  # noqa: E402
+from flywheel_assets.lib.training.examples import collate, encode, weighted_nll  # noqa: E402
+from flywheel_assets.lib.training.inference import GenerationStats, run_agent  # noqa: E402
+from flywheel_assets.lib.training.pipeline import domain_corpus  # noqa: E402
+from flywheel_assets.lib.training.tokenizer import train_tokenizer  # noqa: E402
+from flywheel_assets.lib.training.trainer import attach_lora, pretrain, train_lora  # noqa: E402
+
+TARGET_OVERHEAD = 1.3  # plain-torch tokens/s over ours
+COLD_START_TASKS = 1500
+COLD_START_SEED = 11
+EMBEDDING_MODULES = ("embed_tokens", "lm_head")
+ARMS = {"A": "ours: peft LoRA, default targets", "B": "plain torch: full AdamW, cross_entropy",
+        "A′": "ours without embed_tokens/lm_head LoRA"}
+
+
+class RssSampler:
+    """Peak resident memory of this process between start and stop, sampled every 50 ms."""
+
+    def __init__(self, interval_s: float = 0.05):
+        import psutil
+
+        self.process = psutil.Process()
+        self.interval_s = interval_s
+        self.start = self.peak = self.process.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> "RssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+
+    @property
+    def increase_mb(self) -> float:
+        return (self.peak - self.start) / 2**20
+
+
+def release_memory() -> None:
+    """Hand freed heap back to the OS before an arm, so that an arm's RSS increase is not
+    hidden by pages an earlier arm left mapped (glibc only; elsewhere a no-op)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def build_setup(config: FlywheelConfig, out_dir: Path, pretrain_steps: int) -> dict:
+    """Tokenizer, model and examples exactly as `pipeline.train_base` makes them; saved to out_dir."""
+    teacher_rng = random.Random(COLD_START_SEED)  # simulation.teachers.ScriptedTeacher
+    tasks = generate_tasks(COLD_START_TASKS, seed=COLD_START_SEED, phrasings=range(COLD_START_PHRASINGS))
+    messages = [expert_messages(task, teacher_rng) for task in tasks]
+    started = time.perf_counter()
+    tokenizer = train_tokenizer(domain_corpus(messages))
+    tokenizer_s = time.perf_counter() - started
+    settings = config.base_model
+    examples = [e for e in (encode(tokenizer, m, 1.0, settings.max_length) for m in messages) if e]
+    model = model_lib.build_model(len(tokenizer), settings, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    pretrain_s = 0.0
+    if pretrain_steps:
+        result = pretrain(model.to(model_lib.pick_device()), examples, steps=pretrain_steps,
+                          batch_size=settings.batch_size, learning_rate=settings.learning_rate,
+                          pad_id=tokenizer.pad_token_id, seed=settings.seed)
+        pretrain_s = result.seconds
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    lengths = [len(e.input_ids) for e in examples]
+    return {"examples": examples, "pad_id": tokenizer.pad_token_id, "vocab_size": len(tokenizer),
+            "parameters": model_lib.count_parameters(model), "tokenizer_s": tokenizer_s,
+            "pretrain_steps": pretrain_steps, "pretrain_s": pretrain_s,
+            "mean_example_tokens": sum(lengths) / len(lengths)}
+
+
+def batches(examples, steps: int, batch_size: int, seed: int):
+    """The example order of `trainer._loop`: reshuffled passes drawn from random.Random(seed)."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < batch_size:
+            order += rng.sample(range(len(examples)), len(examples))
+        yield [examples[i] for i in order[:batch_size]]
+        order = order[batch_size:]
+
+
+def plain_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
+                           ignore_index=IGNORE)
+
+
+def lora_settings(config: FlywheelConfig, arm: str, steps: int, batch_size: int):
+    settings = config.lora.model_copy(update={"steps": steps, "batch_size": batch_size})
+    if arm == "A′":
+        settings.target_modules = [m for m in settings.target_modules if m not in EMBEDDING_MODULES]
+    return settings
+
+
+def run_arm(arm: str, base_dir: Path, setup: dict, config: FlywheelConfig, steps: int, batch_size: int):
+    """Load the saved weights, train `steps` steps; tokens/s over the training loop, RSS over load + train."""
+    release_memory()
+    device = model_lib.pick_device()
+    with RssSampler() as rss:
+        model, tokenizer = model_lib.load_pretrained(base_dir, device)
+        if arm == "B":
+            tokens, seconds, final_loss, trainable = plain_torch_loop(model, setup, config, steps, batch_size)
+        else:
+            settings = lora_settings(config, arm, steps, batch_size)
+            model = attach_lora(model, settings)
+            result = train_lora(model, setup["examples"], [], settings, pad_id=setup["pad_id"])
+            tokens, seconds, final_loss = result.tokens, result.seconds, result.losses[-1]
+            trainable = model_lib.count_parameters(model, trainable_only=True)
+    run = {"arm": arm, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+           "final_loss": final_loss, "trainable_parameters": trainable, "rss_start_mb": rss.start / 2**20,
+           "rss_peak_mb": rss.peak / 2**20, "rss_increase_mb": rss.increase_mb}
+    return run, model, tokenizer
+
+
+def plain_torch_loop(model, setup: dict, config: FlywheelConfig, steps: int, batch_size: int):
+    """The reference: what a minimal hand-written fine-tuning loop costs on the same batches."""
+    device = next(model.parameters()).device
+    seed = config.lora.seed
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lora.learning_rate, weight_decay=0.0)
+    model.train()
+    tokens, loss = 0, None
+    started = time.perf_counter()
+    for examples in batches(setup["examples"], steps, batch_size, seed):
+        batch = collate(examples, setup["pad_id"], device)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = plain_loss(logits, batch["labels"])
+        tokens += int(batch["attention_mask"].sum())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss = loss.item()
+    seconds = time.perf_counter() - started
+    model.eval()
+    return tokens, seconds, loss, model_lib.count_parameters(model, trainable_only=True)
+
+
+def phase_times(arm: str, base_dir: Path, setup: dict, config: FlywheelConfig, steps: int,
+                batch_size: int) -> dict[str, float]:
+    """ms per step of each part of one arm's step. For A/A′ this is `trainer._loop`'s step
+    written out with the same pieces (weighted_nll, clip_grad_norm_, AdamW, LambdaLR)."""
+    release_memory()
+    device = model_lib.pick_device()
+    model, _ = model_lib.load_pretrained(base_dir, device)
+    if arm != "B":
+        model = attach_lora(model, lora_settings(config, arm, steps, batch_size))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lora.learning_rate, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0) if arm != "B" else None
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    totals: dict[str, float] = defaultdict(float)
+    model.train()
+    warmup = 3
+    for step, examples in enumerate(batches(setup["examples"], steps + warmup, batch_size, config.lora.seed)):
+        marks = [time.perf_counter()]
+
+        def lap(name: str) -> None:
+            sync()
+            marks.append(time.perf_counter())
+            if step >= warmup:
+                totals[name] += marks[-1] - marks[-2]
+
+        batch = collate(examples, setup["pad_id"], device)
+        lap("collate")
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        lap("forward")
+        if arm == "B":
+            loss = plain_loss(logits, batch["labels"])
+        else:
+            loss = weighted_nll(logits, batch["labels"], batch["weights"])
+        lap("loss")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        lap("backward")
+        if arm != "B":
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+        lap("clip")
+        optimizer.step()
+        if scheduler:
+            scheduler.step()
+        loss.item()
+        lap("optimizer")
+    del model, optimizer
+    return {name: seconds / steps * 1e3 for name, seconds in totals.items()}
+
+
+def generation(model, tokenizer, batch_sizes: list[int], n_prompts: int) -> list[dict]:
+    rows = []
+    prompts = [task.prompt for task in eval_tasks(n_prompts)]
+    for batch_size in batch_sizes:
+        stats = GenerationStats()
+        started = time.perf_counter()
+        runs = run_agent(model, tokenizer, prompts, run_tool, batch_size=batch_size, stats=stats)
+        wall = time.perf_counter() - started
+        rows.append({"batch_size": batch_size, "prompts": len(prompts), "new_tokens": stats.new_tokens,
+                     "generate_s": stats.seconds, "wall_s": wall, "new_tokens_per_s": stats.tokens_per_second,
+                     "finished": sum(r.finished for r in runs), "tool_calls": sum(len(r.calls) for r in runs)})
+    return rows
+
+
+def run(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    config = FlywheelConfig()
+    device = model_lib.pick_device()
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="bench_training-") as tmp:
+        base_dir = Path(tmp) / "base"
+        print(f"building the embedded setup ({COLD_START_TASKS} cold-start tasks) …", flush=True)
+        setup = build_setup(config, base_dir, args.pretrain_steps)
+        print(f"  vocab {setup['vocab_size']:,}, {setup['parameters']:,} parameters, "
+              f"{len(setup['examples']):,} examples, {setup['mean_example_tokens']:.1f} tokens each", flush=True)
+
+        order = ["A", "B", "A′"] * args.repeats
+        last_a = max(i for i, arm in enumerate(order) if arm == "A")
+        runs = []
+        for index, arm in enumerate(order):
+            result, model, tokenizer = run_arm(arm, base_dir, setup, config, args.steps, args.batch_size)
+            runs.append(result)
+            print(f"  arm {arm:2}  {result['tokens_per_s']:9,.0f} tokens/s  {result['seconds']:5.2f} s  "
+                  f"RSS +{result['rss_increase_mb']:6.1f} MB (peak {result['rss_peak_mb']:,.0f} MB)  "
+                  f"loss {result['final_loss']:.3f}  load {os.getloadavg()[0]:.2f}", flush=True)
+            if index == last_a:
+                lora_model, lora_tokenizer = model, tokenizer
+            del model
+
+        print(f"phase timings ({args.phase_steps} steps per arm) …", flush=True)
+        phases = {arm: phase_times(arm, base_dir, setup, config, args.phase_steps, args.batch_size) for arm in ARMS}
+
+        print("generating with the last arm-A adapter (unmerged, as offline evaluation loads it) …", flush=True)
+        generated = generation(lora_model, lora_tokenizer, args.generation_batch_sizes, args.prompts)
+        merged = lora_model.merge_and_unload()
+        generated += [dict(row, merged=True) for row in
+                      generation(merged, lora_tokenizer, args.generation_batch_sizes[:1], args.prompts)]
+
+    best = {arm: max((r for r in runs if r["arm"] == arm), key=lambda r: r["tokens_per_s"]) for arm in ARMS}
+    # The first run of an arm reads the cleanest RSS; later ones may reuse pages: keep the largest.
+    rss_increase = {arm: max(r["rss_increase_mb"] for r in runs if r["arm"] == arm) for arm in ARMS}
+    load_after = os.getloadavg()
+    return {
+        "steps": args.steps, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
+        "repeats": args.repeats, "device": str(device), "torch": torch.__version__,
+        "setup": {k: v for k, v in setup.items() if k not in ("examples", "pad_id")} | {
+            "examples": len(setup["examples"])},
+        "lora": config.lora.model_dump(),
+        "runs": runs,
+        "best_tokens_per_s": {arm: best[arm]["tokens_per_s"] for arm in ARMS},
+        "rss_increase_mb": rss_increase,
+        "peak_rss_mb": max(r["rss_peak_mb"] for r in runs),
+        "trainable_parameters": {arm: best[arm]["trainable_parameters"] for arm in ARMS},
+        "same_batches": len({r["tokens"] for r in runs}) == 1,
+        "overhead_ratio": best["B"]["tokens_per_s"] / best["A"]["tokens_per_s"],
+        "overhead_ratio_without_embedding_lora": best["B"]["tokens_per_s"] / best["A′"]["tokens_per_s"],
+        "embedding_lora_cost": best["A′"]["tokens_per_s"] / best["A"]["tokens_per_s"],
+        "rss_ratio": rss_increase["A"] / max(rss_increase["B"], 1e-9),
+        "phases_ms_per_step": phases,
+        "generation": generated,
+        # Other work on the machine slows every number: 1-, 5-, 15-minute load before and after.
+        "load_avg": {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in load_after]},
+        "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "machine": machine(),
+    }
+
+
+def mark(ok: bool) -> str:
+    return "✓" if ok else "✗"
+
+
+def print_table(r: dict) -> None:
+    tps, rss, trainable = r["best_tokens_per_s"], r["rss_increase_mb"], r["trainable_parameters"]
+    rows = [
+        *[(f"train {arm}: {ARMS[arm]}", f"{tps[arm]:,.0f} tokens/s",
+           f"{trainable[arm]:,} trainable, best of {r['repeats']}", "") for arm in ARMS],
+        ("overhead ratio B / A", f"{r['overhead_ratio']:.2f}×", f"≤ {TARGET_OVERHEAD}×",
+         mark(r["overhead_ratio"] <= TARGET_OVERHEAD)),
+        ("overhead ratio B / A′", f"{r['overhead_ratio_without_embedding_lora']:.2f}×", f"≤ {TARGET_OVERHEAD}×",
+         mark(r["overhead_ratio_without_embedding_lora"] <= TARGET_OVERHEAD)),
+        ("embedding LoRA cost A′ / A", f"{r['embedding_lora_cost']:.2f}×", "", ""),
+        *[(f"RSS increase {arm}", f"{rss[arm]:,.1f} MB", "load + train, largest run", "") for arm in ARMS],
+        ("RSS ratio A / B", f"{r['rss_ratio']:.2f}×", "", ""),
+        ("peak RSS (absolute)", f"{r['peak_rss_mb']:,.0f} MB", f"ru_maxrss {r['ru_maxrss_mb']:,.0f} MB", ""),
+        ("same batches in every arm", "yes" if r["same_batches"] else "NO", "equal token counts",
+         mark(r["same_batches"])),
+    ]
+    for arm, phases in r["phases_ms_per_step"].items():
+        total = sum(phases.values())
+        parts = ", ".join(f"{name} {ms:.1f}" for name, ms in phases.items())
+        rows.append((f"  step {arm} (ms)", f"{total:.1f} ms", parts, ""))
+    for g in r["generation"]:
+        label = f"generate, batch {g['batch_size']}" + (" (merged)" if g.get("merged") else "")
+        rows.append((label, f"{g['new_tokens_per_s']:,.0f} new tokens/s",
+                     f"{g['wall_s']:.1f} s wall, {g['new_tokens']:,} tokens, {g['tool_calls']} calls, "
+                     f"{g['finished']}/{g['prompts']} finished", ""))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(4)]
+    load = r["load_avg"]
+    title = (f"bench_training: {r['steps']} steps × batch {r['batch_size']}, {r['threads']} threads, {r['device']}, "
+             f"torch {r['torch']} (load {load['before'][0]:.2f} → {load['after'][0]:.2f})")
+    print("\n" + title + "\n" + "-" * len(title))
+    for row in rows:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def machine() -> dict:
+    import peft
+    import psutil
+    import transformers
+
+    return {
+        "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1), "transformers": transformers.__version__,
+        "peft": peft.__version__, "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each arm, alternating")
+    parser.add_argument("--phase-steps", type=int, default=15, help="steps timed phase by phase per arm")
+    parser.add_argument("--prompts", type=int, default=600, help="held-out prompts to generate for")
+    parser.add_argument("--generation-batch-sizes", type=int, nargs="+", default=[300, 64])
+    parser.add_argument("--pretrain-steps", type=int, default=0,
+                        help="pretrain the base first (0: random weights, as build_model returns them)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    result = run(args)
+    print_table(result)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    print(f"\nwrote {RESULTS.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()
