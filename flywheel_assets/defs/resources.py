@@ -1,11 +1,14 @@
 """Resources and the metadata helpers every stage uses."""
 
 import os
+from datetime import datetime
 
 import dagster as dg
 import pyarrow as pa
 
+from flywheel_assets.lib import clock
 from flywheel_assets.lib.config import FlywheelConfig, load_config
+from flywheel_assets.lib.experiments.registry import ModelRegistry
 from flywheel_assets.lib.lake import Lake
 from flywheel_assets.lib.tables import Table
 
@@ -27,6 +30,13 @@ class FlywheelResource(dg.ConfigurableResource):
 
     def lake(self) -> Lake:
         return Lake(self.config())
+
+    def now(self) -> datetime:
+        return clock.now(self.config())
+
+    def registry(self) -> ModelRegistry:
+        config = self.config()
+        return ModelRegistry(Lake(config), clock=lambda: clock.now(config))
 
 
 def table_metadata(table: Table, data: pa.Table | None = None, **extra) -> dict:

@@ -166,6 +166,27 @@ class EvaluationConfig(BaseModel):
     batch_size: int = 300
 
 
+class TriggerConfig(BaseModel):
+    """The seed's automated training trigger (75.5)."""
+
+    min_new_trajectories: int = 500
+    min_high_quality_rate: float = 0.4
+    max_days_since_last_training: float = 14
+    min_days_between_training: float = 3
+    performance_degradation_threshold: float = -0.05
+
+
+class PhaseConfig(BaseModel):
+    """Cold-start phases (75.2) by real usage trajectories: 0 below phase1_min_real,
+    1 (weekly small LoRA) below phase2_min_real, then 2 (the seed's trigger)."""
+
+    phase1_min_real: int = 500
+    phase2_min_real: int = 2000
+    phase1: TriggerConfig = Field(default_factory=lambda: TriggerConfig(
+        min_new_trajectories=100, min_days_between_training=7))
+    phase2: TriggerConfig = Field(default_factory=TriggerConfig)
+
+
 class FlywheelConfig(BaseModel):
     home: Path = Path(DEFAULT_HOME)
     scoring: ScoringWeights = Field(default_factory=ScoringWeights)
@@ -178,6 +199,7 @@ class FlywheelConfig(BaseModel):
     base_model: BaseModelConfig = Field(default_factory=BaseModelConfig)
     lora: LoraConfigModel = Field(default_factory=LoraConfigModel)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    trigger: PhaseConfig = Field(default_factory=PhaseConfig)
 
     @property
     def landing(self) -> Path:
@@ -211,3 +233,4 @@ def load_config(home: str | os.PathLike | None = None, config_path: str | None =
         if os.environ.get(env):
             judge[key] = os.environ[env]
     return FlywheelConfig.model_validate(raw)
+

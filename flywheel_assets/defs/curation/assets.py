@@ -9,7 +9,6 @@ from flywheel_assets.defs.partitions import cycle_partitions
 from flywheel_assets.defs.resources import FlywheelResource, markdown_counts, table_metadata
 from flywheel_assets.lib.curation.curate import curate
 from flywheel_assets.lib.curation.select import count_by, export_chat_jsonl, select_training_rows
-from flywheel_assets.lib.lake import utcnow
 from flywheel_assets.lib.tables import (
     CURATED_TRAJECTORIES, DATASET_MANIFESTS, SESSION_EVENTS, TRAINING_DATASET, TRAJECTORIES, TRAJECTORY_SCORES,
 )
@@ -51,7 +50,7 @@ def training_dataset(context: dg.AssetExecutionContext, flywheel: FlywheelResour
     export = config.datasets / cycle / "train.jsonl"
     sha = export_chat_jsonl(rows, export)
     manifest = {
-        "cycle": cycle, "created_at": utcnow(), "seed": config.curation.seed,
+        "cycle": cycle, "created_at": flywheel.now(), "seed": config.curation.seed,
         "target_size": config.curation.target_size, "n_rows": rows.num_rows,
         "tier_counts_json": json.dumps(count_by(rows, "tier")),
         "task_type_counts_json": json.dumps(count_by(rows, "task_type")),

@@ -6,8 +6,6 @@ import pyarrow as pa
 from flywheel_assets.defs.partitions import cycle_partitions
 from flywheel_assets.defs.resources import FlywheelResource
 from flywheel_assets.lib.evaluation.offline import evaluate_versions
-from flywheel_assets.lib.experiments.registry import ModelRegistry
-from flywheel_assets.lib.lake import utcnow
 from flywheel_assets.lib.tables import OFFLINE_EVALUATIONS
 from flywheel_assets.lib.training.pipeline import set_threads
 
@@ -16,7 +14,7 @@ from flywheel_assets.lib.training.pipeline import set_threads
 def offline_eval(context: dg.AssetExecutionContext, flywheel: FlywheelResource) -> dg.MaterializeResult:
     """Candidate (base + adapter) vs champion on the held-out task set: success, tool and argument accuracy."""
     config, lake = flywheel.config(), flywheel.lake()
-    registry = ModelRegistry(lake)
+    registry = flywheel.registry()
     cycle = context.partition_key
     candidate = registry.get(f"{cycle}-lora")
     if candidate is None:
@@ -24,7 +22,7 @@ def offline_eval(context: dg.AssetExecutionContext, flywheel: FlywheelResource) 
     champion = registry.get(candidate["parent"])
     set_threads()
     report = evaluate_versions(config, candidate, champion, log=context.log.info)
-    now = utcnow()
+    now = flywheel.now()
     rows = [{**row, "cycle": cycle, "evaluated_at": now} for row in report["rows"]]
     lake.overwrite(OFFLINE_EVALUATIONS, pa.Table.from_pylist(rows, schema=OFFLINE_EVALUATIONS.schema),
                    predicate=f"cycle = '{cycle}'")

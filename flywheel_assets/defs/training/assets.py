@@ -8,7 +8,6 @@ import dagster as dg
 from flywheel_assets.defs.partitions import cycle_partitions
 from flywheel_assets.defs.resources import FlywheelResource
 from flywheel_assets.lib.curation.curate import to_messages
-from flywheel_assets.lib.experiments.registry import ModelRegistry
 from flywheel_assets.lib.training.pipeline import (
     fingerprint, load_for_inference, set_threads, train_adapter, train_base,
 )
@@ -30,7 +29,7 @@ def _loss_chart(curve: list) -> dg.MetadataValue:
 def base_model(context: dg.AssetExecutionContext, flywheel: FlywheelResource) -> dg.MaterializeResult:
     """The base model: the embedded tiny Llama pretrained on cold-start data, or the configured HF model."""
     config, lake = flywheel.config(), flywheel.lake()
-    registry = ModelRegistry(lake)
+    registry = flywheel.registry()
     settings = config.base_model
     if settings.model_id:
         version = f"hf-{settings.model_id.replace('/', '--')}"
@@ -68,7 +67,7 @@ def base_model(context: dg.AssetExecutionContext, flywheel: FlywheelResource) ->
 def lora_adapter(context: dg.AssetExecutionContext, flywheel: FlywheelResource) -> dg.MaterializeResult:
     """LoRA adapter trained on the cycle's dataset over the current champion; registered as a candidate."""
     config, lake = flywheel.config(), flywheel.lake()
-    registry = ModelRegistry(lake)
+    registry = flywheel.registry()
     cycle = context.partition_key
     version = f"{cycle}-lora"
     champion = registry.champion()

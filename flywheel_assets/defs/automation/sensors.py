@@ -1,0 +1,48 @@
+"""training_trigger: the seed's rules decide when a new cycle starts; the daily refresh schedule."""
+
+import dagster as dg
+
+from flywheel_assets.defs.curation.jobs import cycle_job
+from flywheel_assets.defs.ingest.sensors import ingest_job
+from flywheel_assets.defs.partitions import cycle_partitions
+from flywheel_assets.defs.resources import FlywheelResource
+from flywheel_assets.lib.automation.state import trigger_state
+from flywheel_assets.lib.automation.trigger import should_train
+
+
+def next_cycle(existing: list[str]) -> str:
+    numbers = [int(key.split("-")[1]) for key in existing if key.startswith("cycle-") and key[6:].isdigit()]
+    return f"cycle-{max(numbers, default=0) + 1:04d}"
+
+
+@dg.sensor(job=cycle_job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING,
+           description="Starts a training cycle (dataset → adapter → evaluation) when the seed's trigger rules say "
+                       "so; every evaluation logs its decision and reason.")
+def training_trigger(context: dg.SensorEvaluationContext, flywheel: FlywheelResource):
+    config = flywheel.config()
+    registry = flywheel.registry()
+    champion = registry.champion()
+    if champion is None:
+        return dg.SkipReason("no champion yet: materialize base_model first")
+    existing = context.instance.get_dynamic_partitions(cycle_partitions.name)
+    in_flight = [c for c in existing if registry.get(f"{c}-lora") is None]
+    if in_flight:
+        return dg.SkipReason(f"cycle {in_flight[-1]} has no adapter yet; one cycle at a time")
+    state = trigger_state(config, flywheel.lake(), flywheel.now(), champion["version"])
+    train, reason, phase = should_train(state, config.trigger)
+    context.log.info(f"phase {phase}: {'TRAIN' if train else 'wait'}: {reason}")
+    if not train:
+        return dg.SkipReason(f"phase {phase}: {reason}")
+    cycle = next_cycle(existing)
+    return dg.SensorResult(
+        run_requests=[dg.RunRequest(partition_key=cycle, run_key=cycle,
+                                    tags={"flywheel/trigger": reason, "flywheel/phase": str(phase)})],
+        dynamic_partitions_requests=[cycle_partitions.build_add_request([cycle])],
+    )
+
+
+daily_refresh = dg.ScheduleDefinition(
+    name="daily_refresh", job=ingest_job, cron_schedule="0 2 * * *",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="The seed's daily pipeline: ingest what landed, re-score feedback and judges, re-curate.",
+)

@@ -1,0 +1,36 @@
+"""What the trigger looks at, read from the lake in a few grouped queries."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import duckdb
+
+from flywheel_assets.lib.automation.trigger import TriggerState, performance_change
+from flywheel_assets.lib.config import FlywheelConfig
+from flywheel_assets.lib.lake import Lake
+from flywheel_assets.lib.tables import DATASET_MANIFESTS, SESSION_FEEDBACK, TRAJECTORIES, TRAJECTORY_SCORES
+
+
+def trigger_state(config: FlywheelConfig, lake: Lake, now: datetime, champion: str | None) -> TriggerState:
+    con = duckdb.connect()
+    con.execute("SET TimeZone = 'UTC'")
+    for table in (DATASET_MANIFESTS, TRAJECTORY_SCORES, SESSION_FEEDBACK, TRAJECTORIES):
+        lake.register(con, table)
+    last_training = con.execute("SELECT max(created_at) FROM dataset_manifests").fetchone()[0]
+    real, new, high = con.execute("""
+        SELECT count(*),
+               count(*) FILTER (WHERE $last IS NULL OR created_at > $last),
+               count(*) FILTER (WHERE ($last IS NULL OR created_at > $last) AND combined_score >= $threshold)
+        FROM trajectory_scores WHERE origin = 'usage' AND created_at <= $now
+    """, {"last": last_training, "threshold": config.curation.high_quality_threshold, "now": now}).fetchone()
+    daily = []
+    if champion is not None:
+        daily = con.execute("""
+            SELECT date_trunc('hour', f.last_ts) AS hour, avg(f.quality_score), count(*)
+            FROM session_feedback f JOIN trajectories t ON t.trajectory_id = f.final_trajectory_id
+            WHERE t.model_version = $champion AND f.last_ts <= $now
+            GROUP BY 1 ORDER BY 1
+        """, {"champion": champion, "now": now}).fetchall()
+    return TriggerState(now=now, last_training=last_training, real_trajectories=real, new_scored=new,
+                        new_high_quality=high, performance_change=performance_change(daily, now))

@@ -1,0 +1,58 @@
+"""training_trigger through build_sensor_context, on an injected clock."""
+
+from datetime import datetime, timedelta, timezone
+
+import dagster as dg
+import pyarrow as pa
+
+from flywheel_assets.defs.automation.sensors import next_cycle, training_trigger
+from flywheel_assets.defs.resources import FlywheelResource
+from flywheel_assets.lib.clock import set_now
+from flywheel_assets.lib.experiments.registry import ModelRegistry
+from flywheel_assets.lib.lake import conform
+from flywheel_assets.lib.tables import DATASET_MANIFESTS, TRAJECTORY_SCORES
+
+NOW = datetime(2026, 11, 26, 12, tzinfo=timezone.utc)
+
+
+def _scores(n: int, high: int, at: datetime) -> pa.Table:
+    return conform(pa.Table.from_pylist([
+        {"trajectory_id": f"t{i}-{at.isoformat()}", "origin": "usage", "created_at": at,
+         "combined_score": 0.9 if i < high else 0.1} for i in range(n)]), TRAJECTORY_SCORES)
+
+
+def test_the_trigger_starts_a_cycle_only_when_the_rules_say_so(home, config, lake):
+    resources = {"flywheel": FlywheelResource(home=str(home))}
+    instance = dg.DagsterInstance.ephemeral()
+
+    def tick():
+        # direct invocation: the daemon adds the partition and launches the run from this result
+        with dg.build_sensor_context(instance=instance, resources=resources) as context:
+            result = training_trigger(context)
+        return result if isinstance(result, dg.SensorResult) else dg.SensorResult(skip_reason=result)
+
+    set_now(config, NOW)
+    assert "no champion yet" in tick().skip_reason.skip_message
+    ModelRegistry(lake).register("base-x", base="base-x", base_path="models/base-x", reason="test", actor="test")
+    lake.append(TRAJECTORY_SCORES, _scores(300, 200, NOW - timedelta(days=1)))
+    assert tick().skip_reason.skip_message.startswith("phase 0: 300 real trajectories")
+
+    lake.append(TRAJECTORY_SCORES, _scores(2000, 1000, NOW - timedelta(hours=1)))
+    lake.append(DATASET_MANIFESTS, conform(pa.Table.from_pylist([
+        {"cycle": "cycle-0001", "created_at": NOW - timedelta(days=2), "n_rows": 1}]), DATASET_MANIFESTS))
+    ModelRegistry(lake).register("cycle-0001-lora", base="base-x", base_path="models/base-x",
+                                 adapter_path="models/cycle-0001-lora", parent="base-x", cycle="cycle-0001",
+                                 reason="test", actor="test")
+    instance.add_dynamic_partitions("cycle", ["cycle-0001"])
+    assert "only 2.0d since last training" in tick().skip_reason.skip_message
+
+    set_now(config, NOW + timedelta(days=2))  # the clock moves; nothing else does
+    result = tick()
+    assert [r.partition_key for r in result.run_requests] == ["cycle-0002"]
+    assert result.run_requests[0].tags["flywheel/trigger"] == "2300 new trajectories (52.2% high quality)"
+    assert result.dynamic_partitions_requests[0].partition_keys == ["cycle-0002"]
+
+
+def test_cycle_keys_count_up():
+    assert next_cycle([]) == "cycle-0001"
+    assert next_cycle(["cycle-0001", "cycle-0009", "manual"]) == "cycle-0010"
