@@ -6,6 +6,7 @@ from flywheel_assets.defs.curation.jobs import cycle_job
 from flywheel_assets.defs.ingest.sensors import ingest_job
 from flywheel_assets.defs.partitions import cycle_partitions
 from flywheel_assets.defs.resources import FlywheelResource
+from flywheel_assets.lib.automation.regression import check_regression
 from flywheel_assets.lib.automation.state import trigger_state
 from flywheel_assets.lib.automation.trigger import should_train
 
@@ -46,3 +47,21 @@ daily_refresh = dg.ScheduleDefinition(
     default_status=dg.DefaultScheduleStatus.RUNNING,
     description="The seed's daily pipeline: ingest what landed, re-score feedback and judges, re-curate.",
 )
+
+
+@dg.sensor(minimum_interval_seconds=300, default_status=dg.DefaultSensorStatus.RUNNING,
+           description="Rolls back to the previous champion when the new one's online quality drops past the "
+                       "degradation threshold after a promotion.")
+def regression_watch(context: dg.SensorEvaluationContext, flywheel: FlywheelResource):
+    config = flywheel.config()
+    registry = flywheel.registry()
+    champion = registry.champion()
+    if champion is None:
+        return dg.SkipReason("no champion")
+    verdict = check_regression(flywheel.lake(), registry.history(), flywheel.now(),
+                               threshold=config.trigger.phase2.performance_degradation_threshold)
+    context.log.info(f"regression_watch: {verdict.reason}")
+    if not verdict.rollback:
+        return dg.SkipReason(verdict.reason)
+    registry.rollback(champion["version"], reason=f"regression: {verdict.reason}", actor="regression_watch")
+    return dg.SkipReason(f"rolled back {champion['version']}: {verdict.reason}")

@@ -140,39 +140,41 @@ _SPACE[[9, 10, 11, 12, 13, 32]] = True
 def _pieces(path: Path, max_line_bytes: int) -> Iterator[pa.Table]:
     """The file read in blocks; each block's complete lines as one table (LINE_SCHEMA)."""
     opener = gzip.open if path.name.endswith(".gz") else open
+    buffer = bytearray(_BLOCK_BYTES)
+    held = 0  # bytes at the front of buffer: the start of a line that the last block did not end
+    consumed = 0  # lines before them
     with opener(path, "rb") as handle:
-        consumed = 0  # lines before the current block
-        carry: list[bytes] = []  # the start of a line that continues in the next block
         while True:
-            block = handle.read(_BLOCK_BYTES)
-            if not block:
+            if held == len(buffer):  # one line longer than the buffer: make room
+                buffer.extend(bytes(len(buffer)))
+            with memoryview(buffer) as view:
+                read = handle.readinto(view[held:])
+            if not read:
                 break
-            cut = block.rfind(b"\n") + 1
+            total = held + read
+            cut = buffer.rfind(b"\n", held, total) + 1
             if cut == 0:
-                carry.append(block)
+                held = total
                 continue
-            if carry:
-                carry.append(block)
-                block = b"".join(carry)
-                cut = len(block) - (len(carry[-1]) - cut)
-                carry = []
-            piece, count = _split(block, cut - 1, consumed + 1, max_line_bytes)
+            piece, count = _split(buffer, cut - 1, consumed + 1, max_line_bytes)
             consumed += count
             yield piece
-            if cut < len(block):
-                carry.append(block[cut:])
-        if carry:  # a last line without a newline
-            block = b"".join(carry)
-            yield _split(block, len(block), consumed + 1, max_line_bytes)[0]
+            buffer[:total - cut] = buffer[cut:total]
+            held = total - cut
+    if held:  # a last line without a newline
+        yield _split(buffer, held, consumed + 1, max_line_bytes)[0]
 
 
-def _split(data: bytes, end: int, first_number: int, max_line_bytes: int) -> tuple[pa.Table, int]:
-    """data[:end] split on b"\n" (it holds count lines, numbered from first_number)."""
-    offsets = pa.py_buffer(np.array([0, end], dtype=np.int64))
-    whole = pa.LargeBinaryArray.from_buffers(pa.large_binary(), 1, [None, offsets, pa.py_buffer(data)])
+def _split(data: bytearray, end: int, first_number: int, max_line_bytes: int) -> tuple[pa.Table, int]:
+    """data[:end] split on b"\n" (count lines, numbered from first_number), copied out of data."""
+    large = end >= 2**31 - 1
+    offsets = pa.py_buffer(np.array([0, end], dtype=np.int64 if large else np.int32))
+    kind, text_kind = (pa.large_binary(), pa.large_string()) if large else (pa.binary(), pa.string())
+    whole = pa.Array.from_buffers(kind, 1, [None, offsets, pa.py_buffer(data)])
     lines = pc.split_pattern(whole, b"\n").flatten()
     count = len(lines)
-    bounds = np.frombuffer(lines.buffers()[1], dtype=np.int64, count=count + 1, offset=lines.offset * 8)
+    bounds = np.frombuffer(lines.buffers()[1], dtype=np.int64 if large else np.int32, count=count + 1,
+                           offset=lines.offset * (8 if large else 4)).astype(np.int64)
     data_buffer = lines.buffers()[2]
     content = np.frombuffer(data_buffer, dtype=np.uint8) if data_buffer is not None else np.zeros(0, np.uint8)
     starts, ends = bounds[:-1], bounds[1:]
@@ -180,7 +182,7 @@ def _split(data: bytes, end: int, first_number: int, max_line_bytes: int) -> tup
     if count and (lengths > max_line_bytes).any():
         return _split_python(lines, first_number, max_line_bytes), count
     try:
-        text = lines.cast(pa.large_string())
+        text = lines.cast(text_kind)
     except pa.ArrowInvalid:  # some line is not UTF-8
         return _split_python(lines, first_number, max_line_bytes), count
     filled = lengths > 0
@@ -204,7 +206,7 @@ def _split(data: bytes, end: int, first_number: int, max_line_bytes: int) -> tup
         text = text.take(pa.array(rows))
     n = len(rows)
     table = pa.Table.from_arrays(
-        [pa.array(rows + first_number, pa.int64()), text.cast(pa.string()),
+        [pa.array(rows + first_number, pa.int64()), text if not large else text.cast(pa.string()),
          pa.nulls(n, pa.string()), pa.array(np.zeros(n, dtype=bool))],
         schema=LINE_SCHEMA,
     )

@@ -1,0 +1,289 @@
+"""A/B decisions on user-randomized experiments: SHIP, ROLLBACK or CONTINUE.
+
+The default policy, "sequential", fixes the seed's flaws: the user (not the session) is
+the unit, the effect is the absolute difference treatment − control of the per-session
+mean, results may be looked at after every batch because the interval is an
+anytime-valid confidence sequence, a sample-ratio mismatch halts the decision, and the
+seed's min_samples and 14 days are enforced. The seed's own rule stays available as the
+policy "classic" so that the two can be compared on the same data.
+
+Statistics live in `ab_stats`; this module holds the rules and their report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from flywheel_assets.lib.experiments.ab_stats import (
+    ARMS,
+    ArmStats,
+    arm_stats,
+    arm_stats_by_metric,
+    confidence_sequence,
+    planned_users_per_arm,
+    ratio_estimate,
+    session_t_test,
+    srm_p_value,
+    t_quantile,
+    welch_difference,
+)
+
+__all__ = ["ABConfig", "ArmStats", "Decision", "GuardrailResult", "arm_stats", "arm_stats_by_metric", "assign",
+           "decide", "effect_chart", "planned_users_per_arm", "ratio_estimate", "report_markdown"]
+
+Outcome = Literal["SHIP", "ROLLBACK", "CONTINUE"]
+
+
+def assign(user_id: str, test_id: str, treatment_share: float) -> Literal["treatment", "control"]:
+    """Sticky arm: the first 8 bytes of sha256(user_id:test_id) / 2**64 below the share."""
+    digest = hashlib.sha256(f"{user_id}:{test_id}".encode()).digest()
+    return "treatment" if int.from_bytes(digest[:8], "big") / 2**64 < treatment_share else "control"
+
+
+class ABConfig(BaseModel):
+    """A/B settings; the seed's numbers are the defaults (10% treatment, ≥1000 samples,
+    14 days, ship at ≥2% improvement).
+
+    minimum_detectable_effect replaces the seed's "≥2% relative improvement" with an
+    absolute 0.02: relative lift is meaningless for a score near or below 0, and on the
+    [-1, 1] quality scale 0.02 is 1% of the range, about 2–4% of a typical session score
+    of 0.5–1.0. For a 0/1 metric it reads as two percentage points.
+    """
+
+    policy: Literal["sequential", "classic"] = "sequential"
+    treatment_share: float = Field(0.1, gt=0, lt=1)
+    alpha: float = Field(0.05, gt=0, lt=1)
+    min_users_per_arm: int = Field(1000, ge=2)
+    minimum_detectable_effect: float = Field(0.02, ge=0)
+    guardrail_margin: float = Field(0.02, ge=0)
+    max_days: float = Field(14.0, gt=0)
+    srm_alpha: float = Field(0.001, gt=0, lt=1)
+    # Users of both arms at which the confidence sequence is narrowest: at the default
+    # split, the seed's 1000 treatment users arrive with about 10,000 users in all.
+    planned_users: int = Field(10_000, ge=2)
+    classic_min_sessions: int = 30
+    classic_min_lift_pct: float = 2.0
+
+
+@dataclass(frozen=True)
+class GuardrailResult:
+    """A bad-is-high metric (error-report rate, retry rate): treatment − control."""
+
+    name: str
+    effect: float
+    interval: tuple[float, float]
+    margin: float
+    status: Literal["pass", "violated", "inconclusive"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    outcome: Outcome
+    reason: str
+    rule: str  # what decided: srm, min_users, negative, guardrail, ship, max_duration, inconclusive
+    policy: str
+    effect: float  # treatment − control, absolute
+    interval: tuple[float, float]  # anytime-valid for "sequential", fixed-horizon for "classic"
+    p_value: float  # fixed horizon, for information: Welch over users ("classic": Student over sessions)
+    srm_p: float
+    users: dict[str, int]
+    sessions: dict[str, int]
+    means: dict[str, float]
+    guardrails: tuple[GuardrailResult, ...]
+    elapsed_days: float
+    looked_at: datetime
+    minimum_effect: float
+    alpha: float
+    details: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        """JSON-ready (NaN becomes None, the time an ISO string)."""
+        def clean(value):
+            if isinstance(value, float) and math.isnan(value):
+                return None
+            if isinstance(value, dict):
+                return {k: clean(v) for k, v in value.items()}
+            if isinstance(value, list | tuple):
+                return [clean(v) for v in value]
+            return value.isoformat() if isinstance(value, datetime) else value
+        return clean(asdict(self))
+
+
+def decide(control: ArmStats, treatment: ArmStats, config: ABConfig | None = None, *, started_at: datetime,
+           now: datetime, guardrails: Mapping[str, tuple[ArmStats, ArmStats]] | None = None) -> Decision:
+    """The decision at one look. `guardrails` maps a name to (control, treatment) stats of
+    a bad-is-high metric; the sequential policy ships only when each is non-inferior."""
+    config = config or ABConfig()
+    if config.policy == "classic":
+        return _classic(control, treatment, config, started_at, now)
+    diff = welch_difference(control, treatment)
+    interval = confidence_sequence(diff, config.alpha, config.planned_users)
+    checks = tuple(_guardrail(name, pair, config) for name, pair in (guardrails or {}).items())
+
+    def result(outcome: Outcome, rule: str, reason: str) -> Decision:
+        return _decision(outcome, rule, reason, config, control, treatment, diff.effect, interval, diff.p_value,
+                         started_at, now, checks, {"se": diff.se, "df": diff.df})
+
+    srm_p = srm_p_value(control.users, treatment.users, config.treatment_share)
+    if srm_p < config.srm_alpha:
+        return result("CONTINUE", "srm", (
+            f"SRM: {control.users:,} control and {treatment.users:,} treatment users do not fit the planned "
+            f"{1 - config.treatment_share:.0%}/{config.treatment_share:.0%} split (χ² p = {srm_p:.1e}); "
+            "no decision until the assignment is repaired."))
+    short = {arm: stats.users for arm, stats in zip(ARMS, (control, treatment)) if stats.users < config.min_users_per_arm}
+    if short:
+        have = " and ".join(f"{arm} has {users:,}" for arm, users in short.items())
+        return result("CONTINUE", "min_users", f"Waiting for {config.min_users_per_arm:,} users per arm: {have}.")
+    level = f"{1 - config.alpha:.0%}"
+    if interval[1] < 0:
+        return result("ROLLBACK", "negative", (
+            f"Treatment is worse: the effect is {diff.effect:+.4f} and its anytime-valid {level} interval "
+            f"[{interval[0]:+.4f}, {interval[1]:+.4f}] lies below 0."))
+    violated = [g for g in checks if g.status == "violated"]
+    if violated:
+        return result("ROLLBACK", "guardrail", "Guardrail broken, treatment is worse on " + "; ".join(
+            f"{g.name} ({g.effect:+.4f}, interval [{g.interval[0]:+.4f}, {g.interval[1]:+.4f}] above 0)"
+            for g in violated) + ".")
+    missing = []
+    if not interval[0] > 0:
+        missing.append(f"the {level} interval [{interval[0]:+.4f}, {interval[1]:+.4f}] still includes 0")
+    if not diff.effect >= config.minimum_detectable_effect:
+        missing.append(f"the effect {diff.effect:+.4f} is below the minimum of {config.minimum_detectable_effect:+.4f}")
+    missing += [f"{g.name} is not yet shown within +{g.margin} of control (upper bound {g.interval[1]:+.4f})"
+                for g in checks if g.status != "pass"]
+    if not missing:
+        return result("SHIP", "ship", (
+            f"Treatment is better: the effect is {diff.effect:+.4f}, anytime-valid {level} interval "
+            f"[{interval[0]:+.4f}, {interval[1]:+.4f}], every guardrail within its margin."))
+    elapsed = (now - started_at).total_seconds() / 86400
+    if elapsed >= config.max_days:
+        return result("ROLLBACK", "max_duration",
+                      f"Rolled back: no detectable improvement within {config.max_days:g} days; " + "; ".join(missing) + ".")
+    return result("CONTINUE", "inconclusive", "Keep collecting: " + "; ".join(missing) + ".")
+
+
+def _guardrail(name: str, pair: tuple[ArmStats, ArmStats], config: ABConfig) -> GuardrailResult:
+    diff = welch_difference(*pair)
+    low, high = confidence_sequence(diff, config.alpha, config.planned_users)
+    status = "violated" if low > 0 else "pass" if high < config.guardrail_margin else "inconclusive"
+    return GuardrailResult(name, diff.effect, (low, high), config.guardrail_margin, status)
+
+
+def _classic(control: ArmStats, treatment: ArmStats, config: ABConfig, started_at: datetime,
+             now: datetime) -> Decision:
+    """The seed's rule, kept for comparison only: Student's t over sessions at every look,
+    relative lift against the control mean (so its sign flips when that mean is negative)."""
+    test = session_t_test(control, treatment)
+    effect = test.treatment_mean - test.control_mean
+    half_width = t_quantile(1 - config.alpha / 2, test.df) * test.se if test.se == test.se else math.nan
+    lift = effect / test.control_mean * 100 if test.control_mean else math.nan
+
+    def result(outcome: Outcome, rule: str, reason: str) -> Decision:
+        return _decision(outcome, rule, reason, config, control, treatment, effect,
+                         (effect - half_width, effect + half_width), test.p_value, started_at, now, (),
+                         {"se": test.se, "df": test.df, "relative_lift_pct": lift})
+
+    if min(control.sessions, treatment.sessions) < config.classic_min_sessions:
+        return result("CONTINUE", "min_sessions", f"Waiting for {config.classic_min_sessions} sessions per arm.")
+    significant = test.p_value < config.alpha
+    summary = f"session t-test p = {test.p_value:.4f}, relative lift {lift:+.2f}%"
+    if significant and lift >= config.classic_min_lift_pct:
+        return result("SHIP", "ship", f"Significant improvement: {summary}.")
+    if significant and lift < 0:
+        return result("ROLLBACK", "negative", f"Significant decline: {summary}.")
+    return result("CONTINUE", "inconclusive", f"Not significant or too small: {summary}.")
+
+
+def _decision(outcome: Outcome, rule: str, reason: str, config: ABConfig, control: ArmStats, treatment: ArmStats,
+              effect: float, interval: tuple[float, float], p_value: float, started_at: datetime, now: datetime,
+              checks: tuple[GuardrailResult, ...], details: dict[str, float]) -> Decision:
+    return Decision(
+        outcome=outcome, reason=reason, rule=rule, policy=config.policy, effect=effect,
+        interval=(float(interval[0]), float(interval[1])), p_value=p_value,
+        srm_p=srm_p_value(control.users, treatment.users, config.treatment_share),
+        users={"control": control.users, "treatment": treatment.users},
+        sessions={"control": control.sessions, "treatment": treatment.sessions},
+        means={"control": control.mean, "treatment": treatment.mean}, guardrails=checks,
+        elapsed_days=(now - started_at).total_seconds() / 86400, looked_at=now,
+        minimum_effect=config.minimum_detectable_effect, alpha=config.alpha, details=details)
+
+
+def _number(value: float, digits: int = 4, signed: bool = False) -> str:
+    if value is None or math.isnan(value):
+        return "–"
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def _interval(interval: tuple[float, float]) -> str:
+    return f"[{_number(interval[0], signed=True)}, {_number(interval[1], signed=True)}]"
+
+
+def _p(value: float) -> str:
+    return "–" if math.isnan(value) else f"{value:.2e}" if value < 1e-4 else f"{value:.4f}"
+
+
+def report_markdown(decision: Decision, history: list[Decision]) -> str:
+    """The decision, its numbers per arm, the guardrails and every look, as markdown."""
+    kind = "anytime-valid" if decision.policy == "sequential" else "fixed-horizon"
+    level = f"{1 - decision.alpha:.0%}"
+    lines = [
+        f"**{decision.outcome}** ({decision.policy} policy, day {decision.elapsed_days:.1f}): {decision.reason}", "",
+        "| | control | treatment |", "|---|---:|---:|",
+        f"| users | {decision.users['control']:,} | {decision.users['treatment']:,} |",
+        f"| sessions | {decision.sessions['control']:,} | {decision.sessions['treatment']:,} |",
+        f"| mean per session | {_number(decision.means['control'])} | {_number(decision.means['treatment'])} |", "",
+        "| statistic | value |", "|---|---|",
+        f"| effect (treatment − control) | {_number(decision.effect, signed=True)} |",
+        f"| {kind} {level} interval | {_interval(decision.interval)} |",
+        f"| minimum effect to ship | {_number(decision.minimum_effect, signed=True)} |",
+        f"| p-value (fixed horizon, information only) | {_p(decision.p_value)} |",
+        f"| sample-ratio mismatch p-value | {_p(decision.srm_p)} |",
+    ]
+    if decision.guardrails:
+        lines += ["", "| guardrail | effect | interval | margin | status |", "|---|---:|---|---:|---|"]
+        lines += [f"| {g.name} | {_number(g.effect, signed=True)} | {_interval(g.interval)} | +{g.margin} | {g.status} |"
+                  for g in decision.guardrails]
+    if history:
+        lines += ["", "| look | day | users (control / treatment) | effect | interval | outcome |",
+                  "|---:|---:|---|---:|---|---|"]
+        lines += [f"| {k} | {d.elapsed_days:.1f} | {d.users['control']:,} / {d.users['treatment']:,} | "
+                  f"{_number(d.effect, signed=True)} | {_interval(d.interval)} | {d.outcome} |"
+                  for k, d in enumerate(history, start=1)]
+    return "\n".join(lines) + "\n"
+
+
+def effect_chart(history: list[Decision], path: str | Path) -> Path:
+    """A PNG of the effect and its interval at each look, with the 0 and minimum-effect lines."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not history:
+        raise ValueError("an effect chart needs at least one look")
+    days = [d.elapsed_days for d in history]
+    effects = [d.effect for d in history]
+    below = [d.effect - d.interval[0] for d in history]
+    above = [d.interval[1] - d.effect for d in history]
+    figure = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.errorbar(days, effects, yerr=[below, above], fmt="o", capsize=3, color="tab:blue",
+                  label=f"effect, {1 - history[-1].alpha:.0%} interval")
+    axes.axhline(0, color="black", linewidth=1)
+    axes.axhline(history[-1].minimum_effect, color="tab:green", linestyle="--", label="minimum effect to ship")
+    axes.set_xlabel("days since start")
+    axes.set_ylabel("treatment − control")
+    axes.set_title(f"{history[-1].outcome} ({history[-1].policy} policy)")
+    axes.legend(loc="best")
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png")
+    return path
