@@ -30,6 +30,7 @@ import os
 import platform
 import random
 import resource
+import statistics
 import sys
 import tempfile
 import threading
@@ -73,6 +74,8 @@ class RssSampler:
         self.process = psutil.Process()
         self.interval_s = interval_s
         self.start = self.peak = self.process.memory_info().rss
+        self.cpu_start, self.wall_start = sum(self.process.cpu_times()[:2]), time.perf_counter()
+        self.cpu_share = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -89,6 +92,9 @@ class RssSampler:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, self.process.memory_info().rss)
+        # CPU time over wall time × threads: well below 1 means neighbours took the cores.
+        cpu = sum(self.process.cpu_times()[:2]) - self.cpu_start
+        self.cpu_share = cpu / ((time.perf_counter() - self.wall_start) * torch.get_num_threads())
 
     @property
     def increase_mb(self) -> float:
@@ -170,7 +176,8 @@ def run_arm(arm: str, base_dir: Path, setup: dict, config: FlywheelConfig, steps
             trainable = model_lib.count_parameters(model, trainable_only=True)
     run = {"arm": arm, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
            "final_loss": final_loss, "trainable_parameters": trainable, "rss_start_mb": rss.start / 2**20,
-           "rss_peak_mb": rss.peak / 2**20, "rss_increase_mb": rss.increase_mb}
+           "rss_peak_mb": rss.peak / 2**20, "rss_increase_mb": rss.increase_mb, "cpu_share": rss.cpu_share,
+           "load_1m": os.getloadavg()[0]}
     return run, model, tokenizer
 
 
@@ -197,53 +204,66 @@ def plain_torch_loop(model, setup: dict, config: FlywheelConfig, steps: int, bat
     return tokens, seconds, loss, model_lib.count_parameters(model, trainable_only=True)
 
 
-def phase_times(arm: str, base_dir: Path, setup: dict, config: FlywheelConfig, steps: int,
-                batch_size: int) -> dict[str, float]:
-    """ms per step of each part of one arm's step. For A/A′ this is `trainer._loop`'s step
-    written out with the same pieces (weighted_nll, clip_grad_norm_, AdamW, LambdaLR)."""
-    release_memory()
+def interleaved_steps(base_dir: Path, setup: dict, config: FlywheelConfig, steps: int,
+                      batch_size: int, warmup: int = 3) -> dict[str, dict]:
+    """Every arm's step, timed phase by phase, the arms taking turns step by step so that a
+    neighbour's burst of work slows all of them alike; medians over steps. For A and A′
+    this is `trainer._loop`'s step written out with its pieces (weighted_nll,
+    clip_grad_norm_, AdamW over the trainable parameters, LambdaLR)."""
     device = model_lib.pick_device()
-    model, _ = model_lib.load_pretrained(base_dir, device)
-    if arm != "B":
-        model = attach_lora(model, lora_settings(config, arm, steps, batch_size))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lora.learning_rate, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0) if arm != "B" else None
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    totals: dict[str, float] = defaultdict(float)
-    model.train()
-    warmup = 3
-    for step, examples in enumerate(batches(setup["examples"], steps + warmup, batch_size, config.lora.seed)):
-        marks = [time.perf_counter()]
-
-        def lap(name: str) -> None:
-            sync()
-            marks.append(time.perf_counter())
-            if step >= warmup:
-                totals[name] += marks[-1] - marks[-2]
-
-        batch = collate(examples, setup["pad_id"], device)
-        lap("collate")
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        lap("forward")
-        if arm == "B":
-            loss = plain_loss(logits, batch["labels"])
-        else:
-            loss = weighted_nll(logits, batch["labels"], batch["weights"])
-        lap("loss")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        lap("backward")
+    arms = {}
+    for arm in ARMS:
+        model, _ = model_lib.load_pretrained(base_dir, device)
         if arm != "B":
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-        lap("clip")
-        optimizer.step()
-        if scheduler:
-            scheduler.step()
-        loss.item()
-        lap("optimizer")
-    del model, optimizer
-    return {name: seconds / steps * 1e3 for name, seconds in totals.items()}
+            model = attach_lora(model, lora_settings(config, arm, steps, batch_size))
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=config.lora.learning_rate, weight_decay=0.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        model.train()
+        arms[arm] = (model, params, optimizer, scheduler)
+    times: dict[str, dict[str, list[float]]] = {arm: defaultdict(list) for arm in ARMS}
+    tokens = []
+    for step, examples in enumerate(batches(setup["examples"], steps + warmup, batch_size, config.lora.seed)):
+        for arm, (model, params, optimizer, scheduler) in arms.items():
+            marks = [time.perf_counter()]
+
+            def lap(name: str) -> None:
+                sync()
+                marks.append(time.perf_counter())
+                if step >= warmup:
+                    times[arm][name].append(marks[-1] - marks[-2])
+
+            batch = collate(examples, setup["pad_id"], device)
+            lap("collate")
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            lap("forward")
+            if arm == "B":
+                loss = plain_loss(logits, batch["labels"])
+            else:
+                loss = weighted_nll(logits, batch["labels"], batch["weights"])
+            lap("loss")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            lap("backward")
+            if arm != "B":
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+            lap("clip")
+            optimizer.step()
+            if arm != "B":
+                scheduler.step()
+            loss.item()
+            lap("optimizer")
+        if step >= warmup:
+            tokens.append(int(batch["attention_mask"].sum()))
+    del arms
+    result = {}
+    for arm, phases in times.items():
+        step_s = [sum(parts) for parts in zip(*phases.values())]
+        result[arm] = {"median_step_ms": statistics.median(step_s) * 1e3,
+                       "tokens_per_s": statistics.mean(tokens) / statistics.median(step_s),
+                       "phases_ms": {name: statistics.median(values) * 1e3 for name, values in phases.items()}}
+    return result
 
 
 def generation(model, tokenizer, batch_sizes: list[int], n_prompts: int) -> list[dict]:
@@ -272,6 +292,11 @@ def run(args: argparse.Namespace) -> dict:
         print(f"  vocab {setup['vocab_size']:,}, {setup['parameters']:,} parameters, "
               f"{len(setup['examples']):,} examples, {setup['mean_example_tokens']:.1f} tokens each", flush=True)
 
+        # First, so that one-time costs (first-touch of library pages, thread pools) land here,
+        # not in the first measured arm.
+        print(f"interleaved step timing ({args.phase_steps} steps per arm) …", flush=True)
+        interleaved = interleaved_steps(base_dir, setup, config, args.phase_steps, args.batch_size)
+
         order = ["A", "B", "A′"] * args.repeats
         last_a = max(i for i, arm in enumerate(order) if arm == "A")
         runs = []
@@ -280,13 +305,11 @@ def run(args: argparse.Namespace) -> dict:
             runs.append(result)
             print(f"  arm {arm:2}  {result['tokens_per_s']:9,.0f} tokens/s  {result['seconds']:5.2f} s  "
                   f"RSS +{result['rss_increase_mb']:6.1f} MB (peak {result['rss_peak_mb']:,.0f} MB)  "
-                  f"loss {result['final_loss']:.3f}  load {os.getloadavg()[0]:.2f}", flush=True)
+                  f"loss {result['final_loss']:.3f}  CPU share {result['cpu_share']:.2f}  "
+                  f"load {result['load_1m']:.2f}", flush=True)
             if index == last_a:
                 lora_model, lora_tokenizer = model, tokenizer
             del model
-
-        print(f"phase timings ({args.phase_steps} steps per arm) …", flush=True)
-        phases = {arm: phase_times(arm, base_dir, setup, config, args.phase_steps, args.batch_size) for arm in ARMS}
 
         print("generating with the last arm-A adapter (unmerged, as offline evaluation loads it) …", flush=True)
         generated = generation(lora_model, lora_tokenizer, args.generation_batch_sizes, args.prompts)
@@ -314,7 +337,8 @@ def run(args: argparse.Namespace) -> dict:
         "overhead_ratio_without_embedding_lora": best["B"]["tokens_per_s"] / best["A′"]["tokens_per_s"],
         "embedding_lora_cost": best["A′"]["tokens_per_s"] / best["A"]["tokens_per_s"],
         "rss_ratio": rss_increase["A"] / max(rss_increase["B"], 1e-9),
-        "phases_ms_per_step": phases,
+        "interleaved": interleaved,
+        "interleaved_overhead_ratio": interleaved["A"]["median_step_ms"] / interleaved["B"]["median_step_ms"],
         "generation": generated,
         # Other work on the machine slows every number: 1-, 5-, 15-minute load before and after.
         "load_avg": {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in load_after]},
@@ -340,13 +364,17 @@ def print_table(r: dict) -> None:
         *[(f"RSS increase {arm}", f"{rss[arm]:,.1f} MB", "load + train, largest run", "") for arm in ARMS],
         ("RSS ratio A / B", f"{r['rss_ratio']:.2f}×", "", ""),
         ("peak RSS (absolute)", f"{r['peak_rss_mb']:,.0f} MB", f"ru_maxrss {r['ru_maxrss_mb']:,.0f} MB", ""),
+        ("CPU share of the arms", " / ".join(f"{x['cpu_share']:.2f}" for x in r["runs"]),
+         "in run order; < 0.9: neighbours took cores", ""),
         ("same batches in every arm", "yes" if r["same_batches"] else "NO", "equal token counts",
          mark(r["same_batches"])),
     ]
-    for arm, phases in r["phases_ms_per_step"].items():
-        total = sum(phases.values())
-        parts = ", ".join(f"{name} {ms:.1f}" for name, ms in phases.items())
-        rows.append((f"  step {arm} (ms)", f"{total:.1f} ms", parts, ""))
+    rows.append(("interleaved median step A / B", f"{r['interleaved_overhead_ratio']:.2f}×", f"≤ {TARGET_OVERHEAD}×",
+                 mark(r["interleaved_overhead_ratio"] <= TARGET_OVERHEAD)))
+    for arm, timing in r["interleaved"].items():
+        parts = ", ".join(f"{name} {ms:.1f}" for name, ms in timing["phases_ms"].items())
+        rows.append((f"  median step {arm}", f"{timing['median_step_ms']:.1f} ms",
+                     f"{timing['tokens_per_s']:,.0f} tokens/s; ms: {parts}", ""))
     for g in r["generation"]:
         label = f"generate, batch {g['batch_size']}" + (" (merged)" if g.get("merged") else "")
         rows.append((label, f"{g['new_tokens_per_s']:,.0f} new tokens/s",
@@ -379,7 +407,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2, help="runs of each arm, alternating")
-    parser.add_argument("--phase-steps", type=int, default=15, help="steps timed phase by phase per arm")
+    parser.add_argument("--phase-steps", type=int, default=30, help="interleaved steps timed per arm")
     parser.add_argument("--prompts", type=int, default=600, help="held-out prompts to generate for")
     parser.add_argument("--generation-batch-sizes", type=int, nargs="+", default=[300, 64])
     parser.add_argument("--pretrain-steps", type=int, default=0,

@@ -164,7 +164,7 @@ SESSION_FEEDBACK = Table(
         ("n_events", pa.int64(), "scored events in the session"),
         ("first_ts", UTC_TS, "first event"),
         ("last_ts", UTC_TS, "last event"),
-        ("final_trajectory_id", pa.string(), "trajectory the session score is attributed to: the latest accepted one, else the latest referenced by any event"),
+        ("final_trajectory_id", pa.string(), "trajectory the session score is attributed to: the latest accepted one, else the session's latest logged one, else the latest named by an event"),
     ),
     key=("session_id",),
 )

@@ -19,12 +19,15 @@ from flywheel_assets.lib.simulation.tasks import (
     COLD_START_PHRASINGS, N_PHRASINGS, TASK_TYPES, Task, expert_messages, generate_tasks, is_eval_prompt, verify,
 )
 from flywheel_assets.lib.simulation.users import (
-    BEHAVIOUR_EVENTS, CORRECT, NEAR_MISS, WRONG, UserSimulationConfig, day_tasks, judge_answer, react,
+    BEHAVIOUR_EVENTS, CORRECT, NEAR_MISS, WRONG, UserSimulationConfig, day_tasks, is_biased, judge_answer, react,
     score_of_behaviour, simulate_usage,
 )
 from flywheel_assets.lib.training.pipeline import load_for_inference, set_threads, train_base
 
 DAY = datetime(2026, 12, 1, tzinfo=timezone.utc)
+# A tiny model rarely answers right, so half the users are biased: their acceptances drive
+# the follow-up tasks. For seed 4, users 0, 2 and 5 of 6 are biased.
+DAY_SETTINGS = {"users": 6, "seed": 4, "accept_noise": 0.0, "biased_users": 0.5}
 FRANCE = Task("capital-france", "capital_lookup", "What is the capital of France?", 0,
               (("lookup_capital", '{"country": "France"}'),), "The capital of France is Paris.", ("paris",))
 
@@ -113,7 +116,7 @@ def tiny_model(tmp_path_factory):
 
 def _run_day(home: Path, tiny_model, **settings) -> tuple[dict, list[int]]:
     """One simulated day, user-0 routed to "A" and everyone else to "B"; also the prompts per run_agent call."""
-    config = UserSimulationConfig(**{"users": 6, "seed": 7, "accept_noise": 0.0, **settings})
+    config = UserSimulationConfig(**{**DAY_SETTINGS, **settings})
     loaded, batches = [], []
     real_run_agent = users.run_agent
 
@@ -147,7 +150,7 @@ def day(tmp_path_factory, tiny_model):
     home = tmp_path_factory.mktemp("day")
     summary, batches = _run_day(home, tiny_model)
     trajectories = {t["trajectory_id"]: t for t in _landed(home, "trajectories")}
-    tasks = {task.prompt: task for session in day_tasks(UserSimulationConfig(users=6, seed=7), DAY).values()
+    tasks = {task.prompt: task for session in day_tasks(UserSimulationConfig(**DAY_SETTINGS), DAY).values()
              for task in session}
     return home, summary, batches, trajectories, _landed(home, "events"), tasks
 
@@ -180,17 +183,24 @@ def test_every_retry_names_a_logged_trajectory_that_failed(day):
         assert not verify(tasks[trajectory["conversations"][1]["value"]], _final_answer(trajectory))
 
 
-def test_without_noise_only_verified_or_edited_answers_are_accepted(day):
-    _, _, _, trajectories, events, tasks = day
+def test_without_noise_only_biased_users_accept_wrong_answers(day):
+    _, summary, _, trajectories, events, tasks = day
+    config = UserSimulationConfig(**DAY_SETTINGS)
     edited = {e["trajectory_id"]: e["data"]["edit_ratio"] for e in events if e["event_type"] == "output_edited"}
+    accepted_by = Counter()
     for event in events:
         trajectory = trajectories[event["trajectory_id"]]
+        assert (trajectory["session_id"], trajectory["user_id"]) == (event["session_id"], event["user_id"])
         task = tasks[trajectory["conversations"][1]["value"]]
         verdict, similarity = judge_answer(task, _final_answer(trajectory))
+        biased = is_biased(config, event["user_id"])
         if event["event_type"] == "output_accepted":
-            assert verdict == CORRECT or edited[event["trajectory_id"]] == round(1 - similarity, 4)
+            accepted_by[biased] += 1
+            assert biased or verdict == CORRECT or edited[event["trajectory_id"]] == round(1 - similarity, 4)
         if event["event_type"] == "output_edited":
             assert verdict == NEAR_MISS
+    assert accepted_by[True] > 0 and {is_biased(config, f"user-{n}") for n in range(6)} == {True, False}
+    assert summary["events"]["session_continued"] > 0 and summary["tasks"] > summary["sessions"]  # follow-ups ran
 
 
 def test_timestamps_stay_in_the_day_and_increase_within_a_session(day):

@@ -138,9 +138,15 @@ def decide(control: ArmStats, treatment: ArmStats, config: ABConfig | None = Non
             f"SRM: {control.users:,} control and {treatment.users:,} treatment users do not fit the planned "
             f"{1 - config.treatment_share:.0%}/{config.treatment_share:.0%} split (χ² p = {srm_p:.1e}); "
             "no decision until the assignment is repaired."))
-    short = {arm: stats.users for arm, stats in zip(ARMS, (control, treatment)) if stats.users < config.min_users_per_arm}
+    elapsed = (now - started_at).total_seconds() / 86400
+    expired = elapsed >= config.max_days
+    short = {arm: stats.users for arm, stats in zip(ARMS, (control, treatment))
+             if stats.users < config.min_users_per_arm}
     if short:
         have = " and ".join(f"{arm} has {users:,}" for arm, users in short.items())
+        if expired:
+            return result("ROLLBACK", "max_duration", f"Rolled back: no detectable improvement within "
+                          f"{config.max_days:g} days; fewer than {config.min_users_per_arm:,} users per arm ({have}).")
         return result("CONTINUE", "min_users", f"Waiting for {config.min_users_per_arm:,} users per arm: {have}.")
     level = f"{1 - config.alpha:.0%}"
     if interval[1] < 0:
@@ -160,13 +166,14 @@ def decide(control: ArmStats, treatment: ArmStats, config: ABConfig | None = Non
     missing += [f"{g.name} is not yet shown within +{g.margin} of control (upper bound {g.interval[1]:+.4f})"
                 for g in checks if g.status != "pass"]
     if not missing:
+        guarded = ", every guardrail within its margin" if checks else ""
         return result("SHIP", "ship", (
             f"Treatment is better: the effect is {diff.effect:+.4f}, anytime-valid {level} interval "
-            f"[{interval[0]:+.4f}, {interval[1]:+.4f}], every guardrail within its margin."))
-    elapsed = (now - started_at).total_seconds() / 86400
-    if elapsed >= config.max_days:
+            f"[{interval[0]:+.4f}, {interval[1]:+.4f}]{guarded}."))
+    if expired:
         return result("ROLLBACK", "max_duration",
-                      f"Rolled back: no detectable improvement within {config.max_days:g} days; " + "; ".join(missing) + ".")
+                      f"Rolled back: no detectable improvement within {config.max_days:g} days; "
+                      + "; ".join(missing) + ".")
     return result("CONTINUE", "inconclusive", "Keep collecting: " + "; ".join(missing) + ".")
 
 
@@ -249,7 +256,8 @@ def report_markdown(decision: Decision, history: list[Decision]) -> str:
     ]
     if decision.guardrails:
         lines += ["", "| guardrail | effect | interval | margin | status |", "|---|---:|---|---:|---|"]
-        lines += [f"| {g.name} | {_number(g.effect, signed=True)} | {_interval(g.interval)} | +{g.margin} | {g.status} |"
+        lines += [f"| {g.name} | {_number(g.effect, signed=True)} | {_interval(g.interval)} | +{g.margin} "
+                  f"| {g.status} |"
                   for g in decision.guardrails]
     if history:
         lines += ["", "| look | day | users (control / treatment) | effect | interval | outcome |",
@@ -274,8 +282,9 @@ def effect_chart(history: list[Decision], path: str | Path) -> Path:
     figure = Figure(figsize=(7, 4), dpi=100)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
+    kind = "anytime-valid" if history[-1].policy == "sequential" else "fixed-horizon"
     axes.errorbar(days, effects, yerr=[below, above], fmt="o", capsize=3, color="tab:blue",
-                  label=f"effect, {1 - history[-1].alpha:.0%} interval")
+                  label=f"effect, {kind} {1 - history[-1].alpha:.0%} interval")
     axes.axhline(0, color="black", linewidth=1)
     axes.axhline(history[-1].minimum_effect, color="tab:green", linestyle="--", label="minimum effect to ship")
     axes.set_xlabel("days since start")

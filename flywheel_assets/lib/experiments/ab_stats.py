@@ -219,17 +219,18 @@ def confidence_sequence(diff: Difference, alpha: float, planned_units: float) ->
     """Anytime-valid (1 − α) interval for treatment − control: an asymptotic confidence
     sequence (Waudby-Smith, Arbour, Sinha, Kennedy, Ramdas 2023, "Time-uniform central
     limit theory and asymptotic confidence sequences", Annals of Statistics; the form
-    GrowthBook uses). The probability that the true difference ever leaves the interval, over all
-    looks at any number of users, is at most α in large samples.
+    GrowthBook uses). In large samples, the probability that the true difference ever
+    leaves the interval, over all looks at any numbers of users, is at most α.
 
-    Units are users of both arms, n = n_c + n_t, arriving one at a time and assigned
-    with probability π. The difference of means is, to first order, the mean of the
-    AIPW pseudo-outcomes φ = (μ_t − μ_c) + A(Y − μ_t)/π − (1 − A)(Y − μ_c)/(1 − π)
-    (their treatment of randomized experiments), whose variance is σ²_t/π + σ²_c/(1 − π); with π estimated by n_t/n
-    that is n·(v_t + v_c), v the delta-method variance of each arm's mean. So
-    σ̂ = sqrt(n·(v_c + v_t)) is the per-unit standard deviation, and the interval is
-    valid for unequal arms (the 90/10 split) as well as equal ones. For a ratio metric
-    Y is the user's linearised value (Y_u − R·N_u)/μ_N.
+    Units are the users of both arms, n = n_c + n_t, arriving one at a time and assigned
+    to treatment with probability π. The difference of means is, to first order, the
+    mean of the AIPW pseudo-outcomes φ = (μ_t − μ_c) + A(Y − μ_t)/π − (1 − A)(Y − μ_c)/(1 − π)
+    (the paper's treatment of randomized experiments), whose variance is
+    σ²_t/π + σ²_c/(1 − π); with π estimated by n_t/n that is n·(v_t + v_c), v the
+    delta-method variance of each arm's mean. So σ̂ = sqrt(n·(v_c + v_t)) is the per-unit
+    standard deviation, and the interval holds for unequal arms (the 90/10 split) as
+    well as equal ones. For a ratio metric Y is the user's linearised value
+    (Y_u − R·N_u)/μ_N.
     """
     if math.isnan(diff.se):
         return (math.nan, math.nan)

@@ -32,8 +32,9 @@ def session_feedback(con: duckdb.DuckDBPyConnection, weights: ScoringWeights) ->
     """One row per session with a scored event. Needs views session_events, trajectories.
 
     edit_ratio is the latest output_edited's (the seed keeps whichever it saw last).
-    The score is attributed to the latest accepted trajectory, else to the latest
-    trajectory any event names, else to the session's latest logged trajectory.
+    The score is attributed to the latest accepted trajectory, else to the session's
+    latest logged trajectory (the attempt the user gave up on), else to the latest
+    trajectory any event names.
     """
     quality = quality_sql(weights, "task_accepted", "retry_count", "edit_ratio", "session_continued", "error_reported")
     return con.execute(f"""
@@ -59,7 +60,7 @@ def session_feedback(con: duckdb.DuckDBPyConnection, weights: ScoringWeights) ->
         SELECT s.session_id, user_id, tenant_id, task_accepted, retry_count, edit_ratio,
                session_continued, error_reported, {quality} AS quality_score,
                n_events, first_ts, last_ts,
-               coalesce(accepted_trajectory, named_trajectory, logged_trajectory) AS final_trajectory_id
+               coalesce(accepted_trajectory, logged_trajectory, named_trajectory) AS final_trajectory_id
         FROM signals s LEFT JOIN logged l USING (session_id)
         ORDER BY s.session_id
     """).to_arrow_table()

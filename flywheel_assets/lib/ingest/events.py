@@ -13,6 +13,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from flywheel_assets.lib.lake import utcnow
 from flywheel_assets.lib.tables import QUARANTINE
 
 # (key, JSON path, required, expected json_type family)
@@ -144,7 +145,10 @@ FROM parsed WHERE reason IS NOT NULL
 # for lines on which no branch of _reason_cases() can fire, and then every column is
 # the value _GOOD_COLUMNS gives; anything else (ok false or null) takes the slow path
 # (_PARSE_SQL and the above), so quarantine reasons and odd lines never depend on it.
-#   * a JSON text is a string iff it starts with '"', an object iff with '{';
+#   * a JSON text is a string iff it starts with '"', an object iff with '{', and the
+#     text of the empty string is '""';
+#   * string columns leave DuckDB as JSON texts and lose their quotes in Arrow
+#     (_unquote); a text with an escape is first rebuilt as '"' || (text->>'$') || '"';
 #   * from_json gives SQL NULL for both a missing key and a JSON null, which every
 #     check treats alike except data (data_json 'null' vs '{}'): a line without data
 #     is only ok when no key can be "data" (no '"data"' and no escape in the line);
@@ -156,6 +160,16 @@ _TOP = json.dumps({key: "JSON" for key in ("event_id", "session_id", "user_id", 
                                            "ts", "trajectory_id", "data")}, separators=(",", ":"))
 _NESTED = json.dumps({"trajectory_id": "JSON", "edit_ratio": "JSON"}, separators=(",", ":"))
 _NUMBER = _TYPES["number"]
+
+
+def _quoted(text: str) -> str:
+    """The JSON text of a string, with any escape resolved (NULL stays NULL)."""
+    return f"CASE WHEN contains({text}, '\\') THEN concat('\"', {text}->>'$', '\"') ELSE {text}::VARCHAR END"
+
+
+def _string(text: str) -> str:
+    return f"{text}->>'$'"
+
 
 _FAST_SQL = f"""
 WITH top AS (
@@ -170,30 +184,31 @@ WITH top AS (
 ), texts AS (
     SELECT source_line, raw, j_event_id, j_session_id, j_user_id, j_tenant_id, j_event_type, j_ts,
            j_trajectory_id, trajectory_id AS j_data_trajectory_id, j_data, edit_ratio AS j_edit_ratio,
-           j_event_id->>'$' AS event_id, j_session_id->>'$' AS session_id, j_user_id->>'$' AS user_id,
-           j_tenant_id->>'$' AS tenant_id, j_event_type->>'$' AS event_type, j_ts->>'$' AS ts,
-           j_trajectory_id->>'$' AS trajectory_id, trajectory_id->>'$' AS data_trajectory_id
+           j_ts->>'$' AS ts,
+           CASE WHEN contains(j_event_type, '\\') THEN j_event_type->>'$' = 'output_edited'
+                ELSE j_event_type = '"output_edited"' END AS edited
     FROM nested
 ), typed AS (
     SELECT *, try_cast(ts AS TIMESTAMPTZ) AS ts_value FROM texts
 )
 SELECT
-    coalesce(event_id, md5(concat_ws('|', session_id, user_id, event_type, ts,
-             coalesce(trajectory_id, data_trajectory_id, ''), coalesce(j_data::VARCHAR, '')))) AS event_id,
-    session_id,
-    coalesce(trajectory_id, data_trajectory_id) AS trajectory_id,
-    user_id,
-    coalesce(tenant_id, 'default') AS tenant_id,
-    event_type,
+    CASE WHEN j_event_id IS NULL
+         THEN concat('"', md5(concat_ws('|', {_string('j_session_id')}, {_string('j_user_id')}, {_string('j_event_type')}, ts,
+                                        coalesce({_string('j_trajectory_id')}, {_string('j_data_trajectory_id')}, ''),
+                                        coalesce(j_data::VARCHAR, ''))), '"')
+         ELSE {_quoted('j_event_id')} END AS event_id,
+    {_quoted('j_session_id')} AS session_id,
+    coalesce({_quoted('j_trajectory_id')}, {_quoted('j_data_trajectory_id')}) AS trajectory_id,
+    {_quoted('j_user_id')} AS user_id,
+    coalesce({_quoted('j_tenant_id')}, '"default"') AS tenant_id,
+    {_quoted('j_event_type')} AS event_type,
     ts_value AS ts,
-    CASE WHEN event_type = 'output_edited' THEN TRY_CAST(j_edit_ratio AS DOUBLE) END AS edit_ratio,
+    CASE WHEN edited THEN TRY_CAST(j_edit_ratio AS DOUBLE) END AS edit_ratio,
     coalesce(j_data::VARCHAR, '{{}}') AS data_json,
-    $source_file AS source_file,
     source_line,
-    now() AS ingested_at,
     (j_event_id IS NULL OR starts_with(j_event_id, '"'))
-    AND starts_with(j_session_id, '"') AND session_id <> ''
-    AND starts_with(j_user_id, '"') AND user_id <> ''
+    AND starts_with(j_session_id, '"') AND j_session_id <> '""'
+    AND starts_with(j_user_id, '"') AND j_user_id <> '""'
     AND (j_tenant_id IS NULL OR starts_with(j_tenant_id, '"'))
     AND starts_with(j_event_type, '"')
     AND starts_with(j_ts, '"') AND ts_value IS NOT NULL
@@ -204,10 +219,22 @@ SELECT
     AND (j_data_trajectory_id IS NULL OR starts_with(j_data_trajectory_id, '"'))
     AND CASE WHEN j_data IS NULL THEN NOT contains(raw, '"data"') AND NOT contains(raw, '\\')
              ELSE starts_with(j_data, '{{') END
-    AND (event_type <> 'output_edited'
+    AND (NOT edited
          OR (json_type(j_edit_ratio) IN {_NUMBER} AND TRY_CAST(j_edit_ratio AS DOUBLE) BETWEEN 0 AND 1)) AS ok
 FROM typed
 """
+_QUOTED = ("event_id", "session_id", "trajectory_id", "user_id", "tenant_id", "event_type")
+_GOOD_SCHEMA = pa.schema([("event_id", pa.string()), ("session_id", pa.string()), ("trajectory_id", pa.string()),
+                          ("user_id", pa.string()), ("tenant_id", pa.string()), ("event_type", pa.string()),
+                          ("ts", pa.timestamp("us", tz="UTC")), ("edit_ratio", pa.float64()),
+                          ("data_json", pa.string()), ("source_file", pa.string()), ("source_line", pa.int64()),
+                          ("ingested_at", pa.timestamp("us", tz="UTC"))])
+
+
+def _unquote(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """'"abc"' -> 'abc' (the texts hold no escape by then: a byte slice)."""
+    return pc.binary_slice(column.cast(pa.binary()), 1, -1).cast(pa.string())
+
 
 # Rows to drop for an event_id seen earlier in the same batch (exact; hashes only
 # find the candidates, so this is cheap when there are none).
@@ -232,16 +259,23 @@ def parse_event_lines(con: duckdb.DuckDBPyConnection, lines: pa.Table, source_fi
     lines = pa.Table.from_batches(lines.to_batches(max_chunksize=_CHUNK_ROWS), schema=lines.schema)
     con.register("lines", lines)
     try:
-        fast = con.execute(_FAST_SQL, {"source_file": source_file}).to_arrow_table()
+        fast = con.execute(_FAST_SQL).to_arrow_table()
     finally:
         con.unregister("lines")
     ok = fast.column("ok")
-    good = fast.drop_columns(["ok"])
     if ok.null_count or not pc.all(ok).as_py():
-        good = good.filter(pc.fill_null(ok, False))
+        fast = fast.filter(pc.fill_null(ok, False))
+    n = fast.num_rows
+    columns = {name: _unquote(fast.column(name)) if name in _QUOTED else fast.column(name)
+               for name in _GOOD_SCHEMA.names if name in fast.column_names}
+    columns["source_file"] = pa.repeat(pa.scalar(source_file, pa.string()), n)
+    columns["ingested_at"] = pa.repeat(pa.scalar(utcnow(), _GOOD_SCHEMA.field("ingested_at").type), n)
+    good = pa.Table.from_arrays([columns[name] for name in _GOOD_SCHEMA.names], schema=_GOOD_SCHEMA)
+    if n < lines.num_rows:
         slow = lines.filter(pc.invert(pc.is_in(lines.column("source_line"), value_set=good.column("source_line"))))
         slow_good, bad = _parse_reference(con, slow, source_file, dedup=False)
-        good = pa.concat_tables([good, slow_good.cast(good.schema)]) if slow_good.num_rows else good
+        if slow_good.num_rows:
+            good = pa.concat_tables([good, slow_good.cast(_GOOD_SCHEMA)])
     else:
         bad = QUARANTINE.schema.empty_table()
     return _first_of_each_id(con, good), bad

@@ -10,7 +10,8 @@ after the last failure, continue with a follow-up after an acceptance.
 Generation is batched: every round, all attempts waiting across all sessions of the day
 go through one `run_agent` call per version (first attempts in round 0; retries and
 follow-ups in the next rounds). Everything is deterministic for a seed and a day, and
-ids are derived from content, so simulating the same day again lands nothing new.
+ids are derived from content: the same day simulated again repeats its ids, and the
+ingester skips them as duplicates.
 """
 
 from __future__ import annotations
@@ -223,8 +224,9 @@ def simulate_usage(config: UserSimulationConfig, *, home: Path, router: Callable
                 if version not in models:
                     models[version] = load_version(version)
                 model, tokenizer = models[version]
+                seed = _stable_int(config.seed, start, version, tally.rounds)  # a retry samples anew
                 runs = run_agent(model, tokenizer, [attempt.task.prompt for attempt in batch], run_tool,
-                                 temperature=config.temperature, seed=_stable_int(config.seed, start, version, tally.rounds))
+                                 temperature=config.temperature, seed=seed)
                 tally.agent_calls += 1
                 for attempt, run in zip(batch, runs):
                     waiting += _record(config, attempt, run, logger, router, tally)
@@ -241,6 +243,15 @@ def simulate_usage(config: UserSimulationConfig, *, home: Path, router: Callable
 def day_tasks(config: UserSimulationConfig, day: datetime) -> dict[str, list[Task]]:
     """The tasks each session of the day may ask (its first task, then follow-ups), by session_id."""
     return {session.session_id: session.tasks for session in _sessions(config, _midnight(day))}
+
+
+def is_biased(config: UserSimulationConfig, user_id: str) -> bool:
+    """Whether this user accepts wrong answers too: a stable share biased_users of all users."""
+    return _unit("biased", config.seed, user_id) < config.biased_users
+
+
+def tenant_of(config: UserSimulationConfig, user_id: str) -> str:
+    return config.tenants[int(_unit("tenant", user_id) * len(config.tenants))]
 
 
 def _midnight(day: datetime) -> datetime:
@@ -276,8 +287,7 @@ def _sessions(config: UserSimulationConfig, start: datetime) -> list[_Session]:
     longest = slots * (config.max_retries + 1) * (_ANSWER_SECONDS[1] + 3 * _REACTION_SECONDS[1])
     sessions = []
     for user_id, count, user_rng in plans:
-        tenant_id = config.tenants[int(_unit("tenant", user_id) * len(config.tenants))]
-        biased = _unit("biased", config.seed, user_id) < config.biased_users
+        tenant_id, biased = tenant_of(config, user_id), is_biased(config, user_id)
         slot = _DAY / count  # a user's sessions do not overlap: one per slot of the day
         pace = min(1.0, 0.9 * slot.total_seconds() / longest)
         for index in range(count):
@@ -307,8 +317,9 @@ def _record(config: UserSimulationConfig, attempt: _Attempt, run: AgentRun, logg
     session, task = attempt.session, attempt.task
     conversation = to_hermes(run.messages())
     created_at = session.advance(_ANSWER_SECONDS)
-    trajectory_id = hashlib.sha256(json.dumps(
-        [session.session_id, attempt.task_index, attempt.retries_done, attempt.version, conversation]).encode()).hexdigest()[:32]
+    # Derived from what happened: the same day simulated again lands the same ids, which ingestion skips.
+    identity = [session.session_id, attempt.task_index, attempt.retries_done, attempt.version, conversation]
+    trajectory_id = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:32]
     logger.log_trajectory(conversation, fmt="hermes", trajectory_id=trajectory_id, session_id=session.session_id,
                           user_id=session.user_id, tenant_id=session.tenant_id, task_type=task.task_type,
                           model_version=attempt.version, created_at=created_at, origin="usage")
