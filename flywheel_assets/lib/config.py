@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
@@ -187,6 +188,39 @@ class PhaseConfig(BaseModel):
     phase2: TriggerConfig = Field(default_factory=TriggerConfig)
 
 
+class ABConfig(BaseModel):
+    """A/B settings; the seed's numbers are the defaults (10% treatment, ≥1000 samples,
+    14 days, ship at ≥2% improvement).
+
+    minimum_detectable_effect replaces the seed's "≥2% relative improvement" with an
+    absolute 0.02: relative lift is meaningless for a score near or below 0, and on the
+    [-1, 1] quality scale 0.02 is 1% of the range, about 2–4% of a typical session score
+    of 0.5–1.0. For a 0/1 metric it reads as two percentage points.
+    """
+
+    policy: Literal["sequential", "classic"] = "sequential"
+    treatment_share: float = Field(0.1, gt=0, lt=1)
+    alpha: float = Field(0.05, gt=0, lt=1)
+    min_users_per_arm: int = Field(1000, ge=2)
+    minimum_detectable_effect: float = Field(0.02, ge=0)
+    guardrail_margin: float = Field(0.02, ge=0)
+    max_days: float = Field(14.0, gt=0)
+    srm_alpha: float = Field(0.001, gt=0, lt=1)
+    # Users of both arms at which the confidence sequence is narrowest: at the default
+    # split, the seed's 1000 treatment users arrive with about 10,000 users in all.
+    planned_users: int = Field(10_000, ge=2)
+    classic_min_sessions: int = 30
+    classic_min_lift_pct: float = 2.0
+
+
+class RolloutConfig(BaseModel):
+    """Staged rollout: canary (1%) → A/B treatment (9%) → champion, the seed's 90/9/1 layout."""
+
+    canary_share: float = 0.01
+    treatment_share: float = 0.09
+    canary_min_users: int = 20
+
+
 class FlywheelConfig(BaseModel):
     home: Path = Path(DEFAULT_HOME)
     scoring: ScoringWeights = Field(default_factory=ScoringWeights)
@@ -200,6 +234,8 @@ class FlywheelConfig(BaseModel):
     lora: LoraConfigModel = Field(default_factory=LoraConfigModel)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     trigger: PhaseConfig = Field(default_factory=PhaseConfig)
+    ab: ABConfig = Field(default_factory=ABConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
 
     @property
     def landing(self) -> Path:

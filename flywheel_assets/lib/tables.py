@@ -318,10 +318,35 @@ OFFLINE_EVALUATIONS = Table(
     partition_by=("cycle",),
 )
 
+AB_RESULTS = Table(
+    "gold", "ab_results",
+    "Every look at every A/B test and staged-rollout step, with the decision and its reason.",
+    _cols(
+        ("test_id", pa.string(), "ab-<treatment version>"),
+        ("cycle", pa.string(), "cycle of the treatment"),
+        ("treatment", pa.string(), "version under test"),
+        ("control", pa.string(), "champion it is compared with"),
+        ("stage", pa.string(), "gate, canary or treatment"),
+        ("looked_at", UTC_TS, "when (the flywheel clock)"),
+        ("outcome", pa.string(), "SHIP, ROLLBACK or CONTINUE (canary: PROCEED, ROLLBACK or CONTINUE)"),
+        ("rule", pa.string(), "the rule that decided: srm, min_users, negative, guardrail, ship, max_duration, inconclusive, ..."),
+        ("reason", pa.string(), "the decision in a sentence"),
+        ("effect", pa.float64(), "treatment − control mean session quality"),
+        ("effect_low", pa.float64(), "anytime-valid interval, lower end"),
+        ("effect_high", pa.float64(), "anytime-valid interval, upper end"),
+        ("p_value", pa.float64(), "fixed-horizon Welch p-value (information only)"),
+        ("srm_p", pa.float64(), "sample-ratio-mismatch χ² p-value"),
+        ("users_control", pa.int64(), "users in the control arm"),
+        ("users_treatment", pa.int64(), "users in the treatment arm"),
+        ("decision_json", pa.string(), "the whole decision, guardrails included"),
+    ),
+    key=("test_id", "looked_at"),
+)
+
 ALL_TABLES: tuple[Table, ...] = (
     SESSION_EVENTS, TRAJECTORIES, ANNOTATIONS, QUARANTINE, INGESTED_FILES,
     SESSION_FEEDBACK, JUDGE_SCORES, TRAJECTORY_SCORES, CURATED_TRAJECTORIES,
-    TRAINING_DATASET, DATASET_MANIFESTS, OFFLINE_EVALUATIONS, MODEL_REGISTRY,
+    TRAINING_DATASET, DATASET_MANIFESTS, OFFLINE_EVALUATIONS, MODEL_REGISTRY, AB_RESULTS,
 )
 
 

@@ -3,12 +3,14 @@
 import dagster as dg
 
 from flywheel_assets.defs.curation.jobs import cycle_job
+from flywheel_assets.defs.experiments.assets import ab_report_job
 from flywheel_assets.defs.ingest.sensors import ingest_job
 from flywheel_assets.defs.partitions import cycle_partitions
 from flywheel_assets.defs.resources import FlywheelResource
 from flywheel_assets.lib.automation.regression import check_regression
 from flywheel_assets.lib.automation.state import trigger_state
 from flywheel_assets.lib.automation.trigger import should_train
+from flywheel_assets.lib.experiments.rollout import advance
 
 
 def next_cycle(existing: list[str]) -> str:
@@ -65,3 +67,16 @@ def regression_watch(context: dg.SensorEvaluationContext, flywheel: FlywheelReso
         return dg.SkipReason(verdict.reason)
     registry.rollback(champion["version"], reason=f"regression: {verdict.reason}", actor="regression_watch")
     return dg.SkipReason(f"rolled back {champion['version']}: {verdict.reason}")
+
+
+@dg.sensor(job=ab_report_job, minimum_interval_seconds=120, default_status=dg.DefaultSensorStatus.RUNNING,
+           description="Moves gated candidates through canary (1%) and the A/B test (9%) to champion, or rolls "
+                       "them back; re-analyses the running test at every evaluation and refreshes its report.")
+def ab_monitor(context: dg.SensorEvaluationContext, flywheel: FlywheelResource):
+    rows = advance(flywheel.config(), flywheel.lake(), flywheel.registry(), flywheel.now())
+    for row in rows:
+        context.log.info(f"{row['treatment']} [{row['stage']}] {row['outcome']}: {row['reason']}")
+    if not rows:
+        return dg.SkipReason("no candidate to move: nothing gated, canary too small, or no test running")
+    return [dg.RunRequest(partition_key=row["cycle"], run_key=f"ab-report-{row['cycle']}-{row['looked_at'].isoformat()}")
+            for row in {r["cycle"]: r for r in rows if r["cycle"]}.values()]

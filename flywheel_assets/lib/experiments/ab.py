@@ -20,8 +20,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
 
+from flywheel_assets.lib.config import ABConfig
 from flywheel_assets.lib.experiments.ab_stats import (
     ARMS,
     ArmStats,
@@ -46,31 +46,6 @@ def assign(user_id: str, test_id: str, treatment_share: float) -> Literal["treat
     """Sticky arm: the first 8 bytes of sha256(user_id:test_id) / 2**64 below the share."""
     digest = hashlib.sha256(f"{user_id}:{test_id}".encode()).digest()
     return "treatment" if int.from_bytes(digest[:8], "big") / 2**64 < treatment_share else "control"
-
-
-class ABConfig(BaseModel):
-    """A/B settings; the seed's numbers are the defaults (10% treatment, ≥1000 samples,
-    14 days, ship at ≥2% improvement).
-
-    minimum_detectable_effect replaces the seed's "≥2% relative improvement" with an
-    absolute 0.02: relative lift is meaningless for a score near or below 0, and on the
-    [-1, 1] quality scale 0.02 is 1% of the range, about 2–4% of a typical session score
-    of 0.5–1.0. For a 0/1 metric it reads as two percentage points.
-    """
-
-    policy: Literal["sequential", "classic"] = "sequential"
-    treatment_share: float = Field(0.1, gt=0, lt=1)
-    alpha: float = Field(0.05, gt=0, lt=1)
-    min_users_per_arm: int = Field(1000, ge=2)
-    minimum_detectable_effect: float = Field(0.02, ge=0)
-    guardrail_margin: float = Field(0.02, ge=0)
-    max_days: float = Field(14.0, gt=0)
-    srm_alpha: float = Field(0.001, gt=0, lt=1)
-    # Users of both arms at which the confidence sequence is narrowest: at the default
-    # split, the seed's 1000 treatment users arrive with about 10,000 users in all.
-    planned_users: int = Field(10_000, ge=2)
-    classic_min_sessions: int = 30
-    classic_min_lift_pct: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -120,7 +95,14 @@ class Decision:
 def decide(control: ArmStats, treatment: ArmStats, config: ABConfig | None = None, *, started_at: datetime,
            now: datetime, guardrails: Mapping[str, tuple[ArmStats, ArmStats]] | None = None) -> Decision:
     """The decision at one look. `guardrails` maps a name to (control, treatment) stats of
-    a bad-is-high metric; the sequential policy ships only when each is non-inferior."""
+    a bad-is-high metric (error-report rate, retry rate).
+
+    The sequential policy, in order: a sample-ratio mismatch halts (CONTINUE); below
+    min_users_per_arm it waits (or ROLLBACK once max_days have passed); the interval
+    below 0 or a guardrail significantly worse rolls back; SHIP needs the interval above
+    0, the effect at least minimum_detectable_effect and every guardrail's upper bound
+    under guardrail_margin; after max_days anything short of that rolls back.
+    """
     config = config or ABConfig()
     if config.policy == "classic":
         return _classic(control, treatment, config, started_at, now)
@@ -190,7 +172,7 @@ def _classic(control: ArmStats, treatment: ArmStats, config: ABConfig, started_a
     relative lift against the control mean (so its sign flips when that mean is negative)."""
     test = session_t_test(control, treatment)
     effect = test.treatment_mean - test.control_mean
-    half_width = t_quantile(1 - config.alpha / 2, test.df) * test.se if test.se == test.se else math.nan
+    half_width = math.nan if math.isnan(test.se) else t_quantile(1 - config.alpha / 2, test.df) * test.se
     lift = effect / test.control_mean * 100 if test.control_mean else math.nan
 
     def result(outcome: Outcome, rule: str, reason: str) -> Decision:

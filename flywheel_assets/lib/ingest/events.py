@@ -206,21 +206,21 @@ SELECT
     CASE WHEN edited THEN TRY_CAST(j_edit_ratio AS DOUBLE) END AS edit_ratio,
     coalesce(j_data::VARCHAR, '{{}}') AS data_json,
     source_line,
-    (j_event_id IS NULL OR starts_with(j_event_id, '"'))
-    AND starts_with(j_session_id, '"') AND j_session_id <> '""'
-    AND starts_with(j_user_id, '"') AND j_user_id <> '""'
-    AND (j_tenant_id IS NULL OR starts_with(j_tenant_id, '"'))
-    AND starts_with(j_event_type, '"')
-    AND starts_with(j_ts, '"') AND ts_value IS NOT NULL
-    AND CASE WHEN suffix(ts, 'Z') THEN true
+    (j_event_id IS NULL OR j_event_id LIKE '"%')
+    AND j_session_id LIKE '"%' AND j_session_id <> '""'
+    AND j_user_id LIKE '"%' AND j_user_id <> '""'
+    AND (j_tenant_id IS NULL OR j_tenant_id LIKE '"%')
+    AND j_event_type LIKE '"%'
+    AND j_ts LIKE '"%' AND ts_value IS NOT NULL
+    AND CASE WHEN ts LIKE '%Z' THEN true
              WHEN substr(ts, -6, 1) IN ('+', '-') AND substr(ts, -3, 1) = ':' THEN NOT regexp_matches(ts, '[A-SU-Ya-z]')
              ELSE false END
-    AND (j_trajectory_id IS NULL OR starts_with(j_trajectory_id, '"'))
-    AND (j_data_trajectory_id IS NULL OR starts_with(j_data_trajectory_id, '"'))
+    AND (j_trajectory_id IS NULL OR j_trajectory_id LIKE '"%')
+    AND (j_data_trajectory_id IS NULL OR j_data_trajectory_id LIKE '"%')
     AND CASE WHEN j_data IS NULL THEN NOT contains(raw, '"data"') AND NOT contains(raw, '\\')
-             ELSE starts_with(j_data, '{{') END
-    AND (NOT edited
-         OR (json_type(j_edit_ratio) IN {_NUMBER} AND TRY_CAST(j_edit_ratio AS DOUBLE) BETWEEN 0 AND 1)) AS ok
+             ELSE j_data LIKE '{{%' END
+    AND CASE WHEN edited THEN json_type(j_edit_ratio) IN {_NUMBER} AND TRY_CAST(j_edit_ratio AS DOUBLE) BETWEEN 0 AND 1
+             ELSE true END AS ok
 FROM typed
 """
 _QUOTED = ("event_id", "session_id", "trajectory_id", "user_id", "tenant_id", "event_type")

@@ -1,0 +1,34 @@
+"""The A/B report of each cycle's candidate: every look, the decision, and the effect over time."""
+
+import dagster as dg
+
+from flywheel_assets.defs.partitions import cycle_partitions
+from flywheel_assets.defs.resources import FlywheelResource
+from flywheel_assets.lib.tables import AB_RESULTS
+from flywheel_assets.lib.experiments.report import ab_markdown, ab_chart
+
+
+@dg.asset(group_name="experiments", kinds={"delta", "python"}, partitions_def=cycle_partitions,
+          deps=["offline_eval"])
+def ab_report(context: dg.AssetExecutionContext, flywheel: FlywheelResource) -> dg.MaterializeResult:
+    """Staged rollout and A/B test of the cycle's candidate: decision, reason, effect with its interval."""
+    config = flywheel.config()
+    cycle = context.partition_key
+    rows = flywheel.lake().read(AB_RESULTS, filter_sql=f"cycle = '{cycle}'").to_pylist()
+    rows.sort(key=lambda r: r["looked_at"])
+    chart = ab_chart(rows, config.reports / f"ab-{cycle}.png")
+    latest = rows[-1] if rows else None
+    metadata = {
+        "looks": len(rows),
+        "decision": latest["outcome"] if latest else "no look yet",
+        "reason": latest["reason"] if latest else "the candidate has not reached the A/B stage",
+        "report": dg.MetadataValue.md(ab_markdown(rows)),
+    }
+    if chart is not None:
+        metadata["chart"] = dg.MetadataValue.path(str(chart))
+    return dg.MaterializeResult(metadata=metadata)
+
+
+ab_report_job = dg.define_asset_job("ab_report_job", selection=dg.AssetSelection.assets("ab_report"),
+                                    partitions_def=cycle_partitions,
+                                    description="Refresh a cycle's A/B report after a look.")

@@ -1,0 +1,128 @@
+"""Staged rollout, one step per look: gate → canary (1%) → A/B treatment (9%) → champion.
+
+* a candidate whose promotion gate passed goes to canary; one the gate blocked is retired;
+* a canary that has served `canary_min_users` users without a worse error-report rate
+  than the champion (beyond the guardrail margin) becomes the A/B treatment; a worse
+  one is rolled back;
+* the treatment is analysed against the champion with the sequential A/B test
+  (lib/experiments/ab.py) at every look: SHIP promotes it, ROLLBACK rolls it back.
+Every step is a registry change with its reason and a row in ab_results.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+import duckdb
+import pyarrow as pa
+
+from flywheel_assets.lib.config import FlywheelConfig
+from flywheel_assets.lib.experiments.ab import Decision, decide
+from flywheel_assets.lib.experiments.ab_stats import arm_stats_by_metric
+from flywheel_assets.lib.experiments.registry import ModelRegistry
+from flywheel_assets.lib.lake import Lake
+from flywheel_assets.lib.tables import AB_RESULTS, OFFLINE_EVALUATIONS, SESSION_FEEDBACK, TRAJECTORIES
+
+METRICS = ("quality", "error_reported", "retried")
+
+
+def sessions_since(lake: Lake, versions: tuple[str, str], since: datetime, until: datetime) -> pa.Table:
+    """(user_id, arm, quality, error_reported, retried) per session whose final trajectory
+    one of the two versions served; arm = control for the first, treatment for the second."""
+    con = duckdb.connect()
+    con.execute("SET TimeZone = 'UTC'")
+    lake.register(con, SESSION_FEEDBACK)
+    lake.register(con, TRAJECTORIES)
+    return con.execute("""
+        SELECT f.user_id, CASE WHEN t.model_version = $control THEN 'control' ELSE 'treatment' END AS arm,
+               f.quality_score AS quality, f.error_reported::DOUBLE AS error_reported,
+               (f.retry_count > 0)::DOUBLE AS retried
+        FROM session_feedback f JOIN trajectories t ON t.trajectory_id = f.final_trajectory_id
+        WHERE t.model_version IN ($control, $treatment) AND f.last_ts > $since AND f.last_ts <= $until
+    """, {"control": versions[0], "treatment": versions[1], "since": since, "until": until}).to_arrow_table()
+
+
+def advance(config: FlywheelConfig, lake: Lake, registry: ModelRegistry, now: datetime) -> list[dict]:
+    """One look at every live candidate; returns the ab_results rows written."""
+    champion = registry.champion()
+    if champion is None:
+        return []
+    rows = []
+    gates = {r["version"]: r for r in lake.read(OFFLINE_EVALUATIONS, filter_sql=(
+        "role = 'candidate' AND scope = 'overall'")).to_pylist()}
+    for version in registry.current():
+        name, status = version["version"], version["status"]
+        if status == "candidate" and name in gates:
+            rows.append(_after_gate(config, registry, version, champion, gates[name], now))
+        elif status == "canary":
+            rows.append(_canary(config, lake, registry, version, champion, now))
+        elif status == "treatment":
+            rows.append(_treatment(config, lake, registry, version, champion, now))
+    rows = [r for r in rows if r]
+    if rows:
+        lake.append(AB_RESULTS, pa.Table.from_pylist(rows, schema=AB_RESULTS.schema))
+    return rows
+
+
+def _row(version: dict, champion: dict, stage: str, now: datetime, outcome: str, rule: str, reason: str,
+         decision: Decision | None = None) -> dict:
+    row = {"test_id": f"ab-{version['version']}", "cycle": version["cycle"], "treatment": version["version"],
+           "control": champion["version"], "stage": stage, "looked_at": now, "outcome": outcome, "rule": rule,
+           "reason": reason}
+    if decision is not None:
+        row.update(effect=decision.effect, effect_low=decision.interval[0], effect_high=decision.interval[1],
+                   p_value=decision.p_value, srm_p=decision.srm_p, users_control=decision.users.get("control"),
+                   users_treatment=decision.users.get("treatment"),
+                   decision_json=json.dumps(decision.as_dict(), default=str))
+    return row
+
+
+def _after_gate(config, registry, version, champion, gate, now) -> dict:
+    if gate["gate_passed"]:
+        registry.transition(version["version"], "canary", traffic_share=config.rollout.canary_share,
+                            reason=f"passed the promotion gate: {gate['gate_reason']}", actor="ab_monitor")
+        return _row(version, champion, "gate", now, "PROCEED", "gate", gate["gate_reason"])
+    registry.transition(version["version"], "retired", reason=f"blocked by the promotion gate: {gate['gate_reason']}",
+                        actor="ab_monitor")
+    return _row(version, champion, "gate", now, "ROLLBACK", "gate", gate["gate_reason"])
+
+
+def _stage_start(registry: ModelRegistry, version: str, status: str) -> datetime:
+    return [r for r in registry.history(version) if r["status"] == status][-1]["changed_at"]
+
+
+def _canary(config, lake, registry, version, champion, now) -> dict | None:
+    sessions = sessions_since(lake, (champion["version"], version["version"]),
+                              _stage_start(registry, version["version"], "canary"), now)
+    stats = arm_stats_by_metric(sessions, list(METRICS))
+    users = stats["error_reported"]["treatment"].users
+    if users < config.rollout.canary_min_users:
+        return None  # nothing to record until the canary has served enough users
+    control, treatment = stats["error_reported"]["control"], stats["error_reported"]["treatment"]
+    harm = treatment.mean - control.mean
+    if harm > config.ab.guardrail_margin:
+        reason = f"canary error-report rate {treatment.mean:.1%} vs champion {control.mean:.1%} over {users} users"
+        registry.rollback(version["version"], reason=reason, actor="ab_monitor")
+        return _row(version, champion, "canary", now, "ROLLBACK", "guardrail", reason)
+    reason = f"canary healthy over {users} users (error reports {treatment.mean:.1%} vs {control.mean:.1%})"
+    registry.transition(version["version"], "treatment", traffic_share=config.rollout.treatment_share,
+                        reason=reason, actor="ab_monitor")
+    return _row(version, champion, "canary", now, "PROCEED", "canary", reason)
+
+
+def _treatment(config, lake, registry, version, champion, now) -> dict:
+    started = _stage_start(registry, version["version"], "treatment")
+    sessions = sessions_since(lake, (champion["version"], version["version"]), started, now)
+    stats = arm_stats_by_metric(sessions, list(METRICS))
+    share = config.rollout.treatment_share / (1 - config.rollout.canary_share)
+    decision = decide(stats["quality"]["control"], stats["quality"]["treatment"],
+                      config.ab.model_copy(update={"treatment_share": share}), started_at=started, now=now,
+                      guardrails={"error_reported": (stats["error_reported"]["control"],
+                                                     stats["error_reported"]["treatment"]),
+                                  "retried": (stats["retried"]["control"], stats["retried"]["treatment"])})
+    if decision.outcome == "SHIP":
+        registry.transition(version["version"], "champion", reason=f"A/B SHIP: {decision.reason}", actor="ab_monitor")
+    elif decision.outcome == "ROLLBACK":
+        registry.rollback(version["version"], reason=f"A/B ROLLBACK: {decision.reason}", actor="ab_monitor")
+    return _row(version, champion, "treatment", now, decision.outcome, decision.rule, decision.reason, decision)
