@@ -9,7 +9,7 @@ export DAGSTER_HOME ?= $(FLYWHEEL_HOME)/dagster
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
-.PHONY: dev demo test bench bench-training seed clean
+.PHONY: dev demo flywheel test bench bench-training seed clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ dev: $(STAMP) $(DAGSTER_HOME)/dagster.yaml seed
 ## demo: the same work headless, through real Dagster runs, ending in a printed summary
 demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/python -m flywheel_assets.demo
+
+## flywheel: the closed loop day by simulated day (users → sensors → cycles → A/B → promotion), own FLYWHEEL_HOME
+flywheel: $(STAMP)
+	FLYWHEEL_HOME=$(CURDIR)/data/home-flywheel DAGSTER_HOME=$(CURDIR)/data/home-flywheel/dagster \
+	FLYWHEEL_CONFIG=$(CURDIR)/data/flywheel.json $(BIN)/python -m flywheel_assets.flywheel
 
 ## test: the whole suite
 test: $(STAMP)

@@ -2,16 +2,18 @@
 
 Per file: valid rows go to their table (rows whose key is already there are not
 added again), every other line to `quarantine` with its reason, then the file is
-recorded in the `ingested_files` ledger. Each write is one Delta commit; a crash
-between them is harmless because re-ingesting a file adds no row twice.
+recorded in the `ingested_files` ledger. Each write is one Delta commit (up to
+COMMIT_ROWS rows of one file), made in that order; a crash between them is harmless
+because re-ingesting a file adds no row twice.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -22,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from flywheel_assets.lib.config import FlywheelConfig
-from flywheel_assets.lib.ingest.events import parse_event_lines
+from flywheel_assets.lib.ingest.events import parse_event_lines, with_event_hash
 from flywheel_assets.lib.ingest.landing import LandingFile, list_landing, read_line_batches
 from flywheel_assets.lib.ingest.trajectories import BadLine, parse_trajectory, to_arrow
 from flywheel_assets.lib.lake import Lake, conform, utcnow
@@ -54,13 +56,27 @@ def pending_files(config: FlywheelConfig, lake: Lake) -> list[LandingFile]:
 
 def ingest_landing(config: FlywheelConfig, lake: Lake, files: list[LandingFile] | None = None,
                    log: Callable[[str], None] = print) -> IngestReport:
+    """Ingest the files in order. Batches are parsed two at a time on worker threads
+    (DuckDB and Arrow release the GIL) and written on another, but everything that
+    decides what is new (key dedup, counters, the ledger) happens here, in file and
+    batch order, exactly as if one batch were done after the other."""
     files = pending_files(config, lake) if files is None else files
     report = IngestReport()
     con = duckdb.connect()
     keys = _KeyIndex(con, lake)
-    with _Writer(lake) as writer:
-        for position, landing_file in enumerate(files, start=1):
-            rows_new, duplicates, quarantined, lines = _ingest_file(config, writer, con, keys, landing_file)
+    with _Writer(lake) as writer, _Parsers() as parsers:
+        progress = None
+        for index, lines, good, bad in parsers.batches(files, config):
+            landing_file = files[index]
+            if progress is None:
+                progress = _FileProgress(TARGETS[landing_file.kind])
+            if good is not None:
+                progress.add(writer, keys, lines, good, bad)
+                continue
+            progress.commit(writer)  # the file's last batch is done
+            rows_new, duplicates, quarantined, lines = (progress.rows_new, progress.duplicates,
+                                                        progress.quarantined, progress.lines)
+            progress = None
             report.rows_new[landing_file.kind] += rows_new
             report.duplicates[landing_file.kind] += duplicates
             report.quarantined.update(quarantined)
@@ -72,47 +88,98 @@ def ingest_landing(config: FlywheelConfig, lake: Lake, files: list[LandingFile] 
             }], schema=INGESTED_FILES.schema))
             report.files.append({"file": landing_file.relative, "lines": lines, "new": rows_new,
                                  "duplicates": duplicates, "quarantined": sum(quarantined.values())})
-            log(f"[{position}/{len(files)}] {landing_file.relative}: {lines} lines, {rows_new} new, "
+            log(f"[{index + 1}/{len(files)}] {landing_file.relative}: {lines} lines, {rows_new} new, "
                 f"{duplicates} duplicates, {sum(quarantined.values())} quarantined")
     return report
 
 
 # Rows of one file are committed together once this many are waiting (fewer, larger
-# Delta commits: a commit costs about the same for 0.5M rows as for 2M).
-COMMIT_ROWS = 2_000_000
+# Delta commits: a commit costs about the same per row for 0.5M rows as for 2M, plus
+# a fixed part, and every commit is a table version).
+COMMIT_ROWS = 1_000_000
 
 
-def _ingest_file(config, writer: "_Writer", con, keys, landing_file: LandingFile) -> tuple[int, int, Counter, int]:
-    table = TARGETS[landing_file.kind]
-    rows_new = duplicates = lines = 0
-    quarantined: Counter = Counter()
-    waiting: list[pa.Table] = []
-    waiting_bad: list[pa.Table] = []
-    waiting_rows = 0
-    for batch in read_line_batches(landing_file.path, config.ingest.max_line_bytes, config.ingest.batch_lines):
-        lines += batch.num_rows
-        if landing_file.kind == "events":
-            good, bad = parse_event_lines(con, batch, landing_file.relative)
-        else:
-            good, bad = _parse_python(batch, landing_file)
-        fresh = keys.only_new(table, good)
-        duplicates += good.num_rows - fresh.num_rows
+class _FileProgress:
+    """One file's counters and the rows waiting for their commit."""
+
+    def __init__(self, table: Table):
+        self.table = table
+        self.rows_new = self.duplicates = self.lines = 0
+        self.quarantined: Counter = Counter()
+        self.waiting: list[pa.Table] = []
+        self.waiting_bad: list[pa.Table] = []
+        self.waiting_rows = 0
+
+    def add(self, writer: "_Writer", keys: "_KeyIndex", lines: int, good: pa.Table, bad: pa.Table) -> None:
+        self.lines += lines
+        fresh = keys.only_new(self.table, good)
+        self.duplicates += good.num_rows - fresh.num_rows
         bad = keys.only_new(QUARANTINE, bad)
-        keys.remember(table, fresh)
+        keys.remember(self.table, fresh)
         keys.remember(QUARANTINE, bad)
-        rows_new += fresh.num_rows
-        quarantined.update(bad.column("reason_code").to_pylist())
-        if fresh.num_rows:
-            waiting.append(fresh)
-            waiting_rows += fresh.num_rows
-        if bad.num_rows:
-            waiting_bad.append(bad)
-            waiting_rows += bad.num_rows
-        if waiting_rows >= COMMIT_ROWS:
-            _commit(writer, table, waiting, waiting_bad)
-            waiting, waiting_bad, waiting_rows = [], [], 0
-    _commit(writer, table, waiting, waiting_bad)
-    return rows_new, duplicates, quarantined, lines
+        self.rows_new += fresh.num_rows
+        self.quarantined.update(bad.column("reason_code").to_pylist())
+        for waiting, rows in ((self.waiting, fresh), (self.waiting_bad, bad)):
+            if rows.num_rows:
+                waiting.append(rows)
+                self.waiting_rows += rows.num_rows
+        if self.waiting_rows >= COMMIT_ROWS:
+            self.commit(writer)
+
+    def commit(self, writer: "_Writer") -> None:
+        _commit(writer, self.table, self.waiting, self.waiting_bad)
+        self.waiting, self.waiting_bad, self.waiting_rows = [], [], 0
+
+
+class _Parsers:
+    """parse_event_lines / _parse_python on `workers` threads, each event parser with
+    its own single-threaded DuckDB connection; results come back in order."""
+
+    def __init__(self, workers: int = 2, ahead: int = 3):
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest-parse")
+        self.ahead = ahead
+        self.local = threading.local()
+        self.connections: list[duckdb.DuckDBPyConnection] = []
+
+    def _parse(self, batch: pa.Table, landing_file: LandingFile) -> tuple[pa.Table, pa.Table]:
+        if landing_file.kind != "events":
+            return _parse_python(batch, landing_file)
+        con = getattr(self.local, "con", None)
+        if con is None:
+            con = self.local.con = duckdb.connect(config={"threads": 1})
+            self.connections.append(con)
+        return parse_event_lines(con, batch, landing_file.relative)
+
+    def batches(self, files: list[LandingFile], config: FlywheelConfig) -> Iterator[tuple]:
+        """(file index, lines, good, bad) per batch, and (file index, 0, None, None) after a file's last."""
+        queued: deque[tuple[int, int, Future | None]] = deque()
+        try:
+            for index, landing_file in enumerate(files):
+                for batch in read_line_batches(landing_file.path, config.ingest.max_line_bytes,
+                                               config.ingest.batch_lines):
+                    queued.append((index, batch.num_rows, self.pool.submit(self._parse, batch, landing_file)))
+                    while len(queued) > self.ahead:
+                        yield self._result(queued.popleft())
+                queued.append((index, 0, None))
+            while queued:
+                yield self._result(queued.popleft())
+        finally:
+            for _, _, future in queued:
+                if future is not None:
+                    future.cancel()
+
+    @staticmethod
+    def _result(item: tuple[int, int, Future | None]) -> tuple:
+        index, lines, future = item
+        return (index, lines, None, None) if future is None else (index, lines, *future.result())
+
+    def __enter__(self) -> "_Parsers":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        for con in self.connections:
+            con.close()
 
 
 def _commit(writer: "_Writer", table: Table, rows: list[pa.Table], bad: list[pa.Table]) -> None:
@@ -127,9 +194,10 @@ def _concat(parts: list[pa.Table], table: Table) -> pa.Table:
 
 
 class _Writer:
-    """Delta appends in order, on one background thread, so that the next batch is
-    parsed while the last one is written (both release the GIL). At most `depth`
-    appends wait (memory); the first failure is raised to the caller."""
+    """Delta appends in order, on one background thread, so that the next batches are
+    parsed while the last ones are written (deltalake releases the GIL). At most
+    `depth` appends wait (memory). Leaving the block waits for every queued append
+    (each is a whole commit, whatever happens next); the first failure is raised."""
 
     def __init__(self, lake: Lake, depth: int = 2):
         self.lake = lake
@@ -146,15 +214,12 @@ class _Writer:
         return self
 
     def __exit__(self, *exc) -> None:
-        try:
-            while self.queued:
-                future = self.queued.popleft()
-                if exc[0] is None:
-                    future.result()
-                else:
-                    future.cancel()
-        finally:
-            self.pool.shutdown(wait=True)
+        self.pool.shutdown(wait=True)
+        errors = [future.exception() for future in self.queued]
+        self.queued.clear()
+        first = next((error for error in errors if error is not None), None)
+        if first is not None and exc[0] is None:
+            raise first
 
 
 def _parse_python(batch: pa.Table, landing_file: LandingFile) -> tuple[pa.Table, pa.Table]:
@@ -227,62 +292,55 @@ def parse_annotation(obj, ingested_at: datetime) -> dict:
 
 class _KeyIndex:
     """Keys already in the lake, loaded once per run, so re-dropped or overlapping
-    files add nothing. Events keep theirs in DuckDB (tens of millions of ids) and a
-    sorted array of their 64-bit hashes: a batch's hashes are looked up there (a
-    binary search per row, not a hash table of every id seen), and only the ids whose
-    hash is found are compared as strings, so no hash collision can drop a new event."""
+    files add nothing. Events (tens of millions of ids) are kept as 64-bit hashes in
+    sorted arrays: a batch's hashes are looked up by binary search (never a hash
+    table of every id seen), and only the rows whose hash is found are compared, as
+    strings, with the ids kept beside their hashes, so no hash collision can drop a
+    new event. The hash is events.with_event_hash's, which parse_event_lines gives."""
 
     def __init__(self, con: duckdb.DuckDBPyConnection, lake: Lake):
         self.con = con
         self.sets: dict[str, set[str]] = {}
-        con.execute("CREATE TEMP TABLE seen_events (event_id VARCHAR, h UBIGINT)")
-        self.hashes = np.empty(0, dtype=np.uint64)  # of seen_events.event_id, sorted
-        if lake.exists(SESSION_EVENTS):
-            lake.register(con, SESSION_EVENTS, "existing_events")
-            con.execute("INSERT INTO seen_events SELECT event_id, hash(event_id) FROM existing_events")
-            self.hashes = np.sort(self._column("SELECT h FROM seen_events"))
-        self._last: tuple[pa.Table, np.ndarray] | None = None  # rows and their hashes, for remember()
+        self.sorted = [np.empty(0, dtype=np.uint64), np.empty(0, dtype=np.uint64)]  # all, then the latest few
+        self.ids: list[tuple[np.ndarray, pa.ChunkedArray]] = []  # (hashes, event_ids) per remembered batch
+        self._hashes: tuple[pa.Table, np.ndarray] | None = None  # a batch and its sorted hashes
+        existing = lake.read(SESSION_EVENTS, columns=["event_id"])
+        if existing.num_rows:
+            self.remember(SESSION_EVENTS, with_event_hash(con, existing))
         for table in (TRAJECTORIES, ANNOTATIONS, QUARANTINE):
             key = table.key[0]
             self.sets[table.name] = set(lake.read(table, columns=[key]).column(key).to_pylist())
 
-    def _column(self, sql: str, **tables: pa.Table) -> np.ndarray:
-        for name, table in tables.items():
-            self.con.register(name, table)
-        try:
-            return self.con.execute(sql).to_arrow_table().column(0).to_numpy()
-        finally:
-            for name in tables:
-                self.con.unregister(name)
-
-    def _hashes(self, rows: pa.Table) -> np.ndarray:
-        """hash(event_id) of the rows, sorted (the order is all lookups and merges need)."""
-        if self._last is not None and self._last[0] is rows:
-            return self._last[1]
-        hashes = np.sort(self._column("SELECT hash(event_id) FROM incoming", incoming=rows.select(["event_id"])))
-        self._last = (rows, hashes)
-        return hashes
+    def _sorted_hashes(self, rows: pa.Table) -> np.ndarray:
+        if self._hashes is None or self._hashes[0] is not rows:
+            self._hashes = (rows, np.sort(rows.column("event_hash").to_numpy()))
+        return self._hashes[1]
 
     def only_new(self, table: Table, rows: pa.Table) -> pa.Table:
         if rows.num_rows == 0:
             return rows
         if table is SESSION_EVENTS:
-            hashes = self._hashes(rows)
-            if len(self.hashes) == 0:
-                return rows
-            found = np.searchsorted(self.hashes, hashes)  # sorted needles: each search starts where the last ended
-            found[found == len(self.hashes)] = 0
-            known = self.hashes[found] == hashes
+            if "event_hash" not in rows.column_names:
+                rows = with_event_hash(self.con, rows)
+            hashes = self._sorted_hashes(rows)
+            known = np.zeros(len(hashes), dtype=bool)
+            for seen in self.sorted:
+                if len(seen):
+                    found = np.searchsorted(seen, hashes)  # sorted needles: each search starts where the last ended
+                    known |= seen[np.minimum(found, len(seen) - 1)] == hashes
             if not known.any():
                 return rows
-            candidates = pa.table({"h": pa.array(np.unique(hashes[known]))})
-            self.con.register("candidates", candidates)
-            try:
-                seen = self.con.execute("SELECT event_id FROM seen_events SEMI JOIN candidates USING (h)") \
-                    .to_arrow_table().column("event_id")
-            finally:
-                self.con.unregister("candidates")
-            return rows.filter(pc.invert(pc.is_in(rows.column("event_id"), value_set=seen)))
+            candidates = np.unique(hashes[known])
+            seen_ids = []
+            for seen_hashes, ids in self.ids:
+                found = np.searchsorted(candidates, seen_hashes)
+                match = candidates[np.minimum(found, len(candidates) - 1)] == seen_hashes
+                if match.any():
+                    seen_ids.append(ids.filter(pa.array(match)))
+            if not seen_ids:  # only hash collisions
+                return rows
+            seen_ids = pa.chunked_array(seen_ids).combine_chunks()
+            return rows.filter(pc.invert(pc.is_in(rows.column("event_id"), value_set=seen_ids)))
         known = self.sets[table.name]
         key = table.key[0]
         mask = [k not in known for k in rows.column(key).to_pylist()]
@@ -292,15 +350,22 @@ class _KeyIndex:
         if rows.num_rows == 0:
             return
         if table is SESSION_EVENTS:
-            hashes = self._hashes(rows)
-            self._last = None
-            self.con.register("incoming", rows.select(["event_id"]))
-            try:
-                self.con.execute("INSERT INTO seen_events SELECT event_id, hash(event_id) FROM incoming")
-            finally:
-                self.con.unregister("incoming")
-            merged = np.concatenate([self.hashes, hashes])
-            merged.sort(kind="stable")  # timsort: a merge of the two sorted runs
-            self.hashes = merged
+            if "event_hash" not in rows.column_names:
+                rows = with_event_hash(self.con, rows)
+            hashes = self._sorted_hashes(rows)
+            self._hashes = None
+            self.ids.append((rows.column("event_hash").to_numpy(), rows.column("event_id")))
+            everything, latest = self.sorted
+            latest = _merge(latest, hashes)
+            if 4 * len(latest) > len(everything):  # fold the latest in: each hash moves O(log n) times in all
+                everything, latest = _merge(everything, latest), latest[:0]
+            self.sorted = [everything, latest]
         else:
             self.sets[table.name].update(rows.column(table.key[0]).to_pylist())
+
+
+def _merge(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Two sorted arrays as one (timsort merges the two runs)."""
+    merged = np.concatenate([a, b])
+    merged.sort(kind="stable")
+    return merged

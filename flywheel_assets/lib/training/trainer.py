@@ -91,7 +91,7 @@ def _loop(model, optimizer, examples, pairs, *, steps, batch_size, pad_id, seed,
         result.losses.append(loss.item())
         if log and (step % 25 == 0 or step == steps - 1):
             elapsed = time.perf_counter() - started
-            log({"step": step + 1, "steps": steps, "loss": round(float(loss), 4),
+            log({"step": step + 1, "steps": steps, "loss": round(loss.item(), 4),
                  "tokens_per_s": round(result.tokens / max(elapsed, 1e-9))})
     result.seconds = time.perf_counter() - started
     model.eval()
