@@ -7,18 +7,14 @@ linearly to [-1, 1] (1 -> -1, 10 -> 1) to sit beside the other scores.
 
 from __future__ import annotations
 
-import http.client
 import json
-import time
-import urllib.error
-import urllib.request
 from typing import Any
 
 from flywheel_assets.lib.config import LLMJudgeConfig
+from flywheel_assets.lib.openai_compat import EndpointError, post_json, reply_json
 
 MIN_GRADE = 1
 MAX_GRADE = 10
-MAX_ATTEMPTS = 3
 
 RUBRIC = f"""You grade one conversation between a user and an AI agent that may call tools.
 Judge the agent's work only, against this rubric:
@@ -102,30 +98,15 @@ class LLMJudge:
         return rows
 
     def _post(self, body: dict) -> bytes:
-        headers = {"Content-Type": "application/json"}
-        if self.config.api_key:
-            headers["Authorization"] = f"Bearer {self.config.api_key}"
-        data = json.dumps(body).encode()
-        last_failure = ""
-        for attempt in range(MAX_ATTEMPTS):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            request = urllib.request.Request(self.endpoint, data=data, headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(request, timeout=self.config.timeout_s) as response:
-                    return response.read()
-            except urllib.error.HTTPError as exc:
-                last_failure = f"HTTP {exc.code}: {_error_body(exc)}"
-                if exc.code != 429 and exc.code < 500:
-                    raise LLMJudgeError(self.endpoint, last_failure) from exc
-            except (OSError, http.client.HTTPException) as exc:  # refused, reset, timed out, cut short
-                last_failure = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
-        raise LLMJudgeError(self.endpoint, f"gave up after {MAX_ATTEMPTS} attempts; last: {last_failure}")
+        try:
+            return post_json(self.endpoint, body, api_key=self.config.api_key, timeout_s=self.config.timeout_s,
+                             backoff_s=self.backoff_s)
+        except EndpointError as error:
+            raise LLMJudgeError(self.endpoint, error.reason) from error
 
     def _parse(self, raw: bytes) -> tuple[float, str]:
         try:
-            content = json.loads(raw)["choices"][0]["message"]["content"]
-            verdict = json.loads(_strip_code_fence(content))
+            verdict = reply_json(raw)
             grade = verdict["score"]
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             raise LLMJudgeError(self.endpoint, f"malformed response ({exc!r}): {raw[:300]!r}") from exc
@@ -133,19 +114,3 @@ class LLMJudge:
             raise LLMJudgeError(self.endpoint, f"score {grade!r} is not a number from {MIN_GRADE} to {MAX_GRADE}")
         reason = verdict.get("reason")
         return grade_to_score(float(grade)), reason if isinstance(reason, str) else ""
-
-
-def _error_body(error: urllib.error.HTTPError) -> str:
-    try:
-        return error.read(300).decode("utf-8", "replace")
-    except (OSError, http.client.HTTPException):
-        return str(error.reason)
-
-
-def _strip_code_fence(content: str) -> str:
-    """Some servers ignore response_format and wrap the JSON in a markdown fence."""
-    text = content.strip()
-    if text.startswith("```"):
-        text = text.split("\n", 1)[1] if "\n" in text else ""
-        text = text.rsplit("```", 1)[0]
-    return text

@@ -9,25 +9,21 @@ endpoint can play the seed's GPT-4 teacher (FLYWHEEL_TEACHER_URL / _MODEL / _API
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import re
-import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from random import Random
 
+from flywheel_assets.lib.openai_compat import EndpointError, post_json, reply_json
 from flywheel_assets.lib.simulation.tasks import (
     ANSWERS, COLD_START_PHRASINGS, TOOLS, Task, expert_messages, generate_tasks, run_tool, to_hermes, verify,
 )
 
 SYNTHETIC_REWARD = 0.8  # the seed's value: synthetic data is good, not perfect
-MAX_ATTEMPTS = 3
 TOOL_NAMES = frozenset(tool["function"]["name"] for tool in TOOLS)
 TEACHER_PROMPT = """You write training data for a tool-using AI agent.
 Solve the user's request below exactly as the agent should: call the tools it needs (only the
@@ -155,32 +151,16 @@ class OpenAITeacher:
             return None
 
     def _post(self, body: dict) -> bytes:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        data, last_failure = json.dumps(body).encode(), ""
-        for attempt in range(MAX_ATTEMPTS):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            request = urllib.request.Request(self.endpoint, data=data, headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                    return response.read()
-            except urllib.error.HTTPError as error:
-                last_failure = f"HTTP {error.code}"
-                if error.code != 429 and error.code < 500:
-                    raise TeacherError(f"teacher at {self.endpoint}: {last_failure}") from error
-            except (OSError, http.client.HTTPException) as error:  # refused, reset, timed out, cut short
-                last_failure = f"{type(error).__name__}: {getattr(error, 'reason', error)}"
-        raise TeacherError(f"teacher at {self.endpoint}: gave up after {MAX_ATTEMPTS} attempts; last: {last_failure}")
+        try:
+            return post_json(self.endpoint, body, api_key=self.api_key, timeout_s=self.timeout_s,
+                             backoff_s=self.backoff_s)
+        except EndpointError as error:
+            raise TeacherError(f"teacher at {self.endpoint}: {error.reason}") from error
 
 
 def _reply_messages(raw: bytes):
     try:
-        content = json.loads(raw)["choices"][0]["message"]["content"].strip()
-        # some servers ignore response_format and wrap the JSON in a markdown fence
-        content = re.sub(r"^```(?:json)?\s*|\s*```$", "", content)
-        return json.loads(content)["messages"]
+        return reply_json(raw)["messages"]
     except (ValueError, KeyError, IndexError, TypeError, AttributeError) as error:
         raise Rejected("malformed", f"reply is not a JSON object with messages ({error!r})") from error
 
