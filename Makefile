@@ -33,6 +33,7 @@ demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 
 ## flywheel: the closed loop day by simulated day (users → sensors → cycles → A/B → promotion), own FLYWHEEL_HOME
 flywheel: $(STAMP)
+	mkdir -p $(CURDIR)/data/home-flywheel/dagster && printf 'telemetry:\n  enabled: false\n' > $(CURDIR)/data/home-flywheel/dagster/dagster.yaml
 	FLYWHEEL_HOME=$(CURDIR)/data/home-flywheel DAGSTER_HOME=$(CURDIR)/data/home-flywheel/dagster \
 	FLYWHEEL_CONFIG=$(CURDIR)/data/flywheel.json $(BIN)/python -m flywheel_assets.flywheel
 
