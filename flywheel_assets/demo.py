@@ -28,11 +28,12 @@ def run_landing_sensor(defs: dg.Definitions, instance: dg.DagsterInstance) -> li
     return list(result.run_requests or [])
 
 
-def run_job(defs: dg.Definitions, instance: dg.DagsterInstance, name: str, **kwargs) -> dg.ExecuteInProcessResult:
+def run_job(defs: dg.Definitions, instance: dg.DagsterInstance, name: str, *, allow_failure: bool = False,
+            **kwargs) -> dg.ExecuteInProcessResult:
     result = defs.resolve_job_def(name).execute_in_process(instance=instance, raise_on_error=False, **kwargs)
     label = f"{name}[{kwargs['partition_key']}]" if "partition_key" in kwargs else name
     print(f"{label} run {result.run_id}: {'success' if result.success else 'FAILED'}", flush=True)
-    if not result.success:
+    if not result.success and not allow_failure:
         raise SystemExit(f"{label} failed; see the run in the UI (make dev) for the step that broke")
     return result
 
