@@ -70,8 +70,8 @@ ARMS = {"A": "ours: peft LoRA, default targets", "B": "plain torch: full AdamW, 
         "A′": "ours without embed_tokens/lm_head LoRA"}
 
 
-class RssSampler:
-    """Peak resident memory of this process between start and stop, sampled every 50 ms."""
+class ResourceSampler:
+    """Peak resident memory (sampled every 50 ms) and CPU share of this process between start and stop."""
 
     def __init__(self, interval_s: float = 0.05):
         import psutil
@@ -89,7 +89,7 @@ class RssSampler:
             self.peak = max(self.peak, self.process.memory_info().rss)
             self._stop.wait(self.interval_s)
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> "ResourceSampler":
         self._thread.start()
         return self
 
@@ -169,7 +169,7 @@ def run_arm(arm: str, base_dir: Path, setup: dict, config: FlywheelConfig, steps
     """Load the saved weights, train `steps` steps; tokens/s over the training loop, RSS over load + train."""
     release_memory()
     device = model_lib.pick_device()
-    with RssSampler() as rss:
+    with ResourceSampler() as rss:
         model, tokenizer = model_lib.load_pretrained(base_dir, device)
         if arm == "B":
             tokens, seconds, final_loss, trainable = plain_torch_loop(model, setup, config, steps, batch_size)
@@ -279,11 +279,13 @@ def generation(model, tokenizer, batch_sizes: list[int], n_prompts: int) -> list
     for batch_size in batch_sizes:
         stats = GenerationStats()
         started = time.perf_counter()
-        runs = run_agent(model, tokenizer, prompts, run_tool, batch_size=batch_size, stats=stats)
+        with ResourceSampler() as usage:
+            runs = run_agent(model, tokenizer, prompts, run_tool, batch_size=batch_size, stats=stats)
         wall = time.perf_counter() - started
         rows.append({"batch_size": batch_size, "prompts": len(prompts), "new_tokens": stats.new_tokens,
                      "generate_s": stats.seconds, "wall_s": wall, "new_tokens_per_s": stats.tokens_per_second,
-                     "finished": sum(r.finished for r in runs), "tool_calls": sum(len(r.calls) for r in runs)})
+                     "finished": sum(r.finished for r in runs), "tool_calls": sum(len(r.calls) for r in runs),
+                     "cpu_share": usage.cpu_share, "load_1m": os.getloadavg()[0]})
     return rows
 
 
@@ -302,7 +304,9 @@ def run(args: argparse.Namespace) -> dict:
         # First, so that one-time costs (first-touch of library pages, thread pools) land here,
         # not in the first measured arm.
         print(f"interleaved step timing ({args.phase_steps} steps per arm) …", flush=True)
-        interleaved = interleaved_steps(base_dir, setup, config, args.phase_steps, args.batch_size)
+        with ResourceSampler() as usage:
+            interleaved = interleaved_steps(base_dir, setup, config, args.phase_steps, args.batch_size)
+        interleaved_cpu_share = usage.cpu_share
 
         order = ["A", "B", "A′"] * args.repeats
         last_a = max(i for i, arm in enumerate(order) if arm == "A")
@@ -347,6 +351,7 @@ def run(args: argparse.Namespace) -> dict:
         "embedding_lora_cost": best["A′"]["tokens_per_s"] / best["A"]["tokens_per_s"],
         "rss_ratio": rss_increase["A"] / max(rss_increase["B"], 1e-9),
         "interleaved": interleaved,
+        "interleaved_cpu_share": interleaved_cpu_share,
         "interleaved_overhead_ratio": interleaved["A"]["median_step_ms"] / interleaved["B"]["median_step_ms"],
         "interleaved_overhead_ratio_without_embedding_lora":
             interleaved["A′"]["median_step_ms"] / interleaved["B"]["median_step_ms"],
@@ -384,6 +389,7 @@ def print_table(r: dict) -> None:
         ("same batches in every arm", "yes" if r["same_batches"] else "NO", "equal token counts",
          mark(r["same_batches"])),
     ]
+    rows.append(("interleaved pass CPU share", f"{r['interleaved_cpu_share']:.2f}", "", ""))
     rows.append(overhead_row("interleaved median step A / B", r["interleaved_overhead_ratio"]))
     rows.append(overhead_row("interleaved median step A′ / B",
                              r["interleaved_overhead_ratio_without_embedding_lora"]))
@@ -395,7 +401,7 @@ def print_table(r: dict) -> None:
         label = f"generate, batch {g['batch_size']}" + (" (merged)" if g.get("merged") else "")
         rows.append((label, f"{g['new_tokens_per_s']:,.0f} new tokens/s",
                      f"{g['wall_s']:.1f} s wall, {g['new_tokens']:,} tokens, {g['tool_calls']} calls, "
-                     f"{g['finished']}/{g['prompts']} finished", ""))
+                     f"{g['finished']}/{g['prompts']} finished, CPU share {g['cpu_share']:.2f}", ""))
     widths = [max(len(str(row[i])) for row in rows) for i in range(4)]
     load = r["load_avg"]
     title = (f"bench_training: {r['steps']} steps × batch {r['batch_size']}, {r['threads']} threads, {r['device']}, "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -241,15 +242,16 @@ _GOOD_SCHEMA = pa.schema([("event_id", pa.string()), ("event_hash", pa.uint64())
 
 
 def _unquote(column: pa.ChunkedArray) -> pa.ChunkedArray:
-    """'"abc"' -> 'abc': drops the quotes _quoted leaves around every value (a byte slice)."""
-    return pc.binary_slice(column.cast(pa.binary()), 1, -1).cast(pa.string())
+    """'"abc"' -> 'abc': drops the quotes _quoted leaves around every value (a byte
+    slice; what is left of valid UTF-8 without its first and last ASCII byte is too)."""
+    return pa.chunked_array([pc.binary_slice(chunk.view(pa.binary()), 1, -1).view(pa.string())
+                             for chunk in column.chunks], pa.string())
 
 
-# Rows to drop for an event_id seen earlier in the same batch (exact; the hashes only
-# find the candidates, so this costs one integer GROUP BY when there are none).
+# Rows to drop for an event_id seen earlier in the same batch, among the rows whose
+# event_hash is repeated (exact: the hashes only find the candidates).
 _REPEATS_SQL = """
-WITH repeated AS (SELECT event_hash FROM rows GROUP BY event_hash HAVING count(*) > 1)
-SELECT source_line FROM rows SEMI JOIN repeated USING (event_hash)
+SELECT source_line FROM candidates
 QUALIFY row_number() OVER (PARTITION BY event_id ORDER BY source_line) > 1
 """
 
@@ -304,16 +306,17 @@ def with_event_hash(con: duckdb.DuckDBPyConnection, rows: pa.Table) -> pa.Table:
 def _first_of_each_id(con: duckdb.DuckDBPyConnection, rows: pa.Table) -> pa.Table:
     if rows.num_rows < 2:
         return rows
-    # as int64: a UBIGINT filter pushed into the Arrow scan overflows a Python int
-    keyed = pa.table({"event_id": rows.column("event_id"), "source_line": rows.column("source_line"),
-                      "event_hash": pa.chunked_array([c.view(pa.int64()) for c in rows.column("event_hash").chunks],
-                                                     pa.int64())})
-    con.register("rows", keyed)
+    ordered = np.sort(rows.column("event_hash").to_numpy())
+    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+    if len(repeated) == 0:
+        return rows
+    candidates = rows.filter(pc.is_in(rows.column("event_hash"), value_set=pa.array(np.unique(repeated))))
+    con.register("candidates", candidates.select(["event_id", "source_line"]))
     try:
         repeats = con.execute(_REPEATS_SQL).to_arrow_table().column("source_line")
     finally:
-        con.unregister("rows")
-    if len(repeats) == 0:
+        con.unregister("candidates")
+    if len(repeats) == 0:  # only hash collisions
         return rows
     return rows.filter(pc.invert(pc.is_in(rows.column("source_line"), value_set=repeats)))
 

@@ -169,56 +169,71 @@ def _split(data: bytearray, end: int, first_number: int, max_line_bytes: int) ->
     """data[:end] split on b"\n" (count lines, numbered from first_number), copied out of data."""
     large = end >= 2**31 - 1
     offsets = pa.py_buffer(np.array([0, end], dtype=np.int64 if large else np.int32))
-    kind, text_kind = (pa.large_binary(), pa.large_string()) if large else (pa.binary(), pa.string())
+    kind = pa.large_binary() if large else pa.binary()
     whole = pa.Array.from_buffers(kind, 1, [None, offsets, pa.py_buffer(data)])
     lines = pc.split_pattern(whole, b"\n").flatten()
+    if large:
+        lines = lines.cast(pa.binary())  # only one line can be that long: oversized, and cut
     count = len(lines)
-    bounds = np.frombuffer(lines.buffers()[1], dtype=np.int64 if large else np.int32, count=count + 1,
-                           offset=lines.offset * (8 if large else 4)).astype(np.int64)
+    bounds = np.frombuffer(lines.buffers()[1], dtype=np.int32, count=count + 1, offset=lines.offset * 4)
     data_buffer = lines.buffers()[2]
     content = np.frombuffer(data_buffer, dtype=np.uint8) if data_buffer is not None else np.zeros(0, np.uint8)
-    starts, ends = bounds[:-1], bounds[1:]
-    lengths = ends - starts
-    if count and (lengths > max_line_bytes).any():
-        return _split_python(lines, first_number, max_line_bytes), count
+    starts, ends = bounds[:-1].astype(np.int64), bounds[1:].astype(np.int64)
+    # Lines the reference decodes itself: oversized ones, and those that are not UTF-8.
+    special = (ends - starts) > max_line_bytes
     try:
-        text = lines.cast(text_kind)
-    except pa.ArrowInvalid:  # some line is not UTF-8
-        return _split_python(lines, first_number, max_line_bytes), count
-    filled = lengths > 0
-    tail = np.zeros(count, dtype=bool)
-    tail[filled] = content[ends[filled] - 1] == 13
-    if tail.any():  # "\r\n" line ends: rstrip(b"\r\n") leaves the rest as it is
+        text = lines.cast(pa.string())  # checks UTF-8
+    except pa.ArrowInvalid:  # which ones: only a line with a byte >= 0x80 can be
+        text = None
+        high = np.unique(np.searchsorted(starts, np.flatnonzero(content >= 0x80), side="right") - 1)
+        for i in high:
+            try:
+                bytes(content[starts[i]:ends[i]]).decode("utf-8")
+            except UnicodeDecodeError:
+                special[i] = True
+    if special.any():
+        rest, odd = np.flatnonzero(~special), np.flatnonzero(special)
+        numbers: list[int] = []
+        raws: list[str] = []
+        problems: list[str | None] = []
+        truncated: list[bool] = []
+        for i in odd:
+            _add_line(bytes(content[starts[i]:ends[i]]), first_number + int(i), max_line_bytes,
+                      numbers, raws, problems, truncated)
+        table = pa.concat_tables([_plain(lines.take(pa.array(rest)).cast(pa.string()), rest + first_number),
+                                  _batch(numbers, raws, problems, truncated)])
+        return table.sort_by("source_line"), count
+    return _plain(text, np.arange(first_number, first_number + count)), count
+
+
+def _first_bytes(text: pa.Array) -> np.ndarray:
+    """Each string's first byte (0 for an empty one)."""
+    offsets = np.frombuffer(text.buffers()[1], dtype=np.int32, count=len(text) + 1, offset=text.offset * 4)
+    data = text.buffers()[2]
+    content = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
+    if len(content) == 0:
+        return np.zeros(len(text), dtype=np.uint8)
+    first = content[np.minimum(offsets[:-1], len(content) - 1)]
+    return np.where(offsets[1:] > offsets[:-1], first, 0)
+
+
+def _plain(text: pa.Array, numbers: np.ndarray) -> pa.Table:
+    """Lines (none oversized or not UTF-8) as the reference keeps them."""
+    lengths = pc.binary_length(text).to_numpy(zero_copy_only=False)
+    if len(text) and pc.any(pc.ends_with(text, "\r")).as_py():  # rstrip(b"\r\n") keeps the rest as it is
         text = pc.utf8_rtrim(text, characters="\r")
         lengths = pc.binary_length(text).to_numpy(zero_copy_only=False)
-        filled = lengths > 0
-    keep = filled
-    # a line that starts with whitespace may be blank (bytes.strip() is empty)
-    spaced = ()
-    if len(content):
-        spaced = np.flatnonzero(filled & _SPACE[content[np.minimum(starts, len(content) - 1)]])
+    keep = lengths > 0
+    # a line that starts with whitespace may be blank: bytes.strip() strips these six
+    spaced = np.flatnonzero(keep & _SPACE[_first_bytes(text)])
     if len(spaced):
-        keep = filled.copy()
-        for i in spaced:
-            keep[i] = bool(text[int(i)].as_py().encode("utf-8").strip())
+        stripped = pc.utf8_trim(text.take(pa.array(spaced)), characters=" \t\n\r\x0b\x0c")
+        keep[spaced] = pc.binary_length(stripped).to_numpy(zero_copy_only=False) > 0
     rows = np.flatnonzero(keep)
-    if len(rows) != count:
-        text = text.take(pa.array(rows))
-    n = len(rows)
-    table = pa.Table.from_arrays(
-        [pa.array(rows + first_number, pa.int64()), text if not large else text.cast(pa.string()),
-         pa.nulls(n, pa.string()), pa.array(np.zeros(n, dtype=bool))],
+    if len(rows) != len(text):
+        text, numbers = text.take(pa.array(rows)), numbers[rows]
+    n = len(text)
+    return pa.Table.from_arrays(
+        [pa.array(numbers, pa.int64()), text, pa.nulls(n, pa.string()), pa.array(np.zeros(n, dtype=bool))],
         schema=LINE_SCHEMA,
     )
-    return table, count
-
-
-def _split_python(lines: pa.Array, first_number: int, max_line_bytes: int) -> pa.Table:
-    """The reference, line by line, for a block with an oversized or non-UTF-8 line."""
-    numbers: list[int] = []
-    raws: list[str] = []
-    problems: list[str | None] = []
-    truncated: list[bool] = []
-    for number, line in enumerate(lines.to_pylist(), start=first_number):
-        _add_line(line, number, max_line_bytes, numbers, raws, problems, truncated)
-    return _batch(numbers, raws, problems, truncated)
