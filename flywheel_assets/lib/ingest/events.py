@@ -294,13 +294,13 @@ def parse_event_lines(con: duckdb.DuckDBPyConnection, lines: pa.Table, source_fi
 
 
 def with_event_hash(con: duckdb.DuckDBPyConnection, rows: pa.Table) -> pa.Table:
-    """rows with event_hash = hash('"' || event_id || '"'), as the fast path computes it."""
-    con.register("hashed_rows", rows.select(["event_id"]))
+    """rows and event_hash = hash('"' || event_id || '"'), as the fast path computes it
+    (one query returns both, so no row order is relied on)."""
+    con.register("hashed_rows", rows)
     try:
-        hashes = con.execute("""SELECT hash(concat('"', event_id, '"')) FROM hashed_rows""").to_arrow_table().column(0)
+        return con.execute("""SELECT *, hash(concat('"', event_id, '"')) AS event_hash FROM hashed_rows""").to_arrow_table()
     finally:
         con.unregister("hashed_rows")
-    return rows.append_column("event_hash", hashes)
 
 
 def _first_of_each_id(con: duckdb.DuckDBPyConnection, rows: pa.Table) -> pa.Table:

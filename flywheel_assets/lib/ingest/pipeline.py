@@ -354,7 +354,9 @@ class _KeyIndex:
                 rows = with_event_hash(self.con, rows)
             hashes = self._sorted_hashes(rows)
             self._hashes = None
-            self.ids.append((rows.column("event_hash").to_numpy(), rows.column("event_id")))
+            # copies: a zero-copy view would keep the whole batch DuckDB exported alive
+            self.ids.append((rows.column("event_hash").to_numpy().copy(),
+                             pa.concat_arrays(rows.column("event_id").chunks)))
             everything, latest = self.sorted
             latest = _merge(latest, hashes)
             if 4 * len(latest) > len(everything):  # fold the latest in: each hash moves O(log n) times in all
