@@ -17,21 +17,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import sys
 import tempfile
-import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 import polars as pl
+
+from common import ResourceSampler, machine, mark, print_rows  # noqa: E402  (benchmarks/ is on sys.path)
+from event_data import generate  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "bench_data-latest.json"
@@ -40,147 +38,6 @@ TARGET_EVENTS_PER_S = 300_000
 TARGET_PEAK_RSS_MB = 4096
 TARGET_SCORING_S = 15.0
 TARGET_SPEEDUP = 500
-
-EVENT_TYPES = ("output_accepted", "retry_requested", "output_edited", "session_continued", "error_reported")
-# Two kinds of session, so that the tier mix looks like usage rather than noise:
-# a good session is mostly accepted and continued, a bad one retried, edited, reported.
-GOOD_SESSION_SHARE = 0.65
-GOOD_MIX = (0.42, 0.10, 0.10, 0.35, 0.03)
-BAD_MIX = (0.12, 0.38, 0.22, 0.10, 0.18)
-TENANTS = ("acme", "globex", "initech", "default")
-SESSION_MINUTES = 30
-FILE_WINDOW_HOURS = 24
-START_US = 1_793_491_200_000_000  # 2026-11-01T00:00:00Z
-SCRAMBLE = np.uint64(0x9E3779B97F4A7C15)  # odd, so idx * SCRAMBLE is a bijection on uint64
-
-
-@dataclass(frozen=True)
-class FileSpec:
-    path: str
-    index: int
-    first_event: int
-    n_events: int
-    first_session: int
-    n_sessions: int
-    n_users: int
-    seed: int
-
-
-def file_specs(landing: Path, events: int, sessions: int, files: int, seed: int) -> list[FileSpec]:
-    """Split events and sessions into files; a session's events all sit in one file."""
-    event_edges = np.linspace(0, events, files + 1).astype(np.int64)
-    session_edges = np.linspace(0, sessions, files + 1).astype(np.int64)
-    n_users = max(1, sessions // 4)
-    return [
-        FileSpec(str(landing / f"events-{k:05d}.jsonl"), k, int(event_edges[k]), int(event_edges[k + 1] - event_edges[k]),
-                 int(session_edges[k]), int(session_edges[k + 1] - session_edges[k]), n_users, seed)
-        for k in range(files)
-    ]
-
-
-def _scrambled(ids: np.ndarray) -> pl.Series:
-    # Session ids carry no order, as uuids would not: Parquet min/max statistics
-    # cannot prune a per-session query, which is what the seed would face.
-    return pl.Series((ids.astype(np.uint64) * SCRAMBLE) >> np.uint64(16)).cast(pl.Utf8)
-
-
-def write_event_file(spec: FileSpec) -> int:
-    """One landing file, built column-wise (numpy draws, polars string concat)."""
-    rng = np.random.default_rng([spec.seed, spec.index])
-    extra = spec.n_events - spec.n_sessions
-    session = np.concatenate([
-        np.arange(spec.first_session, spec.first_session + spec.n_sessions),
-        rng.integers(spec.first_session, spec.first_session + spec.n_sessions, extra),
-    ])
-    local = session - spec.first_session
-    session_good = rng.random(spec.n_sessions) < GOOD_SESSION_SHARE
-    session_start = START_US + spec.index * FILE_WINDOW_HOURS * 3_600_000_000 + rng.integers(
-        0, FILE_WINDOW_HOURS * 3_600_000_000, spec.n_sessions)
-    ts = session_start[local] + rng.integers(0, SESSION_MINUTES * 60_000_000, spec.n_events)
-
-    draw = rng.random(spec.n_events)
-    good = session_good[local]
-    event_type = np.where(good, np.searchsorted(np.cumsum(GOOD_MIX), draw, side="right"),
-                          np.searchsorted(np.cumsum(BAD_MIX), draw, side="right"))
-    event_type = np.minimum(event_type, len(EVENT_TYPES) - 1)
-    edit_ratio = np.round(rng.beta(np.where(good, 1.5, 3.0), np.where(good, 6.0, 3.0)), 3)
-    trajectory = rng.integers(0, 3, spec.n_events)
-
-    order = np.argsort(ts, kind="stable")  # a log is written in time order
-    session, ts, event_type, edit_ratio, trajectory = (a[order] for a in (session, ts, event_type, edit_ratio, trajectory))
-    session_id = _scrambled(session)
-    user = (session.astype(np.uint64) * SCRAMBLE) % np.uint64(spec.n_users)
-
-    frame = pl.DataFrame({
-        "event_id": pl.Series(np.arange(spec.first_event, spec.first_event + spec.n_events)).cast(pl.Utf8),
-        "session_id": session_id,
-        "trajectory": pl.Series(trajectory).cast(pl.Utf8),
-        "user_id": pl.Series(user).cast(pl.Utf8),
-        "tenant_id": pl.Series(np.array(TENANTS)[(user % np.uint64(len(TENANTS))).astype(np.int64)]),
-        "event_type": pl.Series(np.array(EVENT_TYPES)[event_type]),
-        "ts": pl.Series(ts).cast(pl.Datetime("us")).dt.strftime("%Y-%m-%dT%H:%M:%S%.6fZ"),
-        "edit_ratio": pl.Series(edit_ratio).cast(pl.Utf8),
-    })
-    edited = pl.col("event_type") == "output_edited"
-    line = pl.concat_str([
-        pl.lit('{"event_id":"ev-'), pl.col("event_id"),
-        pl.lit('","session_id":"s-'), pl.col("session_id"),
-        pl.lit('","trajectory_id":"t-'), pl.col("session_id"), pl.lit("-"), pl.col("trajectory"),
-        pl.lit('","user_id":"u-'), pl.col("user_id"),
-        pl.lit('","tenant_id":"'), pl.col("tenant_id"),
-        pl.lit('","event_type":"'), pl.col("event_type"),
-        pl.lit('","ts":"'), pl.col("ts"),
-        pl.lit('","data":'),
-        pl.when(edited).then(pl.concat_str([pl.lit('{"edit_ratio":'), pl.col("edit_ratio"), pl.lit("}")]))
-          .otherwise(pl.lit("{}")),
-        pl.lit("}"),
-    ]).alias("line")
-    frame.select(line).write_csv(spec.path, include_header=False, quote_style="never")
-    return spec.n_events
-
-
-def generate(landing: Path, events: int, sessions: int, files: int, seed: int = 0) -> int:
-    landing.mkdir(parents=True, exist_ok=True)
-    specs = file_specs(landing, events, sessions, files, seed)
-    # Spawned workers: generation memory never counts in this process's peak RSS.
-    with ProcessPoolExecutor(max_workers=min(files, os.cpu_count() or 1), mp_context=get_context("spawn")) as pool:
-        written = sum(pool.map(write_event_file, specs))
-    for spec in specs:  # the ledger ingests oldest first: make that the file order
-        stamp = time.time_ns() - (len(specs) - spec.index) * 1_000_000
-        os.utime(spec.path, ns=(stamp, stamp))
-    return sum(os.path.getsize(s.path) for s in specs) if written == events else -1
-
-
-class RssSampler:
-    """Peak resident memory of this process between start and stop, sampled every 0.2 s."""
-
-    def __init__(self, interval_s: float = 0.2):
-        import psutil
-
-        self.process = psutil.Process()
-        self.interval_s = interval_s
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self) -> "RssSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.process.memory_info().rss)
-
-    @property
-    def peak_mb(self) -> float:
-        return self.peak / 2**20
-
 
 @contextmanager
 def stage_timers(totals: dict[str, float]):
@@ -293,7 +150,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
     stages: dict[str, float] = {}
     load_before = os.getloadavg()
     print(f"ingesting (batch_lines={config.ingest.batch_lines:,}) …", flush=True)
-    with stage_timers(stages), RssSampler() as ingest_rss:
+    with stage_timers(stages), ResourceSampler(interval_s=0.2) as ingest_rss:
         ingest_started, ingest_cpu_started = time.perf_counter(), time.process_time()
         report = ingest_landing(config, lake, log=log)
         ingest_s = time.perf_counter() - ingest_started
@@ -305,7 +162,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
 
     print("scoring and tiering …", flush=True)
     con = duckdb.connect()
-    with RssSampler() as scoring_rss:
+    with ResourceSampler(interval_s=0.2) as scoring_rss:
         started = time.perf_counter()
         lake.register(con, SESSION_EVENTS)
         lake.register(con, TRAJECTORIES)
@@ -372,10 +229,6 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
     }
 
 
-def mark(ok: bool) -> str:
-    return "✓" if ok else "✗"
-
-
 def print_table(r: dict) -> None:
     rows = [
         ("generation (not ingest)", f"{r['generation_s']:.1f} s", f"{r['landing_mb']:,.0f} MB JSONL", ""),
@@ -406,24 +259,15 @@ def print_table(r: dict) -> None:
         *[(f"  tier {tier}", f"{n:,}", f"{n / max(1, r['sessions_scored']):.1%}", "")
           for tier, n in r["tier_counts"].items()],
     ]
-    widths = [max(len(str(row[i])) for row in rows) for i in range(4)]
-    title = (f"bench_data: {r['events']:,} events / {r['sessions']:,} sessions on {r['machine']['cpu_count']} cores "
-             f"(load {r['load_avg_1m'][0]:.1f} → {r['load_avg_1m'][1]:.1f})")
-    print("\n" + title + "\n" + "-" * len(title))
-    for row in rows:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+    print_rows(f"bench_data: {r['events']:,} events / {r['sessions']:,} sessions on {r['machine']['cpu_count']} cores "
+               f"(load {r['load_avg_1m'][0]:.1f} → {r['load_avg_1m'][1]:.1f})", rows)
 
 
-def machine() -> dict:
+def versions() -> dict:
     import deltalake
     import duckdb
-    import psutil
 
-    return {
-        "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-        "duckdb": duckdb.__version__, "polars": pl.__version__, "deltalake": deltalake.__version__,
-    }
+    return machine(duckdb=duckdb.__version__, polars=pl.__version__, deltalake=deltalake.__version__)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -459,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kept {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    results["machine"] = machine()
+    results["machine"] = versions()
     results["workdir"] = str(workdir) if args.keep else None
     results["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     print_table(results)

@@ -32,13 +32,11 @@ import ctypes
 import gc
 import json
 import os
-import platform
 import random
 import resource
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -50,6 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "bench_training-latest.json"
 sys.path.insert(0, str(REPO))
 
+from common import ResourceSampler, machine, mark, print_rows  # noqa: E402  (benchmarks/ is on sys.path)
 from flywheel_assets.lib.config import FlywheelConfig  # noqa: E402
 from flywheel_assets.lib.simulation.tasks import (  # noqa: E402
     COLD_START_PHRASINGS, eval_tasks, expert_messages, generate_tasks, run_tool,
@@ -68,42 +67,6 @@ COLD_START_SEED = 11
 EMBEDDING_MODULES = ("embed_tokens", "lm_head")
 ARMS = {"A": "ours: peft LoRA, default targets", "B": "plain torch: full AdamW, cross_entropy",
         "A′": "ours without embed_tokens/lm_head LoRA"}
-
-
-class ResourceSampler:
-    """Peak resident memory (sampled every 50 ms) and CPU share of this process between start and stop."""
-
-    def __init__(self, interval_s: float = 0.05):
-        import psutil
-
-        self.process = psutil.Process()
-        self.interval_s = interval_s
-        self.start = self.peak = self.process.memory_info().rss
-        self.cpu_start, self.wall_start = sum(self.process.cpu_times()[:2]), time.perf_counter()
-        self.cpu_share = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self) -> "ResourceSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.process.memory_info().rss)
-        # CPU time over wall time × threads: well below 1 means neighbours took the cores.
-        cpu = sum(self.process.cpu_times()[:2]) - self.cpu_start
-        self.cpu_share = cpu / ((time.perf_counter() - self.wall_start) * torch.get_num_threads())
-
-    @property
-    def increase_mb(self) -> float:
-        return (self.peak - self.start) / 2**20
 
 
 def release_memory() -> None:
@@ -169,7 +132,7 @@ def run_arm(arm: str, base_dir: Path, setup: dict, config: FlywheelConfig, steps
     """Load the saved weights, train `steps` steps; tokens/s over the training loop, RSS over load + train."""
     release_memory()
     device = model_lib.pick_device()
-    with ResourceSampler() as rss:
+    with ResourceSampler(threads=torch.get_num_threads()) as rss:
         model, tokenizer = model_lib.load_pretrained(base_dir, device)
         if arm == "B":
             tokens, seconds, final_loss, trainable = plain_torch_loop(model, setup, config, steps, batch_size)
@@ -279,7 +242,7 @@ def generation(model, tokenizer, batch_sizes: list[int], n_prompts: int) -> list
     for batch_size in batch_sizes:
         stats = GenerationStats()
         started = time.perf_counter()
-        with ResourceSampler() as usage:
+        with ResourceSampler(threads=torch.get_num_threads()) as usage:
             runs = run_agent(model, tokenizer, prompts, run_tool, batch_size=batch_size, stats=stats)
         wall = time.perf_counter() - started
         rows.append({"batch_size": batch_size, "prompts": len(prompts), "new_tokens": stats.new_tokens,
@@ -304,7 +267,7 @@ def run(args: argparse.Namespace) -> dict:
         # First, so that one-time costs (first-touch of library pages, thread pools) land here,
         # not in the first measured arm.
         print(f"interleaved step timing ({args.phase_steps} steps per arm) …", flush=True)
-        with ResourceSampler() as usage:
+        with ResourceSampler(threads=torch.get_num_threads()) as usage:
             interleaved = interleaved_steps(base_dir, setup, config, args.phase_steps, args.batch_size)
         interleaved_cpu_share = usage.cpu_share
 
@@ -359,12 +322,8 @@ def run(args: argparse.Namespace) -> dict:
         # Other work on the machine slows every number: 1-, 5-, 15-minute load before and after.
         "load_avg": {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in load_after]},
         "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "machine": machine(),
+        "machine": versions(),
     }
-
-
-def mark(ok: bool) -> str:
-    return "✓" if ok else "✗"
 
 
 def overhead_row(label: str, value: float) -> tuple[str, str, str, str]:
@@ -402,25 +361,17 @@ def print_table(r: dict) -> None:
         rows.append((label, f"{g['new_tokens_per_s']:,.0f} new tokens/s",
                      f"{g['wall_s']:.1f} s wall, {g['new_tokens']:,} tokens, {g['tool_calls']} calls, "
                      f"{g['finished']}/{g['prompts']} finished, CPU share {g['cpu_share']:.2f}", ""))
-    widths = [max(len(str(row[i])) for row in rows) for i in range(4)]
     load = r["load_avg"]
-    title = (f"bench_training: {r['steps']} steps × batch {r['batch_size']}, {r['threads']} threads, {r['device']}, "
-             f"torch {r['torch']} (load {load['before'][0]:.2f} → {load['after'][0]:.2f})")
-    print("\n" + title + "\n" + "-" * len(title))
-    for row in rows:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+    print_rows(f"bench_training: {r['steps']} steps × batch {r['batch_size']}, {r['threads']} threads, {r['device']}, "
+               f"torch {r['torch']} (load {load['before'][0]:.2f} → {load['after'][0]:.2f})", rows)
 
 
-def machine() -> dict:
+def versions() -> dict:
     import peft
-    import psutil
     import transformers
 
-    return {
-        "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1), "transformers": transformers.__version__,
-        "peft": peft.__version__, "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-    }
+    return machine(transformers=transformers.__version__, peft=peft.__version__,
+                   cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
