@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import socket
-import threading
-import time
-from collections import deque
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+
+from flywheel_assets_tests.helpers import completion, openai_stand_in
 
 from flywheel_assets.lib.config import LLMJudgeConfig
 from flywheel_assets.lib.feedback.llm_judge import RUBRIC, LLMJudge, LLMJudgeError
@@ -23,70 +20,20 @@ CONVERSATION = [
 ]
 
 
-def completion(content) -> dict:
-    text = content if isinstance(content, str) or content is None else json.dumps(content)
-    return {"id": "cmpl-1", "object": "chat.completion",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
-
-
-class StandIn:
-    """Answers POSTs from a queue of scripted (status, body, delay_s) replies; records each request."""
-
-    def __init__(self):
-        self.requests: list[dict] = []
-        self.replies: deque[tuple[int, dict | bytes, float]] = deque()
-        self.url = ""
-
-    def reply(self, body: dict | bytes, status: int = 200, delay_s: float = 0.0) -> None:
-        self.replies.append((status, body, delay_s))
-
-    def judge(self, api_key: str | None = "sk-test", timeout_s: float = 5.0) -> LLMJudge:
-        config = LLMJudgeConfig(url=self.url, model="judge-model", api_key=api_key, timeout_s=timeout_s)
-        return LLMJudge(config, backoff_s=0.01)
-
-
 @pytest.fixture
 def server():
-    stand_in = StandIn()
+    with openai_stand_in(default=(200, completion({"score": 7, "reason": "fine"}))) as stand_in:
+        yield stand_in
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            stand_in.requests.append({
-                "path": self.path,
-                "authorization": self.headers.get("Authorization"),
-                "content_type": self.headers.get("Content-Type"),
-                "body": json.loads(body),
-            })
-            default = (200, completion({"score": 7, "reason": "fine"}), 0.0)
-            status, payload, delay_s = stand_in.replies.popleft() if stand_in.replies else default
-            time.sleep(delay_s)
-            data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-            try:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-            except (BrokenPipeError, ConnectionResetError):  # the client timed out first
-                pass
 
-        def log_message(self, *args):
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
-    thread.start()
-    stand_in.url = f"http://127.0.0.1:{httpd.server_address[1]}/v1/"
-    yield stand_in
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join()
+def judge(stand_in, api_key: str | None = "sk-test", timeout_s: float = 5.0) -> LLMJudge:
+    config = LLMJudgeConfig(url=stand_in.url, model="judge-model", api_key=api_key, timeout_s=timeout_s)
+    return LLMJudge(config, backoff_s=0.01)
 
 
 def test_request_shape(server):
     server.reply(completion({"score": 8, "reason": "used the tool well"}))
-    score, reason = server.judge().score(CONVERSATION)
+    score, reason = judge(server).score(CONVERSATION)
 
     assert (score, reason) == (pytest.approx(5 / 9), "used the tool well")
     [request] = server.requests
@@ -110,26 +57,26 @@ def test_request_shape(server):
 
 
 def test_no_authorization_header_without_api_key(server):
-    server.judge(api_key=None).score(CONVERSATION)
+    judge(server, api_key=None).score(CONVERSATION)
     assert server.requests[0]["authorization"] is None
 
 
 @pytest.mark.parametrize(("grade", "score"), [(1, -1.0), (10, 1.0), (5.5, 0.0), (4, -1 / 3)])
 def test_grade_maps_linearly_to_score(server, grade, score):
     server.reply(completion({"score": grade, "reason": "r"}))
-    assert server.judge().score(CONVERSATION) == (pytest.approx(score), "r")
+    assert judge(server).score(CONVERSATION) == (pytest.approx(score), "r")
 
 
 def test_json_in_a_markdown_fence_is_accepted(server):
     server.reply(completion('```json\n{"score": 10, "reason": "perfect"}\n```'))
-    assert server.judge().score(CONVERSATION) == (1.0, "perfect")
+    assert judge(server).score(CONVERSATION) == (1.0, "perfect")
 
 
 @pytest.mark.parametrize("status", [503, 429])
 def test_retries_after_a_transient_error(server, status):
     server.reply({"error": "busy"}, status=status)
     server.reply(completion({"score": 10, "reason": "ok"}))
-    assert server.judge().score(CONVERSATION) == (1.0, "ok")
+    assert judge(server).score(CONVERSATION) == (1.0, "ok")
     assert len(server.requests) == 2
 
 
@@ -137,7 +84,7 @@ def test_gives_up_after_three_attempts(server):
     for _ in range(3):
         server.reply({"error": "down"}, status=500)
     with pytest.raises(LLMJudgeError, match=r"gave up after 3 attempts; last: HTTP 500") as raised:
-        server.judge().score(CONVERSATION)
+        judge(server).score(CONVERSATION)
     assert raised.value.endpoint == server.url + "chat/completions"
     assert len(server.requests) == 3
 
@@ -145,7 +92,7 @@ def test_gives_up_after_three_attempts(server):
 def test_client_errors_are_not_retried(server):
     server.reply({"error": "bad key"}, status=401)
     with pytest.raises(LLMJudgeError, match="HTTP 401"):
-        server.judge().score(CONVERSATION)
+        judge(server).score(CONVERSATION)
     assert len(server.requests) == 1
 
 
@@ -153,7 +100,7 @@ def test_timeouts_are_retried_then_reported(server):
     for _ in range(3):
         server.reply(completion({"score": 5, "reason": "late"}), delay_s=0.5)
     with pytest.raises(LLMJudgeError, match="gave up after 3 attempts"):
-        server.judge(timeout_s=0.1).score(CONVERSATION)
+        judge(server, timeout_s=0.1).score(CONVERSATION)
     assert len(server.requests) == 3
 
 
@@ -186,7 +133,7 @@ def test_connection_refused_is_reported():
 def test_malformed_response_raises(server, body):
     server.reply(body)
     with pytest.raises(LLMJudgeError, match=r"LLM judge at http://127\.0\.0\.1:\d+/v1/chat/completions: "):
-        server.judge().score(CONVERSATION)
+        judge(server).score(CONVERSATION)
     assert len(server.requests) == 1  # a bad answer is not retried
 
 
@@ -199,7 +146,7 @@ def test_score_many_isolates_a_failure(server):
     server.reply(completion({"score": 10, "reason": "great"}))
     server.reply(completion("garbage"))
     server.reply(completion({"score": 1, "reason": "wrong"}))
-    rows = server.judge().score_many([("a", CONVERSATION), ("b", CONVERSATION), ("c", CONVERSATION)])
+    rows = judge(server).score_many([("a", CONVERSATION), ("b", CONVERSATION), ("c", CONVERSATION)])
 
     assert [row["trajectory_id"] for row in rows] == ["a", "b", "c"]
     assert rows[0] == {"trajectory_id": "a", "llm_score": 1.0, "llm_reason": "great", "error": None}

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import random
-import threading
-from collections import deque
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+
+from flywheel_assets_tests.helpers import completion, openai_stand_in
 
 from flywheel_assets.lib.ingest.trajectories import parse_trajectory
 from flywheel_assets.lib.simulation.tasks import (
@@ -52,12 +51,6 @@ def test_cold_start_lines_use_only_cold_start_phrasings_and_no_eval_prompt():
                for t, line in zip(generate_tasks(60, seed=3, phrasings=[0, 1, 2]), lines))
 
 
-def completion(content) -> dict:
-    text = content if isinstance(content, str) else json.dumps(content)
-    return {"id": "cmpl-1", "object": "chat.completion",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
-
-
 def teacher_reply(task: Task, edit=None) -> dict:
     """What a good teacher returns for the task (the expert's conversation), optionally edited."""
     messages = expert_messages(task, random.Random(0))
@@ -66,51 +59,19 @@ def teacher_reply(task: Task, edit=None) -> dict:
     return completion({"messages": messages})
 
 
-class StandIn:
-    def __init__(self):
-        self.requests: list[dict] = []
-        self.replies: deque[tuple[int, dict | bytes]] = deque()
-        self.url = ""
-
-    def reply(self, body: dict | bytes, status: int = 200) -> None:
-        self.replies.append((status, body))
-
-    def teacher(self, api_key: str | None = "sk-test") -> OpenAITeacher:
-        return OpenAITeacher(self.url, "m1", api_key, timeout_s=5, backoff_s=0.01)
-
-
 @pytest.fixture
 def server():
-    stand_in = StandIn()
+    with openai_stand_in() as stand_in:
+        yield stand_in
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            stand_in.requests.append({"path": self.path, "authorization": self.headers.get("Authorization"),
-                                      "body": json.loads(body)})
-            status, payload = stand_in.replies.popleft() if stand_in.replies else (500, b"no reply scripted")
-            data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
 
-        def log_message(self, *args):
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
-    thread.start()
-    stand_in.url = f"http://127.0.0.1:{httpd.server_address[1]}/v1/"
-    yield stand_in
-    httpd.shutdown()
-    httpd.server_close()
+def make_teacher(stand_in, api_key: str | None = "sk-test") -> OpenAITeacher:
+    return OpenAITeacher(stand_in.url, "m1", api_key, timeout_s=5, backoff_s=0.01)
 
 
 def test_request_shape_auth_header_and_a_kept_trajectory(server):
     server.reply(teacher_reply(WEATHER))
-    teacher = server.teacher()
+    teacher = make_teacher(server)
     line = teacher.trajectory(WEATHER)
     (request,) = server.requests
     assert request["path"] == "/v1/chat/completions" and request["authorization"] == "Bearer sk-test"
@@ -125,7 +86,7 @@ def test_request_shape_auth_header_and_a_kept_trajectory(server):
 
 def test_no_auth_header_without_a_key(server):
     server.reply(teacher_reply(SUM))
-    assert server.teacher(api_key=None).trajectory(SUM) is not None
+    assert make_teacher(server, api_key=None).trajectory(SUM) is not None
     assert server.requests[0]["authorization"] is None
 
 
@@ -135,7 +96,7 @@ def test_a_teacher_lying_about_tool_results_gets_the_real_ones(server):
             if message["role"] == "tool":
                 message["content"] = "Munich" if "Berlin" in message["content"] else '{"condition": "rainy"}'
     server.reply(teacher_reply(WEATHER, lie))
-    row = _ingested(server.teacher().trajectory(WEATHER))
+    row = _ingested(make_teacher(server).trajectory(WEATHER))
     assert [c["result"] for c in row["tool_calls"]] == [
         "Berlin", json.dumps(json.loads(run_tool("get_weather", {"city": "Berlin"})), sort_keys=True)]
     assert "Munich" not in json.dumps(row["turns"]) and "rainy" not in json.dumps(row["turns"])
@@ -150,7 +111,7 @@ def test_a_teacher_lying_about_tool_results_gets_the_real_ones(server):
 ])
 def test_wrong_trajectories_are_rejected_and_counted(server, edit, reason):
     server.reply(teacher_reply(SUM, edit))
-    teacher = server.teacher()
+    teacher = make_teacher(server)
     assert teacher.trajectory(SUM) is None
     assert teacher.rejects == {reason: 1} and teacher.rejected == 1
 
@@ -159,7 +120,7 @@ def test_malformed_replies_are_rejected_and_fenced_json_is_read(server):
     server.reply(completion("Sure! Here is the trajectory."))
     fenced = json.dumps({"messages": expert_messages(SUM, random.Random(0))})
     server.reply(completion(f"```json\n{fenced}\n```"))
-    teacher = server.teacher()
+    teacher = make_teacher(server)
     assert teacher.trajectory(SUM) is None and teacher.rejects == {"malformed": 1}
     assert teacher.trajectory(SUM) is not None
 
@@ -167,17 +128,17 @@ def test_malformed_replies_are_rejected_and_fenced_json_is_read(server):
 def test_a_503_is_retried(server):
     server.reply({"error": "overloaded"}, status=503)
     server.reply(teacher_reply(SUM))
-    assert server.teacher().trajectory(SUM) is not None and len(server.requests) == 2
+    assert make_teacher(server).trajectory(SUM) is not None and len(server.requests) == 2
 
 
 def test_persistent_failure_and_auth_errors_raise(server):
     for _ in range(3):
         server.reply({"error": "overloaded"}, status=429)
     with pytest.raises(TeacherError, match="gave up after 3 attempts"):
-        server.teacher().trajectory(SUM)
+        make_teacher(server).trajectory(SUM)
     server.reply({"error": "bad key"}, status=401)
     with pytest.raises(TeacherError, match="HTTP 401"):
-        server.teacher().trajectory(SUM)
+        make_teacher(server).trajectory(SUM)
     assert len(server.requests) == 4
 
 
@@ -185,7 +146,7 @@ def test_cold_start_through_the_openai_teacher(server):
     tasks = generate_tasks(4, seed=9, phrasings=[0, 1, 2])
     for task in tasks:
         server.reply(teacher_reply(task))
-    lines = cold_start_lines(4, seed=9, teacher=server.teacher())
+    lines = cold_start_lines(4, seed=9, teacher=make_teacher(server))
     assert [line["trajectory_id"] for line in lines] == [f"teacher-m1-{t.task_id}" for t in tasks]
 
 

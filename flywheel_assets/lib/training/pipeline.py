@@ -100,6 +100,7 @@ def train_adapter(config: FlywheelConfig, base_dir: Path, rows: list[dict], out_
             pairs.append((c, r))
     if not examples:
         raise ValueError("the dataset has no non-bronze conversation to learn from")
+    torch.manual_seed(settings.seed)  # the adapter's initial weights, not whatever ran before
     peft_model = attach_lora(model, settings)
     result = train_lora(peft_model, examples, pairs, settings, pad_id=tokenizer.pad_token_id, log=log)
     out_dir.mkdir(parents=True, exist_ok=True)
