@@ -9,7 +9,7 @@ export DAGSTER_HOME ?= $(FLYWHEEL_HOME)/dagster
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
-.PHONY: dev demo flywheel test bench bench-training seed clean
+.PHONY: dev demo test bench bench-training seed clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -27,15 +27,9 @@ seed: $(STAMP)
 dev: $(STAMP) $(DAGSTER_HOME)/dagster.yaml seed
 	$(BIN)/dg dev --host $(HOST) --port $(PORT)
 
-## demo: the same work headless, through real Dagster runs, ending in a printed summary
+## demo: the closed loop headless through real Dagster runs and sensors: 3 cycles, A/B, promotion, control arm
 demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/python -m flywheel_assets.demo
-
-## flywheel: the closed loop day by simulated day (users → sensors → cycles → A/B → promotion), own FLYWHEEL_HOME
-flywheel: $(STAMP)
-	mkdir -p $(CURDIR)/data/home-flywheel/dagster && printf 'telemetry:\n  enabled: false\n' > $(CURDIR)/data/home-flywheel/dagster/dagster.yaml
-	FLYWHEEL_HOME=$(CURDIR)/data/home-flywheel DAGSTER_HOME=$(CURDIR)/data/home-flywheel/dagster \
-	FLYWHEEL_CONFIG=$(CURDIR)/data/flywheel.json $(BIN)/python -m flywheel_assets.flywheel
+	FLYWHEEL_CONFIG=$${FLYWHEEL_CONFIG:-$(CURDIR)/data/flywheel.json} $(BIN)/python -m flywheel_assets.flywheel --fresh
 
 ## test: the whole suite
 test: $(STAMP)

@@ -1,33 +1,61 @@
-"""`make flywheel`: the closed loop on the embedded default, day by simulated day.
+"""`make demo`: the closed loop on the embedded default, day by simulated day.
 
-Each day: simulated users are routed by the registry to model versions and use them
-(trajectories and events land through the logging client), then the sensors the
-Dagster daemon would tick are evaluated in order — landing_sensor (ingest),
-training_trigger (a new cycle: dataset → adapter → evaluation and gate), ab_monitor
-(canary → A/B → promote or roll back), regression_watch — and the runs they request
-are executed for real. The flywheel clock (FLYWHEEL_HOME/clock.json) moves a day each
-time, so two weeks take minutes.
+Phase 0 first: golden and teacher trajectories and the demo agents' usage log (with
+malformed lines among it) are ingested, and the base model is pretrained. Then each day
+simulated users are routed by the registry to model versions and use them (trajectories
+and events land through the logging client), and the sensors the Dagster daemon would
+tick are evaluated in order — landing_sensor (ingest, scoring, curation, teacher
+corrections), training_trigger (a new cycle: dataset → adapter → evaluation and gate),
+ab_monitor (canary → A/B → promote or roll back), regression_watch — and the runs they
+request are executed for real. The flywheel clock (FLYWHEEL_HOME/clock.json) moves a day
+each time, so weeks take minutes. At the end a control arm trains the same steps on
+cold-start data only, and base, champion and control are compared on the held-out set.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import sys
+import time
 from datetime import datetime, timedelta, timezone
 
 import dagster as dg
+import duckdb
 
-from flywheel_assets.demo import run_job, run_landing_sensor
 from flywheel_assets.lib.clock import set_now
-from flywheel_assets.lib.config import load_config
+from flywheel_assets.lib.config import FlywheelConfig, load_config
 from flywheel_assets.lib.lake import Lake
 from flywheel_assets.lib.simulation.seed import seed_demo_usage
 from flywheel_assets.lib.simulation.users import UserSimulationConfig, simulate_usage
-from flywheel_assets.lib.tables import AB_RESULTS, OFFLINE_EVALUATIONS
-from flywheel_assets.lib.training.pipeline import load_for_inference
+from flywheel_assets.lib.tables import (
+    AB_RESULTS, ALL_TABLES, DATASET_MANIFESTS, MODEL_REGISTRY, OFFLINE_EVALUATIONS, QUARANTINE, TRAJECTORIES,
+    TRAJECTORY_SCORES,
+)
+from flywheel_assets.lib.training.pipeline import load_for_inference, set_threads
 
 START = datetime(2026, 11, 1, tzinfo=timezone.utc)
+
+
+def run_landing_sensor(defs: dg.Definitions, instance: dg.DagsterInstance) -> list[dg.RunRequest]:
+    """Evaluate landing_sensor as the daemon would. Without a cursor it still requests
+    nothing twice: it only sees files missing from the ingested_files ledger."""
+    sensor = defs.resolve_sensor_def("landing_sensor")
+    with dg.build_sensor_context(instance=instance, resources=defs.resources, definitions=defs) as context:
+        result = sensor.evaluate_tick(context)
+    return list(result.run_requests or [])
+
+
+def run_job(defs: dg.Definitions, instance: dg.DagsterInstance, name: str, *, allow_failure: bool = False,
+            **kwargs) -> dg.ExecuteInProcessResult:
+    result = defs.resolve_job_def(name).execute_in_process(instance=instance, raise_on_error=False, **kwargs)
+    label = f"{name}[{kwargs['partition_key']}]" if "partition_key" in kwargs else name
+    print(f"    {label} run {result.run_id[:8]}: {'success' if result.success else 'FAILED'}", flush=True)
+    if not result.success and not allow_failure:
+        raise SystemExit(f"{label} failed; see the run in the UI (make dev) for the step that broke")
+    return result
 
 
 def _tick(defs, instance, name: str) -> list[dg.RunRequest]:
@@ -44,24 +72,37 @@ def _tick(defs, instance, name: str) -> list[dg.RunRequest]:
     return list(result or [])
 
 
+def ingest_landed(defs, instance) -> None:
+    for request in run_landing_sensor(defs, instance):
+        run_job(defs, instance, "ingest_job", tags=request.tags)
+
+
 def main(argv: list[str] | None = None) -> int:
     from flywheel_assets.definitions import defs as load_defs
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--days", type=int, default=21)
-    parser.add_argument("--users", type=int, default=400)
+    parser.add_argument("--days", type=int, default=30, help="simulated days at most")
+    parser.add_argument("--users", type=int, default=300, help="simulated users a day")
     parser.add_argument("--cycles", type=int, default=3, help="stop after this many concluded cycles")
+    parser.add_argument("--no-control", action="store_true", help="skip the control arm at the end")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start from an empty FLYWHEEL_HOME (deletes its landing zone, lake, models, datasets)")
     args = parser.parse_args(argv)
 
+    started = time.monotonic()
+    set_threads()
     config = load_config()
+    if args.fresh:
+        clear_home(config)
     lake = Lake(config)
     defs = load_defs()
     instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
     set_now(config, START)
+    print(f"phase 0 — {START:%Y-%m-%d}: cold start, the demo agents' usage log, the base model", flush=True)
     run_job(defs, instance, "bootstrap_job")
     seed_demo_usage(config)
-    for request in run_landing_sensor(defs, instance):
-        run_job(defs, instance, "ingest_job", tags=request.tags)
+    ingest_landed(defs, instance)
+    print(data_summary(config, lake), flush=True)
     run_job(defs, instance, "base_model_job")
     users = UserSimulationConfig(users=args.users, sessions_per_user=(1, 2), seed=1)
     cache: dict[str, tuple] = {}
@@ -76,13 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     for day in range(1, args.days + 1):
         today = START + timedelta(days=day)
         set_now(config, today + timedelta(hours=23))
-        registry = _registry(defs)
-        counts = simulate_usage(users, home=config.home, router=registry.router(), load_version=load_version,
+        counts = simulate_usage(users, home=config.home, router=_registry(defs).router(), load_version=load_version,
                                 day=today)
-        print(f"day {day:>2} {today:%Y-%m-%d}: {counts['sessions']} sessions, {counts['trajectories']} trajectories, "
-              f"first-attempt success {counts['first_attempt_success']}", flush=True)
-        for request in run_landing_sensor(defs, instance):
-            run_job(defs, instance, "ingest_job", tags=request.tags)
+        success = ", ".join(f"{v} {s:.0%}" for v, s in counts["first_attempt_success"].items())
+        print(f"day {day:>2} {today:%Y-%m-%d}: {counts['sessions']} sessions, {counts['trajectories']} "
+              f"trajectories, first-attempt success {success}  [{time.monotonic() - started:.0f} s]", flush=True)
+        ingest_landed(defs, instance)
         for request in _tick(defs, instance, "training_trigger"):
             # a candidate blocked by the promotion gate fails its run; ab_monitor then retires it
             run_job(defs, instance, "cycle_job", partition_key=request.partition_key, tags=request.tags,
@@ -90,38 +130,142 @@ def main(argv: list[str] | None = None) -> int:
         for request in _tick(defs, instance, "ab_monitor"):
             run_job(defs, instance, "ab_report_job", partition_key=request.partition_key)
         _tick(defs, instance, "regression_watch")
-        if _concluded(lake) >= args.cycles:
+        if len(concluded_cycles(lake)) >= args.cycles:
             break
-    print(cycle_table(lake))
+    ingest_landed(defs, instance)  # the last day's corrections, so the tables are complete
+    print(cycle_table(config, lake))
+    if not args.no_control:
+        print(final_comparison(config, lake, defs))
+    print(f"\nwall time {time.monotonic() - started:.0f} s; runs and assets: make dev → http://127.0.0.1:3000")
     return 0
+
+
+def clear_home(config: FlywheelConfig) -> None:
+    """The demo replays its calendar from day 0, so it starts from an empty home."""
+    for folder in (config.landing, config.lake, config.models, config.datasets, config.home / "reports"):
+        shutil.rmtree(folder, ignore_errors=True)
+    (config.home / "clock.json").unlink(missing_ok=True)
+
+
+def data_summary(config: FlywheelConfig, lake: Lake) -> str:
+    """The data half after phase 0: rows per table, quarantined lines by reason, the tier mix."""
+    con = duckdb.connect()
+    lines = ["", "rows per table:"]
+    lines += [f"  {t.layer}/{t.name:<24} {lake.row_count(t):>8}" for t in ALL_TABLES]
+    lake.register(con, QUARANTINE)
+    lines += ["", "quarantined lines by reason (nothing is dropped):"]
+    for kind, reason, count in con.execute(
+            "SELECT kind, reason_code, count(*) FROM quarantine GROUP BY ALL ORDER BY 1, 3 DESC").fetchall():
+        lines.append(f"  {kind:<13} {reason:<16} {count:>6}")
+    lake.register(con, TRAJECTORY_SCORES)
+    lines += ["", "tier mix (all scored trajectories):"]
+    for tier, count, mean in con.execute(
+            "SELECT tier, count(*), avg(combined_score) FROM trajectory_scores GROUP BY tier ORDER BY 3 DESC").fetchall():
+        lines.append(f"  {tier:<9} {count:>6}  mean score {mean:+.3f}")
+    return "\n".join(lines) + "\n"
 
 
 def _registry(defs):
     return defs.resources["flywheel"].registry()
 
 
-def _concluded(lake: Lake) -> int:
-    rows = lake.read(AB_RESULTS).to_pylist()
+def concluded_cycles(lake: Lake) -> list[str]:
+    """Cycles whose candidate was decided: shipped or rolled back by the A/B test, or blocked by the gate."""
+    done = {r["cycle"] for r in lake.read(AB_RESULTS, columns=["cycle", "outcome"]).to_pylist()
+            if r["outcome"] in ("SHIP", "ROLLBACK")}
     gated = lake.read(OFFLINE_EVALUATIONS, filter_sql="role = 'candidate' AND scope = 'overall'").to_pylist()
-    done = {r["cycle"] for r in rows if r["outcome"] in ("SHIP", "ROLLBACK")}
-    return len(done | {g["cycle"] for g in gated if not g["gate_passed"]})
+    return sorted(done | {g["cycle"] for g in gated if not g["gate_passed"]})
 
 
-def cycle_table(lake: Lake) -> str:
+def cycle_table(config: FlywheelConfig, lake: Lake) -> str:
+    """One line per cycle: what it was trained on, how it did offline and online, what became of it."""
+    con = duckdb.connect()
+    con.register("manifests", lake.read(DATASET_MANIFESTS, columns=["cycle", "created_at", "n_rows", "tier_counts_json"]))
+    con.register("trajectories", lake.read(TRAJECTORIES, columns=["trajectory_id", "origin", "created_at"]))
+    con.register("scores", lake.read(TRAJECTORY_SCORES, columns=["trajectory_id", "combined_score"]))
+    per_cycle = con.execute("""
+        WITH bounds AS (
+            SELECT cycle, n_rows, tier_counts_json, created_at AS until,
+                   coalesce(lag(created_at) OVER (ORDER BY created_at), TIMESTAMPTZ '1970-01-01') AS since
+            FROM manifests)
+        SELECT b.cycle, b.n_rows, b.tier_counts_json, count(t.trajectory_id) AS usage,
+               avg(CASE WHEN s.combined_score >= $high THEN 1.0 ELSE 0.0 END) AS high_quality,
+               count(*) FILTER (WHERE t.origin = 'correction') AS corrections
+        FROM bounds b LEFT JOIN trajectories t
+          ON t.created_at > b.since AND t.created_at <= b.until AND t.origin IN ('usage', 'correction')
+        LEFT JOIN scores s USING (trajectory_id)
+        GROUP BY ALL ORDER BY b.cycle
+    """, {"high": config.curation.high_quality_threshold}).fetchall()
     evaluations = lake.read(OFFLINE_EVALUATIONS, filter_sql="scope = 'overall'").to_pylist()
     looks = lake.read(AB_RESULTS).to_pylist()
-    lines = ["", "| cycle | champion held-out | candidate held-out | gate | A/B effect [interval] | decision |",
-             "|---|---:|---:|---|---|---|"]
-    for cycle in sorted({e["cycle"] for e in evaluations}):
+    history = lake.read(MODEL_REGISTRY, columns=["version", "status", "cycle"]).to_pylist()
+    lines = ["", "| cycle | usage trajectories (high-quality) | teacher corrections | dataset tier mix | "
+                 "champion held-out | candidate held-out | gate | A/B effect [anytime-valid interval] | decision | "
+                 "champion after |",
+             "|---|---:|---:|---|---:|---:|---|---|---|---|"]
+    for cycle, n_rows, tiers, usage, high, corrections in per_cycle:
         rows = {e["role"]: e for e in evaluations if e["cycle"] == cycle}
-        last = sorted((r for r in looks if r["cycle"] == cycle), key=lambda r: r["looked_at"])
-        final = last[-1] if last else None
+        if "candidate" not in rows:
+            continue
+        final = max((r for r in looks if r["cycle"] == cycle and r["stage"] == "treatment"),
+                    key=lambda r: r["looked_at"], default=None)
         effect = (f"{final['effect']:+.3f} [{final['effect_low']:+.3f}, {final['effect_high']:+.3f}]"
-                  if final and final["effect"] is not None else "")
-        lines.append(f"| {cycle} | {rows['champion']['success']:.1%} | {rows['candidate']['success']:.1%} | "
-                     f"{'pass' if rows['candidate']['gate_passed'] else 'BLOCK'} | {effect} | "
-                     f"{final['outcome'] + ': ' + final['reason'] if final else 'no look yet'} |")
+                  if final and final["effect"] is not None else "—")
+        decision = f"{final['outcome']}: {final['reason']}" if final else \
+            ("blocked by the gate" if not rows["candidate"]["gate_passed"] else "no A/B decision yet")
+        promoted = f"{cycle}-lora" if any(h["version"] == f"{cycle}-lora" and h["status"] == "champion"
+                                          for h in history) else rows["champion"]["version"]
+        mix = ", ".join(f"{k} {v}" for k, v in json.loads(tiers).items())
+        lines.append(f"| {cycle} | {usage} ({(high or 0):.0%}) | {corrections} | {mix} | "
+                     f"{rows['champion']['success']:.1%} | {rows['candidate']['success']:.1%} | "
+                     f"{'pass' if rows['candidate']['gate_passed'] else 'BLOCK'} | {effect} | {decision} | {promoted} |")
     return "\n".join(lines)
+
+
+def final_comparison(config: FlywheelConfig, lake: Lake, defs) -> str:
+    """Base, champion and the control arm on the held-out tasks, with paired differences."""
+    from flywheel_assets.lib.evaluation.control import train_control
+    from flywheel_assets.lib.evaluation.offline import evaluate_model, paired_difference, summarise
+    from flywheel_assets.lib.simulation.tasks import eval_tasks
+
+    registry = _registry(defs)
+    champion = registry.champion()
+    base = registry.get(champion["base"])
+    cycles = sorted({h["cycle"] for h in registry.history() if h["cycle"]})
+    print(f"\ncontrol arm: {len(cycles)} cycles of {config.lora.steps} steps on cold-start data only", flush=True)
+    controls = train_control(config, lake, config.home / base["base_path"], cycles, config.models / "control")
+    tasks = eval_tasks(config.evaluation.tasks)
+
+    def evaluate(base_dir, adapter=None):
+        model, tokenizer = load_for_inference(base_dir, adapter)
+        return evaluate_model(model, tokenizer, tasks, config.evaluation.batch_size)
+
+    adapter = config.home / champion["adapter_path"] if champion["adapter_path"] else None
+    outcomes = {"base": evaluate(config.home / base["base_path"]),
+                "champion": evaluate(config.home / champion["base_path"], adapter),
+                "control": evaluate(controls[-1]) if controls else None}
+    lines = ["", f"held-out success on {len(tasks)} tasks never trained on (95% Wilson interval):", ""]
+    labels = {"base": base["version"], "champion": champion["version"],
+              "control": f"control after {len(controls)} cycles"}
+    for arm, rows in outcomes.items():
+        if rows is not None:
+            block = summarise(rows)["overall"]
+            lines.append(f"  {arm:<9} {labels[arm]:<28} {block['success']:6.1%} "
+                         f"[{block['success_low']:.1%}, {block['success_high']:.1%}]")
+    lines.append("")
+    for other, target in (("base", 0.15), ("control", 0.10)):
+        if outcomes[other] is None:
+            continue
+        d = paired_difference(outcomes["champion"], outcomes[other])
+        standard_errors = d["difference"] / d["standard_error"] if d["standard_error"] else float("inf")
+        met = d["difference"] >= target and standard_errors >= 3
+        lines.append(f"  champion − {other:<8} {d['difference'] * 100:+5.1f} points [{d['low'] * 100:+.1f}, "
+                     f"{d['high'] * 100:+.1f}], {standard_errors:.1f} standard errors "
+                     f"(target ≥ {target * 100:+.0f} and > 3 SE: {'met' if met else 'NOT met'})")
+    report = "\n".join(lines)
+    (config.home / "reports").mkdir(parents=True, exist_ok=True)
+    (config.home / "reports" / "flywheel_demo.md").write_text(cycle_table(config, lake) + "\n" + report + "\n")
+    return report
 
 
 if __name__ == "__main__":

@@ -127,6 +127,15 @@ class ColdStartConfig(BaseModel):
     teacher: str = "scripted"  # or "openai": FLYWHEEL_TEACHER_URL / _MODEL / _API_KEY
 
 
+class CorrectionsConfig(BaseModel):
+    """Teacher corrections (lib/feedback/corrections.py): each day up to daily_budget requests
+    users gave up on are solved again by the cold-start teacher and land as trajectories with
+    origin `correction`. 0 turns them off."""
+
+    daily_budget: int = Field(300, ge=0)
+    seed: int = 17
+
+
 class BaseModelConfig(BaseModel):
     """The embedded base model (a ≈2.5M-parameter Llama), or any HF model id / local path."""
 
@@ -230,6 +239,7 @@ class FlywheelConfig(BaseModel):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     llm_judge: LLMJudgeConfig = Field(default_factory=LLMJudgeConfig)
     cold_start: ColdStartConfig = Field(default_factory=ColdStartConfig)
+    corrections: CorrectionsConfig = Field(default_factory=CorrectionsConfig)
     base_model: BaseModelConfig = Field(default_factory=BaseModelConfig)
     lora: LoraConfigModel = Field(default_factory=LoraConfigModel)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)

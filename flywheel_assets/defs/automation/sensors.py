@@ -31,6 +31,10 @@ def training_trigger(context: dg.SensorEvaluationContext, flywheel: FlywheelReso
     in_flight = [c for c in existing if registry.get(f"{c}-lora") is None]
     if in_flight:
         return dg.SkipReason(f"cycle {in_flight[-1]} has no adapter yet; one cycle at a time")
+    testing = [row["version"] for row in registry.current() if row["status"] in ("candidate", "canary", "treatment")]
+    if testing:
+        return dg.SkipReason(f"{testing[0]} is still being evaluated or A/B tested; one cycle at a time, so the "
+                             f"next one trains over the winner")
     state = trigger_state(config, flywheel.lake(), flywheel.now(), champion["version"])
     train, reason, phase = should_train(state, config.trigger)
     context.log.info(f"phase {phase}: {'TRAIN' if train else 'wait'}: {reason}")

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from flywheel_assets.lib.config import FlywheelConfig, load_config
-from flywheel_assets.lib.simulation.teachers import OpenAITeacher, ScriptedTeacher, cold_start_lines
+from flywheel_assets.lib.simulation.teachers import cold_start_lines, make_teacher
 
 DATA = Path(__file__).resolve().parents[3] / "data"
 GOLDEN = DATA / "golden" / "golden_trajectories.jsonl"
@@ -26,14 +26,12 @@ def write_cold_start(config: FlywheelConfig) -> dict:
     settings = config.cold_start
     folder = config.landing / "trajectories"
     golden = _copy(GOLDEN, folder / "cold-start-golden.jsonl")
-    teacher = OpenAITeacher.from_env() if settings.teacher == "openai" else ScriptedTeacher(settings.seed)
-    if teacher is None:
-        raise ValueError("cold_start.teacher is 'openai' but FLYWHEEL_TEACHER_URL is not set")
+    teacher = make_teacher(settings.teacher, settings.seed)
     target = folder / f"cold-start-synthetic-{settings.teacher}-{settings.seed}-{settings.synthetic_trajectories}.jsonl"
     synthetic = 0
     if not target.exists():
         lines = cold_start_lines(settings.synthetic_trajectories, settings.seed, teacher=teacher)
-        _write(target, "".join(json.dumps(line) + "\n" for line in lines))
+        write_landing_file(target, "".join(json.dumps(line) + "\n" for line in lines))
         synthetic = len(lines)
     return {"golden_files": int(golden), "synthetic_trajectories": synthetic,
             "teacher_rejects": getattr(teacher, "rejected", 0)}
@@ -58,7 +56,8 @@ def _copy(source: Path, target: Path) -> bool:
     return True
 
 
-def _write(target: Path, text: str) -> None:
+def write_landing_file(target: Path, text: str) -> None:
+    """Atomically (temp name, then rename): the landing sensor never sees half a file."""
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f".{target.name}.tmp")
     temporary.write_text(text)

@@ -277,13 +277,72 @@ def _answers(task_type: str, slots: dict) -> list[str]:
 def _draw_task(rng: random.Random, task_type: str, phrasing: int, task_id: str) -> Task | None:
     calls = _draw_calls(rng, task_type)
     slots = _slots(calls, [run_tool(name, arguments) for name, arguments in calls])
-    prompt = PHRASINGS[task_type][phrasing].format(**slots)
-    answer_units = tuple(units(SPANS.get(task_type, "{result}").format(**slots)))
-    if _contains(units(prompt), answer_units):
+    task = _task(task_type, phrasing, PHRASINGS[task_type][phrasing].format(**slots), calls, slots, task_id)
+    if _contains(units(task.prompt), task.answer_units):
         return None  # the answer is in the question (`10 - 5`): echoing it would pass
+    return task
+
+
+def _task(task_type: str, phrasing: int, prompt: str, calls: Sequence[tuple[str, dict]], slots: dict,
+          task_id: str) -> Task:
+    answer_units = tuple(units(SPANS.get(task_type, "{result}").format(**slots)))
     canonical = tuple((name, json.dumps(arguments, sort_keys=True)) for name, arguments in calls)
     expected = _answers(task_type, slots)[0].format(**slots)
     return Task(task_id, task_type, prompt, phrasing, canonical, expected, answer_units)
+
+
+def _alternatives(values) -> str:
+    return "|".join(re.escape(value) for value in sorted(values, key=len, reverse=True))
+
+
+_SLOT_PATTERNS = {
+    "expression": r"[0-9]+(?: [-+*] [0-9]+)+", "value": r"[0-9]+(?:\.[0-9]+)?",
+    "from_name": _alternatives(UNIT_NAMES.values()), "to_name": _alternatives(UNIT_NAMES.values()),
+    "country": _alternatives(CAPITALS), "op": _alternatives(OPERATION_NOUNS.values()), "text": r"[a-z]+(?: [a-z]+)*",
+}
+
+
+@cache
+def _prompt_patterns() -> list[tuple[str, int, re.Pattern]]:
+    patterns = []
+    for task_type, phrasings in PHRASINGS.items():
+        for phrasing, template in enumerate(phrasings):
+            parts = re.split(r"\{(\w+)\}", template)
+            regex = "".join(re.escape(part) if i % 2 == 0 else f"(?P<{part}>{_SLOT_PATTERNS[part]})"
+                            for i, part in enumerate(parts))
+            patterns.append((task_type, phrasing, re.compile(regex + r"\Z")))
+    return patterns
+
+
+def task_from_prompt(prompt: str, task_id: str = "parsed") -> Task | None:
+    """The task a user's request states, read back from the task environment's phrasings
+    (what the scripted teacher works from when it corrects a failed request); None when
+    the request is not one of them."""
+    text = " ".join(prompt.split())
+    units_by_name = {name: unit for unit, name in UNIT_NAMES.items()}
+    operations = {noun: operation for operation, noun in OPERATION_NOUNS.items()}
+    for task_type, phrasing, pattern in _prompt_patterns():
+        if (match := pattern.match(text)) is None:
+            continue
+        slots = match.groupdict()
+        if task_type == "calculator":
+            calls = [("calculator", {"expression": slots["expression"]})]
+        elif task_type == "unit_conversion":
+            value = float(slots["value"]) if "." in slots["value"] else int(slots["value"])
+            calls = [("convert_units", {"value": value, "from_unit": units_by_name[slots["from_name"]],
+                                        "to_unit": units_by_name[slots["to_name"]]})]
+        elif task_type == "capital_lookup":
+            calls = [("lookup_capital", {"country": slots["country"]})]
+        elif task_type == "text_ops":
+            calls = [("text_transform", {"text": slots["text"], "operation": operations[slots["op"]]})]
+        else:
+            calls = [("lookup_capital", {"country": slots["country"]}),
+                     ("get_weather", {"city": CAPITALS[slots["country"]]})]
+        results = [run_tool(name, arguments) for name, arguments in calls]
+        if any(result.startswith('{"error"') for result in results):
+            return None
+        return _task(task_type, phrasing, prompt, calls, _slots(calls, results), task_id)
+    return None
 
 
 def _prompt_key(prompt: str) -> str:

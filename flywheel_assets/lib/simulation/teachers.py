@@ -165,6 +165,17 @@ def _reply_messages(raw: bytes):
         raise Rejected("malformed", f"reply is not a JSON object with messages ({error!r})") from error
 
 
+def make_teacher(kind: str, seed: int):
+    """The configured teacher: "scripted" (offline) or "openai" (FLYWHEEL_TEACHER_URL / _MODEL / _API_KEY)."""
+    if kind == "scripted":
+        return ScriptedTeacher(seed)
+    if kind != "openai":
+        raise ValueError(f"unknown teacher {kind!r}: use 'scripted' or 'openai'")
+    if (teacher := OpenAITeacher.from_env()) is None:
+        raise ValueError("the teacher is 'openai' but FLYWHEEL_TEACHER_URL is not set")
+    return teacher
+
+
 def cold_start_lines(n_synthetic: int, seed: int, teacher=None) -> list[dict]:
     """Synthetic trajectories for n tasks in the cold-start phrasings; rejected ones are left out."""
     teacher = teacher or ScriptedTeacher(seed)

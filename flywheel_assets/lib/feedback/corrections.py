@@ -1,0 +1,84 @@
+"""Teacher corrections: the requests users gave up on, solved again by a teacher.
+
+A request fails when a session asked it and no trajectory answering it reached a
+training tier (every attempt was retried, reported or abandoned). Those prompts are
+exactly what the model cannot do yet, and self-training cannot fix them: rejection
+sampling only ever harvests what the model already gets right sometimes (FINDINGS.md).
+So each day up to `corrections.daily_budget` failed prompts, the most recent first and
+balanced over task types, go to the teacher — the scripted expert in the embedded
+default, any OpenAI-compatible model otherwise (the seed's GPT-4 teacher, here used on
+live prompts instead of invented ones). Its answer is grounded like cold-start data
+(tools re-run, verifier passed) and lands as an ordinary trajectory file with origin
+`correction`, so it is ingested, scored, curated and selected like everything else.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from datetime import datetime
+
+import duckdb
+
+from flywheel_assets.lib.config import FlywheelConfig
+from flywheel_assets.lib.lake import Lake
+from flywheel_assets.lib.simulation.tasks import task_from_prompt
+from flywheel_assets.lib.tables import TRAJECTORIES, TRAJECTORY_SCORES
+
+ORIGIN = "correction"
+
+
+def failed_requests(lake: Lake, config: FlywheelConfig, limit: int) -> list[dict]:
+    """Failed usage requests not corrected yet: one row per prompt (trajectory_id, task_type,
+    user_prompt, created_at), newest first, round-robin over task types, at most `limit`."""
+    if limit <= 0 or not lake.exists(TRAJECTORY_SCORES):
+        return []
+    con = duckdb.connect()
+    con.register("scores", lake.read(TRAJECTORY_SCORES, columns=["trajectory_id", "session_id", "tier"]))
+    con.register("trajectories", lake.read(
+        TRAJECTORIES, columns=["trajectory_id", "session_id", "task_type", "origin", "user_prompt", "created_at"]))
+    return con.execute("""
+        WITH usage AS (
+            SELECT t.trajectory_id, t.session_id, t.task_type, t.user_prompt, t.created_at, s.tier
+            FROM trajectories t JOIN scores s USING (trajectory_id)
+            WHERE t.origin = 'usage' AND t.user_prompt IS NOT NULL
+        ), failed AS (
+            SELECT session_id, user_prompt, arg_max(trajectory_id, created_at) AS trajectory_id,
+                   any_value(task_type) AS task_type, max(created_at) AS created_at
+            FROM usage GROUP BY session_id, user_prompt
+            HAVING bool_and(tier = $lowest)
+        ), fresh AS (
+            SELECT * FROM failed
+            WHERE lower(trim(user_prompt)) NOT IN (
+                SELECT lower(trim(user_prompt)) FROM trajectories WHERE origin = $origin AND user_prompt IS NOT NULL)
+            QUALIFY row_number() OVER (PARTITION BY lower(trim(user_prompt)) ORDER BY created_at DESC, trajectory_id) = 1
+        ), ranked AS (
+            SELECT *, row_number() OVER (PARTITION BY task_type ORDER BY created_at DESC, trajectory_id) AS type_rank
+            FROM fresh
+        )
+        SELECT trajectory_id, task_type, user_prompt, created_at FROM ranked
+        QUALIFY row_number() OVER (ORDER BY type_rank, task_type) <= $limit
+        ORDER BY created_at DESC, trajectory_id
+    """, {"origin": ORIGIN, "limit": limit, "lowest": config.tiers.names[-1]}).to_arrow_table().to_pylist()
+
+
+def correction_lines(failures: list[dict], teacher, now: datetime) -> tuple[list[dict], Counter]:
+    """Landing lines for the failures the teacher solved, and why the others were skipped."""
+    lines, skipped = [], Counter()
+    for failure in failures:
+        task = task_from_prompt(failure["user_prompt"], task_id=failure["trajectory_id"])
+        if task is None:
+            skipped["not_a_known_task"] += 1
+            continue
+        line = teacher.trajectory(task)
+        if line is None:
+            skipped["teacher_rejected"] += 1
+            continue
+        line.update(trajectory_id=f"correction-{failure['trajectory_id']}", origin=ORIGIN,
+                    corrects=failure["trajectory_id"], created_at=now.strftime("%Y-%m-%dT%H:%M:%SZ"))
+        lines.append(line)
+    return lines, skipped
+
+
+def to_jsonl(lines: list[dict]) -> str:
+    return "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
