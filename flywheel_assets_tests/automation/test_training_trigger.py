@@ -44,6 +44,8 @@ def test_the_trigger_starts_a_cycle_only_when_the_rules_say_so(home, config, lak
                                  adapter_path="models/cycle-0001-lora", parent="base-x", cycle="cycle-0001",
                                  reason="test", actor="test")
     instance.add_dynamic_partitions("cycle", ["cycle-0001"])
+    assert tick().skip_reason.skip_message.startswith("cycle-0001-lora is still being evaluated or A/B tested")
+    ModelRegistry(lake).transition("cycle-0001-lora", "retired", reason="test: lost its A/B test", actor="test")
     assert "only 2.0d since last training" in tick().skip_reason.skip_message
 
     set_now(config, NOW + timedelta(days=2))  # the clock moves; nothing else does
