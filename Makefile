@@ -31,8 +31,15 @@ dev: $(STAMP) $(DAGSTER_HOME)/dagster.yaml seed
 demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 	FLYWHEEL_CONFIG=$${FLYWHEEL_CONFIG:-$(CURDIR)/data/flywheel.json} $(BIN)/python -m flywheel_assets.flywheel --fresh
 
-## test: the whole suite
+# Debian's chromium for the UI's browser test: installed once where apt-get runs as root; elsewhere
+# the test is skipped and says why.
+CHROMIUM_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
+
+## test: the whole suite (first installs chromium for the browser test of the UI when it is missing)
 test: $(STAMP)
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { $(CHROMIUM_INSTALL) || { apt-get update -qq && $(CHROMIUM_INSTALL); }; }; } || \
+	  echo "chromium could not be installed: the browser test of the UI will be skipped"
 	$(BIN)/pytest
 
 ## bench: the data-half benchmark (10M events; EVENTS=... to change)

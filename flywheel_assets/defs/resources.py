@@ -1,7 +1,9 @@
 """Resources and the metadata helpers every stage uses."""
 
+import base64
 import os
 from datetime import datetime
+from pathlib import Path
 
 import dagster as dg
 import pyarrow as pa
@@ -58,6 +60,12 @@ def markdown_counts(counts: dict, key: str = "value", value: str = "rows") -> dg
     lines = [f"| {key} | {value} | share |", "|---|---:|---:|"]
     lines += [f"| {k} | {v} | {v / total:.1%} |" for k, v in counts.items()]
     return dg.MetadataValue.md("\n".join(lines))
+
+
+def chart_metadata(path: Path, title: str) -> dg.MetadataValue:
+    """A PNG chart as markdown with the image inline: the UI shows a path as text, but renders this."""
+    encoded = base64.b64encode(Path(path).read_bytes()).decode()
+    return dg.MetadataValue.md(f"![{title}](data:image/png;base64,{encoded})")
 
 
 @dg.definitions

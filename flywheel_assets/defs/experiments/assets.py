@@ -3,7 +3,7 @@
 import dagster as dg
 
 from flywheel_assets.defs.partitions import cycle_partitions
-from flywheel_assets.defs.resources import FlywheelResource
+from flywheel_assets.defs.resources import FlywheelResource, chart_metadata
 from flywheel_assets.lib.tables import AB_RESULTS
 from flywheel_assets.lib.experiments.report import ab_markdown, ab_chart
 
@@ -25,7 +25,8 @@ def ab_report(context: dg.AssetExecutionContext, flywheel: FlywheelResource) -> 
         "report": dg.MetadataValue.md(ab_markdown(rows)),
     }
     if chart is not None:
-        metadata["chart"] = dg.MetadataValue.path(str(chart))
+        metadata["chart"] = chart_metadata(chart, f"A/B effect of {latest['treatment']} over time")
+        metadata["chart_file"] = dg.MetadataValue.path(str(chart))
     return dg.MaterializeResult(metadata=metadata)
 
 

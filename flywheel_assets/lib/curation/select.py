@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import duckdb
@@ -52,16 +53,21 @@ def export_chat_jsonl(rows: pa.Table, path: Path) -> str:
     temporary = path.with_name(f".{path.name}.tmp")
     digest = hashlib.sha256()
     with temporary.open("w", encoding="utf-8") as handle:
-        for row in rows.to_pylist():
-            line = json.dumps({
-                "messages": json.loads(row["messages_json"]), "tools": json.loads(row["tools_json"] or "[]"),
-                "weight": row["weight"], "tier": row["tier"], "task_type": row["task_type"],
-                "trajectory_id": row["trajectory_id"],
-            }, ensure_ascii=False) + "\n"
+        for line in chat_jsonl_lines(rows):
             digest.update(line.encode())
             handle.write(line)
     temporary.replace(path)
     return digest.hexdigest()
+
+
+def chat_jsonl_lines(rows: pa.Table) -> Iterator[str]:
+    """The lines of export_chat_jsonl, each ending in a newline, in the rows' order."""
+    for row in rows.to_pylist():
+        yield json.dumps({
+            "messages": json.loads(row["messages_json"]), "tools": json.loads(row["tools_json"] or "[]"),
+            "weight": row["weight"], "tier": row["tier"], "task_type": row["task_type"],
+            "trajectory_id": row["trajectory_id"],
+        }, ensure_ascii=False) + "\n"
 
 
 def count_by(rows: pa.Table, column: str) -> dict[str, int]:

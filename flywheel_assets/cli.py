@@ -1,0 +1,524 @@
+"""The `flywheel` command line: see the loop's state and act on it by hand.
+
+    flywheel status [--json]                 phase, trigger, A/B test, champion, history
+    flywheel ingest PATH [--kind K]          a file or folder of JSONL lines into the lake
+    flywheel annotate TRAJECTORY_ID (--score S | --label good|bad) [--note N]
+    flywheel promote VERSION --reason R [--to champion|treatment|canary]
+    flywheel rollback VERSION --reason R
+    flywheel export CYCLE [-o PATH]          the cycle's training set as chat JSONL
+
+Everything goes through the lib/ code the Dagster assets and sensors use, so a manual
+change is recorded exactly like an automatic one (registry changes carry the actor
+`cli:<user>` and the reason given). lib/ modules are imported inside the commands:
+`status` must answer in well under 2 s and `--help` at once, so nothing on those
+paths may pull in torch, transformers or dagster.
+"""
+
+import getpass
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from datetime import datetime
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+EXIT_USAGE = 2  # a bad option or value (click's own code for usage errors)
+EXIT_NOT_FOUND = 3  # unknown path, version, cycle or trajectory; FLYWHEEL_HOME missing
+EXIT_REFUSED = 4  # the registry's rules forbid the change (illegal transition, shares over 1)
+
+app = typer.Typer(
+    name="flywheel", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="See and steer the Flywheel loop. State lives under FLYWHEEL_HOME (default ./data/home); "
+         "settings come from the JSON file named by FLYWHEEL_CONFIG.",
+    epilog="Exit codes: 0 done; 1 unexpected error; 2 bad option or value; 3 not found (path, version, "
+           "cycle, trajectory, FLYWHEEL_HOME); 4 refused by the registry's rules (illegal transition).",
+)
+
+
+class Kind(str, Enum):
+    events = "events"
+    trajectories = "trajectories"
+    annotations = "annotations"
+
+
+class LiveStatus(str, Enum):
+    champion = "champion"
+    treatment = "treatment"
+    canary = "canary"
+
+
+class Label(str, Enum):
+    good = "good"
+    bad = "bad"
+
+
+def fail(message: str, code: int) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def actor() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = os.environ.get("USER") or "unknown"
+    return f"cli:{user}"
+
+
+class Session:
+    """The configuration, lake, clock and registry of one call, made on first use."""
+
+    def __init__(self, home: Optional[Path], config_path: Optional[Path]):
+        self.home = home
+        self.config_path = config_path
+        self._config = None
+
+    @property
+    def config(self):
+        if self._config is None:
+            from pydantic import ValidationError
+
+            from flywheel_assets.lib.config import load_config
+
+            try:
+                self._config = load_config(self.home, str(self.config_path) if self.config_path else None)
+            except FileNotFoundError as error:
+                fail(f"configuration file not found: {error.filename}", EXIT_NOT_FOUND)
+            except (ValueError, ValidationError) as error:
+                fail(f"invalid configuration: {error}", EXIT_USAGE)
+        return self._config
+
+    def lake(self):
+        from flywheel_assets.lib.lake import Lake
+
+        return Lake(self.config)
+
+    def now(self) -> datetime:
+        from flywheel_assets.lib import clock
+
+        return clock.now(self.config)
+
+    def registry(self):
+        from flywheel_assets.lib.experiments.registry import ModelRegistry
+
+        return ModelRegistry(self.lake(), clock=self.now)
+
+    def require_home(self) -> None:
+        if not self.config.home.is_dir():
+            fail(f"FLYWHEEL_HOME {self.config.home} does not exist (set FLYWHEEL_HOME or pass --home)",
+                 EXIT_NOT_FOUND)
+
+
+@app.callback()
+def main(ctx: typer.Context,
+         home: Optional[Path] = typer.Option(None, "--home", help="Runtime root; overrides FLYWHEEL_HOME."),
+         config: Optional[Path] = typer.Option(None, "--config", help="JSON settings; overrides FLYWHEEL_CONFIG.")):
+    ctx.obj = Session(home, config)
+
+
+# status ---------------------------------------------------------------------------------
+
+@app.command()
+def status(ctx: typer.Context,
+           as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout, for scripts."),
+           history: int = typer.Option(10, "--history", min=0, help="How many registry changes to list.")):
+    """Phase, training trigger and why, running A/B test, champion and registry history."""
+    session: Session = ctx.obj
+    session.require_home()
+    report = collect_status(session)
+    report["history"] = report["history"][-history:] if history else []
+    typer.echo(json.dumps(report, default=_iso, indent=2) if as_json else render_status(report))
+
+
+def collect_status(session: Session) -> dict:
+    from flywheel_assets.lib.automation.state import trigger_state
+    from flywheel_assets.lib.automation.trigger import phase as phase_of
+    from flywheel_assets.lib.automation.trigger import should_train
+    from flywheel_assets.lib.tables import AB_RESULTS, DATASET_MANIFESTS
+
+    config, lake, registry, now = session.config, session.lake(), session.registry(), session.now()
+    history = registry.history()
+    latest = {row["version"]: row for row in history}
+    champion = next((row for row in latest.values() if row["status"] == "champion"), None)
+    state = trigger_state(config, lake, now, champion["version"] if champion else None)
+    train, why, phase = should_train(state, config.trigger)
+    # What training_trigger checks before the rules: a champion to train from, and one
+    # cycle at a time (a dataset whose adapter is not registered yet).
+    cycles = lake.read(DATASET_MANIFESTS, columns=["cycle", "created_at"]).sort_by("created_at")
+    in_flight = [c for c in cycles.column("cycle").to_pylist() if f"{c}-lora" not in latest]
+    blocked = ("no champion yet: materialize base_model first" if champion is None
+               else f"cycle {in_flight[-1]} has no adapter yet; one cycle at a time" if in_flight else None)
+    arms = [row for row in latest.values() if row["status"] in ("canary", "treatment")]
+    looks = lake.read(AB_RESULTS).sort_by("looked_at").to_pylist()
+    last_look = {row["test_id"]: row for row in looks}
+    return {
+        "home": str(config.home), "now": now,
+        "phase": phase_of(state.real_trajectories, config.trigger),
+        "real_trajectories": state.real_trajectories,
+        "phase_thresholds": {"phase1": config.trigger.phase1_min_real, "phase2": config.trigger.phase2_min_real},
+        "trigger": {
+            "train": bool(train and blocked is None), "rules_say_train": train, "reason": why, "blocked_by": blocked,
+            "phase": phase, "last_training": state.last_training, "new_scored": state.new_scored,
+            "new_high_quality": state.new_high_quality, "performance_change": state.performance_change,
+            "last_cycle": cycles.column("cycle").to_pylist()[-1] if cycles.num_rows else None,
+        },
+        "ab_tests": [{"version": arm["version"], "status": arm["status"], "traffic_share": arm["traffic_share"],
+                      "since": arm["changed_at"], "last_look": _look(last_look.get(f"ab-{arm['version']}"))}
+                     for arm in arms],
+        "last_decision": _look(looks[-1]) if looks else None,
+        "champion": None if champion is None else {
+            # the champion serves what the canary and treatment arms leave (its row keeps the share it came in with)
+            "version": champion["version"], "cycle": champion["cycle"],
+            "traffic_share": max(0.0, 1.0 - sum(arm["traffic_share"] for arm in arms)),
+            "since": champion["changed_at"], "actor": champion["actor"], "reason": champion["reason"]},
+        "versions": len(latest),
+        "history": [{key: row[key] for key in ("changed_at", "version", "status", "traffic_share", "actor", "reason")}
+                    for row in history],
+    }
+
+
+def _look(row: Optional[dict]) -> Optional[dict]:
+    keys = ("test_id", "treatment", "control", "stage", "looked_at", "outcome", "rule", "reason", "effect",
+            "effect_low", "effect_high", "users_control", "users_treatment")
+    return None if row is None else {key: row[key] for key in keys}
+
+
+def render_status(report: dict) -> str:
+    trigger = report["trigger"]
+    thresholds = report["phase_thresholds"]
+    lines = [
+        f"home       {report['home']}   now {_iso(report['now'])}",
+        f"phase      {report['phase']}: {report['real_trajectories']} real usage trajectories scored "
+        f"(phase 1 from {thresholds['phase1']}, phase 2 from {thresholds['phase2']})",
+        f"trigger    {'TRAIN' if trigger['train'] else 'wait'}: {trigger['blocked_by'] or trigger['reason']}",
+        f"           since last training ({_iso(trigger['last_training']) or 'never'}"
+        f"{', ' + trigger['last_cycle'] if trigger['last_cycle'] else ''}): {trigger['new_scored']} new scored, "
+        f"{trigger['new_high_quality']} high quality; champion quality change "
+        f"{'n/a' if trigger['performance_change'] is None else format(trigger['performance_change'], '+.1%')}",
+    ]
+    if not report["ab_tests"]:
+        lines.append("A/B test   none running")
+    for test in report["ab_tests"]:
+        lines.append(f"A/B test   {test['version']} as {test['status']} on {test['traffic_share']:.0%} of users "
+                     f"since {_iso(test['since'])}")
+        look = test["last_look"]
+        lines.append(f"           {_render_look(look) if look else 'no look recorded yet'}")
+    if report["last_decision"] and not report["ab_tests"]:
+        lines.append(f"last look  {report['last_decision']['test_id']}: {_render_look(report['last_decision'])}")
+    champion = report["champion"]
+    lines.append("champion   none" if champion is None else
+                 f"champion   {champion['version']} on {champion['traffic_share']:.0%} of users since "
+                 f"{_iso(champion['since'])} ({champion['actor']}: {champion['reason']})")
+    lines.append(f"history    {len(report['history'])} latest changes of {report['versions']} versions")
+    for row in report["history"]:
+        lines.append(f"  {_iso(row['changed_at'])}  {row['version']:<20} {row['status']:<11} "
+                     f"{row['traffic_share']:>4.0%}  {row['actor']:<18} {_short(row['reason'], 70)}")
+    return "\n".join(lines)
+
+
+def _render_look(look: dict) -> str:
+    text = f"{look['outcome']} ({look['stage']}, rule {look['rule']}) at {_iso(look['looked_at'])}: {look['reason']}"
+    if look["effect"] is not None:
+        text += (f"; effect {look['effect']:+.3f} [{look['effect_low']:+.3f}, {look['effect_high']:+.3f}], "
+                 f"users {look['users_control']} control / {look['users_treatment']} treatment")
+    return text
+
+
+def _iso(value):
+    if isinstance(value, datetime):
+        return value.isoformat(timespec="seconds").replace("+00:00", "Z")
+    if value is None:
+        return None
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _short(text: Optional[str], width: int) -> str:
+    text = text or ""
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+# ingest ---------------------------------------------------------------------------------
+
+@app.command()
+def ingest(ctx: typer.Context,
+           path: Path = typer.Argument(..., help="A .jsonl/.jsonl.gz file, or a folder of them (searched recursively)."),
+           kind: Optional[Kind] = typer.Option(None, "--kind", help="What the lines are; by default the folder "
+                                               "name (events/, trajectories/, annotations/) or the first lines tell."),
+           as_json: bool = typer.Option(False, "--json", help="The counts as one JSON object on stdout.")):
+    """Ingest trajectory, event or annotation lines now: every line ends in its table or in quarantine.
+
+    A file outside the landing zone is copied into FLYWHEEL_HOME/landing/<kind>/cli/ under a
+    content-addressed name (the landing zone keeps every input), so ingesting the same file again
+    adds nothing. Scores are refreshed by the next ingest_job run.
+    """
+    from flywheel_assets.lib.ingest.landing import LandingFile, is_ready, list_landing
+    from flywheel_assets.lib.ingest.pipeline import ingest_landing, pending_files
+    from flywheel_assets.lib.tables import INGESTED_FILES
+
+    session: Session = ctx.obj
+    config, lake = session.config, session.lake()
+    if not path.exists():
+        fail(f"{path} does not exist", EXIT_NOT_FOUND)
+    path = path.resolve()
+    landing = config.landing.resolve()
+    if path.is_relative_to(landing):
+        # Already in the landing zone: ingest its pending files in place, as landing_sensor would.
+        files = [f for f in list_landing(landing) if f.path.is_relative_to(path)]
+        if path.is_file() and not files:
+            fail(f"{path} is not a ready landing file (landing/<kind>/*.jsonl[.gz])", EXIT_USAGE)
+        pending = {f.key for f in pending_files(config, lake)}
+        todo, done = [f for f in files if f.key in pending], [f for f in files if f.key not in pending]
+        report = ingest_landing(config, lake, todo, log=lambda _: None)
+        _print_ingest(report, skipped=[f.relative for f in done], as_json=as_json)
+        return
+    sources = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and is_ready(p.name))
+    if not sources:
+        fail(f"no .jsonl/.jsonl.gz/.ndjson file under {path}", EXIT_NOT_FOUND)
+    staged: dict[str, LandingFile] = {}
+    renames: list[tuple[Path, Path]] = []
+    skipped = []
+    ledger = {(r["source_file"], r["size_bytes"], r["mtime_ns"])
+              for r in lake.read(INGESTED_FILES, columns=["source_file", "size_bytes", "mtime_ns"]).to_pylist()}
+    try:
+        for source in sources:
+            source_kind = (kind.value if kind else None) or _kind_from_folder(source, path) or _sniff_kind(source)
+            if source_kind is None:
+                fail(f"cannot tell whether {source} holds events, trajectories or annotations: pass --kind",
+                     EXIT_USAGE)
+            target = landing / source_kind / "cli" / _landing_name(source)
+            relative = target.relative_to(landing).as_posix()
+            if relative in staged:
+                continue
+            if target.exists():
+                stat = target.stat()
+                if (relative, stat.st_size, stat.st_mtime_ns) in ledger:
+                    skipped.append(relative)
+                    continue
+                staged[relative] = LandingFile(stat.st_mtime_ns, relative, source_kind, stat.st_size, target)
+                continue
+            # Ingested under a dot-name that landing_sensor skips, renamed once the ledger names it:
+            # the sensor never sees the copy before it is done. (The name keeps its suffix: .gz is read as gzip.)
+            temporary = target.with_name(f".{target.name}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, temporary)
+            renames.append((temporary, target))
+            stat = temporary.stat()
+            staged[relative] = LandingFile(stat.st_mtime_ns, relative, source_kind, stat.st_size, temporary)
+        report = ingest_landing(config, lake, list(staged.values()), log=lambda _: None)
+        for temporary, target in renames:
+            os.replace(temporary, target)
+    finally:
+        for temporary, _ in renames:
+            temporary.unlink(missing_ok=True)
+    _print_ingest(report, skipped=skipped, as_json=as_json)
+
+
+def _landing_name(source: Path) -> str:
+    """<sha256 prefix>-<name>, ending in a suffix the landing zone reads."""
+    digest = hashlib.sha256()
+    with source.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    name = source.name.lstrip(".")
+    if not name.endswith((".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz")):
+        name = name[:-3] + ".jsonl.gz" if name.endswith(".gz") else name + ".jsonl"
+    return f"{digest.hexdigest()[:16]}-{name}"
+
+
+def _kind_from_folder(source: Path, root: Path) -> Optional[str]:
+    """The nearest enclosing folder named events, trajectories or annotations, up to root's parent."""
+    for folder in source.parents:
+        if folder.name in Kind.__members__:
+            return folder.name
+        if folder == root.parent or folder == root:
+            break
+    return None
+
+
+def _sniff_kind(source: Path, max_lines: int = 50) -> Optional[str]:
+    """The kind the first JSON objects look like: an event_type, a conversation, or a score for a trajectory."""
+    opener = gzip.open if source.name.endswith(".gz") else open
+    with opener(source, "rt", encoding="utf-8", errors="replace") as handle:
+        for _, line in zip(range(max_lines), handle):
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(obj, dict):
+                continue
+            if "event_type" in obj:
+                return "events"
+            if "conversations" in obj or "messages" in obj:
+                return "trajectories"
+            if "trajectory_id" in obj and ("score" in obj or "label" in obj):
+                return "annotations"
+    return None
+
+
+def _print_ingest(report, skipped: list[str], as_json: bool) -> None:
+    summary = {"files": report.files, "rows_new": dict(report.rows_new), "duplicates": dict(report.duplicates),
+               "quarantined": dict(report.quarantined), "already_ingested": skipped}
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    for row in report.files:
+        typer.echo(f"{row['file']}: {row['lines']} lines, {row['new']} new, {row['duplicates']} duplicates, "
+                   f"{row['quarantined']} quarantined")
+    for relative in skipped:
+        typer.echo(f"{relative}: already ingested, skipped")
+    new = ", ".join(f"{count} {kind}" for kind, count in sorted(report.rows_new.items())) or "none"
+    typer.echo(f"new rows: {new}; duplicates: {sum(report.duplicates.values())}; "
+               f"quarantined: {report.lines_quarantined}"
+               + (f" ({', '.join(f'{r} {n}' for r, n in sorted(report.quarantined.items()))})"
+                  if report.quarantined else ""))
+    if report.files:
+        typer.echo("scores refresh at the next ingest_job run (landing_sensor, daily_refresh, or launch it)")
+
+
+# annotate -------------------------------------------------------------------------------
+
+@app.command()
+def annotate(ctx: typer.Context,
+             trajectory_id: str = typer.Argument(..., help="The trajectory labelled (must be in bronze/trajectories)."),
+             score: Optional[float] = typer.Option(None, "--score", help="Human score in [-1, 1]."),
+             label: Optional[Label] = typer.Option(None, "--label", "--verdict", help="good (= 1) or bad (= -1)."),
+             note: Optional[str] = typer.Option(None, "--note", help="Free text kept with the label."),
+             annotator: Optional[str] = typer.Option(None, "--annotator", help="Who labelled it [default: cli:<user>]."),
+             ingest_now: bool = typer.Option(False, "--ingest", help="Also write it to bronze/annotations now "
+                                             "(without a running landing_sensor).")):
+    """Record a human label for a trajectory; at the next scoring it overrides every automatic score.
+
+    The label is written as one line to FLYWHEEL_HOME/landing/annotations/, the same input as any
+    annotation file: landing_sensor ingests it and its ingest_job re-scores (trajectory_scores takes
+    the latest label per trajectory as combined_score, human_verified, tier by that score).
+    """
+    from flywheel_assets.lib.ingest.landing import list_landing
+    from flywheel_assets.lib.ingest.pipeline import ingest_landing
+    from flywheel_assets.lib.tables import TRAJECTORIES
+
+    session: Session = ctx.obj
+    if (score is None) == (label is None):
+        fail("give exactly one of --score (in [-1, 1]) or --label good|bad", EXIT_USAGE)
+    if score is not None and not -1.0 <= score <= 1.0:
+        fail(f"--score must be within [-1, 1], got {score}", EXIT_USAGE)
+    config, lake = session.config, session.lake()
+    found = lake.read(TRAJECTORIES, columns=["trajectory_id"], filter_sql="trajectory_id = " + _sql_text(trajectory_id))
+    if found.num_rows == 0:
+        fail(f"unknown trajectory {trajectory_id!r}: not in bronze/trajectories (ingest it first)", EXIT_NOT_FOUND)
+    line = {"trajectory_id": trajectory_id, "score": score if score is not None else (1.0 if label == Label.good else -1.0),
+            "annotator": annotator or actor(), "note": note, "annotated_at": _iso(session.now())}
+    folder = config.landing / "annotations"
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"cli-{session.now().strftime('%Y%m%dT%H%M%S%fZ')}-{uuid.uuid4().hex[:8]}.jsonl"
+    temporary, target = folder / f".{name}.tmp", folder / name
+    temporary.write_text(json.dumps(line, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(temporary, target)
+    typer.echo(f"{trajectory_id}: score {line['score']:+g} by {line['annotator']} -> {target}")
+    if ingest_now:
+        files = [f for f in list_landing(config.landing) if f.path == target]
+        report = ingest_landing(config, lake, files, log=lambda _: None)
+        typer.echo(f"bronze/annotations: {report.rows_new['annotations']} new row; "
+                   "scores refresh at the next ingest_job run")
+
+
+def _sql_text(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+# promote / rollback ---------------------------------------------------------------------
+
+@app.command()
+def promote(ctx: typer.Context,
+            version: str = typer.Argument(..., help="Registered model version, e.g. cycle-0002-lora."),
+            reason: str = typer.Option(..., "--reason", help="Why; kept in the registry history."),
+            to: LiveStatus = typer.Option(LiveStatus.champion, "--to", help="Status to move it to."),
+            share: Optional[float] = typer.Option(None, "--share", min=0.0, max=1.0,
+                                                  help="Traffic share for canary/treatment [default: 1% / 9%].")):
+    """Move a version to champion (or to treatment / canary) by hand, with an audit trail.
+
+    Goes through the registry's rules: candidate -> canary or treatment, canary -> treatment or
+    champion, treatment -> champion; a new champion retires the old one in the same commit.
+    """
+    session: Session = ctx.obj
+    _change(session, version, reason, lambda registry, who: registry.transition(
+        version, to.value, reason=reason, actor=who, traffic_share=share))
+
+
+@app.command()
+def rollback(ctx: typer.Context,
+             version: str = typer.Argument(..., help="Registered model version to take out of service."),
+             reason: str = typer.Option(..., "--reason", help="Why; kept in the registry history.")):
+    """Mark a version rolled_back by hand; rolling back the champion reinstates the previous one."""
+    session: Session = ctx.obj
+    _change(session, version, reason, lambda registry, who: registry.rollback(version, reason=reason, actor=who))
+
+
+def _change(session: Session, version: str, reason: str, change) -> None:
+    from flywheel_assets.lib.experiments.registry import RegistryError
+
+    if not reason.strip():
+        fail("--reason must not be empty", EXIT_USAGE)
+    session.require_home()
+    registry = session.registry()
+    before = {row["version"]: row for row in registry.current()}
+    if version not in before:
+        known = ", ".join(sorted(before)) or "none registered"
+        fail(f"unknown version {version!r} (known: {known})", EXIT_NOT_FOUND)
+    try:
+        change(registry, actor())
+    except RegistryError as error:
+        fail(str(error), EXIT_REFUSED)
+    for row in registry.current():
+        old = before.get(row["version"])
+        if old is None or old["event_id"] != row["event_id"]:
+            typer.echo(f"{row['version']}: {old['status'] if old else 'new'} -> {row['status']} "
+                       f"({row['traffic_share']:.0%} of traffic) by {row['actor']}: {row['reason']}")
+
+
+# export ---------------------------------------------------------------------------------
+
+@app.command()
+def export(ctx: typer.Context,
+           cycle: str = typer.Argument(..., help="Training cycle, e.g. cycle-0001."),
+           output: Optional[Path] = typer.Option(None, "-o", "--output", help="File to write [default: stdout].")):
+    """Write a cycle's training set as chat JSONL (messages, tools, weight, tier), in selection order.
+
+    The bytes are those of the cycle's own export (datasets/<cycle>/train.jsonl): the sha256 is
+    checked against the dataset manifest and reported on stderr.
+    """
+    from flywheel_assets.lib.curation.select import chat_jsonl_lines, export_chat_jsonl
+    from flywheel_assets.lib.tables import DATASET_MANIFESTS, TRAINING_DATASET
+
+    session: Session = ctx.obj
+    session.require_home()
+    lake = session.lake()
+    manifests = {row["cycle"]: row for row in lake.read(DATASET_MANIFESTS).to_pylist()}
+    if cycle not in manifests:
+        fail(f"unknown cycle {cycle!r}: no dataset manifest (known: {', '.join(sorted(manifests)) or 'none'})",
+             EXIT_NOT_FOUND)
+    manifest = manifests[cycle]
+    rows = lake.read(TRAINING_DATASET, filter_sql="cycle = " + _sql_text(cycle))
+    order = {trajectory_id: rank for rank, trajectory_id in enumerate(manifest["trajectory_ids"])}
+    ids = rows.column("trajectory_id").to_pylist()
+    rows = rows.take(sorted(range(rows.num_rows), key=lambda i: order.get(ids[i], len(order))))
+    if output is None:
+        stream = typer.get_binary_stream("stdout")
+        digest = hashlib.sha256()
+        for line in chat_jsonl_lines(rows):
+            data = line.encode("utf-8")
+            digest.update(data)
+            stream.write(data)
+        stream.flush()
+        sha = digest.hexdigest()
+    else:
+        sha = export_chat_jsonl(rows, output)
+    matches = "matches the manifest" if sha == manifest["content_sha256"] else \
+        f"differs from the manifest's {manifest['content_sha256']}"
+    typer.echo(f"{cycle}: {rows.num_rows} rows{' to ' + str(output) if output else ''}; sha256 {sha} {matches}",
+               err=True)
