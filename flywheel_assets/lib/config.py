@@ -230,6 +230,45 @@ class RolloutConfig(BaseModel):
     canary_min_users: int = 20
 
 
+class VelocityConfig(BaseModel):
+    """flywheel_velocity: how much history the score, the bottleneck and the throughputs cover."""
+
+    window_cycles: int = Field(3, ge=1)  # latest concluded cycles the score and the bottleneck average over
+    throughput_days: float = Field(14.0, gt=0)  # throughput per stage over the last days (the seed's forced trigger)
+
+
+class LoopHealthConfig(BaseModel):
+    """loop_health: warn and alert thresholds of each negative-feedback-loop check (README: Loop health).
+
+    Shares and rates are in [0, 1]; held-out success and acceptance are shares of tasks.
+    """
+
+    # share of a cycle's training rows made by the loop itself (teacher-synthetic, or usage
+    # served by an adapter the flywheel trained); higher is worse
+    loop_data_share_warn: float = 0.9
+    loop_data_share_alert: float = 0.97
+    # held-out success of the cycle's candidate below the best champion so far; a drop, higher is worse
+    heldout_drift_warn: float = 0.05
+    heldout_drift_alert: float = 0.10
+    # share of trajectories users accepted as they were that a heuristic judge fails; higher is worse
+    judge_disagreement_warn: float = 0.10
+    judge_disagreement_alert: float = 0.20
+    # first-attempt acceptance (without edit) minus held-out success of the same model version;
+    # higher is worse, and it must also be significant (z ≥ divergence_min_z)
+    online_divergence_warn: float = 0.08
+    online_divergence_alert: float = 0.15
+    divergence_min_z: float = 2.0
+    # distinct n-grams of the cycle's training text over the first cycle's; lower is worse
+    ngram_diversity_warn: float = 0.8
+    ngram_diversity_alert: float = 0.6
+    # task-type entropy of the rows the model learns from (non-bronze), over log(types); lower is worse
+    task_entropy_warn: float = 0.8
+    task_entropy_alert: float = 0.6
+    ngram: int = Field(2, ge=1)
+    diversity_sample: int = Field(300, ge=10)  # rows per cycle the n-grams are counted on (size-independent)
+    min_trajectories: int = Field(30, ge=1)  # fewer usage trajectories in a cycle's window: no verdict
+
+
 class FlywheelConfig(BaseModel):
     home: Path = Path(DEFAULT_HOME)
     scoring: ScoringWeights = Field(default_factory=ScoringWeights)
@@ -246,6 +285,8 @@ class FlywheelConfig(BaseModel):
     trigger: PhaseConfig = Field(default_factory=PhaseConfig)
     ab: ABConfig = Field(default_factory=ABConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    velocity: VelocityConfig = Field(default_factory=VelocityConfig)
+    loop_health: LoopHealthConfig = Field(default_factory=LoopHealthConfig)
 
     @property
     def landing(self) -> Path:

@@ -48,10 +48,16 @@ def training_trigger(context: dg.SensorEvaluationContext, flywheel: FlywheelReso
     )
 
 
+daily_refresh_job = dg.define_asset_job(
+    "daily_refresh_job", selection=ingest_job.selection | dg.AssetSelection.groups("observability"),
+    description="ingest_job's assets, then the flywheel's velocity and loop health with their charts.",
+)
+
 daily_refresh = dg.ScheduleDefinition(
-    name="daily_refresh", job=ingest_job, cron_schedule="0 2 * * *",
+    name="daily_refresh", job=daily_refresh_job, cron_schedule="0 2 * * *",
     default_status=dg.DefaultScheduleStatus.RUNNING,
-    description="The seed's daily pipeline: ingest what landed, re-score feedback and judges, re-curate.",
+    description="The seed's daily pipeline: ingest what landed, re-score feedback and judges, re-curate, and "
+                "refresh velocity and loop health.",
 )
 
 

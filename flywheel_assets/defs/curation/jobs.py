@@ -8,9 +8,11 @@ dataset_job = dg.define_asset_job(
 )
 
 cycle_job = dg.define_asset_job(
-    "cycle_job", selection=dg.AssetSelection.assets("training_dataset", "lora_adapter", "offline_eval"),
+    "cycle_job", selection=dg.AssetSelection.assets(
+        "training_dataset", "lora_adapter", "offline_eval", "flywheel_velocity", "loop_health"),
     partitions_def=cycle_partitions,
-    description="One training cycle: dataset → LoRA adapter → offline evaluation and promotion gate.",
+    description="One training cycle: dataset → LoRA adapter → offline evaluation and promotion gate, then the "
+                "flywheel's velocity and loop health refreshed with it.",
 )
 
 bootstrap_job = dg.define_asset_job(

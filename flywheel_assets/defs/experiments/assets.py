@@ -30,6 +30,7 @@ def ab_report(context: dg.AssetExecutionContext, flywheel: FlywheelResource) -> 
     return dg.MaterializeResult(metadata=metadata)
 
 
-ab_report_job = dg.define_asset_job("ab_report_job", selection=dg.AssetSelection.assets("ab_report"),
-                                    partitions_def=cycle_partitions,
-                                    description="Refresh a cycle's A/B report after a look.")
+ab_report_job = dg.define_asset_job(
+    "ab_report_job", selection=dg.AssetSelection.assets("ab_report", "flywheel_velocity", "loop_health"),
+    partitions_def=cycle_partitions,
+    description="Refresh a cycle's A/B report after a look, and the flywheel's velocity and loop health with it.")
