@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(concluded_cycles(lake)) >= args.cycles:
             break
     ingest_landed(defs, instance)  # the last day's corrections, so the tables are complete
+    run_job(defs, instance, "daily_refresh_job")  # the daily schedule's run: scores, velocity, loop health, charts
     print(cycle_table(config, lake))
     if not args.no_control:
         print(final_comparison(config, lake, defs))
