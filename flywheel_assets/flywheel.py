@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=300, help="simulated users a day")
     parser.add_argument("--cycles", type=int, default=3, help="stop after this many concluded cycles")
     parser.add_argument("--no-control", action="store_true", help="skip the control arm at the end")
+    parser.add_argument("--report-only", action="store_true",
+                        help="no new days: print the cycle table and the comparison for the home as it is")
     parser.add_argument("--fresh", action="store_true",
                         help="start from an empty FLYWHEEL_HOME (deletes its landing zone, lake, models, datasets)")
     args = parser.parse_args(argv)
@@ -97,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     lake = Lake(config)
     defs = load_defs()
     instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
+    if args.report_only:
+        return report(config, lake, defs, args.no_control, started)
     set_now(config, START)
     print(f"phase 0 — {START:%Y-%m-%d}: cold start, the demo agents' usage log, the base model", flush=True)
     run_job(defs, instance, "bootstrap_job")
@@ -134,8 +138,12 @@ def main(argv: list[str] | None = None) -> int:
             break
     ingest_landed(defs, instance)  # the last day's corrections, so the tables are complete
     run_job(defs, instance, "daily_refresh_job")  # the daily schedule's run: scores, velocity, loop health, charts
+    return report(config, lake, defs, args.no_control, started)
+
+
+def report(config: FlywheelConfig, lake: Lake, defs, no_control: bool, started: float) -> int:
     print(cycle_table(config, lake))
-    if not args.no_control:
+    if not no_control:
         print(final_comparison(config, lake, defs))
     print(f"\nwall time {time.monotonic() - started:.0f} s; runs and assets: make dev → http://127.0.0.1:3000")
     return 0

@@ -11,14 +11,12 @@ from flywheel_assets.lib.experiments.registry import ModelRegistry
 from flywheel_assets.lib.lake import Lake
 from flywheel_assets.lib.tables import AB_RESULTS, OFFLINE_EVALUATIONS, TRAJECTORIES
 
-SMALL_LOOP = {
-    "cold_start": {"synthetic_trajectories": 400},
-    "base_model": {"hidden_size": 64, "layers": 2, "heads": 2, "intermediate_size": 128, "pretrain_steps": 120,
-                   "batch_size": 16},
-    "lora": {"steps": 50, "rank": 16, "alpha": 32, "batch_size": 16},
-    "evaluation": {"tasks": 150},
-    "curation": {"target_size": 500},
-    "corrections": {"daily_budget": 150},
+SMALL_LOOP = {  # the embedded architecture, pretrained shorter; one cycle of fewer steps
+    "base_model": {"pretrain_steps": 250},
+    "lora": {"steps": 100},
+    "evaluation": {"tasks": 200},
+    "curation": {"target_size": 1000},
+    "corrections": {"daily_budget": 200},
     "ab": {"min_users_per_arm": 20, "planned_users": 120, "max_days": 6},
     "rollout": {"canary_share": 0.1, "treatment_share": 0.5, "canary_min_users": 4},
     "trigger": {"phase2": {"min_days_between_training": 1, "min_new_trajectories": 100}},
