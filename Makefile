@@ -25,7 +25,7 @@ seed: $(STAMP)
 
 ## dev: seed the embedded demo data and start the UI on http://$(HOST):$(PORT) with the sensors running
 dev: $(STAMP) $(DAGSTER_HOME)/dagster.yaml seed
-	$(BIN)/dg dev --host $(HOST) --port $(PORT)
+	FLYWHEEL_CONFIG=$${FLYWHEEL_CONFIG:-$(CURDIR)/data/flywheel.json} $(BIN)/dg dev --host $(HOST) --port $(PORT)
 
 ## demo: the closed loop headless through real Dagster runs and sensors: 3 cycles, A/B, promotion, control arm
 demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml

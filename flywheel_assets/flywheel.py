@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--days", type=int, default=30, help="simulated days at most")
-    parser.add_argument("--users", type=int, default=300, help="simulated users a day")
+    parser.add_argument("--users", type=int, help="simulated users a day (default: simulation.users_per_tick)")
     parser.add_argument("--cycles", type=int, default=3, help="stop after this many concluded cycles")
     parser.add_argument("--no-control", action="store_true", help="skip the control arm at the end")
     parser.add_argument("--report-only", action="store_true",
@@ -108,7 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     ingest_landed(defs, instance)
     print(data_summary(config, lake), flush=True)
     run_job(defs, instance, "base_model_job")
-    users = UserSimulationConfig(users=args.users, sessions_per_user=(1, 2), seed=1)
+    simulation = config.simulation
+    users = UserSimulationConfig(users=args.users or simulation.users_per_tick,
+                                 sessions_per_user=tuple(simulation.sessions_per_user), seed=simulation.seed,
+                                 biased_users=simulation.biased_users)
     cache: dict[str, tuple] = {}
 
     def load_version(version: str):

@@ -269,6 +269,19 @@ class LoopHealthConfig(BaseModel):
     min_trajectories: int = Field(30, ge=1)  # fewer usage trajectories in a cycle's window: no verdict
 
 
+class SimulationConfig(BaseModel):
+    """Demo mode: simulated users of the embedded default, one day of usage per tick of the
+    `simulated_users` sensor (README: Usage simulator). Never on when a real model is
+    configured (base_model.model_id): fake users must not mix with real ones."""
+
+    enabled: bool = True
+    users_per_tick: int = Field(100, ge=1)  # the same users every day: also the A/B test's population
+    sessions_per_user: tuple[int, int] = (1, 2)  # inclusive range, drawn per user and day
+    interval_minutes: float = Field(5.0, ge=0)  # wall time from the end of one simulated day to the next
+    biased_users: float = Field(0.0, ge=0.0, le=1.0)  # share of users who accept wrong answers too
+    seed: int = 0
+
+
 class FlywheelConfig(BaseModel):
     home: Path = Path(DEFAULT_HOME)
     scoring: ScoringWeights = Field(default_factory=ScoringWeights)
@@ -287,6 +300,15 @@ class FlywheelConfig(BaseModel):
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     velocity: VelocityConfig = Field(default_factory=VelocityConfig)
     loop_health: LoopHealthConfig = Field(default_factory=LoopHealthConfig)
+    simulation: SimulationConfig = Field(default_factory=SimulationConfig)
+
+    def simulation_off(self) -> str | None:
+        """Why simulated users must not run here, or None in demo mode."""
+        if self.base_model.model_id:
+            return f"a real model is configured (base_model.model_id = {self.base_model.model_id})"
+        if not self.simulation.enabled:
+            return "simulation.enabled is false"
+        return None
 
     @property
     def landing(self) -> Path:
