@@ -29,7 +29,7 @@ from flywheel_assets.lib.clock import set_now
 from flywheel_assets.lib.config import FlywheelConfig, load_config
 from flywheel_assets.lib.lake import Lake
 from flywheel_assets.lib.simulation.seed import seed_demo_usage
-from flywheel_assets.lib.simulation.users import UserSimulationConfig, simulate_usage
+from flywheel_assets.lib.simulation.daily import simulate_day
 from flywheel_assets.lib.tables import (
     AB_RESULTS, ALL_TABLES, DATASET_MANIFESTS, MODEL_REGISTRY, OFFLINE_EVALUATIONS, QUARANTINE, TRAJECTORIES,
     TRAJECTORY_SCORES,
@@ -108,24 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     ingest_landed(defs, instance)
     print(data_summary(config, lake), flush=True)
     run_job(defs, instance, "base_model_job")
-    simulation = config.simulation
-    users = UserSimulationConfig(users=args.users or simulation.users_per_tick,
-                                 sessions_per_user=tuple(simulation.sessions_per_user), seed=simulation.seed,
-                                 biased_users=simulation.biased_users)
-    cache: dict[str, tuple] = {}
-
-    def load_version(version: str):
-        if version not in cache:
-            row = _registry(defs).get(version)
-            adapter = config.home / row["adapter_path"] if row["adapter_path"] else None
-            cache[version] = load_for_inference(config.home / row["base_path"], adapter, merged=True)
-        return cache[version]
-
+    if args.users:
+        config.simulation.users_per_tick = args.users
     for day in range(1, args.days + 1):
         today = START + timedelta(days=day)
-        set_now(config, today + timedelta(hours=23))
-        counts = simulate_usage(users, home=config.home, router=_registry(defs).router(), load_version=load_version,
-                                day=today)
+        counts = simulate_day(config, _registry(defs), today)  # the clock then moves to the day's end
         success = ", ".join(f"{v} {s:.0%}" for v, s in counts["first_attempt_success"].items())
         print(f"day {day:>2} {today:%Y-%m-%d}: {counts['sessions']} sessions, {counts['trajectories']} "
               f"trajectories, first-attempt success {success}  [{time.monotonic() - started:.0f} s]", flush=True)

@@ -2,7 +2,7 @@
 
 Each tick simulates the day the flywheel clock is in (real time's today until
 FLYWHEEL_HOME/clock.json exists), then moves the clock to the next midnight, as
-`make flywheel` does: every trajectory of the day is then in the past, and the trigger's,
+`make demo` does: every trajectory of the day is then in the past, and the trigger's,
 the A/B test's and the regression watch's rules measured in days pass in minutes of wall
 time. Simulating "now" instead would land nothing new after a day's first tick (the
 same day's ids repeat, and the ingester skips them) and keep the loop waiting for days.
