@@ -7,19 +7,22 @@ import polars as pl
 
 from flywheel_assets.defs.partitions import cycle_partitions
 from flywheel_assets.defs.resources import FlywheelResource, markdown_counts, table_metadata
-from flywheel_assets.lib.curation.curate import curate
+from flywheel_assets.lib.curation.curate import curate, user_edits
 from flywheel_assets.lib.curation.select import count_by, export_chat_jsonl, select_training_rows
 from flywheel_assets.lib.tables import (
     CURATED_TRAJECTORIES, DATASET_MANIFESTS, SESSION_EVENTS, TRAINING_DATASET, TRAJECTORIES, TRAJECTORY_SCORES,
 )
 
 
-@dg.asset(group_name="curation", kinds={"duckdb", "delta"}, deps=["trajectory_scores", "trajectories"],
+@dg.asset(group_name="curation", kinds={"duckdb", "delta"}, deps=["trajectory_scores", "trajectories", "session_events"],
           metadata=table_metadata(CURATED_TRAJECTORIES))
 def curated_trajectories(flywheel: FlywheelResource) -> dg.MaterializeResult:
-    """Every scored trajectory as chat messages, PII scrubbed, duplicates marked, split train/holdout."""
+    """Every scored trajectory as chat messages (an edited answer replaced by the user's edit), PII scrubbed,
+    duplicates marked, split train/holdout."""
     config, lake = flywheel.config(), flywheel.lake()
-    curated = curate(lake.read(TRAJECTORY_SCORES), lake.read(TRAJECTORIES), config)
+    edits = user_edits(lake.read(SESSION_EVENTS, columns=["trajectory_id", "event_type", "data_json", "ts"],
+                                 filter_sql="event_type = 'output_edited'"))
+    curated = curate(lake.read(TRAJECTORY_SCORES), lake.read(TRAJECTORIES), config, edits)
     version = lake.overwrite(CURATED_TRAJECTORIES, curated)
     frame = pl.from_arrow(curated)
     return dg.MaterializeResult(metadata=table_metadata(
@@ -28,6 +31,7 @@ def curated_trajectories(flywheel: FlywheelResource) -> dg.MaterializeResult:
         split=markdown_counts(count_by(curated, "split"), "split", "trajectories"),
         trajectories_with_pii=int((frame["pii_replacements"] > 0).sum()) if frame.height else 0,
         pii_spans_replaced=int(frame["pii_replacements"].sum()) if frame.height else 0,
+        answers_replaced_by_user_edits=int(frame["user_edited"].sum()) if frame.height else 0,
     ))
 
 

@@ -56,8 +56,33 @@ def in_holdout(unit: str, fraction: float) -> bool:
     return int(hashlib.md5(unit.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
 
 
-def curate(scores: pa.Table, trajectories: pa.Table, config: FlywheelConfig) -> pa.Table:
-    """One row per scored trajectory (CURATED_TRAJECTORIES)."""
+def user_edits(events: pa.Table) -> dict[str, str]:
+    """trajectory_id → the answer the user made of it: data.edited_answer of its latest
+    output_edited event (what a product learns from an edit is the edited text)."""
+    con = duckdb.connect()
+    con.register("events", events)
+    return dict(con.execute("""
+        SELECT trajectory_id, arg_max(json_extract_string(data_json, '$.edited_answer'), ts)
+        FROM events
+        WHERE event_type = 'output_edited' AND trajectory_id IS NOT NULL
+          AND json_extract_string(data_json, '$.edited_answer') IS NOT NULL
+        GROUP BY trajectory_id
+    """).fetchall())
+
+
+def apply_edit(messages: list[dict], edited: str | None) -> bool:
+    """Replace the final answer by the user's edit; False when there is no final answer to replace."""
+    if not edited or not messages or messages[-1]["role"] != "assistant" or messages[-1].get("tool_calls"):
+        return False
+    messages[-1]["content"] = edited
+    return True
+
+
+def curate(scores: pa.Table, trajectories: pa.Table, config: FlywheelConfig,
+           edits: dict[str, str] | None = None) -> pa.Table:
+    """One row per scored trajectory (CURATED_TRAJECTORIES); `edits` (user_edits) replace
+    the final answers users edited."""
+    edits = edits or {}
     con = duckdb.connect()
     con.register("scores", scores)
     con.register("trajectories", trajectories)
@@ -68,7 +93,9 @@ def curate(scores: pa.Table, trajectories: pa.Table, config: FlywheelConfig) -> 
     """).to_arrow_table().to_pylist()
     rows = []
     for row in joined:
-        messages, found = scrub_messages(to_messages(row["turns"], row["tool_calls"]))
+        messages = to_messages(row["turns"], row["tool_calls"])
+        user_edited = apply_edit(messages, edits.get(row["trajectory_id"]))
+        messages, found = scrub_messages(messages)
         # golden and synthetic data is never held out: it is not a sample of live usage
         unit = row["session_id"] or row["trajectory_id"]
         holdout = row["origin"] == "usage" and in_holdout(unit, config.curation.holdout_fraction)
@@ -78,6 +105,7 @@ def curate(scores: pa.Table, trajectories: pa.Table, config: FlywheelConfig) -> 
             "messages_json": json.dumps(messages, ensure_ascii=False), "tools_json": row["tools_json"],
             "prompt_key": prompt_key(row["user_prompt"]), "pii_replacements": sum(found.values()),
             "pii_kinds": ",".join(sorted(found)), "split": "holdout" if holdout else "train",
+            "user_edited": user_edited,
         })
     statuses = find_duplicates(
         [r["trajectory_id"] for r in rows],
