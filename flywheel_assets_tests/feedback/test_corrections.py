@@ -13,7 +13,7 @@ from flywheel_assets.lib.ingest.trajectories import parse_trajectory
 from flywheel_assets.lib.lake import conform
 from flywheel_assets.lib.simulation.tasks import generate_tasks, task_from_prompt, verify
 from flywheel_assets.lib.simulation.teachers import ScriptedTeacher
-from flywheel_assets.lib.tables import TRAJECTORIES, TRAJECTORY_SCORES
+from flywheel_assets.lib.tables import SESSION_EVENTS, TRAJECTORIES, TRAJECTORY_SCORES
 
 T0 = datetime(2026, 11, 2, tzinfo=timezone.utc)
 
@@ -40,6 +40,12 @@ def test_a_request_fails_only_when_no_attempt_reached_a_training_tier(lake, conf
     failed = failed_requests(lake, config, limit=10)
     assert [(f["trajectory_id"], f["user_prompt"]) for f in failed] == [("a2", "What is 12 + 30?")]
     assert failed_requests(lake, config, limit=0) == []
+
+    # an accepted near miss the user had to edit failed too, after the abandoned ones
+    lake.append(SESSION_EVENTS, conform(pa.Table.from_pylist([
+        {"event_id": "e1", "trajectory_id": "b2", "event_type": "output_edited", "ts": T0}]), SESSION_EVENTS))
+    failed = failed_requests(lake, config, limit=10)
+    assert [(f["trajectory_id"], f["abandoned"]) for f in failed] == [("a2", True), ("b2", False)]
 
 
 def test_failed_requests_are_newest_first_and_capped(lake, config):

@@ -1,7 +1,8 @@
-"""Teacher corrections: the requests users gave up on, solved again by a teacher.
+"""Teacher corrections: the requests the model failed, solved again by a teacher.
 
-A request fails when a session asked it and no trajectory answering it reached a
-training tier (every attempt was retried, reported or abandoned). Those prompts are
+A request failed when a session asked it and no trajectory answering it reached a
+training tier (every attempt was retried, reported or abandoned), or when the user had
+to edit the answer it accepted (a near miss). Abandoned requests come first. Those prompts are
 exactly what the model cannot do yet, and self-training cannot fix them: rejection
 sampling only ever harvests what the model already gets right sometimes (FINDINGS.md).
 So each day up to `corrections.daily_budget` failed prompts, the most recent first and
@@ -23,42 +24,47 @@ import duckdb
 from flywheel_assets.lib.config import FlywheelConfig
 from flywheel_assets.lib.lake import Lake
 from flywheel_assets.lib.simulation.tasks import task_from_prompt
-from flywheel_assets.lib.tables import TRAJECTORIES, TRAJECTORY_SCORES
+from flywheel_assets.lib.tables import SESSION_EVENTS, TRAJECTORIES, TRAJECTORY_SCORES
 
 ORIGIN = "correction"
 
 
 def failed_requests(lake: Lake, config: FlywheelConfig, limit: int) -> list[dict]:
     """Failed usage requests not corrected yet: one row per prompt (trajectory_id, task_type,
-    user_prompt, created_at), newest first, round-robin over task types, at most `limit`."""
+    user_prompt, created_at, abandoned), abandoned ones first, then newest first, round-robin
+    over task types, at most `limit`."""
     if limit <= 0 or not lake.exists(TRAJECTORY_SCORES):
         return []
     con = duckdb.connect()
     con.register("scores", lake.read(TRAJECTORY_SCORES, columns=["trajectory_id", "session_id", "tier"]))
     con.register("trajectories", lake.read(
         TRAJECTORIES, columns=["trajectory_id", "session_id", "task_type", "origin", "user_prompt", "created_at"]))
+    con.register("edited", lake.read(SESSION_EVENTS, columns=["trajectory_id"], filter_sql="event_type = 'output_edited'"))
     return con.execute("""
         WITH usage AS (
-            SELECT t.trajectory_id, t.session_id, t.task_type, t.user_prompt, t.created_at, s.tier
+            SELECT t.trajectory_id, t.session_id, t.task_type, t.user_prompt, t.created_at, s.tier,
+                   t.trajectory_id IN (SELECT trajectory_id FROM edited) AS edited
             FROM trajectories t JOIN scores s USING (trajectory_id)
             WHERE t.origin = 'usage' AND t.user_prompt IS NOT NULL
         ), failed AS (
             SELECT session_id, user_prompt, arg_max(trajectory_id, created_at) AS trajectory_id,
-                   any_value(task_type) AS task_type, max(created_at) AS created_at
+                   any_value(task_type) AS task_type, max(created_at) AS created_at,
+                   bool_and(tier = $lowest) AS abandoned
             FROM usage GROUP BY session_id, user_prompt
-            HAVING bool_and(tier = $lowest)
+            HAVING bool_and(tier = $lowest) OR bool_or(edited)
         ), fresh AS (
             SELECT * FROM failed
             WHERE lower(trim(user_prompt)) NOT IN (
                 SELECT lower(trim(user_prompt)) FROM trajectories WHERE origin = $origin AND user_prompt IS NOT NULL)
             QUALIFY row_number() OVER (PARTITION BY lower(trim(user_prompt)) ORDER BY created_at DESC, trajectory_id) = 1
         ), ranked AS (
-            SELECT *, row_number() OVER (PARTITION BY task_type ORDER BY created_at DESC, trajectory_id) AS type_rank
+            SELECT *, row_number() OVER (PARTITION BY task_type ORDER BY abandoned DESC, created_at DESC,
+                                         trajectory_id) AS type_rank
             FROM fresh
         )
-        SELECT trajectory_id, task_type, user_prompt, created_at FROM ranked
+        SELECT trajectory_id, task_type, user_prompt, created_at, abandoned FROM ranked
         QUALIFY row_number() OVER (ORDER BY type_rank, task_type) <= $limit
-        ORDER BY created_at DESC, trajectory_id
+        ORDER BY abandoned DESC, created_at DESC, trajectory_id
     """, {"origin": ORIGIN, "limit": limit, "lowest": config.tiers.names[-1]}).to_arrow_table().to_pylist()
 
 
