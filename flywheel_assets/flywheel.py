@@ -73,8 +73,14 @@ def _tick(defs, instance, name: str) -> list[dg.RunRequest]:
 
 
 def ingest_landed(defs, instance) -> None:
-    for request in run_landing_sensor(defs, instance):
-        run_job(defs, instance, "ingest_job", tags=request.tags)
+    """Tick landing_sensor until nothing new is left: an ingest run lands the day's teacher
+    corrections, which the next tick ingests, as the daemon's next tick would."""
+    for _ in range(3):
+        requests = run_landing_sensor(defs, instance)
+        for request in requests:
+            run_job(defs, instance, "ingest_job", tags=request.tags)
+        if not requests:
+            break
 
 
 def main(argv: list[str] | None = None) -> int:
