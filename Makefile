@@ -9,7 +9,7 @@ export DAGSTER_HOME ?= $(FLYWHEEL_HOME)/dagster
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
-.PHONY: dev demo test bench bench-training seed clean
+.PHONY: dev demo test bench bench-training bench-sensors seed clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ bench: $(STAMP)
 ## bench-training: our LoRA step against a plain-torch loop, and batched generation
 bench-training: $(STAMP)
 	$(BIN)/python benchmarks/bench_training.py
+
+## bench-sensors: each sensor's evaluation on 10k landing files and 100 cycles of history (kept in /tmp; FRESH=1 redoes it)
+bench-sensors: $(STAMP)
+	$(BIN)/python benchmarks/bench_sensors.py $(if $(FRESH),--fresh,)
 
 clean:
 	rm -rf $(FLYWHEEL_HOME)

@@ -1,9 +1,10 @@
 """The one Delta read/write helper. Every table goes through here.
 
 Writes are single Delta commits, so a failed run leaves a table at its previous
-version, never half-written. The lake root is FLYWHEEL_HOME/lake unless
-FLYWHEEL_LAKE_URI names another (for example s3://bucket/flywheel, with credentials
-in FLYWHEEL_STORAGE_OPTIONS as a JSON object).
+version, never half-written (an append may be followed by a compaction commit, which
+rewrites small files and changes no row: see COMPACT_AT). The lake root is
+FLYWHEEL_HOME/lake unless FLYWHEEL_LAKE_URI names another (for example
+s3://bucket/flywheel, with credentials in FLYWHEEL_STORAGE_OPTIONS as a JSON object).
 """
 
 from __future__ import annotations
@@ -16,10 +17,17 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 from deltalake import DeltaTable, write_deltalake
-from deltalake.exceptions import TableNotFoundError
+from deltalake.exceptions import DeltaError, TableNotFoundError
 
 from flywheel_assets.lib.config import FlywheelConfig
 from flywheel_assets.lib.tables import Table
+
+# Every append adds a file, and a reader opens every file: a ledger row per landing file
+# or a registry row per status change would leave thousands of tiny files after some
+# cycles. Once an unpartitioned table holds COMPACT_AT files under SMALL_FILE_BYTES, the
+# append that made it so also compacts them (a second commit; the rows do not change).
+COMPACT_AT = 64
+SMALL_FILE_BYTES = 32 << 20
 
 
 class Lake:
@@ -58,13 +66,17 @@ class Lake:
         return None if dt is None else pa.schema(dt.schema().to_arrow())
 
     def read(self, table: Table, columns: list[str] | None = None, filter_sql: str | None = None,
-             version: int | None = None) -> pa.Table:
-        """The whole table (or the named columns) as arrow; empty with its schema if absent."""
+             version: int | None = None, prune: str | None = None) -> pa.Table:
+        """The whole table (or the named columns) as arrow; empty with its schema if absent.
+
+        `prune` is a Delta predicate that selects data files by their min/max statistics
+        before any is opened: the rows of the files it keeps are read, a superset of the
+        rows it matches (filter_sql then selects rows exactly)."""
         dt = self.delta(table, version)
         if dt is None:
             schema = table.schema if columns is None else pa.schema([table.schema.field(c) for c in columns])
             return schema.empty_table()
-        dataset = dt.to_pyarrow_dataset()
+        dataset = dt.to_pyarrow_dataset(file_pruning_predicate=prune)
         if filter_sql is None:
             return dataset.to_table(columns=columns)
         con = duckdb.connect()
@@ -72,10 +84,13 @@ class Lake:
         cols = ", ".join(f'"{c}"' for c in columns) if columns else "*"
         return con.sql(f"SELECT {cols} FROM t WHERE {filter_sql}").to_arrow_table()
 
-    def register(self, con: duckdb.DuckDBPyConnection, table: Table, name: str | None = None) -> None:
-        """Expose a table to DuckDB as a view (a lazy arrow dataset: no copy)."""
+    def register(self, con: duckdb.DuckDBPyConnection, table: Table, name: str | None = None,
+                 prune: str | None = None) -> None:
+        """Expose a table to DuckDB as a view (a lazy arrow dataset: no copy); `prune` as in read:
+        the view then holds only the files it keeps, so the queries must filter at least as much."""
         dt = self.delta(table)
-        con.register(name or table.name, dt.to_pyarrow_dataset() if dt is not None else table.schema.empty_table())
+        con.register(name or table.name, dt.to_pyarrow_dataset(file_pruning_predicate=prune)
+                     if dt is not None else table.schema.empty_table())
 
     def append(self, table: Table, data: pa.Table) -> int:
         return self._write(table, data, mode="append")
@@ -93,10 +108,26 @@ class Lake:
             storage_options=self.storage_options,
             partition_by=list(table.partition_by) or None,
         )
-        return self.version(table)
+        dt = self.delta(table)
+        version = dt.version()
+        if mode == "append" and not table.partition_by:
+            compact_small_files(dt)
+        return version
 
     def versions(self, *tables: Table) -> dict[str, int | None]:
         return {t.name: self.version(t) for t in tables}
+
+
+def compact_small_files(dt: DeltaTable, at: int | None = None) -> bool:
+    """Rewrite the table's small files into few (their order kept) once there are `at` (COMPACT_AT) of them."""
+    sizes = pa.table(dt.get_add_actions()).column("size_bytes")
+    if pa.compute.sum(pa.compute.less(sizes, SMALL_FILE_BYTES)).as_py() < (COMPACT_AT if at is None else at):
+        return False
+    try:
+        dt.optimize.compact(target_size=SMALL_FILE_BYTES)
+    except DeltaError:  # e.g. another writer changed these files meanwhile: the append stands, the next one retries
+        return False
+    return True
 
 
 def conform(data: pa.Table, table: Table) -> pa.Table:
@@ -108,6 +139,11 @@ def conform(data: pa.Table, table: Table) -> pa.Table:
         else:
             columns.append(pa.nulls(data.num_rows, field.type))
     return pa.Table.from_arrays(columns, schema=table.schema)
+
+
+def sql_literal(value: str) -> str:
+    """A string as a SQL literal, for Delta predicates (`prune`) that take no parameters."""
+    return "'" + value.replace("'", "''") + "'"
 
 
 def utcnow() -> datetime:

@@ -23,15 +23,16 @@ def next_cycle(existing: list[str]) -> str:
                        "so; every evaluation logs its decision and reason.")
 def training_trigger(context: dg.SensorEvaluationContext, flywheel: FlywheelResource):
     config = flywheel.config()
-    registry = flywheel.registry()
-    champion = registry.champion()
+    current = flywheel.registry().current()  # one read of the registry for every question below
+    champion = next((r for r in current if r["status"] == "champion"), None)
     if champion is None:
         return dg.SkipReason("no champion yet: materialize base_model first")
     existing = context.instance.get_dynamic_partitions(cycle_partitions.name)
-    in_flight = [c for c in existing if registry.get(f"{c}-lora") is None]
+    registered = {r["version"] for r in current}
+    in_flight = [c for c in existing if f"{c}-lora" not in registered]
     if in_flight:
         return dg.SkipReason(f"cycle {in_flight[-1]} has no adapter yet; one cycle at a time")
-    testing = [row["version"] for row in registry.current() if row["status"] in ("candidate", "canary", "treatment")]
+    testing = [row["version"] for row in current if row["status"] in ("candidate", "canary", "treatment")]
     if testing:
         return dg.SkipReason(f"{testing[0]} is still being evaluated or A/B tested; one cycle at a time, so the "
                              f"next one trains over the winner")

@@ -6,6 +6,7 @@ import json
 import dagster as dg
 
 from flywheel_assets.defs.resources import FlywheelResource
+from flywheel_assets.lib.ingest.landing import list_landing
 from flywheel_assets.lib.ingest.pipeline import pending_files
 
 # Ingest, then refresh everything scored from the bronze tables (not the per-cycle dataset).
@@ -23,7 +24,9 @@ def landing_sensor(context: dg.SensorEvaluationContext, flywheel: FlywheelResour
     cursor = json.loads(context.cursor) if context.cursor else {"mtime_ns": -1, "path": ""}
     high_water = (cursor["mtime_ns"], cursor["path"])
     config = flywheel.config()
-    fresh = [f for f in pending_files(config, flywheel.lake()) if (f.mtime_ns, f.relative) > high_water]
+    # past the cursor first: the ledger is then read only for the files that may be new
+    fresh = [f for f in list_landing(config.landing) if (f.mtime_ns, f.relative) > high_water]
+    fresh = pending_files(config, flywheel.lake(), fresh)
     if not fresh:
         return dg.SkipReason(f"no new ready file in {config.landing} (cursor {cursor})")
     newest = max(fresh)

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 
 import duckdb
 
-from flywheel_assets.lib.lake import Lake
+from flywheel_assets.lib.lake import Lake, sql_literal
 from flywheel_assets.lib.tables import SESSION_FEEDBACK, TRAJECTORIES
 
 
@@ -30,7 +30,7 @@ def quality_by_version(lake: Lake, version: str, start: datetime, end: datetime)
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
     lake.register(con, SESSION_FEEDBACK)
-    lake.register(con, TRAJECTORIES)
+    lake.register(con, TRAJECTORIES, prune=f"model_version = {sql_literal(version)}")  # skip files without it
     mean, count = con.execute("""
         SELECT avg(f.quality_score), count(*)
         FROM session_feedback f JOIN trajectories t ON t.trajectory_id = f.final_trajectory_id

@@ -8,15 +8,17 @@ import duckdb
 
 from flywheel_assets.lib.automation.trigger import TriggerState, performance_change
 from flywheel_assets.lib.config import FlywheelConfig
-from flywheel_assets.lib.lake import Lake
+from flywheel_assets.lib.lake import Lake, sql_literal
 from flywheel_assets.lib.tables import DATASET_MANIFESTS, SESSION_FEEDBACK, TRAJECTORIES, TRAJECTORY_SCORES
 
 
 def trigger_state(config: FlywheelConfig, lake: Lake, now: datetime, champion: str | None) -> TriggerState:
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
-    for table in (DATASET_MANIFESTS, TRAJECTORY_SCORES, SESSION_FEEDBACK, TRAJECTORIES):
+    for table in (DATASET_MANIFESTS, TRAJECTORY_SCORES, SESSION_FEEDBACK):
         lake.register(con, table)
+    # only the champion's trajectories are joined: the files that hold none are not opened
+    lake.register(con, TRAJECTORIES, prune=None if champion is None else f"model_version = {sql_literal(champion)}")
     last_training = con.execute("SELECT max(created_at) FROM dataset_manifests").fetchone()[0]
     real, new, high = con.execute("""
         SELECT count(*),

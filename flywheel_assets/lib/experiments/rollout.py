@@ -21,7 +21,7 @@ from flywheel_assets.lib.config import FlywheelConfig
 from flywheel_assets.lib.experiments.ab import Decision, decide
 from flywheel_assets.lib.experiments.ab_stats import arm_stats_by_metric
 from flywheel_assets.lib.experiments.registry import ModelRegistry
-from flywheel_assets.lib.lake import Lake
+from flywheel_assets.lib.lake import Lake, sql_literal
 from flywheel_assets.lib.tables import AB_RESULTS, OFFLINE_EVALUATIONS, SESSION_FEEDBACK, TRAJECTORIES
 
 METRICS = ("quality", "error_reported", "retried")
@@ -33,7 +33,8 @@ def sessions_since(lake: Lake, versions: tuple[str, str], since: datetime, until
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
     lake.register(con, SESSION_FEEDBACK)
-    lake.register(con, TRAJECTORIES)
+    # files that hold neither version are skipped on their statistics, unopened
+    lake.register(con, TRAJECTORIES, prune=f"model_version IN ({sql_literal(versions[0])}, {sql_literal(versions[1])})")
     return con.execute("""
         SELECT f.user_id, CASE WHEN t.model_version = $control THEN 'control' ELSE 'treatment' END AS arm,
                f.quality_score AS quality, f.error_reported::DOUBLE AS error_reported,
@@ -45,13 +46,17 @@ def sessions_since(lake: Lake, versions: tuple[str, str], since: datetime, until
 
 def advance(config: FlywheelConfig, lake: Lake, registry: ModelRegistry, now: datetime) -> list[dict]:
     """One look at every live candidate; returns the ab_results rows written."""
-    champion = registry.champion()
+    current = registry.current()
+    champion = next((r for r in current if r["status"] == "champion"), None)
     if champion is None:
         return []
     rows = []
-    gates = {r["version"]: r for r in lake.read(OFFLINE_EVALUATIONS, filter_sql=(
-        "role = 'candidate' AND scope = 'overall'")).to_pylist()}
-    for version in registry.current():
+    # Only candidates need their gate: the evaluation files of other versions are skipped unopened.
+    candidates = [r["version"] for r in current if r["status"] == "candidate"]
+    gates = {r["version"]: r for r in lake.read(
+        OFFLINE_EVALUATIONS, filter_sql="role = 'candidate' AND scope = 'overall'",
+        prune=f"version IN ({', '.join(sql_literal(v) for v in candidates)})").to_pylist()} if candidates else {}
+    for version in current:
         name, status = version["version"], version["status"]
         if status == "candidate" and name in gates:
             rows.append(_after_gate(config, registry, version, champion, gates[name], now))

@@ -47,11 +47,17 @@ class IngestReport:
         return sum(self.quarantined.values())
 
 
-def pending_files(config: FlywheelConfig, lake: Lake) -> list[LandingFile]:
-    """Ready landing files not yet in the ledger (same path, size and mtime)."""
-    done = lake.read(INGESTED_FILES, columns=["source_file", "size_bytes", "mtime_ns"]).to_pylist()
+def pending_files(config: FlywheelConfig, lake: Lake, files: list[LandingFile] | None = None) -> list[LandingFile]:
+    """Ready landing files (all, or those of `files`) not yet in the ledger (same path, size and mtime)."""
+    files = list_landing(config.landing) if files is None else files
+    if not files:
+        return []
+    # A ledger row can only match a file with its mtime, so only ledger files holding an mtime at least
+    # the oldest asked about are read: the rest are skipped on their Delta statistics, unopened.
+    done = lake.read(INGESTED_FILES, columns=["source_file", "size_bytes", "mtime_ns"],
+                     prune=f"mtime_ns >= {min(f.mtime_ns for f in files)}").to_pylist()
     seen = {(r["source_file"], r["size_bytes"], r["mtime_ns"]) for r in done}
-    return [f for f in list_landing(config.landing) if f.key not in seen]
+    return [f for f in files if f.key not in seen]
 
 
 def ingest_landing(config: FlywheelConfig, lake: Lake, files: list[LandingFile] | None = None,

@@ -1,0 +1,55 @@
+"""Many small appends stay cheap to read: compaction, statistics pruning, and the ledger read only for new files."""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow as pa
+
+from flywheel_assets.lib import lake as lake_module
+from flywheel_assets.lib.ingest.landing import list_landing
+from flywheel_assets.lib.ingest.pipeline import ingest_landing, pending_files
+from flywheel_assets.lib.tables import INGESTED_FILES, SESSION_EVENTS
+from flywheel_assets_tests.helpers import write_lines
+
+
+def _ledger_row(i: int) -> pa.Table:
+    return pa.Table.from_pylist([{"source_file": f"events/{i}.jsonl", "kind": "events", "size_bytes": 10,
+                                  "mtime_ns": 1000 + i}])
+
+
+def test_appends_compact_small_files_without_changing_rows_or_versions(lake, monkeypatch):
+    monkeypatch.setattr(lake_module, "COMPACT_AT", 8)
+    versions = [lake.append(INGESTED_FILES, _ledger_row(i)) for i in range(20)]
+    assert len(lake.delta(INGESTED_FILES).file_uris()) < 8  # 20 appends, compacted twice
+    assert sorted(lake.read(INGESTED_FILES).column("mtime_ns").to_pylist()) == [1000 + i for i in range(20)]
+    # each append returns its own commit, which holds exactly the rows appended so far
+    assert versions == sorted(versions) and len(set(versions)) == 20
+    assert lake.read(INGESTED_FILES, version=versions[9]).num_rows == 10
+    assert lake.row_count(INGESTED_FILES) == 20
+
+
+def test_prune_skips_files_by_statistics_and_keeps_every_matching_row(lake, monkeypatch):
+    monkeypatch.setattr(lake_module, "COMPACT_AT", 10**9)
+    for i in range(6):
+        lake.append(INGESTED_FILES, _ledger_row(i))
+    kept = lake.read(INGESTED_FILES, columns=["mtime_ns"], prune="mtime_ns >= 1004").column("mtime_ns").to_pylist()
+    assert sorted(kept) == [1004, 1005]  # one row per file: the other four files are not read
+    assert lake.read(INGESTED_FILES, prune="source_file = 'events/2.jsonl'").num_rows == 1
+    quote = lake_module.sql_literal("it's")
+    assert quote == "'it''s'" and lake.read(INGESTED_FILES, prune=f"source_file = {quote}").num_rows == 0
+
+
+def test_pending_files_of_a_subset_are_those_of_the_whole_zone(config, lake):
+    for i in range(6):
+        path = write_lines(config.landing / "events" / f"{i}.jsonl",
+                           [{"session_id": "s", "user_id": "u", "event_type": "output_accepted",
+                             "ts": "2026-11-26T10:00:00Z", "event_id": f"e{i}"}])
+        os.utime(path, ns=(10**18 + i, 10**18 + i))
+    every = list_landing(config.landing)
+    ingest_landing(config, lake, files=every[:3], log=lambda _: None)
+    assert lake.row_count(SESSION_EVENTS) == 3
+    pending = pending_files(config, lake)
+    assert [f.relative for f in pending] == ["events/3.jsonl", "events/4.jsonl", "events/5.jsonl"]
+    for subset in (every, every[2:], every[4:], every[:2], []):
+        assert pending_files(config, lake, subset) == [f for f in pending if f in subset]
