@@ -6,13 +6,18 @@ conversations), saves it, and trains from those identical weights in alternating
 
   A   ours: `attach_lora` + `train_lora` with the default LoraConfigModel (peft, weighted
       loss, warm-up/cosine schedule, gradient clipping)
-  B   plain torch: the same batches, full-parameter AdamW on `F.cross_entropy`, no peft
+  B   plain torch: the same batches, full-parameter AdamW on `F.cross_entropy`, no peft;
+      the same loss algorithm as ours: the output layer runs only where a label carries
+      loss, so that the ratio A / B prices peft and our loop, not a different loss
   A′  ours without LoRA on `embed_tokens` and `lm_head`
+  B₀  (interleaved pass only) the former plain reference: `model(...).logits` at every
+      position, cross-entropy with ignore_index; A / B₀ is what ours costs against a
+      naive hand-written loop
 
 Each arm runs `--repeats` times (A, B, A′, A, B, A′, …) and the best tokens/s counts,
 because other jobs share the machine. Their bursts are longer than one arm, so a second
-estimate times the arms' steps in turn, step by step, phase by phase (collate, forward,
-loss, backward, clip, optimizer), and compares median steps: a burst then slows every
+estimate times the arms' steps in turn, step by step, phase by phase (collate, forward
+with the loss, backward, clip, optimizer), and compares median steps: a burst then slows every
 arm alike. Each run also reports its CPU share (CPU time / wall time / threads); well
 below 1 means neighbours had the cores and that run's tokens/s says little.
 
@@ -59,14 +64,15 @@ from flywheel_assets.lib.training.examples import collate, encode, weighted_nll 
 from flywheel_assets.lib.training.inference import GenerationStats, run_agent  # noqa: E402
 from flywheel_assets.lib.training.pipeline import domain_corpus  # noqa: E402
 from flywheel_assets.lib.training.tokenizer import train_tokenizer  # noqa: E402
-from flywheel_assets.lib.training.trainer import attach_lora, pretrain, train_lora  # noqa: E402
+from flywheel_assets.lib.training.trainer import attach_lora, forward_logprobs, pretrain, train_lora  # noqa: E402
 
 TARGET_OVERHEAD = 1.3  # plain-torch tokens/s over ours
 COLD_START_TASKS = 1500
 COLD_START_SEED = 11
 EMBEDDING_MODULES = ("embed_tokens", "lm_head")
-ARMS = {"A": "ours: peft LoRA, default targets", "B": "plain torch: full AdamW, cross_entropy",
+ARMS = {"A": "ours: peft LoRA, default targets", "B": "plain torch: full AdamW, cross_entropy at loss positions",
         "A′": "ours without embed_tokens/lm_head LoRA"}
+INTERLEAVED_ARMS = ARMS | {"B₀": "plain torch, logits at every position"}
 
 
 def release_memory() -> None:
@@ -116,9 +122,29 @@ def batches(examples, steps: int, batch_size: int, seed: int):
         order = order[batch_size:]
 
 
-def plain_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
+def plain_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Token-mean cross-entropy with the output layer applied at the positions whose next
+    label carries loss, written out on the bare HF model: ours without peft or tier weights."""
+    hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         use_cache=False).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    carries = targets != IGNORE
+    return F.cross_entropy(model.lm_head(hidden[:, :-1][carries]), targets[carries])
+
+
+def full_logits_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The former plain reference (B₀): logits at every position, then ignore_index."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), batch["labels"][:, 1:].reshape(-1),
                            ignore_index=IGNORE)
+
+
+def our_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`trainer._loop`'s SFT loss."""
+    return weighted_nll(*forward_logprobs(model, batch), batch["weights"])
+
+
+LOSSES = {"A": our_loss, "A′": our_loss, "B": plain_loss, "B₀": full_logits_loss}
 
 
 def lora_settings(config: FlywheelConfig, arm: str, steps: int, batch_size: int):
@@ -161,8 +187,7 @@ def plain_torch_loop(model, setup: dict, config: FlywheelConfig, steps: int, bat
     started = time.perf_counter()
     for examples in batches(setup["examples"], steps, batch_size, seed):
         batch = collate(examples, setup["pad_id"], device)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = plain_loss(logits, batch["labels"])
+        loss = plain_loss(model, batch)
         tokens += int(batch["attention_mask"].sum())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -177,14 +202,15 @@ def interleaved_steps(base_dir: Path, setup: dict, config: FlywheelConfig, steps
                       batch_size: int, warmup: int = 3) -> dict[str, dict]:
     """Every arm's step, timed phase by phase, the arms taking turns step by step so that a
     neighbour's burst of work slows all of them alike; medians over steps. For A and A′
-    this is `trainer._loop`'s step written out with its pieces (weighted_nll,
-    clip_grad_norm_, AdamW over the trainable parameters, LambdaLR)."""
+    this is `trainer._loop`'s step written out with its pieces (forward_logprobs +
+    weighted_nll, clip_grad_norm_, AdamW over the trainable parameters, LambdaLR); the
+    forward phase includes the loss."""
     device = model_lib.pick_device()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     arms = {}
-    for arm in ARMS:
+    for arm in INTERLEAVED_ARMS:
         model, _ = model_lib.load_pretrained(base_dir, device)
-        if arm != "B":
+        if arm.startswith("A"):
             torch.manual_seed(config.lora.seed)
             model = attach_lora(model, lora_settings(config, arm, steps, batch_size))
         params = [p for p in model.parameters() if p.requires_grad]
@@ -192,7 +218,7 @@ def interleaved_steps(base_dir: Path, setup: dict, config: FlywheelConfig, steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         model.train()
         arms[arm] = (model, params, optimizer, scheduler)
-    times: dict[str, dict[str, list[float]]] = {arm: defaultdict(list) for arm in ARMS}
+    times: dict[str, dict[str, list[float]]] = {arm: defaultdict(list) for arm in INTERLEAVED_ARMS}
     tokens = []
     for step, examples in enumerate(batches(setup["examples"], steps + warmup, batch_size, config.lora.seed)):
         for arm, (model, params, optimizer, scheduler) in arms.items():
@@ -206,21 +232,16 @@ def interleaved_steps(base_dir: Path, setup: dict, config: FlywheelConfig, steps
 
             batch = collate(examples, setup["pad_id"], device)
             lap("collate")
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = LOSSES[arm](model, batch)
             lap("forward")
-            if arm == "B":
-                loss = plain_loss(logits, batch["labels"])
-            else:
-                loss = weighted_nll(logits, batch["labels"], batch["weights"])
-            lap("loss")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             lap("backward")
-            if arm != "B":
+            if arm.startswith("A"):
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
             lap("clip")
             optimizer.step()
-            if arm != "B":
+            if arm.startswith("A"):
                 scheduler.step()
             loss.item()
             lap("optimizer")
@@ -318,6 +339,8 @@ def run(args: argparse.Namespace) -> dict:
         "interleaved_overhead_ratio": interleaved["A"]["median_step_ms"] / interleaved["B"]["median_step_ms"],
         "interleaved_overhead_ratio_without_embedding_lora":
             interleaved["A′"]["median_step_ms"] / interleaved["B"]["median_step_ms"],
+        "interleaved_ratio_against_full_logits_plain":
+            interleaved["A"]["median_step_ms"] / interleaved["B₀"]["median_step_ms"],
         "generation": generated,
         # Other work on the machine slows every number: 1-, 5-, 15-minute load before and after.
         "load_avg": {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in load_after]},
@@ -352,6 +375,8 @@ def print_table(r: dict) -> None:
     rows.append(overhead_row("interleaved median step A / B", r["interleaved_overhead_ratio"]))
     rows.append(overhead_row("interleaved median step A′ / B",
                              r["interleaved_overhead_ratio_without_embedding_lora"]))
+    rows.append(("interleaved median step A / B₀", f"{r['interleaved_ratio_against_full_logits_plain']:.3f}×",
+                 "B₀: plain loop with logits at every position (the former reference)", ""))
     for arm, timing in r["interleaved"].items():
         parts = ", ".join(f"{name} {ms:.1f}" for name, ms in timing["phases_ms"].items())
         rows.append((f"  median step {arm}", f"{timing['median_step_ms']:.1f} ms",

@@ -11,7 +11,7 @@ from flywheel_assets.lib.config import FlywheelConfig
 from flywheel_assets.lib.evaluation.offline import evaluate_versions
 from flywheel_assets.lib.simulation.tasks import COLD_START_PHRASINGS, expert_messages, generate_tasks
 from flywheel_assets.lib.training.chat_format import IGNORE, parse_call
-from flywheel_assets.lib.training.examples import collate, encode, weighted_nll
+from flywheel_assets.lib.training.examples import collate, encode, label_logprobs, weighted_nll
 from flywheel_assets.lib.training.pipeline import load_for_inference, preference_pairs, train_base
 from flywheel_assets.lib.training.trainer import attach_lora, train_lora
 
@@ -61,9 +61,11 @@ def test_tier_weights_reach_the_loss():
     nll_b = -logprobs[1, 0, 3]
     weights = torch.tensor([5.0, 0.3])
     expected = (5.0 * nll_a + 0.3 * nll_b) / (5.0 * 2 + 0.3 * 1)
-    assert weighted_nll(logits, labels, weights).item() == pytest.approx(expected.item(), rel=1e-6)
+    picked, rows = label_logprobs(logits, torch.nn.Identity(), labels)  # the logits stand in for hidden states
+    assert rows.tolist() == [0, 0, 1]
+    assert weighted_nll(picked, rows, weights).item() == pytest.approx(expected.item(), rel=1e-6)
     # the same batch with equal weights is a plain token mean: the weights changed the loss
-    assert weighted_nll(logits, labels, torch.ones(2)).item() == pytest.approx(((nll_a + nll_b) / 3).item(), rel=1e-6)
+    assert weighted_nll(picked, rows, torch.ones(2)).item() == pytest.approx(((nll_a + nll_b) / 3).item(), rel=1e-6)
 
 
 def test_dataset_weights_travel_into_the_batch(tiny):

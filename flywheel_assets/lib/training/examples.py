@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from flywheel_assets.lib.training.chat_format import IGNORE, segments
 
@@ -49,18 +51,27 @@ def collate(batch: list[Example], pad_id: int, device: torch.device | str = "cpu
             {"input_ids": ids, "attention_mask": mask, "labels": labels, "weights": weights}.items()}
 
 
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p of each next label token, mask of tokens that carry loss), both [batch, len-1]."""
-    shifted = labels[:, 1:]
-    mask = shifted != IGNORE
-    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    picked = logprobs.gather(-1, shifted.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return picked * mask, mask
+def label_logprobs(hidden: torch.Tensor, output_layer: Callable[[torch.Tensor], torch.Tensor],
+                   labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p of each next label token that carries loss, the batch row it belongs to), both [n].
+
+    `hidden` is the decoder's last hidden state [batch, len, dim]; position t predicts label
+    t+1. The output layer runs at those n positions only, not at every position: assistant
+    tokens are a fraction of a padded batch, and at the embedded size the vocabulary
+    projection (with its LoRA) is the largest matmul of the step."""
+    targets = labels[:, 1:]
+    carries = targets != IGNORE
+    logits = output_layer(hidden[:, :-1][carries])
+    logprobs = -F.cross_entropy(logits.float(), targets[carries], reduction="none")
+    return logprobs, carries.nonzero()[:, 0]
 
 
-def weighted_nll(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def weighted_nll(logprobs: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Σ_i w_i Σ_t −log p_it / Σ_i w_i n_i: a platinum token counts 5× a silver one."""
-    picked, mask = token_logprobs(logits, labels)
-    per_example = -picked.sum(dim=1)
-    tokens = mask.sum(dim=1).float()
-    return (weights * per_example).sum() / (weights * tokens).sum().clamp(min=1.0)
+    token_weights = weights[rows]
+    return -(token_weights * logprobs).sum() / token_weights.sum().clamp(min=1.0)
+
+
+def sequence_logprobs(logprobs: torch.Tensor, rows: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Σ_t log p_it per example [batch_size]: a trajectory's log-likelihood under the model."""
+    return logprobs.new_zeros(batch_size).index_add(0, rows, logprobs)

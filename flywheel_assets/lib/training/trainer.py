@@ -17,12 +17,16 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 
 from flywheel_assets.lib.config import LoraConfigModel
-from flywheel_assets.lib.training.examples import Example, collate, token_logprobs, weighted_nll
+from flywheel_assets.lib.training.examples import (
+    Example, collate, label_logprobs, sequence_logprobs, weighted_nll,
+)
 
 Log = Callable[[dict], None]
+# Architectures whose logits are `lm_head(last hidden state)` with nothing after it
+BARE_OUTPUT_LAYER = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3"})
 
 
 @dataclass
@@ -66,6 +70,7 @@ def _loop(model, optimizer, examples, pairs, *, steps, batch_size, pad_id, seed,
     # linear warm-up over 20 steps, then cosine decay to zero
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps)))
+    trainable = [p for p in model.parameters() if p.requires_grad]
     model.train()
     result = TrainResult()
     started = time.perf_counter()
@@ -75,43 +80,50 @@ def _loop(model, optimizer, examples, pairs, *, steps, batch_size, pad_id, seed,
             order += rng.sample(range(len(examples)), len(examples))
         batch = collate([examples[i] for i in order[:batch_size]], pad_id, device)
         order = order[batch_size:]
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = weighted_nll(logits, batch["labels"], batch["weights"])
+        loss = weighted_nll(*forward_logprobs(model, batch), batch["weights"])
         result.tokens += int(batch["attention_mask"].sum())
         if pairs and dpo_weight:
             chosen, rejected = zip(*rng.sample(pairs, min(len(pairs), max(1, batch_size // 4))))
-            dpo, tokens = _dpo_loss(model, list(chosen), list(rejected), pad_id, device, dpo_beta)
+            dpo, tokens = dpo_loss(model, list(chosen), list(rejected), pad_id, device, dpo_beta)
             loss = loss + dpo_weight * dpo
             result.tokens += tokens
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         scheduler.step()
         result.losses.append(loss.item())
         if log and (step % 25 == 0 or step == steps - 1):
             elapsed = time.perf_counter() - started
-            log({"step": step + 1, "steps": steps, "loss": round(loss.item(), 4),
+            log({"step": step + 1, "steps": steps, "loss": round(result.losses[-1], 4),
                  "tokens_per_s": round(result.tokens / max(elapsed, 1e-9))})
     result.seconds = time.perf_counter() - started
     model.eval()
     return result
 
 
-def _sequence_logprob(model, examples: list[Example], pad_id: int, device) -> torch.Tensor:
-    batch = collate(examples, pad_id, device)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    picked, _ = token_logprobs(logits, batch["labels"])
-    return picked.sum(dim=1)
+def forward_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`label_logprobs` of a causal LM, plain or peft (adapters on, or off under
+    `disable_adapter`): the decoder runs over the batch, the output layer only where a
+    label carries loss. No KV cache: nothing is generated."""
+    causal_lm = model.get_base_model() if isinstance(model, PeftModel) else model
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    if causal_lm.config.model_type not in BARE_OUTPUT_LAYER:
+        # softcapping or a logit scale lives in the model's own forward: take its logits
+        return label_logprobs(model(**inputs).logits, torch.nn.Identity(), batch["labels"])
+    hidden = causal_lm.get_decoder()(**inputs).last_hidden_state
+    return label_logprobs(hidden, causal_lm.get_output_embeddings(), batch["labels"])
 
 
-def _dpo_loss(model, chosen: list[Example], rejected: list[Example], pad_id: int, device, beta: float):
-    """−log σ(β[(log π(c) − log π_ref(c)) − (log π(r) − log π_ref(r))]); π_ref = the base (adapter off)."""
-    policy_c = _sequence_logprob(model, chosen, pad_id, device)
-    policy_r = _sequence_logprob(model, rejected, pad_id, device)
+def dpo_loss(model, chosen: list[Example], rejected: list[Example], pad_id: int, device, beta: float):
+    """−log σ(β[(log π(c) − log π_ref(c)) − (log π(r) − log π_ref(r))]); π_ref = the base (adapter off).
+    Chosen and rejected share one batch: right padding leaves each row's log-probs as alone."""
+    batch = collate(chosen + rejected, pad_id, device)
+    policy = sequence_logprobs(*forward_logprobs(model, batch), len(batch["weights"]))
     with torch.no_grad(), model.disable_adapter():
-        reference_c = _sequence_logprob(model, chosen, pad_id, device)
-        reference_r = _sequence_logprob(model, rejected, pad_id, device)
+        reference = sequence_logprobs(*forward_logprobs(model, batch), len(batch["weights"]))
+    policy_c, policy_r = policy.split([len(chosen), len(rejected)])
+    reference_c, reference_r = reference.split([len(chosen), len(rejected)])
     margin = beta * ((policy_c - reference_c) - (policy_r - reference_r))
     tokens = sum(len(e.input_ids) for e in chosen + rejected) * 2
     return -F.logsigmoid(margin).mean(), tokens
