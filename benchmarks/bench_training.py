@@ -10,6 +10,8 @@ conversations), saves it, and trains from those identical weights in alternating
       the same loss algorithm as ours: the output layer runs only where a label carries
       loss, so that the ratio A / B prices peft and our loop, not a different loss
   A′  ours without LoRA on `embed_tokens` and `lm_head`
+  A₀  (interleaved pass only) ours with peft's own forward (adapter beside the frozen
+      layer) instead of `effective_weight_forward`: what that change is worth
   B₀  (interleaved pass only) the former plain reference: `model(...).logits` at every
       position, cross-entropy with ignore_index; A / B₀ is what ours costs against a
       naive hand-written loop
@@ -44,6 +46,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -60,6 +63,7 @@ from flywheel_assets.lib.simulation.tasks import (  # noqa: E402
 )
 from flywheel_assets.lib.training import model as model_lib  # noqa: E402
 from flywheel_assets.lib.training.chat_format import IGNORE  # noqa: E402
+from flywheel_assets.lib.training.effective_weight import effective_weight_forward  # noqa: E402
 from flywheel_assets.lib.training.examples import collate, encode, weighted_nll  # noqa: E402
 from flywheel_assets.lib.training.inference import GenerationStats, run_agent  # noqa: E402
 from flywheel_assets.lib.training.pipeline import domain_corpus  # noqa: E402
@@ -72,7 +76,8 @@ COLD_START_SEED = 11
 EMBEDDING_MODULES = ("embed_tokens", "lm_head")
 ARMS = {"A": "ours: peft LoRA, default targets", "B": "plain torch: full AdamW, cross_entropy at loss positions",
         "A′": "ours without embed_tokens/lm_head LoRA"}
-INTERLEAVED_ARMS = ARMS | {"B₀": "plain torch, logits at every position"}
+INTERLEAVED_ARMS = ARMS | {"B₀": "plain torch, logits at every position",
+                           "A₀": "ours with peft's forward (adapter beside the layer)"}
 
 
 def release_memory() -> None:
@@ -144,7 +149,7 @@ def our_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return weighted_nll(*forward_logprobs(model, batch), batch["weights"])
 
 
-LOSSES = {"A": our_loss, "A′": our_loss, "B": plain_loss, "B₀": full_logits_loss}
+LOSSES = {"A": our_loss, "A′": our_loss, "A₀": our_loss, "B": plain_loss, "B₀": full_logits_loss}
 
 
 def lora_settings(config: FlywheelConfig, arm: str, steps: int, batch_size: int):
@@ -208,11 +213,14 @@ def interleaved_steps(base_dir: Path, setup: dict, config: FlywheelConfig, steps
     device = model_lib.pick_device()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     arms = {}
+    forwards = ExitStack()  # A and A′ train through the effective weight, as train_lora does
     for arm in INTERLEAVED_ARMS:
         model, _ = model_lib.load_pretrained(base_dir, device)
         if arm.startswith("A"):
             torch.manual_seed(config.lora.seed)
             model = attach_lora(model, lora_settings(config, arm, steps, batch_size))
+            if arm != "A₀":
+                forwards.enter_context(effective_weight_forward(model))
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.lora.learning_rate, weight_decay=0.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
@@ -247,6 +255,7 @@ def interleaved_steps(base_dir: Path, setup: dict, config: FlywheelConfig, steps
             lap("optimizer")
         if step >= warmup:
             tokens.append(int(batch["attention_mask"].sum()))
+    forwards.close()
     del arms
     result = {}
     for arm, phases in times.items():
@@ -341,6 +350,8 @@ def run(args: argparse.Namespace) -> dict:
             interleaved["A′"]["median_step_ms"] / interleaved["B"]["median_step_ms"],
         "interleaved_ratio_against_full_logits_plain":
             interleaved["A"]["median_step_ms"] / interleaved["B₀"]["median_step_ms"],
+        "interleaved_ratio_peft_forward":
+            interleaved["A₀"]["median_step_ms"] / interleaved["B"]["median_step_ms"],
         "generation": generated,
         # Other work on the machine slows every number: 1-, 5-, 15-minute load before and after.
         "load_avg": {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in load_after]},
@@ -377,6 +388,8 @@ def print_table(r: dict) -> None:
                              r["interleaved_overhead_ratio_without_embedding_lora"]))
     rows.append(("interleaved median step A / B₀", f"{r['interleaved_ratio_against_full_logits_plain']:.3f}×",
                  "B₀: plain loop with logits at every position (the former reference)", ""))
+    rows.append(("interleaved median step A₀ / B", f"{r['interleaved_ratio_peft_forward']:.3f}×",
+                 "A₀: ours with peft's forward, adapter beside the layer (before effective_weight)", ""))
     for arm, timing in r["interleaved"].items():
         parts = ", ".join(f"{name} {ms:.1f}" for name, ms in timing["phases_ms"].items())
         rows.append((f"  median step {arm}", f"{timing['median_step_ms']:.1f} ms",

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from flywheel_assets.lib.config import LoraConfigModel
+from flywheel_assets.lib.training.effective_weight import effective_weight_forward
 from flywheel_assets.lib.training.examples import (
     Example, collate, label_logprobs, sequence_logprobs, weighted_nll,
 )
@@ -58,9 +59,10 @@ def train_lora(peft_model, examples: list[Example], pairs: list[tuple[Example, E
                *, pad_id: int, log: Log | None = None) -> TrainResult:
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=0.0)
-    return _loop(peft_model, optimizer, examples, pairs, steps=settings.steps, batch_size=settings.batch_size,
-                 pad_id=pad_id, seed=settings.seed, log=log, dpo_beta=settings.dpo_beta,
-                 dpo_weight=settings.dpo_weight)
+    with effective_weight_forward(peft_model):
+        return _loop(peft_model, optimizer, examples, pairs, steps=settings.steps, batch_size=settings.batch_size,
+                     pad_id=pad_id, seed=settings.seed, log=log, dpo_beta=settings.dpo_beta,
+                     dpo_weight=settings.dpo_weight)
 
 
 def _loop(model, optimizer, examples, pairs, *, steps, batch_size, pad_id, seed, log, dpo_beta=0.1, dpo_weight=0.0):
