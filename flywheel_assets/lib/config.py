@@ -51,6 +51,12 @@ class TierConfig(BaseModel):
     # The seed describes platinum as human-verified: without a human label a score
     # in platinum's range is capped at the next tier down.
     platinum_requires_human: bool = True
+    # The seed's silver is a "clear implicit acceptance signal", yet its quality_score gives
+    # an answer the user asked to retry 0.5 − 0.3 = 0.2, and judges that check form, not
+    # truth, lift the fused score into silver: the model would learn the answers its users
+    # turned down. A trajectory its user rejected (retried, or left without accepting) is
+    # therefore a negative example, in the last tier, unless a human label says otherwise.
+    rejected_is_negative: bool = True
 
     @model_validator(mode="after")
     def _ordered(self) -> "TierConfig":

@@ -204,6 +204,8 @@ TRAJECTORY_SCORES = Table(
         ("judge_score", pa.float64(), "from judge_scores"),
         ("annotation_score", pa.float64(), "latest human score, if any"),
         ("human_verified", pa.bool_(), "labelled by a human (annotation or golden origin)"),
+        ("user_rejected", pa.bool_(), "its user asked for a retry of it, or left its session without accepting it; "
+                                      "no human label: then the last tier (tiers.rejected_is_negative)"),
         ("combined_score", pa.float64(), "fused score in [-1, 1]"),
         ("score_source", pa.string(), "annotation, golden, fused or judges_only"),
         ("tier", pa.string(), "platinum, gold, silver or bronze"),

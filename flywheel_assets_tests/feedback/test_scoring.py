@@ -139,3 +139,42 @@ def test_fusion_attribution_and_annotation_override():
     assert (rows["t-gold"]["tier"], rows["t-gold"]["score_source"]) == ("platinum", "golden")
     assert rows["t-human"]["annotation_score"] == 0.9  # the latest label wins
     assert (rows["t-human"]["tier"], rows["t-human"]["human_verified"]) == ("platinum", True)
+
+
+def test_an_answer_the_user_turned_down_is_a_negative_example_whatever_the_judges_say():
+    """Well-formed but wrong answers get high judge scores (judges check form): the seed's
+    fusion would put a retried one in silver, 0.7·0.2 + 0.3·0.95 = 0.425."""
+    events = _events([
+        ("s1", "retry_requested", "t-retried", None, 0),
+        ("s1", "output_accepted", "t-accepted", None, 1),
+        ("s2", "retry_requested", "t-left", None, 0),  # retried, then the user left
+        ("s3", "retry_requested", "t-labelled", None, 0),
+        ("s3", "output_accepted", "t-s3", None, 1),
+    ])
+    trajectories = conform(pa.Table.from_pylist([
+        {"trajectory_id": t, "session_id": s, "origin": "usage", "is_synthetic": False, "created_at": T0}
+        for t, s in [("t-retried", "s1"), ("t-accepted", "s1"), ("t-left", "s2"), ("t-labelled", "s3"),
+                     ("t-s3", "s3"), ("t-quiet", None)]
+    ]), TRAJECTORIES)
+
+    def scores(tiers: TierConfig) -> dict[str, dict]:
+        config = FlywheelConfig(tiers=tiers)
+        con = _con(events, trajectories)
+        con.register("session_feedback", session_feedback(con, config.scoring))
+        con.register("judge_scores", conform(pa.Table.from_pylist(
+            [{"trajectory_id": t, "judge_score": 0.95} for t in trajectories.column("trajectory_id").to_pylist()]),
+            JUDGE_SCORES))
+        con.register("annotations", conform(pa.Table.from_pylist(
+            [{"trajectory_id": "t-labelled", "score": 0.9, "annotated_at": T0}]), ANNOTATIONS))
+        return {r["trajectory_id"]: r for r in trajectory_scores(con, config).to_pylist()}
+
+    rows = scores(TierConfig())
+    rejected = {t for t, r in rows.items() if r["user_rejected"]}
+    assert rejected == {"t-retried", "t-left"}  # a human label outranks the user's retry
+    assert rows["t-retried"]["combined_score"] == pytest.approx(0.425)
+    assert (rows["t-retried"]["tier"], float(rows["t-retried"]["weight"])) == ("bronze", 0.3)
+    assert rows["t-left"]["tier"] == "bronze"
+    assert rows["t-accepted"]["tier"] == "gold" and rows["t-labelled"]["tier"] == "platinum"
+    assert rows["t-quiet"]["tier"] == "gold"  # no feedback at all: the judges decide
+    # the seed's rule, kept behind the switch, lets the retried answer into silver
+    assert scores(TierConfig(rejected_is_negative=False))["t-retried"]["tier"] == "silver"

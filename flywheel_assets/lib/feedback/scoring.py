@@ -66,10 +66,11 @@ def session_feedback(con: duckdb.DuckDBPyConnection, weights: ScoringWeights) ->
     """).to_arrow_table()
 
 
-def tier_sql(tiers: TierConfig, score: str, human_verified: str) -> str:
-    """CASE expression naming the tier; [lower, next lower) so the edges never overlap."""
+def tier_sql(tiers: TierConfig, score: str, human_verified: str, user_rejected: str = "false") -> str:
+    """CASE expression naming the tier; [lower, next lower) so the edges never overlap.
+    A trajectory its user rejected is in the last tier when `rejected_is_negative`."""
     top, second = tiers.tiers[0], tiers.tiers[1]
-    cases = []
+    cases = [f"WHEN {user_rejected} THEN '{tiers.tiers[-1].name}'"] if tiers.rejected_is_negative else []
     for position, tier in enumerate(tiers.tiers):
         name = tier.name
         if position == 0 and tiers.platinum_requires_human:
@@ -96,6 +97,7 @@ def trajectory_scores(con: duckdb.DuckDBPyConnection, config: FlywheelConfig) ->
     """
     w, fusion = config.scoring, config.fusion
     superseded = quality_sql(w, "false", "retries", "0.0", "false", "errors")
+    tier = tier_sql(config.tiers, "combined_score", "human_verified", "user_rejected")
     combined = "combined_score"
     return con.execute(f"""
         WITH own AS (
@@ -108,7 +110,8 @@ def trajectory_scores(con: duckdb.DuckDBPyConnection, config: FlywheelConfig) ->
             SELECT trajectory_id, arg_max(score, annotated_at) AS annotation_score
             FROM annotations GROUP BY trajectory_id
         ), implicit AS (
-            SELECT t.*, f.quality_score AS final_score, o.retries, o.errors, j.judge_score, lb.annotation_score
+            SELECT t.*, f.quality_score AS final_score, f.task_accepted AS final_accepted, o.retries, o.errors,
+                   j.judge_score, lb.annotation_score
             FROM trajectories t
             LEFT JOIN session_feedback f ON f.final_trajectory_id = t.trajectory_id
             LEFT JOIN own o USING (trajectory_id)
@@ -126,6 +129,10 @@ def trajectory_scores(con: duckdb.DuckDBPyConnection, config: FlywheelConfig) ->
         ), fused AS (
             SELECT *,
                 annotation_score IS NOT NULL OR origin = 'golden' AS human_verified,
+                -- the user turned this answer down: asked for another, or left without accepting
+                coalesce(annotation_score IS NULL AND origin <> 'golden'
+                         AND (CASE WHEN final_score IS NOT NULL THEN NOT final_accepted ELSE retries > 0 END),
+                         false) AS user_rejected,
                 CASE WHEN annotation_score IS NOT NULL THEN annotation_score
                      WHEN origin = 'golden' THEN 1.0
                      WHEN implicit_score IS NOT NULL AND judge_score IS NOT NULL
@@ -138,9 +145,8 @@ def trajectory_scores(con: duckdb.DuckDBPyConnection, config: FlywheelConfig) ->
         )
         SELECT trajectory_id, session_id, tenant_id, task_type, model_version, origin, is_synthetic,
                created_at, implicit_score, attribution, judge_score, annotation_score, human_verified,
-               greatest(-1.0, least(1.0, {combined})) AS combined_score, score_source,
-               {tier_sql(config.tiers, combined, 'human_verified')} AS tier,
-               {weight_sql(config.tiers, tier_sql(config.tiers, combined, 'human_verified'))} AS weight
+               user_rejected, greatest(-1.0, least(1.0, {combined})) AS combined_score, score_source,
+               {tier} AS tier, {weight_sql(config.tiers, tier)} AS weight
         FROM fused ORDER BY trajectory_id
     """).to_arrow_table()
 
