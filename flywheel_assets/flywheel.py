@@ -48,8 +48,14 @@ def run_landing_sensor(defs: dg.Definitions, instance: dg.DagsterInstance) -> li
     return list(result.run_requests or [])
 
 
+# The run's own log in the terminal at INFO (progress, counts, decisions); the step events
+# Dagster logs at DEBUG stay in the run's event log, seen in the UI.
+QUIET_RUN = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+
+
 def run_job(defs: dg.Definitions, instance: dg.DagsterInstance, name: str, *, allow_failure: bool = False,
             **kwargs) -> dg.ExecuteInProcessResult:
+    kwargs.setdefault("run_config", QUIET_RUN)
     result = defs.resolve_job_def(name).execute_in_process(instance=instance, raise_on_error=False, **kwargs)
     label = f"{name}[{kwargs['partition_key']}]" if "partition_key" in kwargs else name
     print(f"    {label} run {result.run_id[:8]}: {'success' if result.success else 'FAILED'}", flush=True)
@@ -99,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.monotonic()
     set_threads()
+    quiet_libraries()
     config = load_config()
     if args.fresh:
         clear_home(config)
@@ -135,6 +142,18 @@ def main(argv: list[str] | None = None) -> int:
     ingest_landed(defs, instance)  # the last day's corrections, so the tables are complete
     run_job(defs, instance, "daily_refresh_job")  # the daily schedule's run: scores, velocity, loop health, charts
     return report(config, lake, defs, args.no_control, started)
+
+
+def quiet_libraries() -> None:
+    """No per-load progress bars or library deprecation notices between the demo's lines."""
+    import warnings
+
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    warnings.filterwarnings("ignore", message=".*save_embedding_layers.*", category=UserWarning)
 
 
 def report(config: FlywheelConfig, lake: Lake, defs, no_control: bool, started: float) -> int:

@@ -4,6 +4,7 @@ import random
 from datetime import datetime, timedelta, timezone
 
 import pyarrow as pa
+import pytest
 
 from flywheel_assets.lib.experiments.registry import ModelRegistry, route
 from flywheel_assets.lib.experiments.rollout import advance
@@ -38,11 +39,15 @@ def _traffic(lake, registry, day, users, quality_of, seed):
     lake.append(TRAJECTORIES, conform(pa.Table.from_pylist(trajectories), TRAJECTORIES))
 
 
-def test_a_good_candidate_is_promoted_through_every_stage(config, lake):
+@pytest.mark.parametrize("canary_share,treatment_share,users", [(0.05, 0.3, 600), (0.1, 0.45, 3000)])
+def test_a_good_candidate_is_promoted_through_every_stage(config, lake, canary_share, treatment_share, users):
+    """The second layout is the demo profile's: once the canary has become the treatment the
+    champion serves 55%, so the test's planned split is 45/55 (not 0.45 / (1 − 0.1) = 50/50,
+    which the sample-ratio check would flag at this many users and never decide)."""
     config.ab.min_users_per_arm = 60
     config.ab.planned_users = 2000
     config.rollout.canary_min_users = 20
-    config.rollout.canary_share, config.rollout.treatment_share = 0.05, 0.3
+    config.rollout.canary_share, config.rollout.treatment_share = canary_share, treatment_share
     clock = {"now": T0}
     registry = ModelRegistry(lake, clock=lambda: clock["now"])
     registry.register("base", base="base", base_path="models/base", reason="start", actor="test")
@@ -54,13 +59,16 @@ def test_a_good_candidate_is_promoted_through_every_stage(config, lake):
     for day in range(6):
         clock["now"] = T0 + timedelta(days=day, hours=23)
         stages += [(r["stage"], r["outcome"]) for r in advance(config, lake, registry, clock["now"])]
-        _traffic(lake, registry, T0 + timedelta(days=day + 1), 600, quality, seed=day)
+        _traffic(lake, registry, T0 + timedelta(days=day + 1), users, quality, seed=day)
     assert stages[:3] == [("gate", "PROCEED"), ("canary", "PROCEED"), ("treatment", "SHIP")]
     assert registry.champion()["version"] == "c1-lora"
     assert [r["status"] for r in registry.history("c1-lora")] == ["candidate", "canary", "treatment", "champion"]
     looks = lake.read(AB_RESULTS).to_pylist()
     shipped = [r for r in looks if r["outcome"] == "SHIP"][0]
     assert shipped["effect_low"] > 0 and abs(shipped["effect"] - 0.3) < 0.1
+    assert shipped["srm_p"] > 0.001
+    assert abs(shipped["users_treatment"] / (shipped["users_treatment"] + shipped["users_control"])
+               - treatment_share) < 0.05
 
 
 def test_a_bad_candidate_forced_past_the_gate_is_rolled_back(config, lake):

@@ -84,10 +84,11 @@ def regression_watch(context: dg.SensorEvaluationContext, flywheel: FlywheelReso
            description="Moves gated candidates through canary (1%) and the A/B test (9%) to champion, or rolls "
                        "them back; re-analyses the running test at every evaluation and refreshes its report.")
 def ab_monitor(context: dg.SensorEvaluationContext, flywheel: FlywheelResource):
-    rows = advance(flywheel.config(), flywheel.lake(), flywheel.registry(), flywheel.now())
+    waiting: list[str] = []
+    rows = advance(flywheel.config(), flywheel.lake(), flywheel.registry(), flywheel.now(), waiting)
     for row in rows:
         context.log.info(f"{row['treatment']} [{row['stage']}] {row['outcome']}: {row['reason']}")
     if not rows:
-        return dg.SkipReason("no candidate to move: nothing gated, canary too small, or no test running")
+        return dg.SkipReason("; ".join(waiting) or "no candidate to move: none gated, in canary or in an A/B test")
     return [dg.RunRequest(partition_key=row["cycle"], run_key=f"ab-report-{row['cycle']}-{row['looked_at'].isoformat()}")
             for row in {r["cycle"]: r for r in rows if r["cycle"]}.values()]

@@ -44,8 +44,10 @@ def sessions_since(lake: Lake, versions: tuple[str, str], since: datetime, until
     """, {"control": versions[0], "treatment": versions[1], "since": since, "until": until}).to_arrow_table()
 
 
-def advance(config: FlywheelConfig, lake: Lake, registry: ModelRegistry, now: datetime) -> list[dict]:
-    """One look at every live candidate; returns the ab_results rows written."""
+def advance(config: FlywheelConfig, lake: Lake, registry: ModelRegistry, now: datetime,
+            waiting: list[str] | None = None) -> list[dict]:
+    """One look at every live candidate; returns the ab_results rows written. Why a live
+    candidate moved nothing (a canary short of users) is appended to `waiting`."""
     current = registry.current()
     champion = next((r for r in current if r["status"] == "champion"), None)
     if champion is None:
@@ -61,7 +63,7 @@ def advance(config: FlywheelConfig, lake: Lake, registry: ModelRegistry, now: da
         if status == "candidate" and name in gates:
             rows.append(_after_gate(config, registry, version, champion, gates[name], now))
         elif status == "canary":
-            rows.append(_canary(config, lake, registry, version, champion, now))
+            rows.append(_canary(config, lake, registry, version, champion, now, waiting))
         elif status == "treatment":
             rows.append(_treatment(config, lake, registry, version, champion, now))
     rows = [r for r in rows if r]
@@ -97,13 +99,17 @@ def _stage_start(registry: ModelRegistry, version: str, status: str) -> datetime
     return [r for r in registry.history(version) if r["status"] == status][-1]["changed_at"]
 
 
-def _canary(config, lake, registry, version, champion, now) -> dict | None:
+def _canary(config, lake, registry, version, champion, now, waiting: list[str] | None = None) -> dict | None:
     sessions = sessions_since(lake, (champion["version"], version["version"]),
                               _stage_start(registry, version["version"], "canary"), now)
     stats = arm_stats_by_metric(sessions, list(METRICS))
     users = stats["error_reported"]["treatment"].users
-    if users < config.rollout.canary_min_users:
-        return None  # nothing to record until the canary has served enough users
+    if users < config.rollout.canary_min_users:  # nothing to record until the canary has served enough users
+        if waiting is not None:
+            waiting.append(f"canary {version['version']} has served {users} of the {config.rollout.canary_min_users} "
+                           f"users it needs (rollout.canary_min_users; it gets rollout.canary_share = "
+                           f"{config.rollout.canary_share:.0%} of users)")
+        return None
     control, treatment = stats["error_reported"]["control"], stats["error_reported"]["treatment"]
     harm = treatment.mean - control.mean
     if harm > config.ab.guardrail_margin:
@@ -116,11 +122,21 @@ def _canary(config, lake, registry, version, champion, now) -> dict | None:
     return _row(version, champion, "canary", now, "PROCEED", "canary", reason)
 
 
+def _planned_split(registry: ModelRegistry, version: dict) -> float:
+    """The treatment's share of the users the test compares (its own and the champion's),
+    from the layout the router serves now: the champion has what no canary or treatment
+    holds, so a canary of a later candidate, when there is one, shrinks the champion's part."""
+    live = registry.serving()
+    treatment = next(r["traffic_share"] for r in live["treatment"] if r["version"] == version["version"])
+    champion = 1.0 - sum(r["traffic_share"] for r in live["canary"] + live["treatment"])
+    return treatment / (treatment + champion)
+
+
 def _treatment(config, lake, registry, version, champion, now) -> dict:
     started = _stage_start(registry, version["version"], "treatment")
     sessions = sessions_since(lake, (champion["version"], version["version"]), started, now)
     stats = arm_stats_by_metric(sessions, list(METRICS))
-    share = config.rollout.treatment_share / (1 - config.rollout.canary_share)
+    share = _planned_split(registry, version)
     decision = decide(stats["quality"]["control"], stats["quality"]["treatment"],
                       config.ab.model_copy(update={"treatment_share": share}), started_at=started, now=now,
                       guardrails={"error_reported": (stats["error_reported"]["control"],
