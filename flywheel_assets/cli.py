@@ -146,7 +146,8 @@ def collect_status(session: Session) -> dict:
     history = registry.history()
     latest = {row["version"]: row for row in history}
     champion = next((row for row in latest.values() if row["status"] == "champion"), None)
-    state = trigger_state(config, lake, now, champion["version"] if champion else None)
+    state = trigger_state(config, lake, now, champion["version"] if champion else None,
+                          champion["changed_at"] if champion else None)
     train, why, phase = should_train(state, config.trigger)
     # What training_trigger checks before the rules: a champion to train from, and one
     # cycle at a time (a dataset whose adapter is not registered yet).

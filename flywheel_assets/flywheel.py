@@ -231,12 +231,17 @@ def cycle_table(config: FlywheelConfig, lake: Lake) -> str:
         rows = {e["role"]: e for e in evaluations if e["cycle"] == cycle}
         if "candidate" not in rows:
             continue
+        latest = max((r for r in looks if r["cycle"] == cycle), key=lambda r: r["looked_at"], default=None)
         final = max((r for r in looks if r["cycle"] == cycle and r["stage"] == "treatment"),
                     key=lambda r: r["looked_at"], default=None)
         effect = (f"{final['effect']:+.3f} [{final['effect_low']:+.3f}, {final['effect_high']:+.3f}]"
                   if final and final["effect"] is not None else "—")
-        decision = f"{final['outcome']}: {final['reason']}" if final else \
-            ("blocked by the gate" if not rows["candidate"]["gate_passed"] else "no A/B decision yet")
+        if not rows["candidate"]["gate_passed"]:
+            decision = "blocked by the gate"
+        elif latest is None or (latest["stage"], latest["outcome"]) == ("gate", "PROCEED"):
+            decision = "waiting for its canary"
+        else:
+            decision = f"{latest['stage']} {latest['outcome']}: {latest['reason']}"
         promoted = f"{cycle}-lora" if any(h["version"] == f"{cycle}-lora" and h["status"] == "champion"
                                           for h in history) else rows["champion"]["version"]
         mix = ", ".join(f"{k} {v}" for k, v in json.loads(tiers).items())

@@ -94,6 +94,8 @@ class CurationConfig(BaseModel):
     holdout_fraction: float = 0.05
     near_duplicate_jaccard: float = 0.9
     high_quality_threshold: float = 0.7
+    # budget a tier cannot fill goes to better tiers with candidates left (select.tier_budgets)
+    spare_to_better_tiers: bool = True
 
     def budgets(self, tiers: TierConfig) -> dict[str, int]:
         n = self.target_size

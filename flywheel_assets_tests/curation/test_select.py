@@ -36,6 +36,7 @@ def test_budgets_follow_the_seed_for_target_n():
 def test_budget_caps_each_tier_and_balances_task_types():
     config = FlywheelConfig()
     config.curation.target_size = 100  # budgets 50 / 200 / 500 / 100
+    config.curation.spare_to_better_tiers = False
     table = curated({("bronze", "calc"): 300, ("bronze", "lookup"): 20, ("bronze", "text"): 60,
                      ("gold", "calc"): 30, ("platinum", "calc"): 80})
     rows = select_training_rows(table, "c1", config)
@@ -44,6 +45,17 @@ def test_budget_caps_each_tier_and_balances_task_types():
     # round-robin: the scarce type gives all it has, the others share the rest equally
     assert count_by(bronze, "task_type") == {"calc": 40, "lookup": 20, "text": 40}
     assert sorted(bronze.column("selection_rank").to_pylist()) == list(range(1, 101))
+
+
+def test_a_short_tier_leaves_its_budget_to_better_tiers_never_to_the_negatives():
+    config = FlywheelConfig()
+    config.curation.target_size = 100  # budgets 50 / 200 / 500 / 100: 850 rows in all
+    table = curated({("platinum", "calc"): 80, ("gold", "calc"): 900, ("silver", "calc"): 40,
+                     ("bronze", "calc"): 700})
+    rows = select_training_rows(table, "c1", config)
+    # silver fills 40 of its 500: the 460 left go to platinum (30 more: all it has), then gold (430)
+    assert count_by(rows, "tier") == {"platinum": 80, "gold": 630, "silver": 40, "bronze": 100}
+    assert rows.num_rows == sum(config.curation.budgets(config.tiers).values())
 
 
 def test_selection_is_deterministic_for_a_seed_and_changes_with_it():

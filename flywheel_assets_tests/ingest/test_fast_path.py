@@ -206,8 +206,12 @@ def _reference_ingest(config, lake) -> IngestReport:
             else:
                 good, bad = _parse_python(batch, landing_file)
             fresh = only_new(table, good)
-            duplicates += good.num_rows - fresh.num_rows
-            bad = only_new(QUARANTINE, bad)
+            known_bad = only_new(QUARANTINE, bad)
+            # repeats of an earlier line of the batch (the parser keeps the first), of stored
+            # rows, and of lines quarantined before
+            duplicates += (batch.num_rows - good.num_rows - bad.num_rows) + (good.num_rows - fresh.num_rows) \
+                + (bad.num_rows - known_bad.num_rows)
+            bad = known_bad
             if fresh.num_rows:
                 lake.append(table, fresh)
             if bad.num_rows:

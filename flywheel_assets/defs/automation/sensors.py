@@ -36,7 +36,7 @@ def training_trigger(context: dg.SensorEvaluationContext, flywheel: FlywheelReso
     if testing:
         return dg.SkipReason(f"{testing[0]} is still being evaluated or A/B tested; one cycle at a time, so the "
                              f"next one trains over the winner")
-    state = trigger_state(config, flywheel.lake(), flywheel.now(), champion["version"])
+    state = trigger_state(config, flywheel.lake(), flywheel.now(), champion["version"], champion["changed_at"])
     train, reason, phase = should_train(state, config.trigger)
     context.log.info(f"phase {phase}: {'TRAIN' if train else 'wait'}: {reason}")
     if not train:

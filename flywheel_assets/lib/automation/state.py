@@ -12,7 +12,11 @@ from flywheel_assets.lib.lake import Lake, sql_literal
 from flywheel_assets.lib.tables import DATASET_MANIFESTS, SESSION_FEEDBACK, TRAJECTORIES, TRAJECTORY_SCORES
 
 
-def trigger_state(config: FlywheelConfig, lake: Lake, now: datetime, champion: str | None) -> TriggerState:
+def trigger_state(config: FlywheelConfig, lake: Lake, now: datetime, champion: str | None,
+                  champion_since: datetime | None = None) -> TriggerState:
+    """champion_since: when the champion was promoted. Only its sessions since then count
+    for its rolling quality: before, it served a canary's or a treatment's share of users,
+    and comparing that subset with the whole population flagged a drop that was not one."""
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
     for table in (DATASET_MANIFESTS, TRAJECTORY_SCORES, SESSION_FEEDBACK):
@@ -32,7 +36,8 @@ def trigger_state(config: FlywheelConfig, lake: Lake, now: datetime, champion: s
             SELECT date_trunc('hour', f.last_ts) AS hour, avg(f.quality_score), count(*)
             FROM session_feedback f JOIN trajectories t ON t.trajectory_id = f.final_trajectory_id
             WHERE t.model_version = $champion AND f.last_ts <= $now
+              AND ($since IS NULL OR f.last_ts > $since)
             GROUP BY 1 ORDER BY 1
-        """, {"champion": champion, "now": now}).fetchall()
+        """, {"champion": champion, "now": now, "since": champion_since}).fetchall()
     return TriggerState(now=now, last_training=last_training, real_trajectories=real, new_scored=new,
                         new_high_quality=high, performance_change=performance_change(daily, now))

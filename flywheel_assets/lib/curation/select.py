@@ -19,20 +19,43 @@ import pyarrow as pa
 from flywheel_assets.lib.config import FlywheelConfig
 
 
+_CANDIDATES = """
+    WITH holdout_prompts AS (SELECT DISTINCT prompt_key FROM curated WHERE split = 'holdout'),
+    candidates AS (
+        SELECT *, md5($seed || ':' || trajectory_id) AS shuffle
+        FROM curated
+        WHERE split = 'train' AND dedup_status = 'kept'
+          AND prompt_key NOT IN (SELECT prompt_key FROM holdout_prompts)
+    )"""
+
+
+def tier_budgets(config: FlywheelConfig, available: dict[str, int]) -> dict[str, int]:
+    """The seed's budgets per tier; with `curation.spare_to_better_tiers`, what a tier
+    cannot fill goes to the tiers that have candidates left, best first, never to the
+    last (negative) tier: a dataset is not left at a third of its size because its users
+    were satisfied, so that silver ran short, while gold candidates wait."""
+    budgets = config.curation.budgets(config.tiers)
+    if not config.curation.spare_to_better_tiers:
+        return budgets
+    filled = {tier: min(budget, available.get(tier, 0)) for tier, budget in budgets.items()}
+    spare = sum(budgets.values()) - sum(filled.values())
+    for tier in config.tiers.names[:-1]:
+        extra = min(spare, available.get(tier, 0) - filled[tier])
+        filled[tier] += extra
+        spare -= extra
+    return filled
+
+
 def select_training_rows(curated: pa.Table, cycle: str, config: FlywheelConfig) -> pa.Table:
     """Candidates: kept (not duplicate), in the train split, whose prompt is not a held-out prompt."""
-    budgets = config.curation.budgets(config.tiers)
     con = duckdb.connect()
     con.register("curated", curated)
+    seed = str(config.curation.seed)
+    available = dict(con.execute(_CANDIDATES + " SELECT tier, count(*) FROM candidates GROUP BY tier",
+                                 {"seed": seed}).fetchall())
+    budgets = tier_budgets(config, available)
     con.register("budgets", pa.table({"tier": list(budgets), "budget": list(budgets.values())}))
-    return con.execute("""
-        WITH holdout_prompts AS (SELECT DISTINCT prompt_key FROM curated WHERE split = 'holdout'),
-        candidates AS (
-            SELECT *, md5($seed || ':' || trajectory_id) AS shuffle
-            FROM curated
-            WHERE split = 'train' AND dedup_status = 'kept'
-              AND prompt_key NOT IN (SELECT prompt_key FROM holdout_prompts)
-        ), by_type AS (
+    return con.execute(_CANDIDATES + """, by_type AS (
             SELECT *, row_number() OVER (PARTITION BY tier, task_type ORDER BY shuffle) AS type_rank FROM candidates
         ), ranked AS (
             SELECT *, row_number() OVER (PARTITION BY tier ORDER BY type_rank, task_type, shuffle) AS selection_rank
@@ -43,7 +66,7 @@ def select_training_rows(curated: pa.Table, cycle: str, config: FlywheelConfig) 
         FROM ranked r JOIN budgets b ON r.tier = b.tier
         WHERE selection_rank <= b.budget
         ORDER BY shuffle
-    """, {"seed": str(config.curation.seed), "cycle": cycle}).to_arrow_table()
+    """, {"seed": seed, "cycle": cycle}).to_arrow_table()
 
 
 def export_chat_jsonl(rows: pa.Table, path: Path) -> str:

@@ -1,9 +1,9 @@
 """Staged rollout, one step per look: gate → canary (1%) → A/B treatment (9%) → champion.
 
 * a candidate whose promotion gate passed goes to canary; one the gate blocked is retired;
-* a canary that has served `canary_min_users` users without a worse error-report rate
-  than the champion (beyond the guardrail margin) becomes the A/B treatment; a worse
-  one is rolled back;
+* a canary that has served `canary_min_users` users becomes the A/B treatment unless its
+  error-report rate is shown worse than the champion's beyond the guardrail margin (the
+  lower 97.5% bound of the difference), which rolls it back;
 * the treatment is analysed against the champion with the sequential A/B test
   (lib/experiments/ab.py) at every look: SHIP promotes it, ROLLBACK rolls it back.
 Every step is a registry change with its reason and a row in ab_results.
@@ -12,6 +12,7 @@ Every step is a registry change with its reason and a row in ab_results.
 from __future__ import annotations
 
 import json
+import math
 from datetime import datetime
 
 import duckdb
@@ -19,7 +20,7 @@ import pyarrow as pa
 
 from flywheel_assets.lib.config import FlywheelConfig
 from flywheel_assets.lib.experiments.ab import Decision, decide
-from flywheel_assets.lib.experiments.ab_stats import arm_stats_by_metric
+from flywheel_assets.lib.experiments.ab_stats import arm_stats_by_metric, welch_difference
 from flywheel_assets.lib.experiments.registry import ModelRegistry
 from flywheel_assets.lib.lake import Lake, sql_literal
 from flywheel_assets.lib.tables import AB_RESULTS, OFFLINE_EVALUATIONS, SESSION_FEEDBACK, TRAJECTORIES
@@ -111,12 +112,18 @@ def _canary(config, lake, registry, version, champion, now, waiting: list[str] |
                            f"{config.rollout.canary_share:.0%} of users)")
         return None
     control, treatment = stats["error_reported"]["control"], stats["error_reported"]["treatment"]
-    harm = treatment.mean - control.mean
-    if harm > config.ab.guardrail_margin:
-        reason = f"canary error-report rate {treatment.mean:.1%} vs champion {control.mean:.1%} over {users} users"
+    # Rolled back when shown worse: the harm's lower 97.5% bound beyond the guardrail margin.
+    # A point estimate over a canary's few users is mostly noise (23 users: ±12 points), and
+    # the A/B test's non-inferiority guardrails judge small harms on many more users.
+    harm = welch_difference(control, treatment)
+    low = harm.effect - 1.96 * harm.se if math.isfinite(harm.se) else harm.effect
+    if low > config.ab.guardrail_margin:
+        reason = (f"canary error-report rate {treatment.mean:.1%} vs champion {control.mean:.1%} over {users} users "
+                  f"(harm ≥ {low:+.1%} at 97.5%, margin {config.ab.guardrail_margin:+.0%})")
         registry.rollback(version["version"], reason=reason, actor="ab_monitor")
         return _row(version, champion, "canary", now, "ROLLBACK", "guardrail", reason)
-    reason = f"canary healthy over {users} users (error reports {treatment.mean:.1%} vs {control.mean:.1%})"
+    reason = (f"canary healthy over {users} users (error reports {treatment.mean:.1%} vs {control.mean:.1%}, "
+              f"not shown worse than {config.ab.guardrail_margin:+.0%}: harm ≥ {low:+.1%})")
     registry.transition(version["version"], "treatment", traffic_share=config.rollout.treatment_share,
                         reason=reason, actor="ab_monitor")
     return _row(version, champion, "canary", now, "PROCEED", "canary", reason)

@@ -119,8 +119,10 @@ class _FileProgress:
     def add(self, writer: "_Writer", keys: "_KeyIndex", lines: int, good: pa.Table, bad: pa.Table) -> None:
         self.lines += lines
         fresh = keys.only_new(self.table, good)
-        self.duplicates += good.num_rows - fresh.num_rows
         bad = keys.only_new(QUARANTINE, bad)
+        # Every line is new, quarantined or a duplicate: of a row already stored, of a line
+        # quarantined before, or of an earlier line of this batch (the parser keeps the first).
+        self.duplicates += lines - fresh.num_rows - bad.num_rows
         keys.remember(self.table, fresh)
         keys.remember(QUARANTINE, bad)
         self.rows_new += fresh.num_rows

@@ -6,8 +6,9 @@ per cycle: cycle k's training set, its offline evaluation, and its window of usa
 the last dataset is checked too. Every check ends ok, warn or alert (n/a: not
 measurable yet) with its reason; thresholds are `LoopHealthConfig`.
 
-* loop_data_share: training rows the loop made itself (teacher-synthetic, or usage
-  served by an adapter the flywheel trained), not anchored by a human label.
+* loop_data_share: training rows the loop made itself (the teacher's: synthetic cold
+  start and corrections of failed requests; or usage served by an adapter the flywheel
+  trained), not anchored by a human label.
 * heldout_drift: the cycle's candidate against the best champion so far on the held-out
   tasks (a verifier decides, not the users).
 * judge_disagreement: trajectories users accepted as they were that a heuristic judge fails.
@@ -158,7 +159,7 @@ def _loop_data_share(rows: pl.DataFrame, loop_made: set[str], settings: LoopHeal
     if n == 0:
         return "n/a", None, "empty training set"
     unanchored = ~pl.col("human_verified")
-    synthetic = rows.filter(unanchored & (pl.col("origin") == "synthetic")).height
+    synthetic = rows.filter(unanchored & pl.col("origin").is_in(["synthetic", "correction"])).height
     served_by_loop = (pl.col("origin") == "usage") & pl.col("model_version").is_in(sorted(loop_made))
     own = rows.filter(unanchored & served_by_loop).height
     row.update(training_rows=n, synthetic_share=synthetic / n, self_generated_share=own / n,
@@ -166,7 +167,7 @@ def _loop_data_share(rows: pl.DataFrame, loop_made: set[str], settings: LoopHeal
                tier_counts=dict(Counter(rows["tier"].to_list())))
     share = (synthetic + own) / n
     status = _grade(share, settings.loop_data_share_warn, settings.loop_data_share_alert)
-    return status, share, (f"{share:.0%} of {n} rows were made by the loop itself ({synthetic / n:.0%} synthetic, "
+    return status, share, (f"{share:.0%} of {n} rows were made by the loop itself ({synthetic / n:.0%} by the teacher, "
                            f"{own / n:.0%} served by its own adapters)")
 
 

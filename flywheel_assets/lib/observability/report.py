@@ -114,7 +114,7 @@ def tier_mix_chart(health: dict, path: Path) -> Path | None:
     tiers.legend(fontsize=7)
     tiers.set_title("Tier mix per cycle", fontsize=10)
     shares = {"human-verified": [r["human_share"] for r in rows],
-              "synthetic (teacher)": [r["synthetic_share"] for r in rows],
+              "teacher (synthetic, corrections)": [r["synthetic_share"] for r in rows],
               "served by own adapters": [r["self_generated_share"] for r in rows]}
     shares["usage served by the base"] = [max(0.0, 1 - sum(values)) for values in zip(*shares.values())]
     bottom = [0.0] * len(rows)
