@@ -47,3 +47,8 @@ def test_performance_change_compares_the_last_day_with_the_week_before():
     daily.append((NOW - timedelta(hours=2), 0.45, 100))
     assert performance_change(daily, NOW) == pytest.approx(-0.1)
     assert performance_change([(NOW - timedelta(hours=2), 0.5, 10)], NOW) is None
+    # a champion promoted a day ago: its first hour is inside the last day, no baseline yet
+    promoted = [(NOW - timedelta(days=1), 0.6, 40), (NOW - timedelta(hours=5), 0.5, 200)]
+    assert performance_change(promoted, NOW) is None
+    # 10 sessions of baseline are too few to call a drop
+    assert performance_change([(NOW - timedelta(days=2), 0.9, 10), (NOW - timedelta(hours=5), 0.5, 200)], NOW) is None

@@ -54,14 +54,16 @@ def should_train(state: TriggerState, phases: PhaseConfig) -> tuple[bool, str, i
 
 
 def performance_change(daily_quality: list[tuple[datetime, float, int]], now: datetime, recent_days: float = 1,
-                       baseline_days: float = 7) -> float | None:
+                       baseline_days: float = 7, min_sessions: int = 30) -> float | None:
     """Relative change of the champion's mean session quality: the last `recent_days`
     against the `baseline_days` before them (session-weighted). None when either
-    window is empty or the baseline mean is 0."""
-    recent = [(q, n) for day, q, n in daily_quality if 0 <= (now - day).total_seconds() / 86400 < recent_days]
+    window has fewer than `min_sessions` sessions (an hour's handful is noise, not a
+    drop) or the baseline mean is 0."""
+    # `day` starts its bucket (an hour): one that starts exactly `recent_days` ago lies inside them
+    recent = [(q, n) for day, q, n in daily_quality if 0 <= (now - day).total_seconds() / 86400 <= recent_days]
     base = [(q, n) for day, q, n in daily_quality
-            if recent_days <= (now - day).total_seconds() / 86400 < recent_days + baseline_days]
-    if not recent or not base:
+            if recent_days < (now - day).total_seconds() / 86400 <= recent_days + baseline_days]
+    if sum(n for _, n in recent) < min_sessions or sum(n for _, n in base) < min_sessions:
         return None
     mean = lambda rows: sum(q * n for q, n in rows) / sum(n for _, n in rows)  # noqa: E731
     baseline = mean(base)
