@@ -6,6 +6,7 @@ from datetime import datetime, timedelta, timezone
 from random import Random
 
 import dagster as dg
+import pyarrow as pa
 import pytest
 
 from flywheel_assets.defs.ingest.assets import bronze_ingest
@@ -14,6 +15,7 @@ from flywheel_assets.defs.simulation.assets import simulated_usage
 from flywheel_assets.defs.simulation.sensors import simulated_usage_job, simulated_users
 from flywheel_assets.lib.clock import now, set_now
 from flywheel_assets.lib.config import load_config
+from flywheel_assets.lib.lake import conform
 from flywheel_assets.lib.experiments.registry import ModelRegistry
 from flywheel_assets.lib.simulation.tasks import expert_messages, generate_tasks
 from flywheel_assets.lib.tables import QUARANTINE, SESSION_EVENTS, TRAJECTORIES
@@ -57,11 +59,21 @@ def test_the_sensor_waits_for_a_champion_and_for_the_previous_day(home, config, 
     resources = _resources(home, {"simulation": {"users_per_tick": 40, "interval_minutes": 5}})
     instance = dg.DagsterInstance.ephemeral()
     set_now(config, NOW)
-    assert _tick(instance, resources).skip_message == "no champion yet: materialize base_model first"
+    assert _tick(instance, resources).skip_message == (
+        "no champion yet: base_model starts once landing_sensor has ingested the cold start")
+    lake.append(TRAJECTORIES, conform(pa.Table.from_pylist([{"trajectory_id": "t-golden", "origin": "golden"}]),
+                                      TRAJECTORIES))
+    request = _tick(instance, resources)  # demo mode trains its base itself
+    assert request.job_name == "base_model_job"
+    for status, said in ((dg.DagsterRunStatus.STARTED, "base_model is training"),
+                         (dg.DagsterRunStatus.FAILURE, "ended FAILURE")):
+        other = dg.DagsterInstance.ephemeral()
+        other.add_run(dg.DagsterRun(job_name="base_model_job", status=status))
+        assert said in _tick(other, resources).skip_message  # never a second run, never a retry loop
 
     _champion(lake)
     request = _tick(instance, resources)
-    assert isinstance(request, dg.RunRequest)
+    assert isinstance(request, dg.RunRequest) and request.job_name == "simulated_usage_job"
     assert request.run_config["ops"] == {"simulated_usage": {"config": {"day": "2026-11-26"}}}
     assert request.tags == {"flywheel/simulated_day": "2026-11-26", "flywheel/users": "40"}
 
@@ -135,7 +147,8 @@ def test_wired_into_the_definitions():
 
     loaded = defs()
     sensor = loaded.resolve_sensor_def("simulated_users")
-    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING and sensor.job_name == "simulated_usage_job"
+    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
+    assert {job.name for job in sensor.jobs} == {"simulated_usage_job", "base_model_job"}
     assert loaded.resolve_asset_graph().get(dg.AssetKey("simulated_usage")).group_name == "simulation"
     job = loaded.resolve_job_def("simulated_usage_job")
     assert {key.to_user_string() for key in job.asset_layer.executable_asset_keys} == {"simulated_usage"}
