@@ -16,9 +16,11 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev]'
 	touch $(STAMP)
 
+# One run at a time: on 2 cores a simulated day, an ingest and a training run side by side
+# each ran 10-15 times slower (torch's threads spin against each other), so runs queue.
 $(DAGSTER_HOME)/dagster.yaml:
 	mkdir -p $(DAGSTER_HOME)
-	printf 'telemetry:\n  enabled: false\n' > $@
+	printf 'telemetry:\n  enabled: false\nconcurrency:\n  runs:\n    max_concurrent_runs: 1\n' > $@
 
 seed: $(STAMP)
 	$(BIN)/python -m flywheel_assets.lib.simulation.seed
