@@ -139,3 +139,14 @@ def test_landing_sensor_cursor(home, config):
     assert second.run_requests[0].tags["flywheel/files"] == "1"
     assert second.run_requests[0].run_key != first.run_requests[0].run_key
     assert json.loads(second.cursor)["path"] == "events/b.jsonl"
+    # while a simulated day is writing, its files wait for one ingest; the cursor does not move
+    day = dg.DagsterRun(job_name="simulated_usage_job", status=dg.DagsterRunStatus.STARTED)
+    instance.add_run(day)
+    write_lines(config.landing / "trajectories" / "c.jsonl", [{"x": 1}])
+    waiting = tick(second.cursor)
+    assert waiting.run_requests == [] and waiting.cursor == second.cursor
+    assert waiting.skip_message == (f"1 new file(s), but simulated day run {day.run_id} is still writing to the "
+                                    "landing zone: ingesting once it ends")
+    instance.handle_run_event(day.run_id, dg.DagsterEvent(
+        event_type_value="PIPELINE_SUCCESS", job_name=day.job_name, message="done"))
+    assert [r.tags["flywheel/newest"] for r in tick(second.cursor).run_requests] == ["trajectories/c.jsonl"]

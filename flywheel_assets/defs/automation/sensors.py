@@ -26,7 +26,9 @@ def training_trigger(context: dg.SensorEvaluationContext, flywheel: FlywheelReso
     current = flywheel.registry().current()  # one read of the registry for every question below
     champion = next((r for r in current if r["status"] == "champion"), None)
     if champion is None:
-        return dg.SkipReason("no champion yet: materialize base_model first")
+        return dg.SkipReason("no champion yet: " + (
+            "materialize base_model first" if config.simulation_off()
+            else "simulated_users trains base_model once the cold start is ingested"))
     existing = context.instance.get_dynamic_partitions(cycle_partitions.name)
     registered = {r["version"] for r in current}
     in_flight = [c for c in existing if f"{c}-lora" not in registered]

@@ -18,8 +18,9 @@ ingest_job = dg.define_asset_job(
 
 
 @dg.sensor(job=ingest_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
-           description="Starts ingest_job when ready files appear in the landing zone. The cursor is the newest "
-                       "file requested; the ingested_files ledger guarantees no file is read twice.")
+           description="Starts ingest_job when ready files appear in the landing zone (in demo mode, once the "
+                       "simulated day writing them has ended). The cursor is the newest file requested; the "
+                       "ingested_files ledger guarantees no file is read twice.")
 def landing_sensor(context: dg.SensorEvaluationContext, flywheel: FlywheelResource):
     cursor = json.loads(context.cursor) if context.cursor else {"mtime_ns": -1, "path": ""}
     high_water = (cursor["mtime_ns"], cursor["path"])
@@ -29,6 +30,11 @@ def landing_sensor(context: dg.SensorEvaluationContext, flywheel: FlywheelResour
     fresh = pending_files(config, flywheel.lake(), fresh)
     if not fresh:
         return dg.SkipReason(f"no new ready file in {config.landing} (cursor {cursor})")
+    writing = context.instance.get_runs(dg.RunsFilter(
+        job_name="simulated_usage_job", statuses=[dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]), limit=1)
+    if writing:  # demo mode: a simulated day is one ingest, not two halves
+        return dg.SkipReason(f"{len(fresh)} new file(s), but simulated day run {writing[0].run_id} is still "
+                             "writing to the landing zone: ingesting once it ends")
     newest = max(fresh)
     digest = hashlib.md5("\n".join(f"{f.relative}:{f.size_bytes}:{f.mtime_ns}" for f in fresh).encode()).hexdigest()
     return dg.SensorResult(
