@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+from datetime import datetime, timedelta, timezone
 
 import dagster as dg
 
@@ -30,11 +31,14 @@ def landing_sensor(context: dg.SensorEvaluationContext, flywheel: FlywheelResour
     fresh = pending_files(config, flywheel.lake(), fresh)
     if not fresh:
         return dg.SkipReason(f"no new ready file in {config.landing} (cursor {cursor})")
-    writing = context.instance.get_runs(dg.RunsFilter(
-        job_name="simulated_usage_job", statuses=[dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]), limit=1)
-    if writing:  # demo mode: a simulated day is one ingest, not two halves
-        return dg.SkipReason(f"{len(fresh)} new file(s), but simulated day run {writing[0].run_id} is still "
-                             "writing to the landing zone: ingesting once it ends")
+    # demo mode: a simulated day (seconds long) is one ingest, not two halves; a run left STARTED for
+    # an hour (its process killed) no longer holds ingestion up
+    writing = context.instance.get_run_records(dg.RunsFilter(
+        job_name="simulated_usage_job", statuses=[dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED],
+        created_after=datetime.now(timezone.utc) - timedelta(hours=1)), limit=1)
+    if writing:
+        return dg.SkipReason(f"{len(fresh)} new file(s), but simulated day run {writing[0].dagster_run.run_id} is "
+                             "still writing to the landing zone: ingesting once it ends")
     newest = max(fresh)
     digest = hashlib.md5("\n".join(f"{f.relative}:{f.size_bytes}:{f.mtime_ns}" for f in fresh).encode()).hexdigest()
     return dg.SensorResult(
