@@ -59,8 +59,9 @@ sys.path.insert(0, str(REPO))
 from common import ResourceSampler, machine, mark, print_rows  # noqa: E402  (benchmarks/ is on sys.path)
 from flywheel_assets.lib.config import FlywheelConfig  # noqa: E402
 from flywheel_assets.lib.simulation.tasks import (  # noqa: E402
-    COLD_START_PHRASINGS, eval_tasks, expert_messages, generate_tasks, run_tool,
+    COLD_START_PHRASINGS, eval_tasks, expert_messages, generate_tasks,
 )
+from flywheel_assets.lib.simulation.tools import run_tool  # noqa: E402
 from flywheel_assets.lib.training import model as model_lib  # noqa: E402
 from flywheel_assets.lib.training.chat_format import IGNORE  # noqa: E402
 from flywheel_assets.lib.training.effective_weight import effective_weight_forward  # noqa: E402

@@ -15,7 +15,6 @@ paths may pull in torch, transformers or dagster.
 """
 
 import getpass
-import gzip
 import hashlib
 import json
 import os
@@ -131,117 +130,12 @@ def status(ctx: typer.Context,
     """Phase, training trigger and why, running A/B test, champion and registry history."""
     session: Session = ctx.obj
     session.require_home()
-    report = collect_status(session)
+    from flywheel_assets.lib.clock import iso
+    from flywheel_assets.lib.observability.status import collect_status, render_status
+
+    report = collect_status(session.config, session.lake(), session.registry(), session.now())
     report["history"] = report["history"][-history:] if history else []
-    typer.echo(json.dumps(report, default=_iso, indent=2) if as_json else render_status(report))
-
-
-def collect_status(session: Session) -> dict:
-    from flywheel_assets.lib.automation.state import trigger_state
-    from flywheel_assets.lib.automation.trigger import phase as phase_of
-    from flywheel_assets.lib.automation.trigger import should_train
-    from flywheel_assets.lib.tables import AB_RESULTS, DATASET_MANIFESTS
-
-    config, lake, registry, now = session.config, session.lake(), session.registry(), session.now()
-    history = registry.history()
-    latest = {row["version"]: row for row in history}
-    champion = next((row for row in latest.values() if row["status"] == "champion"), None)
-    state = trigger_state(config, lake, now, champion["version"] if champion else None,
-                          champion["changed_at"] if champion else None)
-    train, why, phase = should_train(state, config.trigger)
-    # What training_trigger checks before the rules: a champion to train from, and one
-    # cycle at a time (a dataset whose adapter is not registered yet).
-    cycles = lake.read(DATASET_MANIFESTS, columns=["cycle", "created_at"]).sort_by("created_at")
-    in_flight = [c for c in cycles.column("cycle").to_pylist() if f"{c}-lora" not in latest]
-    blocked = ("no champion yet: materialize base_model first" if champion is None
-               else f"cycle {in_flight[-1]} has no adapter yet; one cycle at a time" if in_flight else None)
-    arms = [row for row in latest.values() if row["status"] in ("canary", "treatment")]
-    looks = lake.read(AB_RESULTS).sort_by("looked_at").to_pylist()
-    last_look = {row["test_id"]: row for row in looks}
-    return {
-        "home": str(config.home), "now": now,
-        "phase": phase_of(state.real_trajectories, config.trigger),
-        "real_trajectories": state.real_trajectories,
-        "phase_thresholds": {"phase1": config.trigger.phase1_min_real, "phase2": config.trigger.phase2_min_real},
-        "trigger": {
-            "train": bool(train and blocked is None), "rules_say_train": train, "reason": why, "blocked_by": blocked,
-            "phase": phase, "last_training": state.last_training, "new_scored": state.new_scored,
-            "new_high_quality": state.new_high_quality, "performance_change": state.performance_change,
-            "last_cycle": cycles.column("cycle").to_pylist()[-1] if cycles.num_rows else None,
-        },
-        "ab_tests": [{"version": arm["version"], "status": arm["status"], "traffic_share": arm["traffic_share"],
-                      "since": arm["changed_at"], "last_look": _look(last_look.get(f"ab-{arm['version']}"))}
-                     for arm in arms],
-        "last_decision": _look(looks[-1]) if looks else None,
-        "champion": None if champion is None else {
-            # the champion serves what the canary and treatment arms leave (its row keeps the share it came in with)
-            "version": champion["version"], "cycle": champion["cycle"],
-            "traffic_share": max(0.0, 1.0 - sum(arm["traffic_share"] for arm in arms)),
-            "since": champion["changed_at"], "actor": champion["actor"], "reason": champion["reason"]},
-        "versions": len(latest),
-        "history": [{key: row[key] for key in ("changed_at", "version", "status", "traffic_share", "actor", "reason")}
-                    for row in history],
-    }
-
-
-def _look(row: Optional[dict]) -> Optional[dict]:
-    keys = ("test_id", "treatment", "control", "stage", "looked_at", "outcome", "rule", "reason", "effect",
-            "effect_low", "effect_high", "users_control", "users_treatment")
-    return None if row is None else {key: row[key] for key in keys}
-
-
-def render_status(report: dict) -> str:
-    trigger = report["trigger"]
-    thresholds = report["phase_thresholds"]
-    lines = [
-        f"home       {report['home']}   now {_iso(report['now'])}",
-        f"phase      {report['phase']}: {report['real_trajectories']} real usage trajectories scored "
-        f"(phase 1 from {thresholds['phase1']}, phase 2 from {thresholds['phase2']})",
-        f"trigger    {'TRAIN' if trigger['train'] else 'wait'}: {trigger['blocked_by'] or trigger['reason']}",
-        f"           since last training ({_iso(trigger['last_training']) or 'never'}"
-        f"{', ' + trigger['last_cycle'] if trigger['last_cycle'] else ''}): {trigger['new_scored']} new scored, "
-        f"{trigger['new_high_quality']} high quality; champion quality change "
-        f"{'n/a' if trigger['performance_change'] is None else format(trigger['performance_change'], '+.1%')}",
-    ]
-    if not report["ab_tests"]:
-        lines.append("A/B test   none running")
-    for test in report["ab_tests"]:
-        lines.append(f"A/B test   {test['version']} as {test['status']} on {test['traffic_share']:.0%} of users "
-                     f"since {_iso(test['since'])}")
-        look = test["last_look"]
-        lines.append(f"           {_render_look(look) if look else 'no look recorded yet'}")
-    if report["last_decision"] and not report["ab_tests"]:
-        lines.append(f"last look  {report['last_decision']['test_id']}: {_render_look(report['last_decision'])}")
-    champion = report["champion"]
-    lines.append("champion   none" if champion is None else
-                 f"champion   {champion['version']} on {champion['traffic_share']:.0%} of users since "
-                 f"{_iso(champion['since'])} ({champion['actor']}: {champion['reason']})")
-    lines.append(f"history    {len(report['history'])} latest changes of {report['versions']} versions")
-    for row in report["history"]:
-        lines.append(f"  {_iso(row['changed_at'])}  {row['version']:<20} {row['status']:<11} "
-                     f"{row['traffic_share']:>4.0%}  {row['actor']:<18} {_short(row['reason'], 70)}")
-    return "\n".join(lines)
-
-
-def _render_look(look: dict) -> str:
-    text = f"{look['outcome']} ({look['stage']}, rule {look['rule']}) at {_iso(look['looked_at'])}: {look['reason']}"
-    if look["effect"] is not None:
-        text += (f"; effect {look['effect']:+.3f} [{look['effect_low']:+.3f}, {look['effect_high']:+.3f}], "
-                 f"users {look['users_control']} control / {look['users_treatment']} treatment")
-    return text
-
-
-def _iso(value):
-    if isinstance(value, datetime):
-        return value.isoformat(timespec="seconds").replace("+00:00", "Z")
-    if value is None:
-        return None
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
-def _short(text: Optional[str], width: int) -> str:
-    text = text or ""
-    return text if len(text) <= width else text[:width - 1] + "…"
+    typer.echo(json.dumps(report, default=iso, indent=2) if as_json else render_status(report))
 
 
 # ingest ---------------------------------------------------------------------------------
@@ -258,7 +152,9 @@ def ingest(ctx: typer.Context,
     content-addressed name (the landing zone keeps every input), so ingesting the same file again
     adds nothing. Scores are refreshed by the next ingest_job run.
     """
-    from flywheel_assets.lib.ingest.landing import LandingFile, is_ready, list_landing
+    from flywheel_assets.lib.ingest.landing import (
+        LandingFile, content_addressed_name, is_ready, kind_from_folder, list_landing, sniff_kind,
+    )
     from flywheel_assets.lib.ingest.pipeline import ingest_landing, pending_files
     from flywheel_assets.lib.tables import INGESTED_FILES
 
@@ -288,11 +184,11 @@ def ingest(ctx: typer.Context,
               for r in lake.read(INGESTED_FILES, columns=["source_file", "size_bytes", "mtime_ns"]).to_pylist()}
     try:
         for source in sources:
-            source_kind = (kind.value if kind else None) or _kind_from_folder(source, path) or _sniff_kind(source)
+            source_kind = (kind.value if kind else None) or kind_from_folder(source, path) or sniff_kind(source)
             if source_kind is None:
                 fail(f"cannot tell whether {source} holds events, trajectories or annotations: pass --kind",
                      EXIT_USAGE)
-            target = landing / source_kind / "cli" / _landing_name(source)
+            target = landing / source_kind / "cli" / content_addressed_name(source)
             relative = target.relative_to(landing).as_posix()
             if relative in staged:
                 continue
@@ -318,48 +214,6 @@ def ingest(ctx: typer.Context,
         for temporary, _ in renames:
             temporary.unlink(missing_ok=True)
     _print_ingest(report, skipped=skipped, as_json=as_json)
-
-
-def _landing_name(source: Path) -> str:
-    """<sha256 prefix>-<name>, ending in a suffix the landing zone reads."""
-    digest = hashlib.sha256()
-    with source.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    name = source.name.lstrip(".")
-    if not name.endswith((".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz")):
-        name = name[:-3] + ".jsonl.gz" if name.endswith(".gz") else name + ".jsonl"
-    return f"{digest.hexdigest()[:16]}-{name}"
-
-
-def _kind_from_folder(source: Path, root: Path) -> Optional[str]:
-    """The nearest enclosing folder named events, trajectories or annotations, up to root's parent."""
-    for folder in source.parents:
-        if folder.name in Kind.__members__:
-            return folder.name
-        if folder == root.parent or folder == root:
-            break
-    return None
-
-
-def _sniff_kind(source: Path, max_lines: int = 50) -> Optional[str]:
-    """The kind the first JSON objects look like: an event_type, a conversation, or a score for a trajectory."""
-    opener = gzip.open if source.name.endswith(".gz") else open
-    with opener(source, "rt", encoding="utf-8", errors="replace") as handle:
-        for _, line in zip(range(max_lines), handle):
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                continue
-            if not isinstance(obj, dict):
-                continue
-            if "event_type" in obj:
-                return "events"
-            if "conversations" in obj or "messages" in obj:
-                return "trajectories"
-            if "trajectory_id" in obj and ("score" in obj or "label" in obj):
-                return "annotations"
-    return None
 
 
 def _print_ingest(report, skipped: list[str], as_json: bool) -> None:
@@ -399,6 +253,7 @@ def annotate(ctx: typer.Context,
     annotation file: landing_sensor ingests it and its ingest_job re-scores (trajectory_scores takes
     the latest label per trajectory as combined_score, human_verified, tier by that score).
     """
+    from flywheel_assets.lib.clock import iso
     from flywheel_assets.lib.ingest.landing import list_landing
     from flywheel_assets.lib.ingest.pipeline import ingest_landing
     from flywheel_assets.lib.tables import TRAJECTORIES
@@ -413,7 +268,7 @@ def annotate(ctx: typer.Context,
     if found.num_rows == 0:
         fail(f"unknown trajectory {trajectory_id!r}: not in bronze/trajectories (ingest it first)", EXIT_NOT_FOUND)
     line = {"trajectory_id": trajectory_id, "score": score if score is not None else (1.0 if label == Label.good else -1.0),
-            "annotator": annotator or actor(), "note": note, "annotated_at": _iso(session.now())}
+            "annotator": annotator or actor(), "note": note, "annotated_at": iso(session.now())}
     folder = config.landing / "annotations"
     folder.mkdir(parents=True, exist_ok=True)
     name = f"cli-{session.now().strftime('%Y%m%dT%H%M%S%fZ')}-{uuid.uuid4().hex[:8]}.jsonl"

@@ -24,3 +24,12 @@ def set_now(config: FlywheelConfig, moment: datetime) -> None:
     temporary = config.home / ".clock.json.tmp"
     temporary.write_text(json.dumps({"now": moment.astimezone(timezone.utc).isoformat()}))
     temporary.replace(config.home / "clock.json")
+
+
+def iso(value):
+    """A datetime as ISO 8601 to the second with Z for UTC (also json.dumps's default= for reports)."""
+    if isinstance(value, datetime):
+        return value.isoformat(timespec="seconds").replace("+00:00", "Z")
+    if value is None:
+        return None
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")

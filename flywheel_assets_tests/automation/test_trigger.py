@@ -4,7 +4,9 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from flywheel_assets.lib.automation.trigger import PhaseConfig, TriggerState, performance_change, phase, should_train
+from flywheel_assets.lib.automation.trigger import (
+    PhaseConfig, TriggerState, blocked_by, performance_change, phase, should_train,
+)
 
 NOW = datetime(2026, 11, 26, 12, tzinfo=timezone.utc)
 PHASES = PhaseConfig()
@@ -52,3 +54,16 @@ def test_performance_change_compares_the_last_day_with_the_week_before():
     assert performance_change(promoted, NOW) is None
     # 10 sessions of baseline are too few to call a drop
     assert performance_change([(NOW - timedelta(days=2), 0.9, 10), (NOW - timedelta(hours=5), 0.5, 200)], NOW) is None
+
+
+def test_blocked_by_names_what_stops_a_cycle_before_the_rules():
+    champion = {"version": "base-x", "status": "champion"}
+    assert blocked_by([], [], None) == "no champion yet: simulated_users trains base_model once the cold start is ingested"
+    assert blocked_by([], [], "simulation.enabled is false") == "no champion yet: materialize base_model first"
+    assert blocked_by([champion], ["cycle-0001", "cycle-0002"], None) == (
+        "cycle cycle-0002 has no adapter yet; one cycle at a time")
+    testing = {"version": "cycle-0001-lora", "status": "canary"}
+    assert blocked_by([champion, testing], ["cycle-0001"], None).startswith(
+        "cycle-0001-lora is still being evaluated or A/B tested")
+    retired = {"version": "cycle-0001-lora", "status": "retired"}
+    assert blocked_by([champion, retired], ["cycle-0001"], None) is None

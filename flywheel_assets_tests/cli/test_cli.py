@@ -310,6 +310,10 @@ def test_flywheel_config_is_respected_and_a_missing_one_is_an_error(registry, tm
     monkeypatch.setenv("FLYWHEEL_CONFIG", str(settings))
     report = json.loads(run("status", "--json").output)
     assert (report["phase"], report["phase_thresholds"]["phase1"]) == (1, 0)
-    assert report["trigger"]["reason"] == "force trigger: never trained" and report["trigger"]["train"] is True
+    trigger = report["trigger"]
+    assert trigger["reason"] == "force trigger: never trained" and trigger["rules_say_train"] is True
+    # ...but, as training_trigger would, status waits while a candidate is still under evaluation
+    assert trigger["train"] is False
+    assert trigger["blocked_by"].startswith("cycle-0001-lora is still being evaluated or A/B tested")
     missing = run("--config", str(tmp_path / "nope.json"), "status")
     assert missing.exit_code == EXIT_NOT_FOUND and "configuration file not found" in missing.output

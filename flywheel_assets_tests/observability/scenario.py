@@ -32,7 +32,8 @@ from flywheel_assets.lib.experiments.registry import ModelRegistry
 from flywheel_assets.lib.lake import Lake
 from flywheel_assets.lib.simulation import users
 from flywheel_assets.lib.simulation.seed import write_cold_start
-from flywheel_assets.lib.simulation.tasks import Task, eval_tasks, expert_messages, run_tool, verify
+from flywheel_assets.lib.simulation.tasks import Task, eval_tasks, expert_messages, verify
+from flywheel_assets.lib.simulation.tools import run_tool
 from flywheel_assets.lib.simulation.users import UserSimulationConfig, day_tasks, simulate_usage
 from flywheel_assets.lib.tables import OFFLINE_EVALUATIONS
 from flywheel_assets.lib.training.inference import AgentRun

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from flywheel_assets.lib.simulation.hermes import HERMES_SYSTEM, to_hermes
 from flywheel_assets.lib.simulation.tasks import (
-    MAX_NUMBER,
-    COLD_START_PHRASINGS, DATA_DIR, EVAL_SEED, HERMES_SYSTEM, PHRASINGS, TASK_TYPES, TOOLS, WORDS, Task,
-    eval_tasks, expert_messages, generate_tasks, is_eval_prompt, run_tool, to_hermes, verify,
+    COLD_START_PHRASINGS, EVAL_SEED, MAX_NUMBER, PHRASINGS, TASK_TYPES, WORDS, Task, eval_tasks, expert_messages,
+    generate_tasks, is_eval_prompt, verify,
 )
+from flywheel_assets.lib.simulation.tools import DATA_DIR, TOOLS, run_tool
 
 GOLDEN = DATA_DIR / "golden" / "golden_trajectories.jsonl"
 

@@ -11,9 +11,9 @@ import pytest
 from flywheel_assets_tests.helpers import completion, openai_stand_in
 
 from flywheel_assets.lib.ingest.trajectories import parse_trajectory
-from flywheel_assets.lib.simulation.tasks import (
-    HERMES_SYSTEM, Task, expert_messages, generate_tasks, is_eval_prompt, run_tool, verify,
-)
+from flywheel_assets.lib.simulation.hermes import HERMES_SYSTEM
+from flywheel_assets.lib.simulation.tasks import Task, expert_messages, generate_tasks, is_eval_prompt, verify
+from flywheel_assets.lib.simulation.tools import run_tool
 from flywheel_assets.lib.simulation.teachers import (
     OpenAITeacher, ScriptedTeacher, TeacherError, cold_start_lines, import_public_file,
 )

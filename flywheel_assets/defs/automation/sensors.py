@@ -9,7 +9,7 @@ from flywheel_assets.defs.partitions import cycle_partitions
 from flywheel_assets.defs.resources import FlywheelResource
 from flywheel_assets.lib.automation.regression import check_regression
 from flywheel_assets.lib.automation.state import trigger_state
-from flywheel_assets.lib.automation.trigger import should_train
+from flywheel_assets.lib.automation.trigger import blocked_by, should_train
 from flywheel_assets.lib.experiments.rollout import advance
 
 
@@ -24,20 +24,10 @@ def next_cycle(existing: list[str]) -> str:
 def training_trigger(context: dg.SensorEvaluationContext, flywheel: FlywheelResource):
     config = flywheel.config()
     current = flywheel.registry().current()  # one read of the registry for every question below
-    champion = next((r for r in current if r["status"] == "champion"), None)
-    if champion is None:
-        return dg.SkipReason("no champion yet: " + (
-            "materialize base_model first" if config.simulation_off()
-            else "simulated_users trains base_model once the cold start is ingested"))
     existing = context.instance.get_dynamic_partitions(cycle_partitions.name)
-    registered = {r["version"] for r in current}
-    in_flight = [c for c in existing if f"{c}-lora" not in registered]
-    if in_flight:
-        return dg.SkipReason(f"cycle {in_flight[-1]} has no adapter yet; one cycle at a time")
-    testing = [row["version"] for row in current if row["status"] in ("candidate", "canary", "treatment")]
-    if testing:
-        return dg.SkipReason(f"{testing[0]} is still being evaluated or A/B tested; one cycle at a time, so the "
-                             f"next one trains over the winner")
+    if blocked := blocked_by(current, existing, config.simulation_off()):
+        return dg.SkipReason(blocked)
+    champion = next(row for row in current if row["status"] == "champion")
     state = trigger_state(config, flywheel.lake(), flywheel.now(), champion["version"], champion["changed_at"])
     train, reason, phase = should_train(state, config.trigger)
     context.log.info(f"phase {phase}: {'TRAIN' if train else 'wait'}: {reason}")

@@ -7,6 +7,7 @@ from datetime import datetime, timedelta, timezone
 import dagster as dg
 
 from flywheel_assets.defs.resources import FlywheelResource
+from flywheel_assets.defs.simulation.sensors import simulated_usage_job
 from flywheel_assets.lib.ingest.landing import list_landing
 from flywheel_assets.lib.ingest.pipeline import pending_files
 
@@ -34,7 +35,7 @@ def landing_sensor(context: dg.SensorEvaluationContext, flywheel: FlywheelResour
     # demo mode: a simulated day (seconds long) is one ingest, not two halves; a run left STARTED for
     # an hour (its process killed) no longer holds ingestion up
     writing = context.instance.get_run_records(dg.RunsFilter(
-        job_name="simulated_usage_job", statuses=[dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED],
+        job_name=simulated_usage_job.name, statuses=[dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED],
         created_after=datetime.now(timezone.utc) - timedelta(hours=1)), limit=1)
     if writing:
         return dg.SkipReason(f"{len(fresh)} new file(s), but simulated day run {writing[0].dagster_run.run_id} is "

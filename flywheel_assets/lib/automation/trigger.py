@@ -9,6 +9,7 @@ trajectories) trains weekly on small batches, phase 2 is the seed's defaults.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -68,3 +69,20 @@ def performance_change(daily_quality: list[tuple[datetime, float, int]], now: da
     mean = lambda rows: sum(q * n for q, n in rows) / sum(n for _, n in rows)  # noqa: E731
     baseline = mean(base)
     return None if baseline == 0 else (mean(recent) - baseline) / abs(baseline)
+
+
+def blocked_by(current: Sequence[dict], cycles: Sequence[str], simulation_off: str | None) -> str | None:
+    """Why no cycle may start whatever the rules say, or None: training_trigger's checks before them.
+
+    current: the registry's latest row per version; cycles: the cycles made so far, oldest first;
+    simulation_off: the configuration's reason simulated users are off (None in demo mode)."""
+    if not any(row["status"] == "champion" for row in current):
+        return "no champion yet: " + ("materialize base_model first" if simulation_off
+                                      else "simulated_users trains base_model once the cold start is ingested")
+    registered = {row["version"] for row in current}
+    if in_flight := [cycle for cycle in cycles if f"{cycle}-lora" not in registered]:
+        return f"cycle {in_flight[-1]} has no adapter yet; one cycle at a time"
+    if testing := [row["version"] for row in current if row["status"] in ("candidate", "canary", "treatment")]:
+        return (f"{testing[0]} is still being evaluated or A/B tested; one cycle at a time, so the next one "
+                "trains over the winner")
+    return None

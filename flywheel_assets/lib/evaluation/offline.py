@@ -94,7 +94,8 @@ def gate(difference: dict, margin: float) -> tuple[bool, str]:
 
 
 def evaluate_model(model, tokenizer, tasks, batch_size: int = 300) -> list[TaskOutcome]:
-    from flywheel_assets.lib.simulation.tasks import run_tool, verify
+    from flywheel_assets.lib.simulation.tasks import verify
+    from flywheel_assets.lib.simulation.tools import run_tool
     from flywheel_assets.lib.training.inference import run_agent
 
     runs = run_agent(model, tokenizer, [t.prompt for t in tasks], run_tool, batch_size=batch_size)

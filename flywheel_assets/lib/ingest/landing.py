@@ -8,6 +8,8 @@ ends in .tmp/.part is still being written and is skipped until renamed.
 from __future__ import annotations
 
 import gzip
+import hashlib
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,3 +239,45 @@ def _plain(text: pa.Array, numbers: np.ndarray) -> pa.Table:
         [pa.array(numbers, pa.int64()), text, pa.nulls(n, pa.string()), pa.array(np.zeros(n, dtype=bool))],
         schema=LINE_SCHEMA,
     )
+
+
+def content_addressed_name(source: Path) -> str:
+    """<sha256 prefix>-<name>, ending in a suffix the landing zone reads: the same content lands under one name."""
+    digest = hashlib.sha256()
+    with source.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    name = source.name.lstrip(".")
+    if not name.endswith((".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz")):
+        name = name[:-3] + ".jsonl.gz" if name.endswith(".gz") else name + ".jsonl"
+    return f"{digest.hexdigest()[:16]}-{name}"
+
+
+def kind_from_folder(source: Path, root: Path) -> str | None:
+    """The nearest enclosing folder named events, trajectories or annotations, up to root's parent."""
+    for folder in source.parents:
+        if folder.name in KINDS:
+            return folder.name
+        if folder == root.parent or folder == root:
+            break
+    return None
+
+
+def sniff_kind(source: Path, max_lines: int = 50) -> str | None:
+    """The kind the first JSON objects look like: an event_type, a conversation, or a score for a trajectory."""
+    opener = gzip.open if source.name.endswith(".gz") else open
+    with opener(source, "rt", encoding="utf-8", errors="replace") as handle:
+        for _, line in zip(range(max_lines), handle):
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(obj, dict):
+                continue
+            if "event_type" in obj:
+                return "events"
+            if "conversations" in obj or "messages" in obj:
+                return "trajectories"
+            if "trajectory_id" in obj and ("score" in obj or "label" in obj):
+                return "annotations"
+    return None

@@ -18,9 +18,9 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from random import Random
 
-from flywheel_assets.lib.simulation.tasks import (
-    CAPITALS, DATA_DIR, TOOLS, WEATHER, Task, expert_messages, generate_tasks, run_tool, to_hermes,
-)
+from flywheel_assets.lib.simulation.hermes import to_hermes
+from flywheel_assets.lib.simulation.tasks import Task, expert_messages, generate_tasks
+from flywheel_assets.lib.simulation.tools import CAPITALS, DATA_DIR, TOOLS, WEATHER, run_tool
 
 START = datetime(2026, 11, 1, tzinfo=timezone.utc)
 FAILURES = ("wrong_answer", "malformed_args", "unoffered_tool", "tool_error", "empty_final", "loop")

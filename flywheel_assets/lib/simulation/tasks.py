@@ -1,7 +1,6 @@
-"""The embedded default's task environment: the five tools, the tasks users ask, the verifier.
+"""The embedded default's task environment: the tasks users ask, the scripted expert's answers, the verifier.
 
-Tools are real Python (data/tools.json declares them; the golden file shows their
-results). A tiny model must copy numbers and entities from the question into tool
+The tools the tasks call are real Python (tools.py). A tiny model must copy numbers and entities from the question into tool
 calls and answers, so every number it copies is an integer 0..999 or a 2-decimal
 number, and each task type has 8 phrasings sharing its key noun: cold-start data
 uses the first COLD_START_PHRASINGS, the held-out evaluation all 8 (FINDINGS.md).
@@ -9,27 +8,14 @@ uses the first COLD_START_PHRASINGS, the held-out evaluation all 8 (FINDINGS.md)
 
 from __future__ import annotations
 
-import ast
 import json
-import math
-import operator
 import random
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import cache
-from pathlib import Path
 
-DATA_DIR = Path(__file__).resolve().parents[3] / "data"
-TOOLS: list[dict] = json.loads((DATA_DIR / "tools.json").read_text())
-CAPITALS: dict[str, str] = json.loads((DATA_DIR / "capitals.json").read_text())
-WEATHER: dict[str, dict] = json.loads((DATA_DIR / "weather.json").read_text())
-HERMES_SYSTEM = (
-    "You are a function calling AI model. You are provided with function signatures within <tools></tools> "
-    "XML tags. You may call one or more functions to assist with the user query. Don't make assumptions about "
-    "what values to plug into functions. Here are the available tools: <tools>" + json.dumps(TOOLS) + "</tools> "
-    "For each function call return a json object with function name and arguments within <tool_call></tool_call> "
-    "XML tags as follows:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-dict>}\n</tool_call>")
+from flywheel_assets.lib.simulation.tools import CAPITALS, CONVERSIONS, DATA_DIR, run_tool
 
 TASK_TYPES = ("calculator", "unit_conversion", "capital_lookup", "text_ops", "weather_of_capital")
 N_PHRASINGS = 8
@@ -93,95 +79,7 @@ WORDS = (
     "fast", "warm", "small", "early", "brave", "sweet", "winter", "summer", "garden", "window", "forest",
     "silver", "market", "rabbit", "pencil", "orange", "family", "friend", "letter", "planet", "school", "coffee",
     "dinner", "doctor", "flower", "island", "jacket", "mirror", "number", "pocket", "simple")
-_FACTORS = {("km", "miles"): 1 / 1.609344, ("miles", "km"): 1.609344, ("kg", "lb"): 1 / 0.45359237,
-            ("lb", "kg"): 0.45359237, ("m", "ft"): 1 / 0.3048, ("ft", "m"): 0.3048,
-            ("l", "gal"): 1 / 3.785411784, ("gal", "l"): 3.785411784}
-_CONVERSIONS = {**{pair: (lambda value, factor=factor: value * factor) for pair, factor in _FACTORS.items()},
-                ("celsius", "fahrenheit"): lambda value: value * 9 / 5 + 32,
-                ("fahrenheit", "celsius"): lambda value: (value - 32) * 5 / 9}
-_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
 _UNITS = re.compile(r"\w+|[^\w\s]")
-_SCHEMAS = {tool["function"]["name"]: tool["function"]["parameters"] for tool in TOOLS}
-_CAPITALS = {country.casefold(): city for country, city in CAPITALS.items()}
-_WEATHER = {city.casefold(): json.dumps(report) for city, report in WEATHER.items()}
-
-
-class ToolError(ValueError):
-    pass
-
-
-def _calculator(expression: str) -> str:
-    if len(expression) > 200:
-        raise ToolError("expression too long")
-    try:
-        return str(_evaluate(ast.parse(expression.strip(), mode="eval").body))
-    except SyntaxError as problem:
-        raise ToolError(f"invalid expression: {problem.msg}") from problem
-
-
-def _evaluate(node: ast.AST) -> int:
-    if isinstance(node, ast.Constant) and type(node.value) is int:
-        return node.value
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-        return -_evaluate(node.operand)
-    if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
-        return _OPS[type(node.op)](_evaluate(node.left), _evaluate(node.right))
-    raise ToolError("only integers with + - * are supported")
-
-
-def _convert_units(value: float, from_unit: str, to_unit: str) -> str:
-    if (from_unit, to_unit) not in _CONVERSIONS:
-        raise ToolError(f"unsupported conversion: {from_unit} -> {to_unit}")
-    if not math.isfinite(value):
-        raise ToolError("value must be a finite number")
-    return str(round(_CONVERSIONS[from_unit, to_unit](value), 2))
-
-
-def _lookup(table: dict[str, str], key: str, what: str) -> str:
-    if (found := table.get(key.strip().casefold())) is None:
-        raise ToolError(f"unknown {what}: {key}")
-    return found
-
-
-_TOOL_CODE = {
-    "calculator": _calculator, "convert_units": _convert_units,
-    "lookup_capital": lambda country: _lookup(_CAPITALS, country, "country"),
-    "get_weather": lambda city: _lookup(_WEATHER, city, "city"),
-    "text_transform": lambda text, operation: {"reverse": text[::-1], "upper": text.upper(), "lower": text.lower(),
-                                               "word_count": str(len(text.split()))}[operation],
-}
-
-
-def _check_arguments(name: str, arguments) -> dict:
-    """Arguments as the tool's JSON schema declares them: required present, no others, types and enums."""
-    if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments)
-        except json.JSONDecodeError as problem:
-            raise ToolError(f"invalid arguments: not JSON ({problem.msg})") from problem
-    if not isinstance(arguments, dict):
-        raise ToolError("invalid arguments: expected a JSON object")
-    schema = _SCHEMAS[name]
-    if missing := [key for key in schema["required"] if key not in arguments]:
-        raise ToolError(f"invalid arguments: missing {', '.join(missing)}")
-    for key, value in arguments.items():
-        if (spec := schema["properties"].get(key)) is None:
-            raise ToolError(f"invalid arguments: unexpected {key}")
-        if isinstance(value, bool) or not isinstance(value, str if spec["type"] == "string" else (int, float)):
-            raise ToolError(f"invalid arguments: {key} must be a {spec['type']}")
-        if value not in spec.get("enum", [value]):
-            raise ToolError(f"invalid arguments: {key} must be one of {', '.join(spec['enum'])}")
-    return arguments
-
-
-def run_tool(name: str, arguments: dict | str) -> str:
-    """The tool's result as the agent sees it; failures are a JSON string {"error": ...}."""
-    try:
-        if name not in _TOOL_CODE:
-            raise ToolError(f"unknown tool: {name}")
-        return _TOOL_CODE[name](**_check_arguments(name, arguments))
-    except (ValueError, RecursionError, OverflowError, MemoryError) as problem:  # ToolError is a ValueError
-        return json.dumps({"error": str(problem) or type(problem).__name__})
 
 
 @dataclass(frozen=True)
@@ -236,13 +134,13 @@ def _draw_calls(rng: random.Random, task_type: str) -> list[tuple[str, dict]]:
     if task_type == "calculator":
         return [("calculator", {"expression": _expression(rng)})]
     if task_type == "unit_conversion":
-        from_unit, to_unit = rng.choice(list(_CONVERSIONS))
+        from_unit, to_unit = rng.choice(list(CONVERSIONS))
         while True:  # every number the model copies stays one token: results too stay within MAX_NUMBER
             if from_unit in ("celsius", "fahrenheit"):
                 value = rng.randint(0, 300) if from_unit == "celsius" else rng.randint(32, 600)
             else:
                 value = _number(rng, 999) if rng.random() < 0.8 else round(_number(rng, 999) + rng.randint(1, 99) / 100, 2)
-            if _CONVERSIONS[from_unit, to_unit](value) <= MAX_NUMBER:
+            if CONVERSIONS[from_unit, to_unit](value) <= MAX_NUMBER:
                 break
         return [("convert_units", {"value": value, "from_unit": from_unit, "to_unit": to_unit})]
     country = rng.choice(sorted(CAPITALS))
@@ -404,46 +302,6 @@ def expert_messages(task: Task, rng: random.Random) -> list[dict]:
     slots = _slots(calls, results)
     messages.append({"role": "assistant", "content": rng.choice(_answers(task.task_type, slots)).format(**slots)})
     return messages
-
-
-def _hermes_content(result: str):
-    """A tool result inside a hermes <tool_response>: JSON objects embedded as objects, as golden data does."""
-    try:
-        parsed = json.loads(result)
-    except (json.JSONDecodeError, TypeError):
-        return result
-    return parsed if isinstance(parsed, dict) else result
-
-
-def _hermes_call(name: str, arguments) -> str:
-    """One <tool_call> block; arguments that are not a JSON object stay as the text they were."""
-    if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments)
-        except json.JSONDecodeError:
-            return f'<tool_call>\n{{"name": {json.dumps(name)}, "arguments": {arguments}}}\n</tool_call>'
-    return f"<tool_call>\n{json.dumps({'name': name, 'arguments': arguments})}\n</tool_call>"
-
-
-def to_hermes(messages: list[dict]) -> list[dict]:
-    """OpenAI chat messages as hermes conversations (the golden file's system prompt and tags)."""
-    turns, names = [{"from": "system", "value": HERMES_SYSTEM}], {}
-    for message in messages:
-        role = message.get("role")
-        if role == "user":
-            turns.append({"from": "human", "value": message.get("content") or ""})
-        elif role == "assistant":
-            parts = [message["content"]] if message.get("content") else []
-            for call in message.get("tool_calls") or []:
-                function = call.get("function") or {}
-                names[call.get("id")] = function.get("name")
-                parts.append(_hermes_call(function.get("name"), function.get("arguments")))
-            turns.append({"from": "gpt", "value": "\n".join(parts)})
-        elif role == "tool":
-            name = message.get("name") or names.get(message.get("tool_call_id"))
-            body = json.dumps({"name": name, "content": _hermes_content(message.get("content"))})
-            turns.append({"from": "tool", "value": f"<tool_response>\n{body}\n</tool_response>"})
-    return turns
 
 
 if __name__ == "__main__":

@@ -19,9 +19,11 @@ from pathlib import Path
 from random import Random
 
 from flywheel_assets.lib.openai_compat import EndpointError, post_json, reply_json
+from flywheel_assets.lib.simulation.hermes import to_hermes
 from flywheel_assets.lib.simulation.tasks import (
-    ANSWERS, COLD_START_PHRASINGS, TOOLS, Task, expert_messages, generate_tasks, run_tool, to_hermes, verify,
+    ANSWERS, COLD_START_PHRASINGS, Task, expert_messages, generate_tasks, verify,
 )
+from flywheel_assets.lib.simulation.tools import TOOLS, run_tool
 
 SYNTHETIC_REWARD = 0.8  # the seed's value: synthetic data is good, not perfect
 TOOL_NAMES = frozenset(tool["function"]["name"] for tool in TOOLS)

@@ -29,7 +29,9 @@ from random import Random
 from pydantic import BaseModel, Field, model_validator
 
 from flywheel_assets.client import FlywheelLogger
-from flywheel_assets.lib.simulation.tasks import EVAL_SEED, Task, generate_tasks, run_tool, to_hermes, units, verify
+from flywheel_assets.lib.simulation.hermes import to_hermes
+from flywheel_assets.lib.simulation.tasks import EVAL_SEED, Task, generate_tasks, units, verify
+from flywheel_assets.lib.simulation.tools import run_tool
 from flywheel_assets.lib.training.inference import AgentRun, run_agent
 
 SOURCE = "user-sim"  # the landing files' name prefix
