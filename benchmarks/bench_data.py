@@ -74,12 +74,12 @@ def stage_timers(totals: dict[str, float]):
         return wrapper
 
     originals = [(pipeline, "read_line_batches"), (pipeline, "parse_event_lines"),
-                 (pipeline._KeyIndex, "only_new"), (pipeline._KeyIndex, "remember"), (Lake, "append")]
+                 (pipeline.KeyIndex, "only_new"), (pipeline.KeyIndex, "remember"), (Lake, "append")]
     saved = [(owner, name, getattr(owner, name)) for owner, name in originals]
     pipeline.read_line_batches = timed_iter("read lines (Arrow)", pipeline.read_line_batches)
     pipeline.parse_event_lines = timed("parse + validate (DuckDB, 2 workers)", pipeline.parse_event_lines)
-    pipeline._KeyIndex.only_new = timed("dedup against lake", pipeline._KeyIndex.only_new)
-    pipeline._KeyIndex.remember = timed("remember keys", pipeline._KeyIndex.remember)
+    pipeline.KeyIndex.only_new = timed("dedup against lake", pipeline.KeyIndex.only_new)
+    pipeline.KeyIndex.remember = timed("remember keys", pipeline.KeyIndex.remember)
     Lake.append = timed("Delta append (writer thread)", Lake.append)
     try:
         yield totals

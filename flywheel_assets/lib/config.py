@@ -111,6 +111,14 @@ class CurationConfig(BaseModel):
 class IngestConfig(BaseModel):
     max_line_bytes: int = 1_000_000
     batch_lines: int = 500_000
+    # A line nested deeper than this (objects and arrays) is quarantined as too_deep: Python's
+    # json and everything downstream recurse per level, and no real conversation needs more.
+    max_json_depth: int = 100
+    # How long an ingest waits for another one over the same landing zone before it gives up.
+    lock_timeout_s: float = 600.0
+    # Our own leftovers older than this are deleted by the next ingest: `flywheel ingest`'s
+    # staging copies and the Delta files a failed write left in a bronze table.
+    stale_after_s: float = 3600.0
 
 
 class LLMJudgeConfig(BaseModel):

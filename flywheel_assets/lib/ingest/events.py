@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from flywheel_assets.lib.ingest.limits import PROBLEM_REASONS, TS_MAX, TS_MIN, TS_RANGE
 from flywheel_assets.lib.lake import utcnow
 from flywheel_assets.lib.tables import QUARANTINE
 
@@ -52,9 +53,14 @@ def _value(key: str) -> str:
     return f"v[{_index(key)}]"
 
 
+def _in_range(timestamp: str) -> str:
+    return f"({timestamp} >= TIMESTAMPTZ '{TS_MIN.isoformat()}' AND {timestamp} < TIMESTAMPTZ '{TS_MAX.isoformat()}')"
+
+
 def _reason_cases() -> str:
     cases = [
-        "WHEN problem IS NOT NULL THEN problem || '|' || CASE problem WHEN 'oversized' THEN 'line longer than the configured max_line_bytes' ELSE 'line is not valid UTF-8' END",
+        "WHEN problem IS NOT NULL THEN problem || '|' || CASE problem "
+        + " ".join(f"WHEN '{code}' THEN '{text}'" for code, text in PROBLEM_REASONS.items()) + " ELSE problem END",
         "WHEN NOT json_valid(raw) THEN 'malformed_json|line is not valid JSON'",
         "WHEN json_type(raw::JSON) <> 'OBJECT' THEN 'not_an_object|line is JSON ' || json_type(raw::JSON) || ', not an object'",
     ]
@@ -70,10 +76,12 @@ def _reason_cases() -> str:
             f"THEN 'wrong_type|{shown} must be {_ARTICLE[family]} {family}, got ' || {_json_kind(value)}"
         )
     ratio = _value("edit_ratio")
+    ts_value = f"try_cast({_value('ts')}->>'$' AS TIMESTAMPTZ)"
     cases += [
         f"WHEN {_value('session_id')}->>'$' = '' THEN 'invalid_value|session_id is empty'",
         f"WHEN {_value('user_id')}->>'$' = '' THEN 'invalid_value|user_id is empty'",
         f"WHEN try_cast({_value('ts')}->>'$' AS TIMESTAMPTZ) IS NULL THEN 'invalid_value|ts is not an ISO-8601 timestamp: ' || ({_value('ts')}->>'$')",
+        f"WHEN NOT {_in_range(ts_value)} THEN 'invalid_value|ts ' || ({_value('ts')}->>'$') || ' is outside {TS_RANGE}'",
         f"WHEN {_value('event_type')}->>'$' = 'output_edited' AND ({ratio} IS NULL OR json_type({ratio}) = 'NULL') "
         "THEN 'missing_key|output_edited needs data.edit_ratio'",
         f"WHEN {_value('event_type')}->>'$' = 'output_edited' AND json_type({ratio}) NOT IN {_TYPES['number']} "
@@ -219,7 +227,7 @@ SELECT
     AND j_user_id LIKE '"%' AND j_user_id <> '""'
     AND (j_tenant_id IS NULL OR j_tenant_id LIKE '"%')
     AND j_event_type LIKE '"%'
-    AND j_ts LIKE '"%' AND ts_value IS NOT NULL
+    AND j_ts LIKE '"%' AND ts_value IS NOT NULL AND {_in_range('ts_value')}
     AND CASE WHEN ts LIKE '%Z' THEN true
              WHEN substr(ts, -6, 1) IN ('+', '-') AND substr(ts, -3, 1) = ':' THEN NOT regexp_matches(ts, '[A-SU-Ya-z]')
              ELSE false END

@@ -1,15 +1,21 @@
 """The landing zone: which files are there, and their lines.
 
 Agents (or the logging client) drop `*.jsonl` / `*.jsonl.gz` files under
-landing/{events,trajectories,annotations}/. A file whose name starts with '.' or
-ends in .tmp/.part is still being written and is skipped until renamed.
+landing/{events,trajectories,annotations}/ (suffixes in any case). A file whose name
+starts with '.' or ends in .tmp/.part is still being written and is skipped until
+renamed. Only regular files are read: a symlink or a special file (FIFO, socket,
+device) with a ready name is listed with its `problem` and recorded, never opened.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
+import os
+import stat as stat_module
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +27,9 @@ import pyarrow.compute as pc
 KINDS = ("events", "trajectories", "annotations")
 SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz")
 TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".inprogress")
+# Our own copies in the making (`flywheel ingest`, `flywheel annotate`): a dot-name, so never
+# read; a killed call's leftover is deleted by a later ingest (cleanup.clean_stale).
+STAGING_PREFIX = ".flywheel-staging-"
 
 LINE_SCHEMA = pa.schema([("source_line", pa.int64()), ("raw", pa.string()),
                          ("problem", pa.string()), ("raw_truncated", pa.bool_())])
@@ -33,6 +42,7 @@ class LandingFile:
     kind: str
     size_bytes: int
     path: Path
+    problem: str | None = None  # why it is not read: a symlink, or not a regular file
 
     @property
     def key(self) -> tuple[str, int, int]:
@@ -40,23 +50,82 @@ class LandingFile:
 
 
 def is_ready(name: str) -> bool:
-    return not name.startswith(".") and not name.endswith(TEMP_SUFFIXES) and name.endswith(SUFFIXES)
+    lower = name.lower()
+    return not name.startswith(".") and not lower.endswith(TEMP_SUFFIXES) and lower.endswith(SUFFIXES)
+
+
+def is_temporary(name: str) -> bool:
+    """A name still being written (dot-name or temp suffix), as is_ready sees it."""
+    return name.startswith(".") or name.lower().endswith(TEMP_SUFFIXES)
+
+
+def is_gzip(path: Path) -> bool:
+    return path.name.lower().endswith(".gz")
 
 
 def list_landing(landing_root: Path) -> list[LandingFile]:
-    """Every ready file, oldest first (the order they are ingested in)."""
+    """Every ready file, oldest first (the order they are ingested in). Symlinks are never
+    followed (a linked folder is not entered); one with a ready name, like a special file,
+    is listed with its problem (lstat's size and mtime) so that it is recorded once."""
     found: list[LandingFile] = []
     for kind in KINDS:
-        folder = landing_root / kind
-        if not folder.is_dir():
-            continue
-        for path in folder.rglob("*"):
-            if not path.is_file() or not is_ready(path.name):
+        for path, info in walk(landing_root / kind):
+            if not is_ready(path.name):
                 continue
-            stat = path.stat()
-            found.append(LandingFile(stat.st_mtime_ns, path.relative_to(landing_root).as_posix(),
-                                     kind, stat.st_size, path))
+            problem = None
+            if stat_module.S_ISLNK(info.st_mode):
+                problem = f"a symbolic link (to {_link_target(path)}): only regular files are read"
+            elif not stat_module.S_ISREG(info.st_mode):
+                problem = f"not a regular file ({_file_type(info.st_mode)}): only regular files are read"
+            found.append(LandingFile(info.st_mtime_ns, path.relative_to(landing_root).as_posix(),
+                                     kind, info.st_size, path, problem))
     return sorted(found)
+
+
+def walk(folder: Path) -> Iterator[tuple[Path, os.stat_result]]:
+    """(path, lstat) of everything under folder that is not a directory; links are not followed."""
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return
+    for entry in entries:
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:  # gone since listed
+            continue
+        if stat_module.S_ISDIR(info.st_mode):
+            yield from walk(Path(entry.path))
+        else:
+            yield Path(entry.path), info
+
+
+def _link_target(path: Path) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return "?"
+
+
+def _file_type(mode: int) -> str:
+    for test, name in ((stat_module.S_ISFIFO, "a FIFO"), (stat_module.S_ISSOCK, "a socket"),
+                       (stat_module.S_ISCHR, "a character device"), (stat_module.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "unknown type"
+
+
+def open_landing_file(path: Path):
+    """The file for binary reading (gunzipped if .gz), refusing a symlink or a special file
+    that was swapped in since the listing (O_NOFOLLOW, then fstat on what was opened)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        if not stat_module.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        handle = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    return gzip.GzipFile(fileobj=handle, mode="rb") if is_gzip(path) else handle
 
 
 def read_line_batches(path: Path, max_line_bytes: int, batch_lines: int) -> Iterator[pa.Table]:
@@ -89,13 +158,14 @@ def read_line_batches(path: Path, max_line_bytes: int, batch_lines: int) -> Iter
 
 def read_line_batches_python(path: Path, max_line_bytes: int, batch_lines: int) -> Iterator[pa.Table]:
     """Reference implementation of read_line_batches: one Python step per line (~1 µs/line)."""
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as handle:
+    with open_landing_file(path) as handle:
         numbers: list[int] = []
         raws: list[str] = []
         problems: list[str | None] = []
         truncated: list[bool] = []
         for number, line in enumerate(handle, start=1):
+            if number == 1:
+                line = line.removeprefix(BOM)
             if _add_line(line, number, max_line_bytes, numbers, raws, problems, truncated) and len(numbers) >= batch_lines:
                 yield _batch(numbers, raws, problems, truncated)
                 numbers, raws, problems, truncated = [], [], [], []
@@ -134,6 +204,7 @@ def _batch(numbers, raws, problems, truncated) -> pa.Table:
 
 
 _BLOCK_BYTES = 16 << 20
+BOM = b"\xef\xbb\xbf"
 # bytes.strip() strips ASCII whitespace: space, \t, \n, \r, \x0b, \x0c
 _SPACE = np.zeros(256, dtype=bool)
 _SPACE[[9, 10, 11, 12, 13, 32]] = True
@@ -141,11 +212,11 @@ _SPACE[[9, 10, 11, 12, 13, 32]] = True
 
 def _pieces(path: Path, max_line_bytes: int) -> Iterator[pa.Table]:
     """The file read in blocks; each block's complete lines as one table (LINE_SCHEMA)."""
-    opener = gzip.open if path.name.endswith(".gz") else open
     buffer = bytearray(_BLOCK_BYTES)
     held = 0  # bytes at the front of buffer: the start of a line that the last block did not end
     consumed = 0  # lines before them
-    with opener(path, "rb") as handle:
+    first = True
+    with open_landing_file(path) as handle:
         while True:
             if held == len(buffer):  # one line longer than the buffer: make room
                 buffer.extend(bytes(len(buffer)))
@@ -154,6 +225,11 @@ def _pieces(path: Path, max_line_bytes: int) -> Iterator[pa.Table]:
             if not read:
                 break
             total = held + read
+            if first and total >= len(BOM):
+                first = False
+                if buffer.startswith(BOM):  # a UTF-8 byte order mark is not part of the first line
+                    buffer[:total - len(BOM)] = buffer[len(BOM):total]
+                    total -= len(BOM)
             cut = buffer.rfind(b"\n", held, total) + 1
             if cut == 0:
                 held = total
@@ -248,8 +324,8 @@ def content_addressed_name(source: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     name = source.name.lstrip(".")
-    if not name.endswith((".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz")):
-        name = name[:-3] + ".jsonl.gz" if name.endswith(".gz") else name + ".jsonl"
+    if not name.lower().endswith(SUFFIXES):
+        name = name[:-3] + ".jsonl.gz" if name.lower().endswith(".gz") else name + ".jsonl"
     return f"{digest.hexdigest()[:16]}-{name}"
 
 
@@ -264,20 +340,39 @@ def kind_from_folder(source: Path, root: Path) -> str | None:
 
 
 def sniff_kind(source: Path, max_lines: int = 50) -> str | None:
-    """The kind the first JSON objects look like: an event_type, a conversation, or a score for a trajectory."""
-    opener = gzip.open if source.name.endswith(".gz") else open
-    with opener(source, "rt", encoding="utf-8", errors="replace") as handle:
-        for _, line in zip(range(max_lines), handle):
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                continue
-            if not isinstance(obj, dict):
-                continue
-            if "event_type" in obj:
-                return "events"
-            if "conversations" in obj or "messages" in obj:
-                return "trajectories"
-            if "trajectory_id" in obj and ("score" in obj or "label" in obj):
-                return "annotations"
+    """The kind the first JSON objects look like: an event_type, a conversation, or a score for a
+    trajectory; None when they do not tell (or the file cannot be read: see read_error)."""
+    try:
+        with io.TextIOWrapper(open_landing_file(source), encoding="utf-8", errors="replace") as handle:
+            lines = [line.lstrip("\ufeff") for _, line in zip(range(max_lines), handle)]
+    except READ_ERRORS:
+        return None
+    for line in lines:
+        try:
+            obj = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if not isinstance(obj, dict):
+            continue
+        if "event_type" in obj:
+            return "events"
+        if "conversations" in obj or "messages" in obj:
+            return "trajectories"
+        if "trajectory_id" in obj and ("score" in obj or "label" in obj):
+            return "annotations"
     return None
+
+
+# What reading a landing file can raise when the file, not our code, is at fault: unreadable
+# (permissions, vanished, a special file), or a .gz that is truncated, not gzip, or corrupt.
+READ_ERRORS = (OSError, EOFError, zlib.error)
+
+
+def describe_read_error(error: BaseException) -> str:
+    if isinstance(error, EOFError):
+        return "the gzip stream ends early (truncated file)"
+    if isinstance(error, gzip.BadGzipFile):
+        return f"not a gzip file: {error}"
+    if isinstance(error, zlib.error):
+        return f"corrupt gzip data: {error}"
+    return f"{type(error).__name__}: {error.strerror or error}" if isinstance(error, OSError) else str(error)

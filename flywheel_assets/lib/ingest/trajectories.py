@@ -15,6 +15,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from flywheel_assets.lib.ingest.limits import TS_RANGE, check_timestamp
 from flywheel_assets.lib.tables import TRAJECTORIES
 
 
@@ -76,7 +77,7 @@ def parse_trajectory(obj: Any, ingested_at: datetime) -> dict:
         "origin": obj.get("origin") or ("synthetic" if is_synthetic else "usage"),
         "is_synthetic": is_synthetic,
         "reward": float(reward) if reward is not None else None,
-        "created_at": _timestamp(obj.get("created_at") or obj.get("timestamp"), ingested_at),
+        "created_at": parse_timestamp(obj.get("created_at") or obj.get("timestamp"), ingested_at),
         "source_format": fmt,
         "system_prompt": next((t["content"] for t in turns if t["role"] == "system"), None),
         "user_prompt": next((t["content"] for t in turns if t["role"] == "user"), None),
@@ -241,14 +242,19 @@ def _content_text(content: Any, position: int) -> str:
     raise BadLine("wrong_type", f"messages[{position}].content must be a string or a list of parts")
 
 
-def _timestamp(value: str | None, default: datetime) -> datetime:
+def parse_timestamp(value: str | None, default: datetime, name: str = "created_at") -> datetime:
     if value is None:
         return default
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        parsed = parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed.astimezone(timezone.utc)
     except ValueError as error:
-        raise BadLine("invalid_value", f"created_at is not an ISO-8601 timestamp: {value!r}") from error
-    return parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed.astimezone(timezone.utc)
+        raise BadLine("invalid_value", f"{name} is not an ISO-8601 timestamp: {value!r}") from error
+    except OverflowError:  # year 1 or 9999 moved past the calendar by its offset
+        raise BadLine("invalid_value", f"{name} {value} is outside {TS_RANGE}") from None
+    if problem := check_timestamp(parsed, name):
+        raise BadLine("invalid_value", problem)
+    return parsed
 
 
 def _content_id(turns: list[dict], calls: list[dict]) -> str:

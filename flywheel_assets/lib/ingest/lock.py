@@ -1,0 +1,121 @@
+"""One ingest at a time over a landing zone and its lake, whoever starts it.
+
+The key index that keeps an ingest from adding a row twice is loaded at the start of a
+run: two runs side by side would each find the same rows new and both append them. So
+every ingest (the Dagster asset, `flywheel ingest`, `flywheel annotate --ingest`) holds
+an exclusive `flock` on landing/.ingest.lock for the whole run, and decides which files
+are pending only once it holds it.
+
+Why flock: the kernel drops the lock when its holder dies, kill -9 included, so there
+is no stale lock to break and no lease to renew by hand. On a landing zone shared by
+several machines over NFSv4, Linux maps flock to the protocol's byte-range locks,
+which the server holds under a lease: a crashed client's lock expires with its lease.
+(A filesystem without working locks, such as some FUSE mounts of object stores, is not
+covered: keep the landing zone on a local disk or NFS.)
+
+The lock is re-entrant within a thread, so the CLI can hold it while it stages copies
+and still call ingest_landing, which takes it again.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from flywheel_assets.lib.lake import utcnow
+
+LOCK_NAME = ".ingest.lock"
+
+_held: dict[str, tuple[int, int, int]] = {}  # path -> (fd, thread id, depth)
+_held_guard = threading.Lock()
+
+
+class IngestBusy(RuntimeError):
+    """Another ingest held the lock for longer than we were willing to wait."""
+
+
+def lock_path(landing: Path) -> Path:
+    return Path(landing) / LOCK_NAME
+
+
+def holder(landing: Path) -> dict | None:
+    """Who holds (or last held) the lock, as it wrote itself into the lock file."""
+    try:
+        text = lock_path(landing).read_text(encoding="utf-8")
+        return json.loads(text) if text.strip() else None
+    except (OSError, ValueError):
+        return None
+
+
+def describe(info: dict | None) -> str:
+    if not info:
+        return "another process"
+    return (f"pid {info.get('pid')} on {info.get('host')} ({info.get('owner')}), "
+            f"holding it since {info.get('since')}")
+
+
+@contextmanager
+def ingest_lock(landing: Path, timeout_s: float, owner: str = "ingest",
+                log: Callable[[str], None] | None = None, poll_s: float = 0.2) -> Iterator[None]:
+    """Hold the landing zone's ingest lock; wait up to timeout_s for it, then raise IngestBusy."""
+    path = lock_path(landing)
+    key = str(path.resolve())
+    me = threading.get_ident()
+    with _held_guard:
+        held = _held.get(key)
+        if held is not None and held[1] == me:
+            _held[key] = (held[0], me, held[2] + 1)
+            reentered = True
+        else:
+            reentered = False
+    if reentered:
+        try:
+            yield
+        finally:
+            with _held_guard:
+                fd, thread, depth = _held[key]
+                _held[key] = (fd, thread, depth - 1)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        _acquire(fd, landing, timeout_s, log, poll_s)
+        with _held_guard:
+            _held[key] = (fd, me, 1)
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "owner": owner, "since": utcnow().isoformat()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        try:
+            yield
+        finally:
+            with _held_guard:
+                _held.pop(key, None)
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _acquire(fd: int, landing: Path, timeout_s: float, log: Callable[[str], None] | None, poll_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    said = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        who = describe(holder(landing))
+        if time.monotonic() >= deadline:
+            raise IngestBusy(f"another ingest is running over {landing} ({who}); waited {timeout_s:g} s. "
+                             "Nothing was read: run again when it has finished "
+                             "(ingest.lock_timeout_s sets how long to wait)")
+        if log is not None and not said:
+            log(f"waiting for the ingest lock on {landing}: held by {who}")
+            said = True
+        time.sleep(poll_s)
