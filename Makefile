@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml requirements.lock
 # each ran 10-15 times slower (torch's threads spin against each other), so runs queue.
 $(DAGSTER_HOME)/dagster.yaml:
 	mkdir -p $(DAGSTER_HOME)
-	printf 'telemetry:\n  enabled: false\nconcurrency:\n  runs:\n    max_concurrent_runs: 1\n' > $@
+	printf 'telemetry:\n  enabled: false\nconcurrency:\n  runs:\n    max_concurrent_runs: 1\nrun_launcher:\n  module: flywheel_assets.run_launcher\n  class: LocalRunLauncher\nrun_monitoring:\n  enabled: true\n' > $@
 
 seed: $(STAMP)
 	$(BIN)/python -m flywheel_assets.lib.simulation.seed

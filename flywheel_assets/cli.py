@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import uuid
+from contextlib import contextmanager
 from datetime import datetime
 from enum import Enum
 from pathlib import Path
@@ -30,13 +31,17 @@ import typer
 EXIT_USAGE = 2  # a bad option or value (click's own code for usage errors)
 EXIT_NOT_FOUND = 3  # unknown path, version, cycle or trajectory; FLYWHEEL_HOME missing
 EXIT_REFUSED = 4  # the registry's rules forbid the change (illegal transition, shares over 1)
+EXIT_BUSY = 5  # another ingest held the landing zone's lock for longer than ingest.lock_timeout_s
+EXIT_WRITE_FAILED = 6  # a write to the lake failed (e.g. a full disk); nothing is lost, run again
 
 app = typer.Typer(
     name="flywheel", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="See and steer the Flywheel loop. State lives under FLYWHEEL_HOME (default ./data/home); "
          "settings come from the JSON file named by FLYWHEEL_CONFIG.",
     epilog="Exit codes: 0 done; 1 unexpected error; 2 bad option or value; 3 not found (path, version, "
-           "cycle, trajectory, FLYWHEEL_HOME); 4 refused by the registry's rules (illegal transition).",
+           "cycle, trajectory, FLYWHEEL_HOME); 4 refused by the registry's rules (illegal transition); "
+           "5 another ingest is running (waited ingest.lock_timeout_s); 6 a write to the lake failed "
+           "(nothing recorded is lost: run the same command again).",
 )
 
 
@@ -153,10 +158,11 @@ def ingest(ctx: typer.Context,
     adds nothing. Scores are refreshed by the next ingest_job run.
     """
     from flywheel_assets.lib.ingest.landing import (
-        LandingFile, content_addressed_name, is_ready, kind_from_folder, list_landing, sniff_kind,
+        READ_ERRORS, STAGING_PREFIX, LandingFile, content_addressed_name, describe_read_error, is_ready,
+        kind_from_folder, list_landing, sniff_kind,
     )
-    from flywheel_assets.lib.ingest.pipeline import ingest_landing, pending_files
-    from flywheel_assets.lib.tables import INGESTED_FILES
+    from flywheel_assets.lib.ingest.lock import ingest_lock
+    from flywheel_assets.lib.ingest.pipeline import pending_files
 
     session: Session = ctx.obj
     config, lake = session.config, session.lake()
@@ -169,62 +175,98 @@ def ingest(ctx: typer.Context,
         files = [f for f in list_landing(landing) if f.path.is_relative_to(path)]
         if path.is_file() and not files:
             fail(f"{path} is not a ready landing file (landing/<kind>/*.jsonl[.gz])", EXIT_USAGE)
-        pending = {f.key for f in pending_files(config, lake)}
-        todo, done = [f for f in files if f.key in pending], [f for f in files if f.key not in pending]
-        report = ingest_landing(config, lake, todo, log=lambda _: None)
-        _print_ingest(report, skipped=[f.relative for f in done], as_json=as_json)
+        with _ingest_errors(), ingest_lock(landing, config.ingest.lock_timeout_s, owner=actor(), log=_say):
+            pending = {f.key for f in pending_files(config, lake, files)}
+            report = _ingest_files(config, lake, [f for f in files if f.key in pending])
+        _print_ingest(report, skipped=[f.relative for f in files if f.key not in pending], as_json=as_json)
         return
     sources = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and is_ready(p.name))
     if not sources:
         fail(f"no .jsonl/.jsonl.gz/.ndjson file under {path}", EXIT_NOT_FOUND)
+    kinds = {}
+    for source in sources:
+        kinds[source] = (kind.value if kind else None) or kind_from_folder(source, path) or sniff_kind(source)
+        if kinds[source] is None:
+            try:
+                with open(source, "rb") as handle:
+                    handle.read(1)
+                problem = "its first lines do not tell"
+            except READ_ERRORS as error:
+                problem = f"it cannot be read: {describe_read_error(error)}"
+            fail(f"cannot tell whether {source} holds events, trajectories or annotations ({problem}): pass --kind "
+                 "(an unreadable file is then recorded in quarantine)", EXIT_USAGE)
     staged: dict[str, LandingFile] = {}
     renames: list[tuple[Path, Path]] = []
     skipped = []
-    ledger = {(r["source_file"], r["size_bytes"], r["mtime_ns"])
-              for r in lake.read(INGESTED_FILES, columns=["source_file", "size_bytes", "mtime_ns"]).to_pylist()}
-    try:
-        for source in sources:
-            source_kind = (kind.value if kind else None) or kind_from_folder(source, path) or sniff_kind(source)
-            if source_kind is None:
-                fail(f"cannot tell whether {source} holds events, trajectories or annotations: pass --kind",
-                     EXIT_USAGE)
-            target = landing / source_kind / "cli" / content_addressed_name(source)
-            relative = target.relative_to(landing).as_posix()
-            if relative in staged:
-                continue
-            if target.exists():
-                stat = target.stat()
-                if (relative, stat.st_size, stat.st_mtime_ns) in ledger:
-                    skipped.append(relative)
+    # The lock covers the staging too: two calls with the same file would share its landing name.
+    with _ingest_errors(), ingest_lock(landing, config.ingest.lock_timeout_s, owner=actor(), log=_say):
+        try:
+            for source in sources:
+                target = landing / kinds[source] / "cli" / content_addressed_name(source)
+                relative = target.relative_to(landing).as_posix()
+                if relative in staged:
                     continue
-                staged[relative] = LandingFile(stat.st_mtime_ns, relative, source_kind, stat.st_size, target)
-                continue
-            # Ingested under a dot-name that landing_sensor skips, renamed once the ledger names it:
-            # the sensor never sees the copy before it is done. (The name keeps its suffix: .gz is read as gzip.)
-            temporary = target.with_name(f".{target.name}")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, temporary)
-            renames.append((temporary, target))
-            stat = temporary.stat()
-            staged[relative] = LandingFile(stat.st_mtime_ns, relative, source_kind, stat.st_size, temporary)
-        report = ingest_landing(config, lake, list(staged.values()), log=lambda _: None)
-        for temporary, target in renames:
-            os.replace(temporary, target)
-    finally:
-        for temporary, _ in renames:
-            temporary.unlink(missing_ok=True)
+                if target.exists():
+                    stat = target.stat()
+                    staged[relative] = LandingFile(stat.st_mtime_ns, relative, kinds[source], stat.st_size, target)
+                    continue
+                # Ingested under a dot-name that landing_sensor skips, renamed once the ledger names it:
+                # the sensor never sees the copy before it is done. (The name keeps its suffix: .gz is read as gzip.)
+                temporary = target.with_name(f"{STAGING_PREFIX}{uuid.uuid4().hex[:8]}-{target.name}")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    shutil.copyfile(source, temporary)
+                except OSError as error:
+                    temporary.unlink(missing_ok=True)
+                    fail(f"cannot copy {source} into the landing zone: {error}", EXIT_WRITE_FAILED)
+                renames.append((temporary, target))
+                stat = temporary.stat()
+                staged[relative] = LandingFile(stat.st_mtime_ns, relative, kinds[source], stat.st_size, temporary)
+            pending = {f.key for f in pending_files(config, lake, list(staged.values()))}
+            skipped = [f.relative for f in staged.values() if f.key not in pending]
+            report = _ingest_files(config, lake, [f for f in staged.values() if f.key in pending])
+            for temporary, target in renames:
+                os.replace(temporary, target)
+        finally:
+            for temporary, _ in renames:
+                temporary.unlink(missing_ok=True)
     _print_ingest(report, skipped=skipped, as_json=as_json)
+
+
+def _say(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def _ingest_files(config, lake, files):
+    from flywheel_assets.lib.ingest.pipeline import ingest_landing
+
+    return ingest_landing(config, lake, files, log=lambda _: None, owner=actor())
+
+
+@contextmanager
+def _ingest_errors():
+    """An ingest that could not run, or stopped, as a message and an exit code (not a traceback)."""
+    from flywheel_assets.lib.ingest.lock import IngestBusy
+    from flywheel_assets.lib.ingest.pipeline import IngestError
+
+    try:
+        yield
+    except IngestBusy as error:
+        fail(str(error), EXIT_BUSY)
+    except IngestError as error:
+        fail(str(error), EXIT_WRITE_FAILED)
 
 
 def _print_ingest(report, skipped: list[str], as_json: bool) -> None:
     summary = {"files": report.files, "rows_new": dict(report.rows_new), "duplicates": dict(report.duplicates),
-               "quarantined": dict(report.quarantined), "already_ingested": skipped}
+               "quarantined": dict(report.quarantined), "resumed": dict(report.resumed),
+               "unscored_event_types": dict(report.unscored_event_types), "already_ingested": skipped}
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
     for row in report.files:
         typer.echo(f"{row['file']}: {row['lines']} lines, {row['new']} new, {row['duplicates']} duplicates, "
-                   f"{row['quarantined']} quarantined")
+                   f"{row['quarantined']} quarantined" + (f" ({row['problem']})" if row.get("problem") else ""))
     for relative in skipped:
         typer.echo(f"{relative}: already ingested, skipped")
     new = ", ".join(f"{count} {kind}" for kind, count in sorted(report.rows_new.items())) or "none"
@@ -232,6 +274,9 @@ def _print_ingest(report, skipped: list[str], as_json: bool) -> None:
                f"quarantined: {report.lines_quarantined}"
                + (f" ({', '.join(f'{r} {n}' for r, n in sorted(report.quarantined.items()))})"
                   if report.quarantined else ""))
+    if report.unscored_event_types:
+        typer.echo("events kept but not scored (unknown event_type): " + ", ".join(
+            f"{name or '(empty)'} {count}" for name, count in sorted(report.unscored_event_types.items())))
     if report.files:
         typer.echo("scores refresh at the next ingest_job run (landing_sensor, daily_refresh, or launch it)")
 
@@ -254,8 +299,7 @@ def annotate(ctx: typer.Context,
     the latest label per trajectory as combined_score, human_verified, tier by that score).
     """
     from flywheel_assets.lib.clock import iso
-    from flywheel_assets.lib.ingest.landing import list_landing
-    from flywheel_assets.lib.ingest.pipeline import ingest_landing
+    from flywheel_assets.lib.ingest.landing import STAGING_PREFIX, list_landing
     from flywheel_assets.lib.tables import TRAJECTORIES
 
     session: Session = ctx.obj
@@ -272,13 +316,14 @@ def annotate(ctx: typer.Context,
     folder = config.landing / "annotations"
     folder.mkdir(parents=True, exist_ok=True)
     name = f"cli-{session.now().strftime('%Y%m%dT%H%M%S%fZ')}-{uuid.uuid4().hex[:8]}.jsonl"
-    temporary, target = folder / f".{name}.tmp", folder / name
+    temporary, target = folder / f"{STAGING_PREFIX}{name}", folder / name
     temporary.write_text(json.dumps(line, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(temporary, target)
     typer.echo(f"{trajectory_id}: score {line['score']:+g} by {line['annotator']} -> {target}")
     if ingest_now:
         files = [f for f in list_landing(config.landing) if f.path == target]
-        report = ingest_landing(config, lake, files, log=lambda _: None)
+        with _ingest_errors():
+            report = _ingest_files(config, lake, files)
         typer.echo(f"bronze/annotations: {report.rows_new['annotations']} new row; "
                    "scores refresh at the next ingest_job run")
 
@@ -378,3 +423,7 @@ def export(ctx: typer.Context,
         f"differs from the manifest's {manifest['content_sha256']}"
     typer.echo(f"{cycle}: {rows.num_rows} rows{' to ' + str(output) if output else ''}; sha256 {sha} {matches}",
                err=True)
+
+
+if __name__ == "__main__":
+    app()

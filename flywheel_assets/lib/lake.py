@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 import duckdb
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
+import pyarrow.fs as pa_fs
 from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import DeltaError, TableNotFoundError
 
@@ -76,7 +77,7 @@ class Lake:
         if dt is None:
             schema = table.schema if columns is None else pa.schema([table.schema.field(c) for c in columns])
             return schema.empty_table()
-        dataset = dt.to_pyarrow_dataset(file_pruning_predicate=prune)
+        dataset = self._dataset(dt, table, prune)
         if filter_sql is None:
             return dataset.to_table(columns=columns)
         con = duckdb.connect()
@@ -89,8 +90,18 @@ class Lake:
         """Expose a table to DuckDB as a view (a lazy arrow dataset: no copy); `prune` as in read:
         the view then holds only the files it keeps, so the queries must filter at least as much."""
         dt = self.delta(table)
-        con.register(name or table.name, dt.to_pyarrow_dataset(file_pruning_predicate=prune)
+        con.register(name or table.name, self._dataset(dt, table, prune)
                      if dt is not None else table.schema.empty_table())
+
+    def _dataset(self, dt: DeltaTable, table: Table, prune: str | None):
+        """An arrow dataset of the table's files. A local table is read through Arrow's own file
+        system: deltalake's default (a Python file system handler called from Arrow's I/O threads)
+        made about half of the processes that had read a table abort at exit ("terminate called
+        without an active exception")."""
+        filesystem = None
+        if "://" not in self.root:
+            filesystem = pa_fs.SubTreeFileSystem(os.path.abspath(self.uri(table)), pa_fs.LocalFileSystem())
+        return dt.to_pyarrow_dataset(file_pruning_predicate=prune, filesystem=filesystem)
 
     def append(self, table: Table, data: pa.Table) -> int:
         return self._write(table, data, mode="append")

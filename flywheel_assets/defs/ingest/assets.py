@@ -3,7 +3,8 @@
 import dagster as dg
 
 from flywheel_assets.defs.resources import FlywheelResource, markdown_counts, table_metadata
-from flywheel_assets.lib.ingest.pipeline import ingest_landing
+from flywheel_assets.lib.ingest.lock import IngestBusy
+from flywheel_assets.lib.ingest.pipeline import IngestError, ingest_landing
 from flywheel_assets.lib.tables import ANNOTATIONS, INGESTED_FILES, QUARANTINE, SESSION_EVENTS, TRAJECTORIES
 
 BRONZE = (SESSION_EVENTS, TRAJECTORIES, ANNOTATIONS, QUARANTINE, INGESTED_FILES)
@@ -20,10 +21,17 @@ BRONZE = (SESSION_EVENTS, TRAJECTORIES, ANNOTATIONS, QUARANTINE, INGESTED_FILES)
 )
 def bronze_ingest(context: dg.AssetExecutionContext, flywheel: FlywheelResource):
     lake = flywheel.lake()
-    report = ingest_landing(flywheel.config(), lake, log=context.log.info)
+    try:
+        report = ingest_landing(flywheel.config(), lake, log=context.log.info, owner=f"dagster run {context.run_id}")
+    except (IngestBusy, IngestError) as error:
+        # a clear message, no retry storm: the next landing_sensor tick starts a fresh run
+        raise dg.Failure(description=str(error), allow_retries=False) from error
+    for path in report.cleaned:
+        context.log.info(f"deleted a stale leftover of a failed ingest: {path}")
     files = dg.MetadataValue.md("\n".join(
-        ["| file | lines | new | duplicates | quarantined |", "|---|---:|---:|---:|---:|"]
-        + [f"| {f['file']} | {f['lines']} | {f['new']} | {f['duplicates']} | {f['quarantined']} |" for f in report.files]
+        ["| file | lines | new | duplicates | quarantined | problem |", "|---|---:|---:|---:|---:|---|"]
+        + [f"| {f['file']} | {f['lines']} | {f['new']} | {f['duplicates']} | {f['quarantined']} | "
+           f"{f.get('problem') or ''} |" for f in report.files]
     ))
     new_rows = {SESSION_EVENTS: report.rows_new["events"], TRAJECTORIES: report.rows_new["trajectories"],
                 ANNOTATIONS: report.rows_new["annotations"], QUARANTINE: report.lines_quarantined,
@@ -34,6 +42,11 @@ def bronze_ingest(context: dg.AssetExecutionContext, flywheel: FlywheelResource)
             extra["quarantined_by_reason"] = markdown_counts(dict(report.quarantined), "reason", "lines")
         if table is INGESTED_FILES:
             extra["files"] = files
+            extra["rows_resumed"] = dg.MetadataValue.int(sum(report.resumed.values()))
+            extra["stale_files_deleted"] = dg.MetadataValue.int(len(report.cleaned))
+        if table is SESSION_EVENTS:
+            extra["unscored_event_types"] = markdown_counts(
+                {name or "(empty)": n for name, n in report.unscored_event_types.items()}, "event_type", "events")
         yield dg.MaterializeResult(
             asset_key=table.name,
             metadata=table_metadata(table, **extra) | {"dagster/row_count": lake.row_count(table)},

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import time
 from datetime import datetime, timedelta, timezone
 
 import dagster as dg
@@ -27,8 +28,13 @@ def landing_sensor(context: dg.SensorEvaluationContext, flywheel: FlywheelResour
     cursor = json.loads(context.cursor) if context.cursor else {"mtime_ns": -1, "path": ""}
     high_water = (cursor["mtime_ns"], cursor["path"])
     config = flywheel.config()
-    # past the cursor first: the ledger is then read only for the files that may be new
-    fresh = [f for f in list_landing(config.landing) if (f.mtime_ns, f.relative) > high_water]
+    retry = _failed_ingest(context)
+    if retry is not None and retry.end_time is not None and time.time() - retry.end_time < RETRY_AFTER_S:
+        return dg.SkipReason(f"ingest run {retry.dagster_run.run_id} failed; its files are retried "
+                             f"{RETRY_AFTER_S} s after it ended")
+    # past the cursor first: the ledger is then read only for the files that may be new (after a
+    # failed run, every file: the ones it did not record are behind the cursor and still pending)
+    fresh = [f for f in list_landing(config.landing) if retry is not None or (f.mtime_ns, f.relative) > high_water]
     fresh = pending_files(config, flywheel.lake(), fresh)
     if not fresh:
         return dg.SkipReason(f"no new ready file in {config.landing} (cursor {cursor})")
@@ -42,10 +48,25 @@ def landing_sensor(context: dg.SensorEvaluationContext, flywheel: FlywheelResour
                              "still writing to the landing zone: ingesting once it ends")
     newest = max(fresh)
     digest = hashlib.md5("\n".join(f"{f.relative}:{f.size_bytes}:{f.mtime_ns}" for f in fresh).encode()).hexdigest()
+    tags = {"flywheel/files": str(len(fresh)), "flywheel/newest": newest.relative}
+    if retry is not None:
+        tags["flywheel/retry_of"] = retry.dagster_run.run_id
     return dg.SensorResult(
         run_requests=[dg.RunRequest(
-            run_key=f"landing-{digest}",
-            tags={"flywheel/files": str(len(fresh)), "flywheel/newest": newest.relative},
+            run_key=f"landing-{digest}" + (f"-retry-{retry.dagster_run.run_id}" if retry is not None else ""),
+            tags=tags,
         )],
-        cursor=json.dumps({"mtime_ns": newest.mtime_ns, "path": newest.relative}),
+        cursor=json.dumps(dict(zip(("mtime_ns", "path"), max((newest.mtime_ns, newest.relative), high_water)))),
     )
+
+
+# After a failed ingest (a full disk, a write error), its files are requested again this long after it ended.
+RETRY_AFTER_S = 300
+
+
+def _failed_ingest(context: dg.SensorEvaluationContext):
+    """The latest ingest_job run, when it failed (its unrecorded files are pending again)."""
+    latest = context.instance.get_run_records(dg.RunsFilter(job_name=ingest_job.name), limit=1)
+    if latest and latest[0].dagster_run.status == dg.DagsterRunStatus.FAILURE:
+        return latest[0]
+    return None

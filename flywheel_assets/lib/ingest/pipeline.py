@@ -194,6 +194,8 @@ class _FileProgress:
         if row.num_rows:
             self.quarantined["unreadable_file"] += 1
             self.waiting_bad.append(row)
+        else:  # recorded by an earlier attempt that failed later (count_resumed tells)
+            self.duplicates += 1
 
     @property
     def last_line(self) -> int:
