@@ -9,7 +9,7 @@ export DAGSTER_HOME ?= $(FLYWHEEL_HOME)/dagster
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
-.PHONY: dev demo test bench bench-training bench-sensors seed clean
+.PHONY: dev demo test test-faults bench bench-training bench-sensors seed clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ test: $(STAMP)
 	  { $(CHROMIUM_INSTALL) || { apt-get update -qq && $(CHROMIUM_INSTALL); }; }; } || \
 	  echo "chromium could not be installed: the browser test of the UI will be skipped"
 	$(BIN)/pytest
+
+## test-faults: the long fault-injection suite: ROUNDS (default 100) randomized rounds of kill -9, failed writes and concurrent ingests
+test-faults: $(STAMP)
+	FLYWHEEL_FAULT_ROUNDS=$${ROUNDS:-100} $(BIN)/pytest -q flywheel_assets_tests/ingest/test_faults.py
 
 ## bench: the data-half benchmark (10M events; EVENTS=... to change)
 bench: $(STAMP)

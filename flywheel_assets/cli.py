@@ -159,7 +159,7 @@ def ingest(ctx: typer.Context,
     """
     from flywheel_assets.lib.ingest.landing import (
         READ_ERRORS, STAGING_PREFIX, LandingFile, content_addressed_name, describe_read_error, is_ready,
-        kind_from_folder, list_landing, sniff_kind,
+        kind_from_folder, list_landing, open_landing_file, sniff_kind,
     )
     from flywheel_assets.lib.ingest.lock import ingest_lock
     from flywheel_assets.lib.ingest.pipeline import pending_files
@@ -188,8 +188,8 @@ def ingest(ctx: typer.Context,
         kinds[source] = (kind.value if kind else None) or kind_from_folder(source, path) or sniff_kind(source)
         if kinds[source] is None:
             try:
-                with open(source, "rb") as handle:
-                    handle.read(1)
+                with open_landing_file(source) as handle:
+                    handle.read(1 << 16)
                 problem = "its first lines do not tell"
             except READ_ERRORS as error:
                 problem = f"it cannot be read: {describe_read_error(error)}"

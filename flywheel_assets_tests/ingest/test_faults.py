@@ -144,20 +144,25 @@ def test_a_full_disk_loses_nothing_and_a_retry_after_freeing_space_completes(tmp
 
 
 def test_kill_9_at_random_moments_then_a_retry_gives_each_line_once(tmp_path):
+    """Each round: one to three ingests at once, one of them killed at a random moment; the
+    others finish; then a retry, and every line must be there once."""
     rng = random.Random(int(os.environ.get("FLYWHEEL_FAULT_SEED", "2026")))
     for round_ in range(ROUNDS or 3):
         seed = rng.randrange(10**6)
         home, config, lake, corpus = fresh(tmp_path, f"kill-{round_}", seed=seed, files_per_kind=3,
-                                           lines_per_file=rng.choice([200, 5_000]))
-        process = ingest_process(home)
-        time.sleep(rng.uniform(0.3, 2.5))
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        ingest_landing(config, lake, log=quiet)
+                                           lines_per_file=rng.choice([200, 5_000, 20_000]))
+        processes = [ingest_process(home) for _ in range(rng.choice([1, 1, 2, 3]))]
+        victim = rng.randrange(len(processes))
+        time.sleep(rng.uniform(0.3, 3.0))
+        processes[victim].send_signal(signal.SIGKILL)
+        outputs = [p.communicate(timeout=300) for p in processes]
+        survivors = [p.returncode for i, p in enumerate(processes) if i != victim]
         try:
+            assert survivors == [0] * len(survivors), [o[1][-3000:].decode() for o in outputs]
+            ingest_landing(config, lake, log=quiet)
             check_exact(lake, corpus)
         except AssertionError as error:
-            raise AssertionError(f"round {round_} (seed {seed}): {error}") from None
+            raise AssertionError(f"round {round_} (seed {seed}, {len(processes)} ingests): {error}") from None
 
 
 def test_concurrent_ingests_never_duplicate(tmp_path):
