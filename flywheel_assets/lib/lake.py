@@ -132,7 +132,7 @@ class Lake:
 def compact_small_files(dt: DeltaTable, at: int | None = None) -> bool:
     """Rewrite the table's small files into few (their order kept) once there are `at` (COMPACT_AT) of them."""
     sizes = pa.table(dt.get_add_actions()).column("size_bytes")
-    if pa.compute.sum(pa.compute.less(sizes, SMALL_FILE_BYTES)).as_py() < (COMPACT_AT if at is None else at):
+    if (pa.compute.sum(pa.compute.less(sizes, SMALL_FILE_BYTES)).as_py() or 0) < (COMPACT_AT if at is None else at):
         return False
     try:
         dt.optimize.compact(target_size=SMALL_FILE_BYTES)

@@ -180,11 +180,26 @@ JUDGE_SCORES = Table(
         ("loop_free", pa.float64(), "0 when one tool call or reply repeats loop_repeats times or more"),
         ("length_ok", pa.float64(), "0 when the conversation's log-length is a z-score outlier within its task type"),
         ("heuristic_score", pa.float64(), "mean of the available judges mapped to [-1, 1]"),
-        ("llm_score", pa.float64(), "LLM judge score in [-1, 1]; null when disabled"),
+        ("llm_score", pa.float64(), "LLM judge score in [-1, 1] (from llm_judgments); null when disabled or not judged yet"),
         ("judge_score", pa.float64(), "heuristic and LLM scores fused"),
         ("failed_judges", pa.string(), "names of the judges that scored below 0.5, comma-separated"),
     ),
     key=("trajectory_id",),
+)
+
+LLM_JUDGMENTS = Table(
+    "silver", "llm_judgments",
+    "The LLM judge's grade of each trajectory, made once per judge model (new trajectories first, "
+    "a budget per run) on scrubbed text, and kept across runs; judge_scores reads it.",
+    _cols(
+        ("trajectory_id", pa.string(), "trajectory judged"),
+        ("model", pa.string(), "the judge model (llm_judge.model)"),
+        ("llm_score", pa.float64(), "the grade 1-10 mapped to [-1, 1]"),
+        ("llm_reason", pa.string(), "the judge's one-sentence reason"),
+        ("pii_redacted", pa.int64(), "PII and secret matches replaced before the text was sent"),
+        ("judged_at", UTC_TS, "when"),
+    ),
+    key=("trajectory_id", "model"),
 )
 
 TRAJECTORY_SCORES = Table(
@@ -348,7 +363,7 @@ AB_RESULTS = Table(
 
 ALL_TABLES: tuple[Table, ...] = (
     SESSION_EVENTS, TRAJECTORIES, ANNOTATIONS, QUARANTINE, INGESTED_FILES,
-    SESSION_FEEDBACK, JUDGE_SCORES, TRAJECTORY_SCORES, CURATED_TRAJECTORIES,
+    SESSION_FEEDBACK, LLM_JUDGMENTS, JUDGE_SCORES, TRAJECTORY_SCORES, CURATED_TRAJECTORIES,
     TRAINING_DATASET, DATASET_MANIFESTS, OFFLINE_EVALUATIONS, MODEL_REGISTRY, AB_RESULTS,
 )
 

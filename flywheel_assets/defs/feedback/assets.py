@@ -3,17 +3,17 @@
 import dagster as dg
 import duckdb
 import polars as pl
+import pyarrow as pa
 
 from flywheel_assets.defs.resources import FlywheelResource, markdown_counts, table_metadata
 from flywheel_assets.lib.feedback.judges import heuristic_judges
-from flywheel_assets.lib.feedback.llm_judge import LLMJudge
+from flywheel_assets.lib.feedback.llm_judge import LLMJudge, judge_new
 from flywheel_assets.lib.feedback.scoring import session_feedback as score_sessions
 from flywheel_assets.lib.feedback.scoring import trajectory_scores as fuse_scores
-from flywheel_assets.lib.lake import conform
+from flywheel_assets.lib.lake import conform, sql_literal, utcnow
 from flywheel_assets.lib.tables import (
-    ANNOTATIONS, JUDGE_SCORES, SESSION_EVENTS, SESSION_FEEDBACK, TRAJECTORIES, TRAJECTORY_SCORES,
+    ANNOTATIONS, JUDGE_SCORES, LLM_JUDGMENTS, SESSION_EVENTS, SESSION_FEEDBACK, TRAJECTORIES, TRAJECTORY_SCORES,
 )
-from flywheel_assets.lib.curation.curate import to_messages
 
 
 @dg.asset(group_name="feedback", kinds={"duckdb", "delta"}, deps=["session_events", "trajectories"],
@@ -34,43 +34,64 @@ def session_feedback(flywheel: FlywheelResource) -> dg.MaterializeResult:
     ))
 
 
-@dg.asset(group_name="feedback", kinds={"polars", "delta"}, deps=["trajectories"],
+@dg.asset(group_name="feedback", kinds={"delta"}, deps=["trajectories"], metadata=table_metadata(LLM_JUDGMENTS))
+def llm_judgments(context: dg.AssetExecutionContext, flywheel: FlywheelResource) -> dg.MaterializeResult:
+    """The LLM judge's grade of each trajectory, once (newest first, llm_judge.max_trajectories_per_run a run,
+    on scrubbed text); nothing when FLYWHEEL_LLM_JUDGE_URL is unset."""
+    config, lake = flywheel.config(), flywheel.lake()
+    if not config.llm_judge.enabled:
+        return dg.MaterializeResult(metadata={"llm_judge_enabled": False, "judged_this_run": 0,
+                                              "dagster/row_count": lake.row_count(LLM_JUDGMENTS)})
+    model = config.llm_judge.model
+    judged = set(lake.read(LLM_JUDGMENTS, columns=["trajectory_id"],
+                           filter_sql=f"model = {sql_literal(model)}").column("trajectory_id").to_pylist())
+    trajectories = lake.read(TRAJECTORIES, columns=["trajectory_id", "created_at", "turns", "tool_calls"])
+    ids = trajectories.column("trajectory_id").to_pylist()
+    waiting = sum(1 for trajectory_id in ids if trajectory_id not in judged)
+    rows, failures = judge_new(LLMJudge(config.llm_judge), trajectories.to_pylist(), judged,
+                               config.llm_judge.max_trajectories_per_run, utcnow())
+    context.log.info(f"LLM judge ({model}) graded {len(rows)} of {waiting} trajectories waiting; "
+                     f"{len(failures)} failed and wait for the next run")
+    version = lake.append(LLM_JUDGMENTS, pa.Table.from_pylist(rows, schema=LLM_JUDGMENTS.schema))
+    return dg.MaterializeResult(metadata=table_metadata(
+        LLM_JUDGMENTS, delta_version=version, llm_judge_enabled=True, judged_this_run=len(rows),
+        failed_this_run=len(failures), still_waiting=waiting - len(rows),
+        pii_redacted=sum(r["pii_redacted"] for r in rows),
+        first_failures=dg.MetadataValue.md("\n".join(f"- {f['trajectory_id']}: {f['error']}" for f in failures[:5])
+                                           or "none"),
+    ) | {"dagster/row_count": lake.row_count(LLM_JUDGMENTS)})
+
+
+@dg.asset(group_name="feedback", kinds={"polars", "delta"}, deps=["trajectories", "llm_judgments"],
           metadata=table_metadata(JUDGE_SCORES))
-def judge_scores(context: dg.AssetExecutionContext, flywheel: FlywheelResource) -> dg.MaterializeResult:
-    """Heuristic judges of every trajectory; the LLM judge too when FLYWHEEL_LLM_JUDGE_URL is set."""
+def judge_scores(flywheel: FlywheelResource) -> dg.MaterializeResult:
+    """Heuristic judges of every trajectory, fused with the LLM judge's grade where llm_judgments holds one."""
     config, lake = flywheel.config(), flywheel.lake()
     trajectories = pl.from_arrow(lake.read(TRAJECTORIES, columns=[
         "trajectory_id", "task_type", "turns", "tool_calls", "tools_offered", "final_response"]))
-    judged = heuristic_judges(trajectories, config.fusion).with_columns(
-        pl.lit(None, dtype=pl.Float64).alias("llm_score"), pl.col("heuristic_score").alias("judge_score"))
-    llm_failures = 0
+    judged = heuristic_judges(trajectories, config.fusion)
+    graded = 0
     if config.llm_judge.enabled:
-        judged, llm_failures = _with_llm_judge(context, judged, trajectories, config)
+        grades = pl.from_arrow(lake.read(LLM_JUDGMENTS, columns=["trajectory_id", "llm_score"],
+                                         filter_sql=f"model = {sql_literal(config.llm_judge.model)}"))
+        judged = judged.join(grades, on="trajectory_id", how="left")
+        graded = judged.filter(pl.col("llm_score").is_not_null()).height
+        weight = config.fusion.llm_judge_weight
+        judged = judged.with_columns(
+            pl.when(pl.col("llm_score").is_not_null())
+            .then((1 - weight) * pl.col("heuristic_score") + weight * pl.col("llm_score"))
+            .otherwise(pl.col("heuristic_score")).alias("judge_score"))
+    else:
+        judged = judged.with_columns(pl.lit(None, dtype=pl.Float64).alias("llm_score"),
+                                     pl.col("heuristic_score").alias("judge_score"))
     table = conform(judged.to_arrow(), JUDGE_SCORES)
     version = lake.overwrite(JUDGE_SCORES, table)
     failing = judged.filter(pl.col("failed_judges") != "")["failed_judges"].str.split(",").explode().value_counts()
     counts = {row["failed_judges"]: row["count"] for row in failing.to_dicts()}
     return dg.MaterializeResult(metadata=table_metadata(
         JUDGE_SCORES, table, delta_version=version, llm_judge_enabled=config.llm_judge.enabled,
-        llm_judge_failures=llm_failures, failures_by_judge=markdown_counts(counts, "judge", "trajectories"),
+        llm_graded=graded, failures_by_judge=markdown_counts(counts, "judge", "trajectories"),
     ))
-
-
-def _with_llm_judge(context, judged: pl.DataFrame, trajectories: pl.DataFrame, config):
-    sample = trajectories.head(config.llm_judge.max_trajectories_per_run).to_dicts()
-    items = [(t["trajectory_id"], to_messages(t["turns"], t["tool_calls"])) for t in sample]
-    results = pl.DataFrame(LLMJudge(config.llm_judge).score_many(items),
-                           schema={"trajectory_id": pl.String, "llm_score": pl.Float64, "llm_reason": pl.String,
-                                   "error": pl.String})
-    failures = results.filter(pl.col("error").is_not_null()).height
-    context.log.info(f"LLM judge scored {results.height - failures} trajectories, {failures} failed")
-    weight = config.fusion.llm_judge_weight
-    judged = judged.drop("llm_score").join(results.select("trajectory_id", "llm_score"), on="trajectory_id", how="left")
-    judged = judged.with_columns(
-        pl.when(pl.col("llm_score").is_not_null())
-        .then((1 - weight) * pl.col("heuristic_score") + weight * pl.col("llm_score"))
-        .otherwise(pl.col("heuristic_score")).alias("judge_score"))
-    return judged, failures
 
 
 @dg.asset(group_name="feedback", kinds={"duckdb", "delta"},

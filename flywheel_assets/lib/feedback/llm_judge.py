@@ -114,3 +114,28 @@ class LLMJudge:
             raise LLMJudgeError(self.endpoint, f"score {grade!r} is not a number from {MIN_GRADE} to {MAX_GRADE}")
         reason = verdict.get("reason")
         return grade_to_score(float(grade)), reason if isinstance(reason, str) else ""
+
+
+def judge_new(judge: "LLMJudge", trajectories: list[dict], judged: set[str], budget: int,
+              now) -> tuple[list[dict], list[dict]]:
+    """Grade the trajectories not judged yet, newest first, at most `budget` of them, on scrubbed
+    text: (rows for llm_judgments, failures). A trajectory is graded once per judge model; a
+    failure is not stored, so it is tried again by a later run.
+
+    `trajectories` are dicts with trajectory_id, created_at, turns and tool_calls."""
+    from flywheel_assets.lib.curation.curate import to_messages
+    from flywheel_assets.lib.curation.scrub import scrub_messages
+
+    pending = [t for t in trajectories if t["trajectory_id"] not in judged]
+    pending.sort(key=lambda t: (t["created_at"], t["trajectory_id"]), reverse=True)
+    rows, failures = [], []
+    for trajectory in pending[:max(budget, 0)]:
+        messages, redacted = scrub_messages(to_messages(trajectory["turns"], trajectory["tool_calls"]))
+        try:
+            score, reason = judge.score(messages)
+        except LLMJudgeError as error:
+            failures.append({"trajectory_id": trajectory["trajectory_id"], "error": error.reason})
+            continue
+        rows.append({"trajectory_id": trajectory["trajectory_id"], "model": judge.config.model, "llm_score": score,
+                     "llm_reason": reason, "pii_redacted": sum(redacted.values()), "judged_at": now})
+    return rows, failures
