@@ -14,6 +14,8 @@ PORT ?= 3000
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev]'
+	# BFCL's data files only (lib/domains/bfcl.py); its own dependencies are every vendor SDK
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps bfcl-eval==2026.3.23
 	touch $(STAMP)
 
 # One run at a time: on 2 cores a simulated day, an ingest and a training run side by side
