@@ -196,40 +196,34 @@ def ingest(ctx: typer.Context,
             fail(f"cannot tell whether {source} holds events, trajectories or annotations ({problem}): pass --kind "
                  "(an unreadable file is then recorded in quarantine)", EXIT_USAGE)
     staged: dict[str, LandingFile] = {}
-    renames: list[tuple[Path, Path]] = []
     skipped = []
     # The lock covers the staging too: two calls with the same file would share its landing name.
     with _ingest_errors(), ingest_lock(landing, config.ingest.lock_timeout_s, owner=actor(), log=_say):
-        try:
-            for source in sources:
-                target = landing / kinds[source] / "cli" / content_addressed_name(source)
-                relative = target.relative_to(landing).as_posix()
-                if relative in staged:
-                    continue
-                if target.exists():
-                    stat = target.stat()
-                    staged[relative] = LandingFile(stat.st_mtime_ns, relative, kinds[source], stat.st_size, target)
-                    continue
-                # Ingested under a dot-name that landing_sensor skips, renamed once the ledger names it:
-                # the sensor never sees the copy before it is done. (The name keeps its suffix: .gz is read as gzip.)
-                temporary = target.with_name(f"{STAGING_PREFIX}{uuid.uuid4().hex[:8]}-{target.name}")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    shutil.copyfile(source, temporary)
-                except OSError as error:
-                    temporary.unlink(missing_ok=True)
-                    fail(f"cannot copy {source} into the landing zone: {error}", EXIT_WRITE_FAILED)
-                renames.append((temporary, target))
-                stat = temporary.stat()
-                staged[relative] = LandingFile(stat.st_mtime_ns, relative, kinds[source], stat.st_size, temporary)
-            pending = {f.key for f in pending_files(config, lake, list(staged.values()))}
-            skipped = [f.relative for f in staged.values() if f.key not in pending]
-            report = _ingest_files(config, lake, [f for f in staged.values() if f.key in pending])
-            for temporary, target in renames:
+        for source in sources:
+            target = landing / kinds[source] / "cli" / content_addressed_name(source)
+            relative = target.relative_to(landing).as_posix()
+            if relative in staged:
+                continue
+            if target.exists():
+                stat = target.stat()
+                staged[relative] = LandingFile(stat.st_mtime_ns, relative, kinds[source], stat.st_size, target)
+                continue
+            # Copied under a dot-name that landing_sensor skips, then renamed into the landing zone before
+            # it is ingested: a killed call leaves either no landing file (the source is still yours) or a
+            # whole one that landing_sensor ingests. (The name keeps its suffix: .gz is read as gzip.)
+            temporary = target.with_name(f"{STAGING_PREFIX}{uuid.uuid4().hex[:8]}-{target.name}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                shutil.copyfile(source, temporary)
                 os.replace(temporary, target)
-        finally:
-            for temporary, _ in renames:
+            except OSError as error:
                 temporary.unlink(missing_ok=True)
+                fail(f"cannot copy {source} into the landing zone: {error}", EXIT_WRITE_FAILED)
+            stat = target.stat()
+            staged[relative] = LandingFile(stat.st_mtime_ns, relative, kinds[source], stat.st_size, target)
+        pending = {f.key for f in pending_files(config, lake, list(staged.values()))}
+        skipped = [f.relative for f in staged.values() if f.key not in pending]
+        report = _ingest_files(config, lake, [f for f in staged.values() if f.key in pending])
     _print_ingest(report, skipped=skipped, as_json=as_json)
 
 

@@ -19,9 +19,12 @@ import psutil
 from dagster import DagsterEventType, DagsterRun, DefaultRunLauncher
 from dagster._core.launcher import CheckRunHealthResult, WorkerStatus
 
-# create_time and event timestamps are both wall-clock seconds, the former from clock ticks
-# since boot: a second of slack keeps rounding from calling a live worker a reused pid.
-CLOCK_SLACK_S = 1.0
+# create_time and event timestamps are both wall-clock seconds, the former from clock ticks since
+# boot, so a step of the wall clock (NTP, a VM resuming) moves one and not the other. Calling a live
+# worker dead would start the next run beside it; calling a reused pid alive only waits for the
+# run's own timeout. So the slack is generous: a pid is reused only after its process died, and
+# within ten minutes of being logged that is rare.
+CLOCK_SLACK_S = 600.0
 
 
 class LocalRunLauncher(DefaultRunLauncher):

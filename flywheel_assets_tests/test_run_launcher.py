@@ -17,7 +17,7 @@ from dagster._core.test_utils import create_test_daemon_workspace_context
 from dagster._core.workspace.load_target import EmptyWorkspaceTarget
 from dagster._daemon.monitoring import execute_run_monitoring_iteration
 
-from flywheel_assets.run_launcher import LocalRunLauncher, process_alive, worker_pid
+from flywheel_assets.run_launcher import CLOCK_SLACK_S, LocalRunLauncher, process_alive, worker_pid
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,10 +100,11 @@ def test_a_run_with_no_worker_pid_yet_is_left_alone(dagster_home):
 
 def test_a_reused_pid_is_not_the_worker():
     assert process_alive(os.getpid(), logged_at=time.time())
+    assert process_alive(os.getpid(), logged_at=time.time() - 60)  # a wall clock stepped forward a minute
     later = subprocess.Popen(["sleep", "30"])
     try:
         # this pid's process started after the worker logged it: the worker died and the pid went to another
-        assert not process_alive(later.pid, logged_at=time.time() - 10)
+        assert not process_alive(later.pid, logged_at=time.time() - CLOCK_SLACK_S - 10)
         assert process_alive(later.pid, logged_at=time.time())
     finally:
         later.kill()

@@ -213,3 +213,103 @@ def write_config(folder, settings: dict):
     path = folder / "flywheel.json"
     path.write_text(json.dumps(settings))
     return path
+
+
+def test_a_rust_panic_in_a_write_fails_the_run_and_records_nothing(config, lake, monkeypatch):
+    class PanicException(BaseException):  # what pyo3 raises for a panic in deltalake: not an Exception
+        pass
+
+    write_lines(config.landing / "annotations" / "a.jsonl", [{"trajectory_id": "t1", "score": 1}])
+    original = Lake.append
+
+    def panic(lake_, table, rows):
+        if table is ANNOTATIONS:
+            raise PanicException("called `Option::unwrap()` on a `None` value")
+        return original(lake_, table, rows)
+
+    monkeypatch.setattr(Lake, "append", panic)
+    with pytest.raises(pipeline.IngestError, match="PanicException"):
+        ingest_landing(config, lake, log=quiet)
+    assert lake.row_count(INGESTED_FILES) == 0
+    monkeypatch.setattr(Lake, "append", original)
+    ingest_landing(config, lake, log=quiet)
+    assert lake.row_count(ANNOTATIONS) == 1
+
+
+def test_a_lone_surrogate_is_quarantined_not_a_crash(config, lake):
+    write_lines(config.landing / "trajectories" / "a.jsonl", [
+        '{"trajectory_id": "t2", "messages": [{"role": "user", "content": "\\ud800"}, '
+        '{"role": "assistant", "content": "ok"}]}', {**HERMES, "trajectory_id": "fine"}])
+    write_lines(config.landing / "annotations" / "b.jsonl", ['{"trajectory_id": "t\\udfff", "score": 1}'])
+    ingest_landing(config, lake, log=quiet)
+    assert lake.read(TRAJECTORIES).column("trajectory_id").to_pylist() == ["fine"]
+    assert sorted(r["reason_code"] for r in lake.read(QUARANTINE).to_pylist()) == ["not_utf8", "not_utf8"]
+
+
+def test_an_unterminated_string_full_of_escaped_quotes_is_read_in_linear_time(config, lake):
+    # the string pattern of the depth check was quadratic here (40k escapes took 36 s, 1 MB hours)
+    line = "[" * 101 + '"' + '\\"' * 200_000
+    write_lines(config.landing / "trajectories" / "a.jsonl", [line, HERMES])
+    ingest_landing(config, lake, log=quiet)
+    assert [r["reason_code"] for r in lake.read(QUARANTINE).to_pylist()] == ["too_deep"]
+    assert lake.row_count(TRAJECTORIES) == 1
+
+
+def test_a_fault_of_the_machine_fails_the_run_and_the_file_is_read_again(config, lake, monkeypatch):
+    write_lines(config.landing / "events" / "a.jsonl", [event(1)])
+    real = pipeline.read_line_batches
+
+    def io_error(path, *args):
+        raise OSError(5, "Input/output error", str(path))
+
+    monkeypatch.setattr(pipeline, "read_line_batches", io_error)
+    with pytest.raises(pipeline.IngestError, match="Input/output error.*read again by the next ingest"):
+        ingest_landing(config, lake, log=quiet)
+    assert lake.row_count(QUARANTINE) == 0 and lake.row_count(INGESTED_FILES) == 0
+    monkeypatch.setattr(pipeline, "read_line_batches", real)
+    assert ingest_landing(config, lake, log=quiet).rows_new["events"] == 1
+
+
+def test_a_failed_cli_ingest_leaves_the_file_in_the_landing_zone_for_the_sensor(config, lake, tmp_path, monkeypatch):
+    source = write_lines(tmp_path / "drop.jsonl", [event(1), event(2)])
+    original = Lake.append
+    monkeypatch.setattr(Lake, "append", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    assert CliRunner().invoke(app, ["ingest", str(source), "--kind", "events"]).exit_code == EXIT_WRITE_FAILED
+    monkeypatch.setattr(Lake, "append", original)
+    [landed] = [p for p in (config.landing / "events" / "cli").iterdir()]
+    assert not landed.name.startswith(".") and landed.read_bytes() == source.read_bytes()
+    assert [f.relative for f in pipeline.pending_files(config, lake)] == [f"events/cli/{landed.name}"]
+    assert ingest_landing(config, lake, log=quiet).rows_new["events"] == 2
+
+
+def test_a_partial_data_file_of_a_killed_write_is_swept(config, lake):
+    write_lines(config.landing / "events" / "a.jsonl", [event(1)])
+    ingest_landing(config, lake, log=quiet)
+    partial = os.path.join(lake.uri(SESSION_EVENTS), "part-00001-abc-c000.snappy.parquet#1")
+    with open(partial, "wb") as handle:
+        handle.write(b"PAR1 half written")
+    old = time.time() - config.ingest.stale_after_s - 60
+    os.utime(partial, (old, old))
+    assert clean_stale(config, lake) == [partial]
+
+
+def test_landing_sensor_sees_a_file_renamed_in_with_an_old_mtime(home, config):
+    import dagster as dg
+
+    from flywheel_assets.defs.ingest.sensors import landing_sensor
+    from flywheel_assets.defs.resources import FlywheelResource
+
+    resources = {"flywheel": FlywheelResource(home=str(home))}
+    instance = dg.DagsterInstance.ephemeral()
+
+    def tick(cursor):
+        with dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources) as context:
+            return landing_sensor.evaluate_tick(context)
+
+    early = write_lines(config.landing / ".a.jsonl.tmp", [event(1)])  # written first, renamed in last
+    os.utime(early, ns=(10**18, 10**18))
+    write_lines(config.landing / "events" / "b.jsonl", [event(2)])
+    first = tick(None)
+    os.replace(early, config.landing / "events" / "a.jsonl")  # os.replace keeps the old mtime
+    second = tick(first.cursor)
+    assert [r.tags["flywheel/newest"] for r in second.run_requests] == ["events/a.jsonl"]

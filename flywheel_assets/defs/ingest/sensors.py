@@ -28,16 +28,19 @@ def landing_sensor(context: dg.SensorEvaluationContext, flywheel: FlywheelResour
     cursor = json.loads(context.cursor) if context.cursor else {"mtime_ns": -1, "path": ""}
     high_water = (cursor["mtime_ns"], cursor["path"])
     config = flywheel.config()
-    retry = _failed_ingest(context)
+    retry = _failed_ingest(context, cursor.get("retried"))
     if retry is not None and retry.end_time is not None and time.time() - retry.end_time < RETRY_AFTER_S:
-        return dg.SkipReason(f"ingest run {retry.dagster_run.run_id} failed; its files are retried "
+        return dg.SkipReason(f"ingest run {retry.dagster_run.run_id} failed to ingest; its files are retried "
                              f"{RETRY_AFTER_S} s after it ended")
     # past the cursor first: the ledger is then read only for the files that may be new (after a
-    # failed run, every file: the ones it did not record are behind the cursor and still pending)
-    fresh = [f for f in list_landing(config.landing) if retry is not None or (f.mtime_ns, f.relative) > high_water]
+    # failed ingest, every file once: the ones it did not record are behind the cursor and still pending)
+    fresh = [f for f in list_landing(config.landing) if retry is not None or (f.seen_at, f.relative) > high_water]
     fresh = pending_files(config, flywheel.lake(), fresh)
     if not fresh:
-        return dg.SkipReason(f"no new ready file in {config.landing} (cursor {cursor})")
+        reason = f"no new ready file in {config.landing} (cursor {cursor})"
+        if retry is None:
+            return dg.SkipReason(reason)
+        return dg.SensorResult(skip_reason=reason, cursor=json.dumps({**cursor, "retried": retry.dagster_run.run_id}))
     # demo mode: a simulated day (seconds long) is one ingest, not two halves; a run left STARTED for
     # an hour (its process killed) no longer holds ingestion up
     writing = context.instance.get_run_records(dg.RunsFilter(
@@ -46,7 +49,7 @@ def landing_sensor(context: dg.SensorEvaluationContext, flywheel: FlywheelResour
     if writing:
         return dg.SkipReason(f"{len(fresh)} new file(s), but simulated day run {writing[0].dagster_run.run_id} is "
                              "still writing to the landing zone: ingesting once it ends")
-    newest = max(fresh)
+    newest = max(fresh, key=lambda f: (f.seen_at, f.relative))
     digest = hashlib.md5("\n".join(f"{f.relative}:{f.size_bytes}:{f.mtime_ns}" for f in fresh).encode()).hexdigest()
     tags = {"flywheel/files": str(len(fresh)), "flywheel/newest": newest.relative}
     if retry is not None:
@@ -56,7 +59,10 @@ def landing_sensor(context: dg.SensorEvaluationContext, flywheel: FlywheelResour
             run_key=f"landing-{digest}" + (f"-retry-{retry.dagster_run.run_id}" if retry is not None else ""),
             tags=tags,
         )],
-        cursor=json.dumps(dict(zip(("mtime_ns", "path"), max((newest.mtime_ns, newest.relative), high_water)))),
+        # "mtime_ns" holds the later of mtime and ctime (the name is kept for cursors already stored)
+        cursor=json.dumps({**dict(zip(("mtime_ns", "path"), max((newest.seen_at, newest.relative), high_water))),
+                           **({"retried": retry.dagster_run.run_id} if retry is not None else
+                              {"retried": cursor["retried"]} if "retried" in cursor else {})}),
     )
 
 
@@ -64,9 +70,16 @@ def landing_sensor(context: dg.SensorEvaluationContext, flywheel: FlywheelResour
 RETRY_AFTER_S = 300
 
 
-def _failed_ingest(context: dg.SensorEvaluationContext):
-    """The latest ingest_job run, when it failed (its unrecorded files are pending again)."""
+def _failed_ingest(context: dg.SensorEvaluationContext, retried: str | None):
+    """The latest ingest_job run, when its bronze_ingest step failed and no request has retried it yet
+    (its unrecorded files are pending again). A failure of a later step (scoring) is not one."""
     latest = context.instance.get_run_records(dg.RunsFilter(job_name=ingest_job.name), limit=1)
-    if latest and latest[0].dagster_run.status == dg.DagsterRunStatus.FAILURE:
-        return latest[0]
-    return None
+    if not latest or latest[0].dagster_run.status != dg.DagsterRunStatus.FAILURE:
+        return None
+    run_id = latest[0].dagster_run.run_id
+    if run_id == retried:
+        return None
+    steps = context.instance.get_run_step_stats(run_id, step_keys=["bronze_ingest"])
+    if steps and steps[0].status.value == "SUCCESS":  # the ingest itself succeeded
+        return None
+    return latest[0]

@@ -3,8 +3,9 @@ ingest.stale_after_s (run under the ingest lock, so no live ingest owns them).
 
 - `flywheel ingest` and `flywheel annotate` stage their copies in the landing zone under
   a STAGING_PREFIX dot-name and rename them when done; a killed call leaves one behind.
-- A Delta write that fails (a full disk, a kill) can leave data files no commit names,
-  and temporary commit files in `_delta_log`. Only the bronze tables are swept: the
+- A Delta write that fails (a full disk, a kill) can leave data files no commit names
+  (`*.parquet`, or `*.parquet#<n>` when killed while writing it), and temporary commit
+  files in `_delta_log`. Only the bronze tables are swept: the
   ingest is their only writer. A file named by any commit or checkpoint still in the
   log is kept, so time travel is untouched. Object-store lakes are not swept (their
   stores expire incomplete uploads themselves).
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 from urllib.parse import unquote
@@ -51,23 +53,32 @@ def clean_stale(config: FlywheelConfig, lake: Lake, now: float | None = None) ->
     return deleted
 
 
+# deltalake writes a data file as `<name>.parquet#<n>` and renames it when complete: a killed write
+# leaves that name behind, and no commit can ever name it
+_PARTIAL = re.compile(r"\.parquet#\d+$")
+
+
 def _orphans(root: Path, cutoff: float) -> list[Path]:
     log = root / "_delta_log"
     if not log.is_dir():
         return []
-    named = _named_files(log)
-    if any("://" in name or name.startswith("/") for name in named):
-        return []  # a writer that names files by absolute URI: nothing here can be told apart safely
-    found = []
+    found, unnamed = [], []
     for path, info in walk(root):
         if info.st_mtime >= cutoff:
             continue
         if path.parent == log:
             if path.name.endswith(".tmp") or path.name.startswith("_commit_"):
                 found.append(path)
-        elif path.name.endswith(".parquet") and log not in path.parents \
-                and path.relative_to(root).as_posix() not in named:
-            found.append(path)
+        elif log not in path.parents:
+            if _PARTIAL.search(path.name):
+                found.append(path)
+            elif path.name.endswith(".parquet"):
+                unnamed.append(path)
+    if unnamed:  # the log is read only when a candidate needs it (it grows with every commit)
+        named = _named_files(log)
+        if any("://" in name or name.startswith("/") for name in named):
+            return found  # a writer that names files by absolute URI: nothing here can be told apart safely
+        found += [path for path in unnamed if path.relative_to(root).as_posix() not in named]
     return found
 
 

@@ -9,6 +9,7 @@ device) with a ready name is listed with its `problem` and recorded, never opene
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import io
@@ -43,6 +44,13 @@ class LandingFile:
     size_bytes: int
     path: Path
     problem: str | None = None  # why it is not read: a symlink, or not a regular file
+    # when it last changed, name included: a rename or a copy that keeps the mtime (os.replace of an
+    # older temp file, cp -p, rsync -t) still moves this, so landing_sensor's cursor sees it
+    changed_ns: int = 0
+
+    @property
+    def seen_at(self) -> int:
+        return max(self.mtime_ns, self.changed_ns)
 
     @property
     def key(self) -> tuple[str, int, int]:
@@ -78,7 +86,7 @@ def list_landing(landing_root: Path) -> list[LandingFile]:
             elif not stat_module.S_ISREG(info.st_mode):
                 problem = f"not a regular file ({_file_type(info.st_mode)}): only regular files are read"
             found.append(LandingFile(info.st_mtime_ns, path.relative_to(landing_root).as_posix(),
-                                     kind, info.st_size, path, problem))
+                                     kind, info.st_size, path, problem, info.st_ctime_ns))
     return sorted(found)
 
 
@@ -363,9 +371,20 @@ def sniff_kind(source: Path, max_lines: int = 50) -> str | None:
     return None
 
 
-# What reading a landing file can raise when the file, not our code, is at fault: unreadable
-# (permissions, vanished, a special file), or a .gz that is truncated, not gzip, or corrupt.
+# What reading a landing file can raise: unreadable, or a .gz that is truncated, not gzip, or
+# corrupt. Only is_poison ones are the file's fault; the rest (EIO, ESTALE, EMFILE, ENOMEM...) are
+# the machine's, and fail the run so that the file is read again later.
 READ_ERRORS = (OSError, EOFError, zlib.error)
+_FILE_ERRNOS = {errno.EACCES, errno.EPERM, errno.ELOOP, errno.ENXIO, errno.EISDIR, errno.ENOENT, errno.ENOTDIR}
+
+
+def is_poison(error: BaseException) -> bool:
+    """True when the error says the file itself cannot be read (recorded once, as a quarantine row);
+    False for a fault of the machine that a later run may not meet."""
+    if isinstance(error, (EOFError, zlib.error, gzip.BadGzipFile)):
+        return True
+    return isinstance(error, OSError) and error.errno in _FILE_ERRNOS or \
+        isinstance(error, OSError) and error.errno is None  # our own "not a regular file" refusal
 
 
 def describe_read_error(error: BaseException) -> str:

@@ -28,7 +28,9 @@ PROBLEM_REASONS = {
     "too_deep": "JSON nested deeper than the configured max_json_depth",
 }
 
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+# possessive: a string that never closes, followed by many \" , must not take quadratic time
+# (an unterminated string runs to the end of the line, as a parser would read it)
+_STRING = re.compile(r'"(?:[^"\\]++|\\.)*+(?:"|\Z)')
 _NOT_BRACKET = re.compile(r"[^\[\]{}]")
 
 

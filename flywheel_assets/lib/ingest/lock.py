@@ -84,14 +84,15 @@ def ingest_lock(landing: Path, timeout_s: float, owner: str = "ingest",
                 _held[key] = (fd, thread, depth - 1)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except PermissionError:  # another user's lock file: flock works on a read-only descriptor too
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         _acquire(fd, landing, timeout_s, log, poll_s)
+        _write_holder(fd, owner)
         with _held_guard:
             _held[key] = (fd, me, 1)
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "owner": owner, "since": utcnow().isoformat()}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
         try:
             yield
         finally:
@@ -99,6 +100,17 @@ def ingest_lock(landing: Path, timeout_s: float, owner: str = "ingest",
                 _held.pop(key, None)
     finally:
         os.close(fd)  # releases the flock
+
+
+def _write_holder(fd: int, owner: str) -> None:
+    """Who holds the lock, for the message another ingest prints; best effort (a full disk or a
+    read-only descriptor must not fail the ingest, nor leave the lock marked as held)."""
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "owner": owner, "since": utcnow().isoformat()}
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+    except OSError:
+        pass
 
 
 def _acquire(fd: int, landing: Path, timeout_s: float, log: Callable[[str], None] | None, poll_s: float) -> None:

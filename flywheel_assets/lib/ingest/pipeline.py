@@ -39,7 +39,7 @@ from flywheel_assets.lib.ingest.cleanup import clean_stale
 from flywheel_assets.lib.ingest.events import parse_event_lines, parse_event_lines_reference
 from flywheel_assets.lib.ingest.keys import KeyIndex
 from flywheel_assets.lib.ingest.landing import (
-    READ_ERRORS, LandingFile, describe_read_error, list_landing, read_line_batches,
+    READ_ERRORS, LandingFile, describe_read_error, is_poison, list_landing, read_line_batches,
 )
 from flywheel_assets.lib.ingest.limits import PROBLEM_REASONS, mark_too_deep
 from flywheel_assets.lib.ingest.lock import ingest_lock
@@ -288,6 +288,10 @@ class _Parsers:
             for batch in read_line_batches(landing_file.path, self.settings.max_line_bytes, self.settings.batch_lines):
                 yield index, batch.num_rows, self.pool.submit(self._parse, batch, landing_file)
         except READ_ERRORS as error:
+            if not is_poison(error):
+                raise IngestError(f"reading {landing_file.relative} failed ({type(error).__name__}: {error}), a fault "
+                                  "of the machine rather than of the file: it is read again by the next ingest, "
+                                  "and each line added once") from error
             yield index, 0, describe_read_error(error)
 
     @staticmethod
@@ -336,7 +340,7 @@ class _Writer:
             raise self.failure
         try:
             self.lake.append(table, rows)
-        except Exception as error:
+        except BaseException as error:  # deltalake's Rust panics are BaseException (pyo3 PanicException)
             self.failure = IngestError(
                 f"writing {rows.num_rows:,} rows of {landing_file.relative} to {table.layer}/{table.name} failed "
                 f"({type(error).__name__}: {error}). Files recorded in {INGESTED_FILES.name} before it are complete; "
@@ -349,9 +353,11 @@ class _Writer:
 
     def __exit__(self, *exc) -> None:
         self.pool.shutdown(wait=True)
+        errors = [future.exception() for future in self.queued]
         self.queued.clear()
-        if self.failure is not None and exc[0] is None:
-            raise self.failure
+        first = self.failure or next((error for error in errors if error is not None), None)
+        if first is not None and exc[0] is None:
+            raise first
 
 
 def _parse_python(batch: pa.Table, landing_file: LandingFile) -> tuple[pa.Table, pa.Table]:
@@ -368,15 +374,37 @@ def _parse_python(batch: pa.Table, landing_file: LandingFile) -> tuple[pa.Table,
         row.update(source_file=landing_file.relative, source_line=number, ingested_at=now)
         good.append(row)
     table = TARGETS[landing_file.kind]
-    if table is TRAJECTORIES:
-        good_table = to_arrow(good)
-    else:
-        good_table = conform(pa.Table.from_pylist(good) if good else table.schema.empty_table(), table)
+    try:
+        good_table = _rows_to_arrow(good, table)
+    except (pa.ArrowException, ValueError, TypeError, OverflowError):  # a row no check foresaw: find it
+        kept = []
+        for row in good:
+            try:
+                _rows_to_arrow([row], table)
+            except (pa.ArrowException, ValueError, TypeError, OverflowError) as error:
+                bad.append(_quarantine_row(landing_file, row["source_line"], _raw_of(batch, row["source_line"]), False,
+                                           BadLine("unparseable", f"{type(error).__name__} while storing the line: "
+                                                                  f"{error}"), now))
+                continue
+            kept.append(row)
+        good = kept
+        good_table = _rows_to_arrow(good, table)
     seen: set[str] = set()
     key = table.key[0]
     keep = [i for i, r in enumerate(good) if not (r[key] in seen or seen.add(r[key]))]
     good_table = good_table.take(keep) if len(keep) != len(good) else good_table
     return good_table, conform(pa.Table.from_pylist(bad) if bad else QUARANTINE.schema.empty_table(), QUARANTINE)
+
+
+def _rows_to_arrow(rows: list[dict], table: Table) -> pa.Table:
+    if table is TRAJECTORIES:
+        return to_arrow(rows)
+    return conform(pa.Table.from_pylist(rows) if rows else table.schema.empty_table(), table)
+
+
+def _raw_of(batch: pa.Table, line: int) -> str:
+    numbers = batch.column("source_line").to_pylist()
+    return batch.column("raw")[numbers.index(line)].as_py()
 
 
 def _parse_line(parse: Callable, raw: str, problem: str | None, now: datetime) -> dict:
@@ -387,9 +415,13 @@ def _parse_line(parse: Callable, raw: str, problem: str | None, now: datetime) -
     except json.JSONDecodeError as error:
         raise BadLine("malformed_json", f"line is not valid JSON: {error.msg} at column {error.colno}") from None
     try:
+        # a lone surrogate (\ud800) is valid JSON but not storable text: every later write would fail
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
         return parse(obj, now)
     except BadLine:
         raise
+    except UnicodeEncodeError:
+        raise BadLine("not_utf8", "line holds a lone UTF-16 surrogate escape (such as \\ud800): not storable text") from None
     except (RecursionError, ValueError, TypeError, OverflowError, AttributeError, KeyError) as error:
         # a shape no check foresaw: this line is quarantined, the batch goes on
         raise BadLine("unparseable", f"{type(error).__name__} while reading the line: {error}") from None
