@@ -65,7 +65,7 @@ from flywheel_assets.lib.simulation.tools import run_tool  # noqa: E402
 from flywheel_assets.lib.training import model as model_lib  # noqa: E402
 from flywheel_assets.lib.training.chat_format import IGNORE  # noqa: E402
 from flywheel_assets.lib.training.effective_weight import effective_weight_forward  # noqa: E402
-from flywheel_assets.lib.training.examples import collate, encode, weighted_nll  # noqa: E402
+from flywheel_assets.lib.training.examples import collate, encode_all, weighted_nll  # noqa: E402
 from flywheel_assets.lib.training.inference import GenerationStats, run_agent  # noqa: E402
 from flywheel_assets.lib.training.pipeline import domain_corpus  # noqa: E402
 from flywheel_assets.lib.training.tokenizer import train_tokenizer  # noqa: E402
@@ -100,7 +100,7 @@ def build_setup(config: FlywheelConfig, out_dir: Path, pretrain_steps: int) -> d
     tokenizer = train_tokenizer(domain_corpus(messages))
     tokenizer_s = time.perf_counter() - started
     settings = config.base_model
-    examples = [e for e in (encode(tokenizer, m, 1.0, settings.max_length) for m in messages) if e]
+    examples = [e for e in encode_all(tokenizer, [(m, 1.0, None) for m in messages], settings.max_length)[0] if e]
     model = model_lib.build_model(len(tokenizer), settings, tokenizer.pad_token_id, tokenizer.eos_token_id)
     pretrain_s = 0.0
     if pretrain_steps:

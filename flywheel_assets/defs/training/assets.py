@@ -59,6 +59,8 @@ def base_model(context: dg.AssetExecutionContext, flywheel: FlywheelResource) ->
         "cold_start_examples": card["examples"], "tokens_per_second": card["tokens_per_second"],
         "train_seconds": card["seconds"], "final_loss": card["loss_curve"][-1][1],
         "loss_curve": _loss_chart(card["loss_curve"]), "status": registry.get(version)["status"],
+        "examples_skipped": dg.MetadataValue.json(card.get("examples_skipped", {})),
+        "max_length": card.get("max_length", config.base_model.max_length),
     })
 
 
@@ -102,7 +104,9 @@ def lora_adapter(context: dg.AssetExecutionContext, flywheel: FlywheelResource) 
         "preference_pairs": card["preference_pairs"], "trainable_parameters": card["trainable_parameters"],
         "tokens_per_second": card["tokens_per_second"], "train_seconds": card["seconds"],
         "final_loss": card["loss_curve"][-1][1], "loss_curve": _loss_chart(card["loss_curve"]),
-        "device": card["device"],
+        "device": card["device"], "examples_skipped": dg.MetadataValue.json(card.get("examples_skipped", {})),
+        "preference_sides_skipped": dg.MetadataValue.json(card.get("preference_sides_skipped", {})),
+        "max_length": card.get("max_length", 0),
     })
 
 

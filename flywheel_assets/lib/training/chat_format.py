@@ -1,4 +1,7 @@
-"""How a conversation becomes tokens for the embedded model, and back.
+"""The embedded model's conversation format, and reading its output back.
+
+chat_template.EMBEDDED_CHAT_TEMPLATE writes this format through apply_chat_template, the
+path every model takes; `segments` is its reference (a test holds the two equal).
 
     <|user|> What is 663 + 859? <|assistant|> <tool_call> calculator {"expression": "663 + 859"} </tool_call>
     <|tool|> 1522 <|assistant|> 663 + 859 = 1522. <|end|>
@@ -59,10 +62,6 @@ def render_call(name: str, arguments: str | dict) -> str:
             pass
     text = arguments if isinstance(arguments, str) else json.dumps(arguments, sort_keys=True)
     return f"{CALL_OPEN} {name} {text} {CALL_CLOSE}"
-
-
-def prompt_text(user_prompt: str) -> str:
-    return f"{USER} {user_prompt} {ASSISTANT}"
 
 
 def tool_text(result: str) -> str:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from flywheel_assets.lib.training.chat_format import IGNORE, segments
+from flywheel_assets.lib.training.chat_format import IGNORE
+from flywheel_assets.lib.training.chat_template import encode_conversation
 
 
 @dataclass
@@ -19,20 +21,42 @@ class Example:
     weight: float = 1.0
 
 
-def encode(tokenizer, messages: list[dict] | str, weight: float = 1.0, max_length: int = 128) -> Example | None:
-    """None when the conversation has no assistant token to learn from."""
+class TooLong(ValueError):
+    """The rendered conversation is longer than the model may take: it is skipped (and counted), never cut."""
+
+
+def encode(tokenizer, messages: list[dict] | str, weight: float = 1.0, max_length: int = 128,
+           tools: list[dict] | str | None = None) -> Example | None:
+    """The conversation through the model's chat template (chat_template.encode_conversation); None when
+    it has no assistant token to learn from; TooLong when it has more than max_length tokens."""
     if isinstance(messages, str):
         messages = json.loads(messages)
-    input_ids: list[int] = []
-    labels: list[int] = []
-    for segment in segments(messages):
-        ids = tokenizer(segment.text, add_special_tokens=False)["input_ids"]
-        input_ids += ids
-        labels += ids if segment.trained else [IGNORE] * len(ids)
-    input_ids, labels = input_ids[:max_length], labels[:max_length]
+    if isinstance(tools, str):
+        tools = json.loads(tools) or None
+    input_ids, labels = encode_conversation(tokenizer, messages, tools)
     if all(label == IGNORE for label in labels):
         return None
+    if len(input_ids) > max_length:
+        raise TooLong(f"{len(input_ids)} tokens, over the maximum length {max_length}")
     return Example(input_ids, labels, weight)
+
+
+def encode_all(tokenizer, conversations, max_length: int) -> tuple[list[Example | None], Counter]:
+    """encode() over (messages, weight, tools) items: the examples (None where skipped, in order) and
+    the skipped counted by reason (too_long, no_assistant_tokens)."""
+    examples: list[Example | None] = []
+    skipped: Counter = Counter()
+    for messages, weight, tools in conversations:
+        try:
+            example = encode(tokenizer, messages, weight, max_length, tools)
+        except TooLong:
+            example = None
+            skipped["too_long"] += 1
+        else:
+            if example is None:
+                skipped["no_assistant_tokens"] += 1
+        examples.append(example)
+    return examples, skipped
 
 
 def collate(batch: list[Example], pad_id: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:

@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flywheel_assets.lib.training.chat_format import (
-    CALL_CLOSE, END, clean_answer, parse_call, prompt_text, tool_text,
-)
+from flywheel_assets.lib.training.chat_format import CALL_CLOSE, END, clean_answer, parse_call, tool_text
+from flywheel_assets.lib.training.chat_template import prompt_ids
 
 
 @dataclass
@@ -61,7 +60,7 @@ def run_agent(model, tokenizer, prompts: list[str], run_tool: Callable[[str, dic
 def _run_batch(model, tokenizer, runs, run_tool, max_calls, max_new_tokens, temperature, seed, stats):
     device = next(model.parameters()).device
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    contexts = [encode(prompt_text(run.prompt)) for run in runs]
+    contexts = [prompt_ids(tokenizer, [{"role": "user", "content": run.prompt}]) for run in runs]
     stop_ids = [tokenizer.convert_tokens_to_ids(END), tokenizer.convert_tokens_to_ids(CALL_CLOSE)]
     active = list(range(len(runs)))
     torch.manual_seed(seed)

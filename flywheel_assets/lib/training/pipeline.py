@@ -12,7 +12,7 @@ import torch
 
 from flywheel_assets.lib.config import FlywheelConfig
 from flywheel_assets.lib.simulation.tasks import expert_messages, generate_tasks
-from flywheel_assets.lib.training.examples import encode
+from flywheel_assets.lib.training.examples import encode_all
 from flywheel_assets.lib.training.model import (
     build_model, count_parameters, load_pretrained, pick_device, weights_sha256,
 )
@@ -49,7 +49,8 @@ def train_base(config: FlywheelConfig, messages: list[list[dict]], out_dir: Path
     settings = config.base_model
     device = pick_device()
     tokenizer = train_tokenizer(domain_corpus(messages))
-    examples = [e for e in (encode(tokenizer, m, 1.0, settings.max_length) for m in messages) if e]
+    encoded, skipped = encode_all(tokenizer, [(m, 1.0, None) for m in messages], settings.max_length)
+    examples = [e for e in encoded if e]
     if not examples:
         raise ValueError("no cold-start conversation has an assistant turn to learn from")
     model = build_model(len(tokenizer), settings, tokenizer.pad_token_id, tokenizer.eos_token_id).to(device)
@@ -60,7 +61,8 @@ def train_base(config: FlywheelConfig, messages: list[list[dict]], out_dir: Path
     tokenizer.save_pretrained(out_dir)
     card = {
         "kind": "base", "parameters": count_parameters(model), "vocab_size": len(tokenizer),
-        "examples": len(examples), "settings": settings.model_dump(), "device": str(device),
+        "examples": len(examples), "examples_skipped": dict(skipped), "max_length": settings.max_length,
+        "settings": settings.model_dump(), "device": str(device),
         "tokens_per_second": round(result.tokens_per_second), "seconds": round(result.seconds, 1),
         "loss_curve": _curve(result.losses), "weights_sha256": weights_sha256(out_dir),
     }
@@ -89,15 +91,15 @@ def train_adapter(config: FlywheelConfig, base_dir: Path, rows: list[dict], out_
     """LoRA on one cycle's dataset rows (TRAINING_DATASET columns) over the model in base_dir."""
     settings = config.lora
     model, tokenizer = load_pretrained(base_dir)
-    max_length = config.base_model.max_length
+    max_length = model_max_length(config, model)
     positives = [r for r in rows if r["tier"] != "bronze"]
     pairs_rows = preference_pairs(rows)
-    examples = [e for e in (encode(tokenizer, r["messages_json"], r["weight"], max_length) for r in positives) if e]
-    pairs = []
-    for chosen, rejected in pairs_rows:
-        c, r = encode(tokenizer, chosen["messages_json"], 1.0, max_length), encode(tokenizer, rejected["messages_json"], 1.0, max_length)
-        if c and r:
-            pairs.append((c, r))
+    encoded, skipped = encode_all(tokenizer, [(r["messages_json"], r["weight"], r.get("tools_json")) for r in positives],
+                                  max_length)
+    examples = [e for e in encoded if e]
+    sides, pair_skipped = encode_all(tokenizer, [(row["messages_json"], 1.0, row.get("tools_json"))
+                                                 for pair in pairs_rows for row in pair], max_length)
+    pairs = [(c, r) for c, r in zip(sides[::2], sides[1::2]) if c and r]
     if not examples:
         raise ValueError("the dataset has no non-bronze conversation to learn from")
     torch.manual_seed(settings.seed)  # the adapter's initial weights, not whatever ran before
@@ -108,7 +110,8 @@ def train_adapter(config: FlywheelConfig, base_dir: Path, rows: list[dict], out_
     tokenizer.save_pretrained(out_dir)
     card = {
         "kind": "lora", "base_path": str(base_dir), "base_weights_sha256": weights_sha256(base_dir),
-        "examples": len(examples), "preference_pairs": len(pairs), "bronze_rows_unpaired":
+        "examples": len(examples), "examples_skipped": dict(skipped), "max_length": max_length,
+        "preference_pairs": len(pairs), "preference_sides_skipped": dict(pair_skipped), "bronze_rows_unpaired":
             sum(1 for r in rows if r["tier"] == "bronze") - len(pairs_rows),
         "trainable_parameters": count_parameters(peft_model, trainable_only=True),
         "settings": settings.model_dump(), "device": str(next(peft_model.parameters()).device),
@@ -117,6 +120,13 @@ def train_adapter(config: FlywheelConfig, base_dir: Path, rows: list[dict], out_
         "tier_weights_seen": sorted({e.weight for e in examples}),
     }
     return card
+
+
+def model_max_length(config: FlywheelConfig, model) -> int:
+    """The longest example trained on: base_model.max_length, and never past what the model's
+    positions allow."""
+    positions = getattr(model.config, "max_position_embeddings", None) or config.base_model.max_length
+    return min(config.base_model.max_length, positions)
 
 
 def load_for_inference(base_dir: Path, adapter_dir: Path | None = None, merged: bool = False):

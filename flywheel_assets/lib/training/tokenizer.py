@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerFast
 
 from flywheel_assets.lib.simulation.tasks import MAX_NUMBER
 from flywheel_assets.lib.training.chat_format import END, PAD, SPECIAL_TOKENS, UNK
+from flywheel_assets.lib.training.chat_template import EMBEDDED_CHAT_TEMPLATE
 
 
 
@@ -30,11 +31,13 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int = 16000) -> PreTraine
     )
     numbers = (str(n) for n in range(MAX_NUMBER + 1))
     tokenizer.train_from_iterator(_chain(numbers, corpus), trainer)
-    return PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, pad_token=PAD, unk_token=UNK, eos_token=END,
         additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in (PAD, UNK, END)],
         padding_side="left",
     )
+    fast.chat_template = EMBEDDED_CHAT_TEMPLATE  # saved with it: any chat client renders our format
+    return fast
 
 
 def _chain(*iterables: Iterable[str]) -> Iterable[str]:
