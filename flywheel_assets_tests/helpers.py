@@ -79,3 +79,21 @@ def openai_stand_in(default: tuple[int, dict | bytes] = (500, b"no reply scripte
         httpd.shutdown()
         httpd.server_close()
         thread.join()
+
+
+def landing_sensor_ticks(home: Path):
+    """tick(cursor) → landing_sensor's result on an ephemeral instance over this FLYWHEEL_HOME."""
+    import dagster as dg
+
+    from flywheel_assets.defs.ingest.sensors import landing_sensor
+    from flywheel_assets.defs.resources import FlywheelResource
+
+    resources = {"flywheel": FlywheelResource(home=str(home))}
+    instance = dg.DagsterInstance.ephemeral()
+
+    def tick(cursor):
+        with dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources) as context:
+            return landing_sensor.evaluate_tick(context)
+
+    tick.instance = instance
+    return tick

@@ -14,14 +14,13 @@ from flywheel_assets.defs.feedback.assets import judge_scores, session_feedback,
 from flywheel_assets.defs.feedback.checks import scores_within_bounds
 from flywheel_assets.defs.ingest.assets import bronze_ingest
 from flywheel_assets.defs.ingest.checks import session_events_check, trajectories_check
-from flywheel_assets.defs.ingest.sensors import landing_sensor
 from flywheel_assets.defs.resources import FlywheelResource
 from flywheel_assets.lib.curation.scrub import find_pii
 from flywheel_assets.lib.simulation.seed import seed_demo_usage, write_cold_start
 from flywheel_assets.lib.tables import (
     DATASET_MANIFESTS, INGESTED_FILES, QUARANTINE, SESSION_EVENTS, TRAINING_DATASET, TRAJECTORIES, TRAJECTORY_SCORES,
 )
-from flywheel_assets_tests.helpers import write_lines
+from flywheel_assets_tests.helpers import landing_sensor_ticks, write_lines
 
 UNPARTITIONED = [bronze_ingest, session_feedback, judge_scores, trajectory_scores, curated_trajectories]
 CHECKS = [session_events_check, trajectories_check, scores_within_bounds]
@@ -115,12 +114,8 @@ def test_blocking_pii_check_fails_on_a_leaked_dataset(home, config, lake):
 
 
 def test_landing_sensor_cursor(home, config):
-    resources = {"flywheel": FlywheelResource(home=str(home))}
-    instance = dg.DagsterInstance.ephemeral()
-
-    def tick(cursor):
-        with dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources) as context:
-            return landing_sensor.evaluate_tick(context)
+    tick = landing_sensor_ticks(home)
+    instance = tick.instance
 
     empty = tick(None)
     assert empty.run_requests == [] and empty.skip_message.startswith("no new ready file")

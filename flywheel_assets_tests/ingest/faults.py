@@ -13,10 +13,13 @@ import os
 import random
 import subprocess
 import sys
+import threading
+from contextlib import contextmanager
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flywheel_assets.lib.ingest.lock import ingest_lock
 from flywheel_assets.lib.lake import Lake
 from flywheel_assets.lib.tables import ANNOTATIONS, INGESTED_FILES, QUARANTINE, SESSION_EVENTS, TRAJECTORIES
 
@@ -153,6 +156,7 @@ INGEST_SCRIPT = """
 import sys
 from flywheel_assets.lib.config import load_config
 from flywheel_assets.lib.ingest.pipeline import ingest_landing
+from flywheel_assets.lib.ingest.lock import ingest_lock
 from flywheel_assets.lib.lake import Lake
 config = load_config(sys.argv[1])
 report = ingest_landing(config, Lake(config), log=lambda line: print(line, file=sys.stderr))
@@ -166,3 +170,23 @@ def ingest_process(home: Path, env: dict | None = None, preexec=None) -> subproc
     environment.pop("FLYWHEEL_CONFIG", None)
     return subprocess.Popen([sys.executable, "-c", INGEST_SCRIPT, str(home)], env=environment,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=preexec)
+
+
+@contextmanager
+def lock_held_elsewhere(landing: Path, owner: str):
+    """The landing zone's ingest lock held by another thread (so by another open file) meanwhile."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with ingest_lock(landing, 5, owner=owner):
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(5)
+    try:
+        yield
+    finally:
+        release.set()
+        holder.join()

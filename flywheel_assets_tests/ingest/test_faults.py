@@ -19,7 +19,9 @@ import time
 
 import pytest
 
-from flywheel_assets_tests.ingest.faults import build_corpus, check_exact, check_no_lie, ingest_process
+from flywheel_assets_tests.ingest.faults import (
+    build_corpus, check_exact, check_no_lie, ingest_process, lock_held_elsewhere,
+)
 from flywheel_assets.lib.config import load_config
 from flywheel_assets.lib.ingest import pipeline
 from flywheel_assets.lib.ingest.pipeline import IngestError, ingest_landing
@@ -180,28 +182,14 @@ def test_concurrent_ingests_never_duplicate(tmp_path):
 
 
 def test_a_second_ingest_waits_then_gives_up_with_a_clear_message(home, config, lake):
-    from flywheel_assets.lib.ingest.lock import IngestBusy, ingest_lock
+    from flywheel_assets.lib.ingest.lock import IngestBusy
 
     config.ingest.lock_timeout_s = 0.5
     build_corpus(config.landing, random.Random(4), files_per_kind=1, lines_per_file=5)
-    held = threading.Event()
-    release = threading.Event()
-
-    def hold():
-        with ingest_lock(config.landing, 5, owner="test holder"):
-            held.set()
-            release.wait(10)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    held.wait(5)
-    try:
+    with lock_held_elsewhere(config.landing, "test holder"):
         with pytest.raises(IngestBusy, match="another ingest is running .*test holder.*Nothing was read"):
             ingest_landing(config, lake, log=quiet)
         assert lake.row_count(SESSION_EVENTS) == 0
-    finally:
-        release.set()
-        holder.join()
     assert ingest_landing(config, lake, log=quiet).rows_new["events"] == 5
 
 

@@ -11,13 +11,13 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-from flywheel_assets_tests.helpers import write_lines
+from flywheel_assets_tests.helpers import landing_sensor_ticks, write_lines
+from flywheel_assets_tests.ingest.faults import lock_held_elsewhere
 from flywheel_assets_tests.ingest.test_ingest import HERMES, event
 from flywheel_assets.cli import EXIT_BUSY, EXIT_WRITE_FAILED, app
 from flywheel_assets.lib.ingest import pipeline
 from flywheel_assets.lib.ingest.cleanup import clean_stale
 from flywheel_assets.lib.ingest.landing import STAGING_PREFIX
-from flywheel_assets.lib.ingest.lock import ingest_lock
 from flywheel_assets.lib.ingest.pipeline import ingest_landing
 from flywheel_assets.lib.lake import Lake
 from flywheel_assets.lib.tables import ANNOTATIONS, INGESTED_FILES, QUARANTINE, SESSION_EVENTS, TRAJECTORIES
@@ -185,22 +185,8 @@ def test_the_cli_says_what_went_wrong_with_an_exit_code(config, lake, tmp_path, 
     good = write_lines(tmp_path / "good.jsonl", [event(1)])
     config.ingest.lock_timeout_s = 0.2
     monkeypatch.setenv("FLYWHEEL_CONFIG", str(write_config(tmp_path, {"ingest": {"lock_timeout_s": 0.2}})))
-    import threading
-    held, release = threading.Event(), threading.Event()
-
-    def hold():
-        with ingest_lock(config.landing, 5, owner="someone else"):
-            held.set()
-            release.wait(10)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    held.wait(5)
-    try:
+    with lock_held_elsewhere(config.landing, "someone else"):
         result = runner.invoke(app, ["ingest", str(good)])
-    finally:
-        release.set()
-        holder.join()
     assert result.exit_code == EXIT_BUSY and "another ingest is running" in result.output
 
     monkeypatch.setattr(Lake, "append", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device")))
@@ -294,18 +280,7 @@ def test_a_partial_data_file_of_a_killed_write_is_swept(config, lake):
 
 
 def test_landing_sensor_sees_a_file_renamed_in_with_an_old_mtime(home, config):
-    import dagster as dg
-
-    from flywheel_assets.defs.ingest.sensors import landing_sensor
-    from flywheel_assets.defs.resources import FlywheelResource
-
-    resources = {"flywheel": FlywheelResource(home=str(home))}
-    instance = dg.DagsterInstance.ephemeral()
-
-    def tick(cursor):
-        with dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources) as context:
-            return landing_sensor.evaluate_tick(context)
-
+    tick = landing_sensor_ticks(home)
     early = write_lines(config.landing / ".a.jsonl.tmp", [event(1)])  # written first, renamed in last
     os.utime(early, ns=(10**18, 10**18))
     write_lines(config.landing / "events" / "b.jsonl", [event(2)])
