@@ -110,9 +110,9 @@ def _ingest(config: FlywheelConfig, lake: Lake, files: list[LandingFile], report
             if progress is None:
                 progress = _FileProgress(landing_file)
             if isinstance(good, pa.Table):
-                progress.add(writer, keys, lines, good, bad)
+                fresh = progress.add(writer, keys, lines, good, bad)
                 if landing_file.kind == "events":
-                    report.unscored_event_types.update(_unscored(good, bad))
+                    report.unscored_event_types.update(_unscored(fresh))
                 continue
             if good is not None:  # the file, or what is left of it, cannot be read
                 progress.unreadable(keys, good)
@@ -134,8 +134,8 @@ def _ingest(config: FlywheelConfig, lake: Lake, files: list[LandingFile], report
             progress = None
 
 
-def _unscored(good: pa.Table, bad: pa.Table) -> Counter:
-    types = good.column("event_type")
+def _unscored(events: pa.Table) -> Counter:
+    types = events.column("event_type")
     unknown = types.filter(pc.invert(pc.is_in(types, value_set=pa.array(SCORED_EVENTS))))
     return Counter({row["values"]: row["counts"] for row in pc.value_counts(unknown).to_pylist()}) if len(unknown) else Counter()
 
@@ -159,7 +159,8 @@ class _FileProgress:
         self.waiting_bad: list[pa.Table] = []
         self.waiting_rows = 0
 
-    def add(self, writer: "_Writer", keys: KeyIndex, lines: int, good: pa.Table, bad: pa.Table) -> None:
+    def add(self, writer: "_Writer", keys: KeyIndex, lines: int, good: pa.Table, bad: pa.Table) -> pa.Table:
+        """Counts the batch, queues its new rows and quarantined lines; returns the new rows."""
         self.lines += lines
         fresh = keys.only_new(self.table, good)
         bad = keys.only_new(QUARANTINE, bad)
@@ -176,6 +177,7 @@ class _FileProgress:
                 self.waiting_rows += rows.num_rows
         if self.waiting_rows >= COMMIT_ROWS:
             self.commit(writer)
+        return fresh
 
     def unreadable(self, keys: KeyIndex, problem: str) -> None:
         """The file (or the rest of it, after the lines already read) as one quarantine row."""
