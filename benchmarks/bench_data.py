@@ -47,7 +47,7 @@ def stage_timers(totals: dict[str, float]):
     The stages overlap: batches are parsed on two worker threads and written on a
     third while the main thread reads and deduplicates, so these are thread-seconds
     (parse is summed over both workers) and add up to more than the ingest's wall time."""
-    from flywheel_assets.lib.ingest import pipeline
+    from flywheel_assets.lib.ingest import parsing, pipeline
     from flywheel_assets.lib.lake import Lake
 
     def timed(name, fn):
@@ -73,11 +73,11 @@ def stage_timers(totals: dict[str, float]):
                 yield item
         return wrapper
 
-    originals = [(pipeline, "read_line_batches"), (pipeline, "parse_event_lines"),
+    originals = [(parsing, "read_line_batches"), (parsing, "parse_event_lines"),
                  (pipeline.KeyIndex, "only_new"), (pipeline.KeyIndex, "remember"), (Lake, "append")]
     saved = [(owner, name, getattr(owner, name)) for owner, name in originals]
-    pipeline.read_line_batches = timed_iter("read lines (Arrow)", pipeline.read_line_batches)
-    pipeline.parse_event_lines = timed("parse + validate (DuckDB, 2 workers)", pipeline.parse_event_lines)
+    parsing.read_line_batches = timed_iter("read lines (Arrow)", parsing.read_line_batches)
+    parsing.parse_event_lines = timed("parse + validate (DuckDB, 2 workers)", parsing.parse_event_lines)
     pipeline.KeyIndex.only_new = timed("dedup against lake", pipeline.KeyIndex.only_new)
     pipeline.KeyIndex.remember = timed("remember keys", pipeline.KeyIndex.remember)
     Lake.append = timed("Delta append (writer thread)", Lake.append)

@@ -21,8 +21,9 @@ from flywheel_assets.lib.config import load_config
 from flywheel_assets.lib.ingest import landing
 from flywheel_assets.lib.ingest.events import parse_event_lines, parse_event_lines_reference, with_event_hash
 from flywheel_assets.lib.ingest.landing import read_line_batches, read_line_batches_python
+from flywheel_assets.lib.ingest.parsing import parse_python
 from flywheel_assets.lib.ingest.pipeline import (
-    TARGETS, IngestReport, _parse_python, ingest_landing, pending_files,
+    TARGETS, IngestReport, ingest_landing, pending_files,
 )
 from flywheel_assets.lib.lake import Lake, utcnow
 from flywheel_assets.lib.tables import INGESTED_FILES, QUARANTINE, SESSION_EVENTS, TRAJECTORIES, ANNOTATIONS
@@ -204,7 +205,7 @@ def _reference_ingest(config, lake) -> IngestReport:
             if landing_file.kind == "events":
                 good, bad = parse_event_lines_reference(con, batch, landing_file.relative)
             else:
-                good, bad = _parse_python(batch, landing_file)
+                good, bad = parse_python(batch, landing_file)
             fresh = only_new(table, good)
             known_bad = only_new(QUARANTINE, bad)
             # repeats of an earlier line of the batch (the parser keeps the first), of stored

@@ -15,7 +15,7 @@ from flywheel_assets_tests.helpers import landing_sensor_ticks, write_lines
 from flywheel_assets_tests.ingest.faults import lock_held_elsewhere
 from flywheel_assets_tests.ingest.test_ingest import HERMES, event
 from flywheel_assets.cli import EXIT_BUSY, EXIT_WRITE_FAILED, app
-from flywheel_assets.lib.ingest import pipeline
+from flywheel_assets.lib.ingest import parsing, pipeline
 from flywheel_assets.lib.ingest.cleanup import clean_stale
 from flywheel_assets.lib.ingest.landing import STAGING_PREFIX
 from flywheel_assets.lib.ingest.pipeline import ingest_landing
@@ -62,14 +62,14 @@ def test_a_poison_file_is_quarantined_as_a_file_and_the_others_still_land(config
 def test_an_unreadable_file_is_quarantined_with_its_error(config, lake, monkeypatch):
     write_lines(config.landing / "trajectories" / "locked.jsonl", [HERMES])
     write_lines(config.landing / "trajectories" / "open.jsonl", [{**HERMES, "trajectory_id": "h2"}])
-    real_open = pipeline.read_line_batches
+    real_open = parsing.read_line_batches
 
     def refuse(path, *args):  # root reads any file whatever its mode, so the refusal is simulated
         if path.name == "locked.jsonl":
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, *args)
 
-    monkeypatch.setattr(pipeline, "read_line_batches", refuse)
+    monkeypatch.setattr(parsing, "read_line_batches", refuse)
     ingest_landing(config, lake, log=quiet)
     assert lake.read(TRAJECTORIES).column("trajectory_id").to_pylist() == ["h2"]
     [row] = lake.read(QUARANTINE).to_pylist()
@@ -243,16 +243,16 @@ def test_an_unterminated_string_full_of_escaped_quotes_is_read_in_linear_time(co
 
 def test_a_fault_of_the_machine_fails_the_run_and_the_file_is_read_again(config, lake, monkeypatch):
     write_lines(config.landing / "events" / "a.jsonl", [event(1)])
-    real = pipeline.read_line_batches
+    real = parsing.read_line_batches
 
     def io_error(path, *args):
         raise OSError(5, "Input/output error", str(path))
 
-    monkeypatch.setattr(pipeline, "read_line_batches", io_error)
+    monkeypatch.setattr(parsing, "read_line_batches", io_error)
     with pytest.raises(pipeline.IngestError, match="Input/output error.*read again by the next ingest"):
         ingest_landing(config, lake, log=quiet)
     assert lake.row_count(QUARANTINE) == 0 and lake.row_count(INGESTED_FILES) == 0
-    monkeypatch.setattr(pipeline, "read_line_batches", real)
+    monkeypatch.setattr(parsing, "read_line_batches", real)
     assert ingest_landing(config, lake, log=quiet).rows_new["events"] == 1
 
 
