@@ -32,9 +32,6 @@ class Corpus:
     lines: dict[str, int] = field(default_factory=dict)  # relative path -> lines
     poison: set[str] = field(default_factory=set)  # relative paths quarantined as one row each
 
-    def total(self) -> int:
-        return sum(self.lines.values()) + len(self.poison)
-
 
 def event(key: str, i: int, **extra) -> dict:
     return {"event_id": f"{key}-{i}", "session_id": f"s{i % 7}", "user_id": f"u{i % 5}",

@@ -138,9 +138,8 @@ def test_a_full_disk_loses_nothing_and_a_retry_after_freeing_space_completes(tmp
             ingest_landing(config, lake, log=quiet)
         check_no_lie(lake, corpus)
         subprocess.run(["mount", "-o", "remount,size=256m", str(disk)], check=True)
-        report = ingest_landing(config, lake, log=quiet)
+        ingest_landing(config, lake, log=quiet)
         check_exact(lake, corpus)
-        assert sum(report.resumed.values()) >= 0
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 

@@ -52,18 +52,14 @@ def landing_sensor(context: dg.SensorEvaluationContext, flywheel: FlywheelResour
     newest = max(fresh, key=lambda f: (f.seen_at, f.relative))
     digest = hashlib.md5("\n".join(f"{f.relative}:{f.size_bytes}:{f.mtime_ns}" for f in fresh).encode()).hexdigest()
     tags = {"flywheel/files": str(len(fresh)), "flywheel/newest": newest.relative}
+    run_key = f"landing-{digest}"
+    # "mtime_ns" holds the later of mtime and ctime (the name is kept for cursors already stored)
+    seen, path = max((newest.seen_at, newest.relative), high_water)
+    next_cursor = {**cursor, "mtime_ns": seen, "path": path}
     if retry is not None:
-        tags["flywheel/retry_of"] = retry.dagster_run.run_id
-    return dg.SensorResult(
-        run_requests=[dg.RunRequest(
-            run_key=f"landing-{digest}" + (f"-retry-{retry.dagster_run.run_id}" if retry is not None else ""),
-            tags=tags,
-        )],
-        # "mtime_ns" holds the later of mtime and ctime (the name is kept for cursors already stored)
-        cursor=json.dumps({**dict(zip(("mtime_ns", "path"), max((newest.seen_at, newest.relative), high_water))),
-                           **({"retried": retry.dagster_run.run_id} if retry is not None else
-                              {"retried": cursor["retried"]} if "retried" in cursor else {})}),
-    )
+        tags["flywheel/retry_of"] = next_cursor["retried"] = retry.dagster_run.run_id
+        run_key += f"-retry-{retry.dagster_run.run_id}"
+    return dg.SensorResult(run_requests=[dg.RunRequest(run_key=run_key, tags=tags)], cursor=json.dumps(next_cursor))
 
 
 # After a failed ingest (a full disk, a write error), its files are requested again this long after it ended.

@@ -62,11 +62,6 @@ def is_ready(name: str) -> bool:
     return not name.startswith(".") and not lower.endswith(TEMP_SUFFIXES) and lower.endswith(SUFFIXES)
 
 
-def is_temporary(name: str) -> bool:
-    """A name still being written (dot-name or temp suffix), as is_ready sees it."""
-    return name.startswith(".") or name.lower().endswith(TEMP_SUFFIXES)
-
-
 def is_gzip(path: Path) -> bool:
     return path.name.lower().endswith(".gz")
 

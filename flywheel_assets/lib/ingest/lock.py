@@ -33,7 +33,7 @@ from flywheel_assets.lib.lake import utcnow
 
 LOCK_NAME = ".ingest.lock"
 
-_held: dict[str, tuple[int, int, int]] = {}  # path -> (fd, thread id, depth)
+_held: dict[str, int] = {}  # lock path -> the thread holding it in this process
 _held_guard = threading.Lock()
 
 
@@ -69,19 +69,9 @@ def ingest_lock(landing: Path, timeout_s: float, owner: str = "ingest",
     key = str(path.resolve())
     me = threading.get_ident()
     with _held_guard:
-        held = _held.get(key)
-        if held is not None and held[1] == me:
-            _held[key] = (held[0], me, held[2] + 1)
-            reentered = True
-        else:
-            reentered = False
-    if reentered:
-        try:
-            yield
-        finally:
-            with _held_guard:
-                fd, thread, depth = _held[key]
-                _held[key] = (fd, thread, depth - 1)
+        reentered = _held.get(key) == me
+    if reentered:  # the outer holder releases it
+        yield
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -92,7 +82,7 @@ def ingest_lock(landing: Path, timeout_s: float, owner: str = "ingest",
         _acquire(fd, landing, timeout_s, log, poll_s)
         _write_holder(fd, owner)
         with _held_guard:
-            _held[key] = (fd, me, 1)
+            _held[key] = me
         try:
             yield
         finally:
