@@ -257,8 +257,8 @@ def cycle_table(config: FlywheelConfig, lake: Lake) -> str:
 def final_comparison(config: FlywheelConfig, lake: Lake, defs) -> str:
     """Base, champion and the control arm on the held-out tasks, with paired differences."""
     from flywheel_assets.lib.evaluation.control import train_control
+    from flywheel_assets.lib.domains import load_domain
     from flywheel_assets.lib.evaluation.offline import evaluate_model, paired_difference, summarise
-    from flywheel_assets.lib.simulation.tasks import eval_tasks
 
     registry = _registry(defs)
     champion = registry.champion()
@@ -266,11 +266,13 @@ def final_comparison(config: FlywheelConfig, lake: Lake, defs) -> str:
     cycles = sorted({h["cycle"] for h in registry.history() if h["cycle"]})
     print(f"\ncontrol arm: {len(cycles)} cycles of {config.lora.steps} steps on cold-start data only", flush=True)
     controls = train_control(config, lake, config.home / base["base_path"], cycles, config.models / "control")
-    tasks = eval_tasks(config.evaluation.tasks)
+    domain = load_domain(config.domain)
+    tasks = domain.heldout_tasks(config.evaluation.tasks)
 
     def evaluate(base_dir, adapter=None):
         model, tokenizer = load_for_inference(base_dir, adapter)
-        return evaluate_model(model, tokenizer, tasks, config.evaluation.batch_size)
+        return evaluate_model(model, tokenizer, domain, tasks, batch_size=config.evaluation.batch_size,
+                              max_new_tokens=config.evaluation.max_new_tokens)
 
     adapter = config.home / champion["adapter_path"] if champion["adapter_path"] else None
     outcomes = {"base": evaluate(config.home / base["base_path"]),

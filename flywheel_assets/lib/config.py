@@ -138,9 +138,12 @@ class LLMJudgeConfig(BaseModel):
 class ColdStartConfig(BaseModel):
     """Phase 0: the shipped golden trajectories plus synthetic ones from a teacher."""
 
-    synthetic_trajectories: int = 1500
+    synthetic_trajectories: int = 1500  # tasks the teacher is given (fewer when the domain has fewer)
     seed: int = 11
-    teacher: str = "scripted"  # or "openai": FLYWHEEL_TEACHER_URL / _MODEL / _API_KEY
+    # "scripted" (alias "oracle"): the domain's reference answers, offline; or "openai":
+    # FLYWHEEL_TEACHER_URL / _MODEL / _API_KEY
+    teacher: str = "scripted"
+    golden_file: str | None = None  # trajectories copied as they are; None: the shipped file, built-in domain only
 
 
 class CorrectionsConfig(BaseModel):
@@ -189,9 +192,27 @@ class LoraConfigModel(BaseModel):
 
 
 class EvaluationConfig(BaseModel):
-    tasks: int = 600
+    tasks: int = 600  # held-out tasks evaluated (the first of the domain's held-out set)
     gate_margin: float = 0.02
     batch_size: int = 300
+    max_new_tokens: int = Field(40, ge=1)  # per assistant turn; a BFCL turn with several calls needs ~200
+
+
+class DomainConfig(BaseModel):
+    """The tasks, tools and checker the model is trained and judged on (lib/domains, docs/domains.md).
+
+    name: `builtin` (the embedded default's five task types), `bfcl` (Berkeley Function-Calling
+    Leaderboard files), or `package.module:factory` — your own Domain, built from `options`.
+    """
+
+    name: str = "builtin"
+    data_dir: str | None = None  # bfcl: a folder in BFCL's format; default the bfcl-eval package's data
+    categories: list[str] = Field(default_factory=lambda: [
+        "simple_python", "multiple", "parallel", "parallel_multiple", "live_simple", "live_multiple"])
+    heldout_fraction: float = Field(0.2, ge=0.0, le=1.0)  # share of tasks held out, split by task id
+    split_seed: int = 0
+    heldout_tasks: int = Field(600, ge=1)  # builtin: size of its fixed held-out set
+    options: dict = Field(default_factory=dict)  # passed to a plug-in's factory
 
 
 class TriggerConfig(BaseModel):
@@ -313,6 +334,7 @@ class FlywheelConfig(BaseModel):
     base_model: BaseModelConfig = Field(default_factory=BaseModelConfig)
     lora: LoraConfigModel = Field(default_factory=LoraConfigModel)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    domain: DomainConfig = Field(default_factory=DomainConfig)
     trigger: PhaseConfig = Field(default_factory=PhaseConfig)
     ab: ABConfig = Field(default_factory=ABConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)

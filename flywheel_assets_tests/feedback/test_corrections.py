@@ -59,7 +59,7 @@ def test_the_teacher_corrects_known_requests_and_says_why_it_skipped_others():
     failures = [{"trajectory_id": f"f{i}", "user_prompt": t.prompt} for i, t in enumerate(tasks)]
     failures.append({"trajectory_id": "odd", "user_prompt": "Write me a poem about the sea."})
     lines, skipped = correction_lines(failures, ScriptedTeacher(0), T0)
-    assert dict(skipped) == {"not_a_known_task": 1}
+    assert dict(skipped) == {"no_matching_task": 1}
     assert len(lines) == 10
     for line, task in zip(lines, tasks):
         assert line["origin"] == "correction" and line["corrects"] == line["trajectory_id"].removeprefix("correction-")

@@ -27,7 +27,8 @@ from flywheel_assets.defs.ingest.assets import bronze_ingest
 from flywheel_assets.defs.resources import FlywheelResource
 from flywheel_assets.lib import clock
 from flywheel_assets.lib.config import load_config
-from flywheel_assets.lib.evaluation.offline import gate, outcome, paired_difference, summarise
+from flywheel_assets.lib.domains.builtin import BuiltinDomain
+from flywheel_assets.lib.evaluation.offline import TaskOutcome, gate, paired_difference, summarise
 from flywheel_assets.lib.experiments.registry import ModelRegistry
 from flywheel_assets.lib.lake import Lake
 from flywheel_assets.lib.simulation import users
@@ -80,16 +81,19 @@ class ScriptedAgent:
             run.final_answer = ""
         return run
 
-    def run_agent(self, model, tokenizer, prompts, run_tool, *, seed: int = 0, **settings) -> list[AgentRun]:
-        return [self.answer(prompt, seed) for prompt in prompts]
+    def run_requests(self, model, tokenizer, requests, execute, *, seed: int = 0, **settings) -> list[AgentRun]:
+        return [self.answer(request.messages[-1]["content"], seed) for request in requests]
 
 
 def _evaluate(agent: ScriptedAgent, config, lake: Lake, cycle: str, candidate: dict, champion: dict,
               now: datetime) -> bool:
     tasks = eval_tasks(config.evaluation.tasks)
     agent.learn(tasks)
-    outcomes = {role: [outcome(task, agent.answer(task.prompt, 0), verify) for task in tasks]
-                for role in ("candidate", "champion")}
+    domain = BuiltinDomain()
+    graded = [(task, domain.grade(task, (run := agent.answer(task.prompt, 0)).tool_calls(), run.final_answer))
+              for task in tasks]
+    outcomes = {role: [TaskOutcome(task.task_id, task.task_type, g.success, g.tool_names_right, g.arguments_right)
+                       for task, g in graded] for role in ("candidate", "champion")}
     difference = paired_difference(outcomes["candidate"], outcomes["champion"])
     passed, reason = gate(difference, config.evaluation.gate_margin)
     rows = []
@@ -121,7 +125,7 @@ def run_flywheel(home: Path, *, biased_users: float, cycles: int = 2, days_per_c
     agent = ScriptedAgent(skill)
     simulated = UserSimulationConfig(users=users_per_day, sessions_per_user=(1, 2), biased_users=biased_users, seed=7)
     pending = None  # a candidate serving as A/B treatment until the end of the next day
-    with mock.patch.object(users, "run_agent", agent.run_agent):
+    with mock.patch.object(users, "run_requests", agent.run_requests):
         day = START
         for number in range(1, cycles + 1):
             cycle = f"cycle-{number:04d}"

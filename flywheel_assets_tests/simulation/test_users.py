@@ -118,18 +118,18 @@ def _run_day(home: Path, tiny_model, **settings) -> tuple[dict, list[int]]:
     """One simulated day, user-0 routed to "A" and everyone else to "B"; also the prompts per run_agent call."""
     config = UserSimulationConfig(**{**DAY_SETTINGS, **settings})
     loaded, batches = [], []
-    real_run_agent = users.run_agent
+    real_run_requests = users.run_requests
 
     def load_version(version):
         loaded.append(version)
         return tiny_model
 
-    def counting_run_agent(model, tokenizer, prompts, *args, **kwargs):
-        batches.append(len(prompts))
-        return real_run_agent(model, tokenizer, prompts, *args, **kwargs)
+    def counting_run_requests(model, tokenizer, requests, *args, **kwargs):
+        batches.append(len(requests))
+        return real_run_requests(model, tokenizer, requests, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(users, "run_agent", counting_run_agent)
+        patch.setattr(users, "run_requests", counting_run_requests)
         summary = simulate_usage(config, home=home, router=lambda user, tenant: "A" if user == "user-0" else "B",
                                  load_version=load_version, day=DAY + timedelta(hours=9))
     assert sorted(loaded) == ["A", "B"]  # each version loaded once, however many rounds

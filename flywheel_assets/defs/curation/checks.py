@@ -1,11 +1,14 @@
 """Nothing unsafe or leaked may reach a training set (blocking: training waits on these)."""
 
+import json
+
 import dagster as dg
 import duckdb
 
 from flywheel_assets.defs.partitions import cycle_partitions
 from flywheel_assets.defs.resources import FlywheelResource
 from flywheel_assets.lib.curation.scrub import find_pii
+from flywheel_assets.lib.domains import load_domain, prompt_key
 from flywheel_assets.lib.tables import CURATED_TRAJECTORIES, TRAINING_DATASET
 
 
@@ -36,3 +39,25 @@ def no_holdout_leakage(context: dg.AssetCheckExecutionContext, flywheel: Flywhee
     """, {"cycle": context.partition_key}).fetchone()
     return dg.AssetCheckResult(passed=overlap == 0 and prompt_overlap == 0, metadata={
         "trajectories_in_both": overlap, "prompts_in_both": prompt_overlap})
+
+
+@dg.asset_check(asset="training_dataset", partitions_def=cycle_partitions, blocking=True,
+                description="No question of the domain's held-out evaluation tasks is asked in the cycle's "
+                            "training rows (the gate would measure memory, not skill).")
+def no_evaluation_task_in_training_set(context: dg.AssetCheckExecutionContext,
+                                       flywheel: FlywheelResource) -> dg.AssetCheckResult:
+    config = flywheel.config()
+    heldout = load_domain(config.domain).heldout_keys()
+    rows = flywheel.lake().read(TRAINING_DATASET, columns=["trajectory_id", "messages_json"],
+                                filter_sql=f"cycle = '{context.partition_key}'").to_pylist()
+    leaked = [row["trajectory_id"] for row in rows if _asks_any(row["messages_json"], heldout)]
+    return dg.AssetCheckResult(passed=not leaked, metadata={
+        "domain": config.domain.name, "heldout_tasks": len(heldout), "rows_checked": len(rows),
+        "rows_asking_a_heldout_task": len(leaked), "examples": ", ".join(leaked[:5]) or "none"})
+
+
+def _asks_any(messages_json: str, keys: frozenset[str]) -> bool:
+    """Whether the conversation's user turns, together or any one alone, are a held-out request."""
+    messages = json.loads(messages_json or "[]")
+    users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+    return prompt_key(users) in keys or any(prompt_key(str(m.get("content") or "")) in keys for m in users)

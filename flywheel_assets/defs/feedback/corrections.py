@@ -3,6 +3,7 @@
 import dagster as dg
 
 from flywheel_assets.defs.resources import FlywheelResource, markdown_counts
+from flywheel_assets.lib.domains import load_domain
 from flywheel_assets.lib.feedback.corrections import correction_lines, failed_requests, to_jsonl
 from flywheel_assets.lib.simulation.seed import write_landing_file
 from flywheel_assets.lib.simulation.teachers import make_teacher
@@ -24,8 +25,9 @@ def teacher_corrections(context: dg.AssetExecutionContext, flywheel: FlywheelRes
         context.log.info(reason)
         return dg.MaterializeResult(metadata={"corrected": 0, "skipped_because": reason})
     failures = failed_requests(lake, config, settings.daily_budget)
-    teacher = make_teacher(config.cold_start.teacher, settings.seed + day.toordinal())
-    lines, skipped = correction_lines(failures, teacher, day)
+    domain = load_domain(config.domain)
+    teacher = make_teacher(config.cold_start.teacher, settings.seed + day.toordinal(), domain)
+    lines, skipped = correction_lines(failures, teacher, day, domain)
     if lines:
         write_landing_file(target, to_jsonl(lines))
     by_type: dict[str, int] = {}

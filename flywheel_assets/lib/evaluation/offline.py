@@ -1,8 +1,9 @@
 """Offline evaluation on the held-out task set: metrics with intervals, and the gate.
 
-Success: the verifier accepts the final answer. Tool-name accuracy: the model called
-exactly the right tools in the right order. Argument accuracy: names and arguments
-all right (values compared after the same normalisation the verifier uses).
+The tasks, the model's request and the verdict come from the configured domain
+(lib/domains): success is the domain's check (the built-in verifier on the final answer;
+BFCL's AST rules on the calls), tool-name and argument accuracy compare the calls with
+the domain's reference answer.
 Candidate and champion answer the same tasks, so their difference gets a paired
 interval (the standard error of the per-task difference), tighter than two
 independent ones.
@@ -10,14 +11,10 @@ independent ones.
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from dataclasses import dataclass
 
 from scipy import stats
-
-_UNITS = re.compile(r"\w+|[^\w\s]")
 
 
 @dataclass(frozen=True)
@@ -27,19 +24,6 @@ class TaskOutcome:
     success: bool
     tool_names_right: bool
     arguments_right: bool
-
-
-def outcome(task, run, verify) -> TaskOutcome:
-    """`task` has calls ((name, canonical JSON arguments), ...); `run` is an AgentRun."""
-    expected = [(name, _normalise(json.loads(arguments))) for name, arguments in task.calls]
-    actual = [(name, _normalise(arguments) if arguments is not None else None) for name, arguments, _ in run.calls]
-    names_right = [n for n, _ in expected] == [n for n, _ in actual]
-    return TaskOutcome(task.task_id, task.task_type, bool(verify(task, run.final_answer)), names_right,
-                       names_right and expected == actual)
-
-
-def _normalise(arguments: dict) -> dict:
-    return {str(k).lower(): " ".join(_UNITS.findall(str(v).lower())) for k, v in arguments.items()}
 
 
 def wilson(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -93,26 +77,45 @@ def gate(difference: dict, margin: float) -> tuple[bool, str]:
     return True, f"candidate − champion = {delta:+.1%} [{difference['low']:+.1%}, {difference['high']:+.1%}]"
 
 
-def evaluate_model(model, tokenizer, tasks, batch_size: int = 300) -> list[TaskOutcome]:
-    from flywheel_assets.lib.simulation.tasks import verify
-    from flywheel_assets.lib.simulation.tools import run_tool
-    from flywheel_assets.lib.training.inference import run_agent
+def run_tasks(model, tokenizer, domain, tasks, *, batch_size: int = 300, max_new_tokens: int = 40,
+              temperature: float = 0.0, seed: int = 0, stats=None) -> list:
+    """The model's agent runs on the domain's tasks (tools executed where the domain runs them)."""
+    from flywheel_assets.lib.training.inference import Request, run_requests
 
-    runs = run_agent(model, tokenizer, [t.prompt for t in tasks], run_tool, batch_size=batch_size)
-    return [outcome(task, run, verify) for task, run in zip(tasks, runs)]
+    requests = [Request(domain.messages_for(task), domain.tools_for(task)) for task in tasks]
+    return run_requests(model, tokenizer, requests,
+                        lambda row, name, arguments: domain.execute(tasks[row], name, arguments),
+                        batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                        stats=stats)
 
 
-def evaluate_versions(config, candidate: dict, champion: dict, log=print) -> dict:
-    """Both registry versions on the fixed held-out tasks; rows for OFFLINE_EVALUATIONS and a verdict."""
-    from flywheel_assets.lib.simulation.tasks import eval_tasks
+def evaluate_model(model, tokenizer, domain, tasks, *, batch_size: int = 300, max_new_tokens: int = 40) -> list[TaskOutcome]:
+    runs = run_tasks(model, tokenizer, domain, tasks, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    outcomes = []
+    for task, run in zip(tasks, runs):
+        grade = domain.grade(task, run.tool_calls(), run.final_answer)
+        outcomes.append(TaskOutcome(str(task_id(task)), domain.task_type(task), grade.success,
+                                    grade.tool_names_right, grade.arguments_right))
+    return outcomes
+
+
+def task_id(task) -> str:
+    return getattr(task, "task_id", None) or task.id
+
+
+def evaluate_versions(config, candidate: dict, champion: dict, log=print, domain=None) -> dict:
+    """Both registry versions on the domain's held-out tasks; rows for OFFLINE_EVALUATIONS and a verdict."""
+    from flywheel_assets.lib.domains import load_domain
     from flywheel_assets.lib.training.pipeline import load_for_inference
 
-    tasks = eval_tasks(config.evaluation.tasks)
+    domain = domain or load_domain(config.domain)
+    tasks = domain.heldout_tasks(config.evaluation.tasks)
     outcomes = {}
     for role, version in (("candidate", candidate), ("champion", champion)):
         adapter = config.home / version["adapter_path"] if version["adapter_path"] else None
         model, tokenizer = load_for_inference(config.home / version["base_path"], adapter)
-        outcomes[role] = evaluate_model(model, tokenizer, tasks, config.evaluation.batch_size)
+        outcomes[role] = evaluate_model(model, tokenizer, domain, tasks, batch_size=config.evaluation.batch_size,
+                                        max_new_tokens=config.evaluation.max_new_tokens)
         log(f"{role} {version['version']}: {sum(o.success for o in outcomes[role])}/{len(tasks)} tasks solved")
     summaries = {role: summarise(rows) for role, rows in outcomes.items()}
     difference = paired_difference(outcomes["candidate"], outcomes["champion"])

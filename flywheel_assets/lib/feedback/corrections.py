@@ -6,10 +6,12 @@ to edit the answer it accepted (a near miss). Abandoned requests come first. Tho
 exactly what the model cannot do yet, and self-training cannot fix them: rejection
 sampling only ever harvests what the model already gets right sometimes (FINDINGS.md).
 So each day up to `corrections.daily_budget` failed prompts, the most recent first and
-balanced over task types, go to the teacher — the scripted expert in the embedded
-default, any OpenAI-compatible model otherwise (the seed's GPT-4 teacher, here used on
-live prompts instead of invented ones). Its answer is grounded like cold-start data
-(tools re-run, verifier passed) and lands as an ordinary trajectory file with origin
+balanced over task types, go to the teacher — the domain's oracle offline (the
+built-in world's scripted expert, BFCL's possible answers), any OpenAI-compatible model
+otherwise (the seed's GPT-4 teacher, here used on live prompts instead of invented ones).
+The request is matched to the domain's task it asks (`Domain.task_for`: the checker needs
+the task), the teacher's answer is grounded like cold-start data (the domain's checker
+passed) and lands as an ordinary trajectory file with origin
 `correction`, so it is ingested, scored, curated and selected like everything else.
 """
 
@@ -23,7 +25,6 @@ import duckdb
 
 from flywheel_assets.lib.config import FlywheelConfig
 from flywheel_assets.lib.lake import Lake
-from flywheel_assets.lib.simulation.tasks import task_from_prompt
 from flywheel_assets.lib.tables import SESSION_EVENTS, TRAJECTORIES, TRAJECTORY_SCORES
 
 ORIGIN = "correction"
@@ -68,13 +69,16 @@ def failed_requests(lake: Lake, config: FlywheelConfig, limit: int) -> list[dict
     """, {"origin": ORIGIN, "limit": limit, "lowest": config.tiers.names[-1]}).to_arrow_table().to_pylist()
 
 
-def correction_lines(failures: list[dict], teacher, now: datetime) -> tuple[list[dict], Counter]:
-    """Landing lines for the failures the teacher solved, and why the others were skipped."""
+def correction_lines(failures: list[dict], teacher, now: datetime, domain=None) -> tuple[list[dict], Counter]:
+    """Landing lines for the failures the teacher solved, and why the others were skipped
+    (no_matching_task: the request is none of the domain's tasks, so nothing could check an
+    answer; teacher_rejected: the teacher's answer failed the checker)."""
+    domain = domain or getattr(teacher, "domain", None)
     lines, skipped = [], Counter()
     for failure in failures:
-        task = task_from_prompt(failure["user_prompt"], task_id=failure["trajectory_id"])
+        task = domain.task_for([{"role": "user", "content": failure["user_prompt"]}], failure["trajectory_id"])
         if task is None:
-            skipped["not_a_known_task"] += 1
+            skipped["no_matching_task"] += 1
             continue
         line = teacher.trajectory(task)
         if line is None:

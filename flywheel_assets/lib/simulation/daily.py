@@ -14,6 +14,7 @@ from datetime import datetime, timedelta, timezone
 
 from flywheel_assets.lib import clock
 from flywheel_assets.lib.config import FlywheelConfig, SimulationConfig
+from flywheel_assets.lib.domains import load_domain
 from flywheel_assets.lib.experiments.registry import ModelRegistry
 from flywheel_assets.lib.simulation.users import UserSimulationConfig, simulate_usage
 from flywheel_assets.lib.training.pipeline import load_for_inference
@@ -41,7 +42,8 @@ def simulate_day(config: FlywheelConfig, registry: ModelRegistry, day: datetime)
         return load_for_inference(config.home / row["base_path"], adapter, merged=True)
 
     counts = simulate_usage(user_settings(config.simulation), home=config.home, router=registry.router(),
-                            load_version=load_version, day=day)
+                            load_version=load_version, day=day, domain=load_domain(config.domain),
+                            max_new_tokens=config.evaluation.max_new_tokens)
     day_end = simulated_day(day) + timedelta(days=1)
     if clock.now(config) < day_end:
         clock.set_now(config, day_end)

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from flywheel_assets.lib.config import FlywheelConfig, load_config
+from flywheel_assets.lib.domains import load_domain
 from flywheel_assets.lib.simulation.teachers import cold_start_lines, make_teacher
 
 DATA = Path(__file__).resolve().parents[3] / "data"
@@ -22,15 +23,21 @@ GOLDEN = DATA / "golden" / "golden_trajectories.jsonl"
 
 
 def write_cold_start(config: FlywheelConfig) -> dict:
-    """Golden + synthetic trajectories into landing/trajectories; counts of what was written."""
+    """Golden + synthetic trajectories into landing/trajectories; counts of what was written.
+    The shipped golden file is the built-in world's: another domain gets its own
+    (cold_start.golden_file) or none."""
     settings = config.cold_start
     folder = config.landing / "trajectories"
-    golden = _copy(GOLDEN, folder / "cold-start-golden.jsonl")
-    teacher = make_teacher(settings.teacher, settings.seed)
-    target = folder / f"cold-start-synthetic-{settings.teacher}-{settings.seed}-{settings.synthetic_trajectories}.jsonl"
+    domain = load_domain(config.domain)
+    golden_file = Path(settings.golden_file) if settings.golden_file else \
+        (GOLDEN if config.domain.name == "builtin" else None)
+    golden = _copy(golden_file, folder / "cold-start-golden.jsonl") if golden_file else False
+    teacher = make_teacher(settings.teacher, settings.seed, domain)
+    name = settings.teacher if config.domain.name == "builtin" else f"{config.domain.name}-{settings.teacher}"
+    target = folder / f"cold-start-synthetic-{name}-{settings.seed}-{settings.synthetic_trajectories}.jsonl"
     synthetic = 0
     if not target.exists():
-        lines = cold_start_lines(settings.synthetic_trajectories, settings.seed, teacher=teacher)
+        lines = cold_start_lines(settings.synthetic_trajectories, settings.seed, teacher=teacher, domain=domain)
         write_landing_file(target, "".join(json.dumps(line) + "\n" for line in lines))
         synthetic = len(lines)
     return {"golden_files": int(golden), "synthetic_trajectories": synthetic,

@@ -268,7 +268,7 @@ def _generate(n: int, seed: int, phrasings: Sequence[int] | None, task_types: Se
 def generate_tasks(n: int, seed: int, phrasings: Sequence[int] | None = None,
                    task_types: Sequence[str] = TASK_TYPES) -> list[Task]:
     """n tasks, round-robin over task_types, deterministic for a seed; never an evaluation prompt."""
-    exclude = frozenset() if seed == EVAL_SEED else _eval_prompt_keys()
+    exclude = frozenset() if seed == EVAL_SEED else eval_prompt_keys()
     return _generate(n, seed, phrasings, task_types, exclude, unique=False)
 
 
@@ -278,12 +278,12 @@ def eval_tasks(n: int = EVAL_SIZE) -> list[Task]:
 
 
 @cache
-def _eval_prompt_keys() -> frozenset[str]:
+def eval_prompt_keys() -> frozenset[str]:
     return frozenset(_prompt_key(task.prompt) for task in eval_tasks(EVAL_SIZE))
 
 
 def is_eval_prompt(prompt: str) -> bool:
-    return _prompt_key(prompt) in _eval_prompt_keys()
+    return _prompt_key(prompt) in eval_prompt_keys()
 
 
 def expert_messages(task: Task, rng: random.Random) -> list[dict]:

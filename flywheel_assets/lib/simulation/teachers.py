@@ -1,10 +1,13 @@
 """Cold-start data (seed 75.2): teacher-written synthetic trajectories and public trajectory files.
 
-A teacher's conversation is kept only when it really solves its task: every tool call is
-run again with the real tool and the teacher's claimed result replaced by the real one, the
-calls must produce the task's right results, and the final answer must pass the verifier.
-ScriptedTeacher (the task environment's expert) works offline; any OpenAI-compatible
-endpoint can play the seed's GPT-4 teacher (FLYWHEEL_TEACHER_URL / _MODEL / _API_KEY).
+A teacher answers a task of the configured domain (lib/domains), and its answer is kept
+only when the domain's checker accepts it. Offline, the oracle teacher writes the domain's
+reference answer (`OracleTeacher`: the built-in world's scripted expert, whose tools run
+for real; for BFCL its possible answers — an oracle, named so in `model_version`). Any
+OpenAI-compatible endpoint can play the seed's GPT-4 teacher (FLYWHEEL_TEACHER_URL /
+_MODEL / _API_KEY): for the built-in world it writes a whole conversation whose tool calls
+are run again with the real tools; for any other domain it answers the real request with
+the domain's tools in context, as a model would, and the checker grounds its calls.
 """
 
 from __future__ import annotations
@@ -18,11 +21,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from random import Random
 
+from flywheel_assets.lib.domains import Domain
+from flywheel_assets.lib.domains.builtin import BuiltinDomain
 from flywheel_assets.lib.openai_compat import EndpointError, post_json, reply_json
 from flywheel_assets.lib.simulation.hermes import to_hermes
-from flywheel_assets.lib.simulation.tasks import (
-    ANSWERS, COLD_START_PHRASINGS, Task, expert_messages, generate_tasks, verify,
-)
+from flywheel_assets.lib.simulation.tasks import ANSWERS, Task, verify
 from flywheel_assets.lib.simulation.tools import TOOLS, run_tool
 
 SYNTHETIC_REWARD = 0.8  # the seed's value: synthetic data is good, not perfect
@@ -58,23 +61,45 @@ def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def landing_line(task: Task, messages: list[dict], model_version: str) -> dict:
-    """A synthetic trajectory as a landing-zone line, in hermes format like the golden file."""
-    return {"trajectory_id": f"{model_version}-{task.task_id}", "task_type": task.task_type,
-            "origin": "synthetic", "is_synthetic": True, "reward": SYNTHETIC_REWARD, "model_version": model_version,
-            "tenant_id": "default", "created_at": _now(), "completed": True, "conversations": to_hermes(messages)}
+def landing_line(task, messages: list[dict], model_version: str, domain: Domain | None = None) -> dict:
+    """A synthetic trajectory as a landing-zone line: hermes like the golden file for the built-in
+    world, OpenAI messages with the task's tools for any other domain."""
+    line = {"trajectory_id": f"{model_version}-{_task_id(task)}", "origin": "synthetic", "is_synthetic": True,
+            "reward": SYNTHETIC_REWARD, "model_version": model_version, "tenant_id": "default",
+            "created_at": _now(), "completed": True}
+    if domain is None or isinstance(domain, BuiltinDomain):
+        return {**line, "task_type": task.task_type, "conversations": to_hermes(messages)}
+    return {**line, "task_type": domain.task_type(task), "messages": messages, "tools": domain.tools_for(task)}
 
 
-class ScriptedTeacher:
-    """The offline teacher: the task environment's expert, right by construction."""
+def _task_id(task) -> str:
+    return getattr(task, "task_id", None) or task.id
 
-    model_version = "teacher-scripted"
 
-    def __init__(self, seed: int):
+class OracleTeacher:
+    """The offline teacher: the domain's reference answer, right by construction."""
+
+    def __init__(self, seed: int, domain: Domain | None = None):
         self.rng = Random(seed)
+        self.domain = domain or BuiltinDomain()
+        builtin = isinstance(self.domain, BuiltinDomain)
+        self.model_version = "teacher-scripted" if builtin else f"teacher-oracle-{self.domain.name}"
+        self.rejects: Counter[str] = Counter()
 
-    def trajectory(self, task: Task) -> dict:
-        return landing_line(task, expert_messages(task, self.rng), self.model_version)
+    @property
+    def rejected(self) -> int:
+        return sum(self.rejects.values())
+
+    def trajectory(self, task) -> dict | None:
+        messages = self.domain.reference_messages(task, self.rng)
+        calls = [c for m in messages if m.get("role") == "assistant" for c in m.get("tool_calls") or []]
+        if not self.domain.grade(task, calls, messages[-1].get("content")).success:
+            self.rejects["reference_fails_check"] += 1  # BFCL has 4 such tasks: their truth contradicts their doc
+            return None
+        return landing_line(task, messages, self.model_version, self.domain)
+
+
+ScriptedTeacher = OracleTeacher  # the built-in world's name for it
 
 
 def grounded(task: Task, messages) -> list[dict]:
@@ -116,7 +141,8 @@ class OpenAITeacher:
     """A teacher behind any OpenAI-compatible /chat/completions endpoint (standard library only)."""
 
     def __init__(self, url: str, model: str, api_key: str | None = None, timeout_s: float = 60,
-                 *, backoff_s: float = 1.0, temperature: float = 0.7):
+                 *, backoff_s: float = 1.0, temperature: float = 0.7, domain: Domain | None = None,
+                 max_turns: int = 4):
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"teacher url must start with http:// or https://, got {url!r}")
         self.endpoint = f"{url.rstrip('/')}/chat/completions"
@@ -124,21 +150,24 @@ class OpenAITeacher:
         self.backoff_s, self.temperature = backoff_s, temperature
         self.model_version = f"teacher-{model}"
         self.rejects: Counter[str] = Counter()
+        self.domain, self.max_turns = domain or BuiltinDomain(), max_turns
 
     @classmethod
-    def from_env(cls, environ=None) -> OpenAITeacher | None:
+    def from_env(cls, environ=None, domain: Domain | None = None) -> OpenAITeacher | None:
         environ = os.environ if environ is None else environ
         if not environ.get("FLYWHEEL_TEACHER_URL"):
             return None
         return cls(environ["FLYWHEEL_TEACHER_URL"], environ.get("FLYWHEEL_TEACHER_MODEL") or "gpt-4o",
-                   environ.get("FLYWHEEL_TEACHER_API_KEY") or None)
+                   environ.get("FLYWHEEL_TEACHER_API_KEY") or None, domain=domain)
 
     @property
     def rejected(self) -> int:
         return sum(self.rejects.values())
 
-    def trajectory(self, task: Task) -> dict | None:
+    def trajectory(self, task) -> dict | None:
         """A verified landing line, or None (counted in `rejects` by reason) when the teacher got it wrong."""
+        if not isinstance(self.domain, BuiltinDomain):
+            return self._answer(task)
         operation = json.loads(task.calls[0][1]).get("operation") if task.task_type == "text_ops" else None
         prompt = TEACHER_PROMPT.format(tools=json.dumps(TOOLS), task_type=task.task_type, prompt=task.prompt,
                                        style=ANSWERS[operation or task.task_type][0])
@@ -151,6 +180,35 @@ class OpenAITeacher:
         except Rejected as rejection:
             self.rejects[rejection.code] += 1
             return None
+
+    def _answer(self, task) -> dict | None:
+        """The real request with the domain's tools, answered turn by turn as a model would (tools
+        run by the domain where it runs them), then judged by the domain's checker."""
+        messages, tools = self.domain.teacher_request(task)
+        calls: list[dict] = []
+        for _ in range(self.max_turns):
+            body = {"model": self.model, "messages": messages, "temperature": self.temperature}
+            if tools:
+                body["tools"] = tools
+            try:
+                message = json.loads(self._post(body))["choices"][0]["message"]
+                turn = [_function_call(c) for c in message.get("tool_calls") or []]
+            except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+                self.rejects["malformed"] += 1
+                return None
+            messages = [*messages, {"role": "assistant", "content": message.get("content"),
+                                    **({"tool_calls": turn} if turn else {})}]
+            calls += turn
+            results = [self.domain.execute(task, c["function"]["name"], c["function"]["arguments"]) for c in turn]
+            if not turn or any(result is None for result in results):
+                break  # a final answer, or calls the domain does not run: they are the answer
+            messages += [{"role": "tool", "tool_call_id": c["id"], "content": r} for c, r in zip(turn, results)]
+        final = messages[-1].get("content") if messages[-1].get("role") == "assistant" else None
+        grade = self.domain.grade(task, calls, final)
+        if not grade.success:
+            self.rejects["fails_check"] += 1
+            return None
+        return landing_line(task, messages, self.model_version, self.domain)
 
     def _post(self, body: dict) -> bytes:
         try:
@@ -167,22 +225,33 @@ def _reply_messages(raw: bytes):
         raise Rejected("malformed", f"reply is not a JSON object with messages ({error!r})") from error
 
 
-def make_teacher(kind: str, seed: int):
-    """The configured teacher: "scripted" (offline) or "openai" (FLYWHEEL_TEACHER_URL / _MODEL / _API_KEY)."""
-    if kind == "scripted":
-        return ScriptedTeacher(seed)
+def _function_call(call: dict) -> dict:
+    function = call["function"]
+    arguments = function.get("arguments")
+    return {"id": str(call.get("id") or "call_0"), "type": "function",
+            "function": {"name": str(function["name"]),
+                         "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments)}}
+
+
+def make_teacher(kind: str, seed: int, domain: Domain | None = None):
+    """The configured teacher: "scripted" (offline: the domain's oracle) or "openai"
+    (FLYWHEEL_TEACHER_URL / _MODEL / _API_KEY)."""
+    if kind in ("scripted", "oracle"):
+        return OracleTeacher(seed, domain)
     if kind != "openai":
-        raise ValueError(f"unknown teacher {kind!r}: use 'scripted' or 'openai'")
-    if (teacher := OpenAITeacher.from_env()) is None:
+        raise ValueError(f"unknown teacher {kind!r}: use 'scripted' (alias 'oracle') or 'openai'")
+    if (teacher := OpenAITeacher.from_env(domain=domain)) is None:
         raise ValueError("the teacher is 'openai' but FLYWHEEL_TEACHER_URL is not set")
     return teacher
 
 
-def cold_start_lines(n_synthetic: int, seed: int, teacher=None) -> list[dict]:
-    """Synthetic trajectories for n tasks in the cold-start phrasings; rejected ones are left out."""
-    teacher = teacher or ScriptedTeacher(seed)
-    tasks = generate_tasks(n_synthetic, seed, phrasings=range(COLD_START_PHRASINGS))
-    return [line for task in tasks if (line := teacher.trajectory(task)) is not None]
+def cold_start_lines(n_synthetic: int, seed: int, teacher=None, domain: Domain | None = None) -> list[dict]:
+    """Synthetic trajectories for n of the domain's cold-start tasks (the built-in world: its
+    cold-start phrasings); rejected ones are left out."""
+    domain = domain or getattr(teacher, "domain", None) or BuiltinDomain()
+    teacher = teacher or OracleTeacher(seed, domain)
+    return [line for task in domain.cold_start_tasks(n_synthetic, seed)
+            if (line := teacher.trajectory(task)) is not None]
 
 
 def _records(path: Path) -> Iterator[bytes]:

@@ -1,7 +1,8 @@
 """The embedded default's users: a simulated day of sessions against the routed model versions.
 
 Each user (stable id `user-<n>`, tenant by hash) opens a few sessions; each session asks
-tasks from the task environment (all 8 phrasings, never an evaluation prompt). A request
+training-side tasks of the domain (`Domain.user_tasks`: for the built-in one all 8
+phrasings, never an evaluation prompt). A request
 is routed to a version, the real model answers through the agent loop (tools run for
 real), the trajectory is logged, and the user reacts the way the seed's five signals
 assume: accept a right answer, edit a near miss, report and retry a wrong one, leave
@@ -29,13 +30,12 @@ from random import Random
 from pydantic import BaseModel, Field, model_validator
 
 from flywheel_assets.client import FlywheelLogger
+from flywheel_assets.lib.domains import CORRECT, NEAR_MISS, WRONG, Domain
 from flywheel_assets.lib.simulation.hermes import to_hermes
-from flywheel_assets.lib.simulation.tasks import EVAL_SEED, Task, generate_tasks, units, verify
-from flywheel_assets.lib.simulation.tools import run_tool
-from flywheel_assets.lib.training.inference import AgentRun, run_agent
+from flywheel_assets.lib.simulation.tasks import Task, units, verify
+from flywheel_assets.lib.training.inference import AgentRun, Request, run_requests
 
 SOURCE = "user-sim"  # the landing files' name prefix
-CORRECT, NEAR_MISS, WRONG = "correct", "near_miss", "wrong"
 _DAY = timedelta(days=1)
 # Seconds a step may take: the model answering, then the user's reaction to it (per event).
 _ANSWER_SECONDS = (2.0, 15.0)
@@ -131,10 +131,11 @@ class Reaction:
     follow_up: bool = False
 
 
-def react(config: UserSimulationConfig, task: Task, final_answer: str | None, *, retries_done: int,
-          biased: bool, rng: Random) -> Reaction:
-    """What a user does with one answer; draws from rng in a fixed order."""
-    verdict, similarity = judge_answer(task, final_answer, config.near_miss_similarity)
+def react(config: UserSimulationConfig, task, final_answer: str | None, *, retries_done: int,
+          biased: bool, rng: Random, verdict: tuple[str, float] | None = None) -> Reaction:
+    """What a user does with one answer; draws from rng in a fixed order. `verdict` is the
+    domain's (Domain.user_verdict); without it the built-in task's judge_answer decides."""
+    verdict, similarity = verdict or judge_answer(task, final_answer, config.near_miss_similarity)
     noise, report, carry_on = rng.random(), rng.random(), rng.random()
     if verdict == NEAR_MISS and config.edit_near_miss:
         edited = ("output_edited", {"edit_ratio": round(1.0 - similarity, 4), "edited_answer": task.expected})
@@ -168,7 +169,7 @@ class _Session:
     user_id: str
     tenant_id: str
     biased: bool
-    tasks: list[Task]
+    tasks: list  # the domain's tasks
     rng: Random
     clock: datetime
     pace: float  # scales every gap so that the longest session fits its slot of the day
@@ -186,7 +187,7 @@ class _Attempt:
     version: str
 
     @property
-    def task(self) -> Task:
+    def task(self):
         return self.session.tasks[self.task_index]
 
 
@@ -204,15 +205,17 @@ class _Tally:
 
 def simulate_usage(config: UserSimulationConfig, *, home: Path, router: Callable[[str, str], str],
                    load_version: Callable[[str], tuple], day: datetime,
-                   logger: FlywheelLogger | None = None) -> dict:
+                   logger: FlywheelLogger | None = None, domain: Domain | None = None,
+                   max_new_tokens: int = 40) -> dict:
     """Simulate one day of usage; trajectories and events go through the logging client.
 
     router(user_id, tenant_id) names the version serving a request; load_version(version)
     gives its (model, tokenizer) and is called once per version. A logger passed in is
-    flushed, not closed. Returns counts for the day.
+    flushed, not closed. `domain` is the built-in one unless given. Returns counts for the day.
     """
+    domain = domain or _builtin()
     start = _midnight(day)
-    sessions = _sessions(config, start)
+    sessions = _sessions(config, start, domain)
     own_logger = logger is None
     logger = logger or FlywheelLogger(home, source=SOURCE)
     models: dict[str, tuple] = {}
@@ -227,11 +230,13 @@ def simulate_usage(config: UserSimulationConfig, *, home: Path, router: Callable
                     models[version] = load_version(version)
                 model, tokenizer = models[version]
                 seed = _stable_int(config.seed, start, version, tally.rounds)  # a retry samples anew
-                runs = run_agent(model, tokenizer, [attempt.task.prompt for attempt in batch], run_tool,
-                                 temperature=config.temperature, seed=seed)
+                requests = [Request(domain.messages_for(a.task), domain.tools_for(a.task)) for a in batch]
+                runs = run_requests(model, tokenizer, requests,
+                                    lambda row, name, arguments: domain.execute(batch[row].task, name, arguments),
+                                    temperature=config.temperature, seed=seed, max_new_tokens=max_new_tokens)
                 tally.agent_calls += 1
                 for attempt, run in zip(batch, runs):
-                    waiting += _record(config, attempt, run, logger, router, tally)
+                    waiting += _record(config, domain, attempt, run, logger, router, tally)
             pending = waiting
             tally.rounds += 1
     finally:
@@ -242,9 +247,14 @@ def simulate_usage(config: UserSimulationConfig, *, home: Path, router: Callable
     return _summary(start, sessions, tally)
 
 
-def day_tasks(config: UserSimulationConfig, day: datetime) -> dict[str, list[Task]]:
+def day_tasks(config: UserSimulationConfig, day: datetime, domain: Domain | None = None) -> dict[str, list]:
     """The tasks each session of the day may ask (its first task, then follow-ups), by session_id."""
-    return {session.session_id: session.tasks for session in _sessions(config, _midnight(day))}
+    return {session.session_id: session.tasks for session in _sessions(config, _midnight(day), domain or _builtin())}
+
+
+def _builtin() -> Domain:
+    from flywheel_assets.lib.domains.builtin import BuiltinDomain
+    return BuiltinDomain()
 
 
 def is_biased(config: UserSimulationConfig, user_id: str) -> bool:
@@ -272,7 +282,7 @@ def _unit(*parts) -> float:
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "big") / 2**64
 
 
-def _sessions(config: UserSimulationConfig, start: datetime) -> list[_Session]:
+def _sessions(config: UserSimulationConfig, start: datetime, domain: Domain) -> list[_Session]:
     """Every session of the day, its user, tenant, tasks and start time."""
     day_key = start.date().isoformat()
     plans = []
@@ -281,10 +291,8 @@ def _sessions(config: UserSimulationConfig, start: datetime) -> list[_Session]:
         user_rng = Random(f"{config.seed}:{day_key}:{user_id}")
         plans.append((user_id, user_rng.randint(*config.sessions_per_user), user_rng))
     task_seed = _stable_int("tasks", config.seed, day_key)
-    task_seed += task_seed == EVAL_SEED  # that seed alone would draw the evaluation prompts themselves
     slots = config.max_tasks_per_session
-    pool = generate_tasks(sum(count for _, count, _ in plans) * slots, seed=task_seed)
-    Random(task_seed).shuffle(pool)  # generate_tasks cycles task types; a session should not
+    pool = domain.user_tasks(sum(count for _, count, _ in plans) * slots, seed=task_seed)
     drawn = iter(range(0, len(pool), slots))
     longest = slots * (config.max_retries + 1) * (_ANSWER_SECONDS[1] + 3 * _REACTION_SECONDS[1])
     sessions = []
@@ -313,24 +321,28 @@ def _route(session: _Session, task_index: int, retries_done: int, router: Callab
     return _Attempt(session, task_index, retries_done, version)
 
 
-def _record(config: UserSimulationConfig, attempt: _Attempt, run: AgentRun, logger: FlywheelLogger,
-            router: Callable[[str, str], str], tally: _Tally) -> list[_Attempt]:
+def _record(config: UserSimulationConfig, domain: Domain, attempt: _Attempt, run: AgentRun,
+            logger: FlywheelLogger, router: Callable[[str, str], str], tally: _Tally) -> list[_Attempt]:
     """Log the trajectory and the user's reaction to it; the attempt that follows, if any."""
     session, task = attempt.session, attempt.task
-    conversation = to_hermes(run.messages())
+    # the built-in world logs hermes, as its golden file does; any other domain OpenAI messages and tools
+    hermes = domain.name == "builtin"
+    conversation = to_hermes(run.messages()) if hermes else run.messages()
     created_at = session.advance(_ANSWER_SECONDS)
     # Derived from what happened: the same day simulated again lands the same ids, which ingestion skips.
     identity = [session.session_id, attempt.task_index, attempt.retries_done, attempt.version, conversation]
     trajectory_id = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:32]
-    logger.log_trajectory(conversation, fmt="hermes", trajectory_id=trajectory_id, session_id=session.session_id,
-                          user_id=session.user_id, tenant_id=session.tenant_id, task_type=task.task_type,
-                          model_version=attempt.version, created_at=created_at, origin="usage")
+    logger.log_trajectory(conversation, fmt="hermes" if hermes else "openai", trajectory_id=trajectory_id,
+                          session_id=session.session_id, user_id=session.user_id, tenant_id=session.tenant_id,
+                          task_type=domain.task_type(task), model_version=attempt.version, created_at=created_at,
+                          origin="usage", tools=None if hermes else domain.tools_for(task))
     tally.trajectories += 1
+    verdict = domain.user_verdict(task, run.tool_calls(), run.final_answer, config.near_miss_similarity)
     reaction = react(config, task, run.final_answer, retries_done=attempt.retries_done,
-                     biased=session.biased, rng=session.rng)
+                     biased=session.biased, rng=session.rng, verdict=verdict)
     if attempt.retries_done == 0:
         tally.first_attempts[attempt.version] += 1
-        tally.first_successes[attempt.version] += verify(task, run.final_answer)
+        tally.first_successes[attempt.version] += verdict[0] == CORRECT
     tally.behaviours.update([reaction.behaviour] + (["continue"] if reaction.follow_up else []))
     for event_type, data in reaction.events:
         logger.log_event(session.session_id, event_type, user_id=session.user_id, tenant_id=session.tenant_id,

@@ -1,39 +1,63 @@
-"""The agent loop for the embedded model: generate, run the tool it calls, continue.
+"""The agent loop for any model: generate, run the tools it calls, continue.
 
-All prompts advance together: each round is one batched `generate` over the rows
-still running, stopping at </tool_call> (run the tool, append its result) or <|end|>.
+All conversations advance together: each round is one batched `generate` over the rows
+still running. How a turn ends and how its calls are read depends on the model's format
+(`Dialect`): the embedded model stops at </tool_call> (one call, run at once) or <|end|>;
+a chat-template model (ChatML, …) writes its whole turn up to its end-of-turn token, with
+any number of Hermes `<tool_call>` blocks in it. Where the domain runs tools, their
+results are appended and the run goes on; where it does not (`execute` returns None),
+the calls of the first turn are the answer.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from flywheel_assets.lib.training.chat_format import CALL_CLOSE, END, clean_answer, parse_call, tool_text
-from flywheel_assets.lib.training.chat_template import prompt_ids
+from flywheel_assets.lib.training.chat_format import CALL_CLOSE, END, USER, clean_answer, parse_call, tool_text
+from flywheel_assets.lib.training.chat_template import parse_tool_calls, prompt_ids
+
+# execute(row, tool name, arguments (a dict, or the raw text when unparseable)) → result, or None: not run
+Execute = Callable[[int, str, "dict | str"], "str | None"]
+_CALL_BLOCK = re.compile(r"<tool_call>.*?(</tool_call>|$)", re.DOTALL)
 
 
 @dataclass
 class AgentRun:
-    prompt: str
-    calls: list[tuple[str | None, dict | None, str]] = field(default_factory=list)  # name, arguments, result
+    prompt: str  # the last user message, as logged in `user_prompt`
+    calls: list[tuple[str | None, dict | None, str | None]] = field(default_factory=list)  # name, arguments, result
     final_answer: str = ""
     finished: bool = False
+    request: list[dict] | None = None  # the messages the model was given (None: just the prompt)
+    turn_of_call: list[int] = field(default_factory=list)  # which assistant turn made each call
+
+    def tool_calls(self) -> list[dict]:
+        """Every call as an OpenAI tool call (arguments a JSON string), in order."""
+        return [_openai_call(index, name, arguments) for index, (name, arguments, _) in enumerate(self.calls)]
 
     def messages(self) -> list[dict]:
         """OpenAI chat messages, as the logging client writes them."""
-        messages: list[dict] = [{"role": "user", "content": self.prompt}]
-        for index, (name, arguments, result) in enumerate(self.calls):
-            messages.append({"role": "assistant", "content": None, "tool_calls": [{
-                "id": f"call_{index}", "type": "function",
-                "function": {"name": name or "", "arguments": json.dumps(arguments) if arguments is not None else "{"}}]})
-            messages.append({"role": "tool", "tool_call_id": f"call_{index}", "content": result})
-        messages.append({"role": "assistant", "content": self.final_answer})
+        messages: list[dict] = list(self.request) if self.request else [{"role": "user", "content": self.prompt}]
+        turns = self.turn_of_call or list(range(len(self.calls)))
+        for turn in sorted(set(turns)):
+            indices = [i for i, t in enumerate(turns) if t == turn]
+            messages.append({"role": "assistant", "content": None, "tool_calls": [
+                _openai_call(i, self.calls[i][0], self.calls[i][1]) for i in indices]})
+            messages += [{"role": "tool", "tool_call_id": f"call_{i}", "content": self.calls[i][2]}
+                         for i in indices if self.calls[i][2] is not None]
+        if not self.calls or self.calls[-1][2] is not None:  # else the calls were the answer (tools not run)
+            messages.append({"role": "assistant", "content": self.final_answer})
         return messages
+
+
+def _openai_call(index: int, name: str | None, arguments) -> dict:
+    text = json.dumps(arguments, ensure_ascii=False) if isinstance(arguments, dict) else "{"
+    return {"id": f"call_{index}", "type": "function", "function": {"name": name or "", "arguments": text}}
 
 
 @dataclass
@@ -46,29 +70,91 @@ class GenerationStats:
         return self.new_tokens / self.seconds if self.seconds else 0.0
 
 
+@dataclass(frozen=True)
+class Dialect:
+    stop_ids: tuple[int, ...]
+    embedded: bool  # one call per turn, stopped at </tool_call>; else whole turns with Hermes blocks
+
+    @classmethod
+    def of(cls, tokenizer) -> Dialect:
+        if USER in tokenizer.get_vocab():
+            return cls((tokenizer.convert_tokens_to_ids(END), tokenizer.convert_tokens_to_ids(CALL_CLOSE)), True)
+        stops = {tokenizer.eos_token_id}
+        for token in ("<|im_end|>", "<|eot_id|>", "<|end|>"):  # templates whose turn end is not the eos
+            if (token_id := tokenizer.get_vocab().get(token)) is not None:
+                stops.add(token_id)
+        return cls(tuple(sorted(i for i in stops if i is not None)), False)
+
+    def read(self, tokenizer, generated: list[int]) -> tuple[list[tuple[str | None, dict | str | None]], str, bool]:
+        """(calls as (name, arguments), the text outside them, whether the turn ended properly)."""
+        text = tokenizer.decode(generated, skip_special_tokens=False)
+        ended = bool(generated) and generated[-1] in self.stop_ids
+        if self.embedded:
+            if ended and generated[-1] == self.stop_ids[1]:
+                name, arguments = parse_call(text)
+                return [(name, arguments if arguments is not None else text)], clean_answer(text), False
+            return [], clean_answer(text), ended
+        for token_id in self.stop_ids:
+            text = text.replace(tokenizer.convert_ids_to_tokens(token_id), "")
+        calls = []
+        for call in parse_tool_calls(text):
+            arguments = call["function"]["arguments"]
+            try:
+                parsed = json.loads(arguments)
+            except json.JSONDecodeError:
+                parsed = None
+            calls.append((call["function"]["name"], parsed if isinstance(parsed, dict) else arguments))
+        if "<tool_call>" in text and not calls:
+            calls.append((None, text))  # it tried to call and wrote something unreadable: a failed call
+        return calls, _CALL_BLOCK.sub("", text).strip(), ended
+
+
+@dataclass(frozen=True)
+class Request:
+    messages: list[dict]
+    tools: list[dict] | None = None
+
+
 @torch.no_grad()
-def run_agent(model, tokenizer, prompts: list[str], run_tool: Callable[[str, dict | str], str], *,
-              max_calls: int = 3, max_new_tokens: int = 40, temperature: float = 0.0, batch_size: int = 256,
-              seed: int = 0, stats: GenerationStats | None = None) -> list[AgentRun]:
-    runs = [AgentRun(prompt) for prompt in prompts]
+def run_requests(model, tokenizer, requests: Sequence[Request], execute: Execute, *, max_calls: int = 3,
+                 max_new_tokens: int = 40, temperature: float = 0.0, batch_size: int = 256, seed: int = 0,
+                 stats: GenerationStats | None = None) -> list[AgentRun]:
+    runs = [AgentRun(_last_user(r.messages), request=list(r.messages)) for r in requests]
     for start in range(0, len(runs), batch_size):
-        _run_batch(model, tokenizer, runs[start:start + batch_size], run_tool, max_calls, max_new_tokens,
-                   temperature, seed + start, stats)
+        rows = range(start, min(start + batch_size, len(runs)))
+        _run_batch(model, tokenizer, [runs[i] for i in rows], [requests[i] for i in rows],
+                   lambda row, name, arguments, first=start: execute(first + row, name, arguments),
+                   max_calls, max_new_tokens, temperature, seed + start, stats)
     return runs
 
 
-def _run_batch(model, tokenizer, runs, run_tool, max_calls, max_new_tokens, temperature, seed, stats):
+def run_agent(model, tokenizer, prompts: list[str], run_tool: Callable[[str, dict | str], str], **kwargs) -> list[AgentRun]:
+    """run_requests for plain user prompts and one tool runner shared by all (the built-in domain)."""
+    runs = run_requests(model, tokenizer, [Request([{"role": "user", "content": p}]) for p in prompts],
+                        lambda row, name, arguments: run_tool(name or "", arguments), **kwargs)
+    for run in runs:
+        run.request = None  # logged as the prompt alone, as before
+    return runs
+
+
+def _last_user(messages: Sequence[dict]) -> str:
+    return next((str(m.get("content") or "") for m in reversed(messages) if m.get("role") == "user"), "")
+
+
+def _run_batch(model, tokenizer, runs, requests, execute, max_calls, max_new_tokens, temperature, seed, stats):
     device = next(model.parameters()).device
+    dialect = Dialect.of(tokenizer)
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    contexts = [prompt_ids(tokenizer, [{"role": "user", "content": run.prompt}]) for run in runs]
-    stop_ids = [tokenizer.convert_tokens_to_ids(END), tokenizer.convert_tokens_to_ids(CALL_CLOSE)]
+    conversations = [list(r.messages) for r in requests]
+    contexts = [prompt_ids(tokenizer, conversation, r.tools) for conversation, r in zip(conversations, requests)]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else dialect.stop_ids[0]
     active = list(range(len(runs)))
     torch.manual_seed(seed)
-    for _ in range(max_calls + 1):
+    for turn in range(max_calls + 1):
         if not active:
             break
         width = max(len(contexts[i]) for i in active)
-        ids = torch.full((len(active), width), tokenizer.pad_token_id, dtype=torch.long)
+        ids = torch.full((len(active), width), pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for row, i in enumerate(active):
             ids[row, width - len(contexts[i]):] = torch.tensor(contexts[i])
@@ -77,35 +163,43 @@ def _run_batch(model, tokenizer, runs, run_tool, max_calls, max_new_tokens, temp
         output = model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
             do_sample=temperature > 0, temperature=temperature if temperature > 0 else None, top_k=None, top_p=None,
-            eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=list(dialect.stop_ids), pad_token_id=pad_id,
         )[:, width:].tolist()
         if stats is not None:
             stats.seconds += time.perf_counter() - started
         still = []
         for row, i in enumerate(active):
-            generated = _until_stop(output[row], stop_ids, tokenizer.pad_token_id)
+            generated = _until_stop(output[row], dialect.stop_ids, pad_id)
             if stats is not None:
                 stats.new_tokens += len(generated)
             run = runs[i]
-            text = tokenizer.decode(generated, skip_special_tokens=False)
-            if generated and generated[-1] == stop_ids[1] and len(run.calls) < max_calls:
-                name, arguments = parse_call(text)
-                result = run_tool(name or "", arguments if arguments is not None else text)
-                run.calls.append((name, arguments, result))
-                contexts[i] = contexts[i] + generated + encode(tool_text(result))
-                still.append(i)
+            calls, text, ended = dialect.read(tokenizer, generated)
+            if not calls or len(run.calls) >= max_calls:
+                run.final_answer, run.finished = text, ended
+                continue
+            results = [execute(i, name or "", arguments) for name, arguments in calls]
+            for (name, arguments), result in zip(calls, results):
+                run.calls.append((name, arguments if isinstance(arguments, dict) else None, result))
+                run.turn_of_call.append(turn)
+            if any(result is None for result in results):  # the domain runs no tools: the calls are the answer
+                run.final_answer, run.finished = text, ended
+                continue
+            if dialect.embedded:
+                contexts[i] = contexts[i] + generated + encode(tool_text(results[0]))
             else:
-                run.final_answer = clean_answer(text)
-                run.finished = bool(generated) and generated[-1] == stop_ids[0]
+                conversations[i] = run.messages()[:-1]  # less the (still empty) final answer
+                contexts[i] = prompt_ids(tokenizer, conversations[i], requests[i].tools)
+            still.append(i)
         active = still
 
 
-def _until_stop(tokens: list[int], stop_ids: list[int], pad_id: int) -> list[int]:
+def _until_stop(tokens: list[int], stop_ids: Sequence[int], pad_id: int) -> list[int]:
     kept = []
     for token in tokens:
+        if token in stop_ids:
+            kept.append(token)
+            break
         if token == pad_id:
             break
         kept.append(token)
-        if token in stop_ids:
-            break
     return kept
