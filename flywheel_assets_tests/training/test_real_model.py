@@ -12,6 +12,7 @@ from flywheel_assets.lib.config import LoraConfigModel
 from flywheel_assets.lib.training.chat_format import IGNORE
 from flywheel_assets.lib.training.chat_template import parse_tool_calls, prompt_ids
 from flywheel_assets.lib.training.examples import collate, encode
+from flywheel_assets.lib.training.inference import Request, run_requests
 from flywheel_assets.lib.training.pipeline import load_for_inference, set_threads
 from flywheel_assets.lib.training.real_model import find_smollm2, save_gguf_as_base
 from flywheel_assets.lib.training.trainer import attach_lora, train_lora
@@ -67,3 +68,9 @@ def test_smollm2_learns_a_tool_call_through_its_chat_template_and_the_adapter_is
                               reloaded(input_ids=batch["input_ids"]).logits, atol=1e-5)
     [call] = parse_tool_calls(answer(reloaded))
     assert call["function"]["name"] == "get_weather" and json.loads(call["function"]["arguments"]) == {"city": "Lima"}
+
+    # the agent loop every evaluation and simulated user goes through reads the same ChatML turn
+    [run] = run_requests(reloaded, tokenizer, [Request(task("Oslo")[:1], TOOLS)], lambda row, name, args: None,
+                         max_new_tokens=32)
+    assert run.calls == [("get_weather", {"city": "Oslo"}, None)] and run.finished
+    assert run.messages()[-1]["tool_calls"][0]["function"]["name"] == "get_weather"
