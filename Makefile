@@ -9,7 +9,7 @@ export DAGSTER_HOME ?= $(FLYWHEEL_HOME)/dagster
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
-.PHONY: dev demo test test-faults bench bench-training bench-sensors seed clean
+.PHONY: dev demo real-model test test-faults bench bench-training bench-sensors seed clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,14 @@ dev: $(STAMP) $(DAGSTER_HOME)/dagster.yaml seed
 ## demo: the closed loop headless through real Dagster runs and sensors: 3 cycles, A/B, promotion, control arm
 demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 	FLYWHEEL_CONFIG=$${FLYWHEEL_CONFIG:-$(CURDIR)/data/flywheel.json} $(BIN)/python -m flywheel_assets.flywheel --fresh
+
+## real-model: opt-in profile: the loop on SmolLM2-135M-Instruct and BFCL (data/profiles/smollm2-bfcl.json), its own home
+REAL_HOME := $(CURDIR)/data/home-smollm2
+real-model: $(STAMP)
+	mkdir -p $(REAL_HOME)/dagster
+	FLYWHEEL_HOME=$(REAL_HOME) DAGSTER_HOME=$(REAL_HOME)/dagster \
+	  FLYWHEEL_CONFIG=$${FLYWHEEL_CONFIG:-$(CURDIR)/data/profiles/smollm2-bfcl.json} \
+	  $(BIN)/python -m flywheel_assets.flywheel --fresh --no-control --cycles $${CYCLES:-2} --days $${DAYS:-8}
 
 # Debian's chromium for the UI's browser test: installed once where apt-get runs as root; elsewhere
 # the test is skipped and says why.

@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     set_now(config, START)
     print(f"phase 0 — {START:%Y-%m-%d}: cold start, the demo agents' usage log, the base model", flush=True)
     run_job(defs, instance, "bootstrap_job")
-    seed_demo_usage(config)
+    if config.domain.name == "builtin":  # the shipped usage log is the built-in world's
+        seed_demo_usage(config)
     ingest_landed(defs, instance)
     print(data_summary(config, lake), flush=True)
     run_job(defs, instance, "base_model_job")
@@ -161,8 +162,7 @@ def quiet_libraries() -> None:
 
 def report(config: FlywheelConfig, lake: Lake, defs, no_control: bool, started: float) -> int:
     print(cycle_table(config, lake))
-    if not no_control:
-        print(final_comparison(config, lake, defs))
+    print(final_comparison(config, lake, defs, control=not no_control))
     print(f"\nwall time {time.monotonic() - started:.0f} s; runs and assets: make dev → http://127.0.0.1:3000")
     return 0
 
@@ -254,29 +254,31 @@ def cycle_table(config: FlywheelConfig, lake: Lake) -> str:
     return "\n".join(lines)
 
 
-def final_comparison(config: FlywheelConfig, lake: Lake, defs) -> str:
-    """Base, champion and the control arm on the held-out tasks, with paired differences."""
+def final_comparison(config: FlywheelConfig, lake: Lake, defs, control: bool = True) -> str:
+    """Base, champion and (unless control is False) the control arm on the held-out tasks, with
+    paired differences."""
     from flywheel_assets.lib.evaluation.control import train_control
     from flywheel_assets.lib.domains import load_domain
-    from flywheel_assets.lib.evaluation.offline import evaluate_model, paired_difference, summarise
+    from flywheel_assets.lib.evaluation.offline import evaluate_model, evaluate_version, paired_difference, summarise
 
     registry = _registry(defs)
     champion = registry.champion()
     base = registry.get(champion["base"])
     cycles = sorted({h["cycle"] for h in registry.history() if h["cycle"]})
-    print(f"\ncontrol arm: {len(cycles)} cycles of {config.lora.steps} steps on cold-start data only", flush=True)
-    controls = train_control(config, lake, config.home / base["base_path"], cycles, config.models / "control")
+    controls = []
+    if control:
+        print(f"\ncontrol arm: {len(cycles)} cycles of {config.lora.steps} steps on cold-start data only", flush=True)
+        controls = train_control(config, lake, config.home / base["base_path"], cycles, config.models / "control")
     domain = load_domain(config.domain)
     tasks = domain.heldout_tasks(config.evaluation.tasks)
 
-    def evaluate(base_dir, adapter=None):
-        model, tokenizer = load_for_inference(base_dir, adapter)
+    def evaluate(base_dir):
+        model, tokenizer = load_for_inference(base_dir)
         return evaluate_model(model, tokenizer, domain, tasks, batch_size=config.evaluation.batch_size,
                               max_new_tokens=config.evaluation.max_new_tokens)
 
-    adapter = config.home / champion["adapter_path"] if champion["adapter_path"] else None
-    outcomes = {"base": evaluate(config.home / base["base_path"]),
-                "champion": evaluate(config.home / champion["base_path"], adapter),
+    outcomes = {"base": evaluate_version(config, base, domain, tasks),  # measured already by the gates
+                "champion": evaluate_version(config, champion, domain, tasks),
                 "control": evaluate(controls[-1]) if controls else None}
     lines = ["", f"held-out success on {len(tasks)} tasks never trained on (95% Wilson interval):", ""]
     labels = {"base": base["version"], "champion": champion["version"],

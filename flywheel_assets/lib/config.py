@@ -309,11 +309,13 @@ class LoopHealthConfig(BaseModel):
 
 
 class SimulationConfig(BaseModel):
-    """Demo mode: simulated users of the embedded default, one day of usage per tick of the
-    `simulated_users` sensor (README: Usage simulator). Never on when a real model is
-    configured (base_model.model_id): fake users must not mix with real ones."""
+    """Demo mode: simulated users, one day of usage per tick of the `simulated_users` sensor
+    (README: Usage simulator). Off by default when a real model is configured
+    (base_model.model_id): fake users must not mix with real ones unless asked for."""
 
-    enabled: bool = True
+    # None: on for the embedded model only; true also with a real model (the opt-in real-model
+    # profile, data/profiles/): simulated users then use it like real ones would
+    enabled: bool | None = None
     users_per_tick: int = Field(100, ge=1)  # the same users every day: also the A/B test's population
     sessions_per_user: tuple[int, int] = (1, 2)  # inclusive range, drawn per user and day
     interval_minutes: float = Field(5.0, ge=0)  # wall time from the end of one simulated day to the next
@@ -344,10 +346,11 @@ class FlywheelConfig(BaseModel):
 
     def simulation_off(self) -> str | None:
         """Why simulated users must not run here, or None in demo mode."""
-        if self.base_model.model_id:
-            return f"a real model is configured (base_model.model_id = {self.base_model.model_id})"
-        if not self.simulation.enabled:
+        if self.simulation.enabled is False:
             return "simulation.enabled is false"
+        if self.base_model.model_id and not self.simulation.enabled:
+            return (f"a real model is configured (base_model.model_id = {self.base_model.model_id}) "
+                    "and simulation.enabled is not true")
         return None
 
     @property

