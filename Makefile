@@ -40,7 +40,7 @@ demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 ## real-model: opt-in profile: the loop on SmolLM2-135M-Instruct and BFCL (data/profiles/smollm2-bfcl.json), its own home
 REAL_HOME := $(CURDIR)/data/home-smollm2
 real-model: $(STAMP)
-	mkdir -p $(REAL_HOME)/dagster
+	mkdir -p $(REAL_HOME)/dagster && touch $(REAL_HOME)/dagster/dagster.yaml
 	FLYWHEEL_HOME=$(REAL_HOME) DAGSTER_HOME=$(REAL_HOME)/dagster \
 	  FLYWHEEL_CONFIG=$${FLYWHEEL_CONFIG:-$(CURDIR)/data/profiles/smollm2-bfcl.json} \
 	  $(BIN)/python -m flywheel_assets.flywheel --fresh --no-control --cycles $${CYCLES:-2} --days $${DAYS:-8}
