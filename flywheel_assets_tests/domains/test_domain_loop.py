@@ -196,3 +196,14 @@ def test_simulated_users_run_on_a_real_model_only_when_asked_for():
     assert FlywheelConfig(base_model=real, simulation={"enabled": True}).simulation_off() is None
     assert FlywheelConfig().simulation_off() is None
     assert FlywheelConfig(simulation={"enabled": False}).simulation_off() == "simulation.enabled is false"
+
+
+def test_a_run_answered_by_calls_logs_them_as_its_last_turn_with_the_text_beside_them():
+    run = AgentRun("Area of a circle of radius 2?", request=[{"role": "user", "content": "Area of a circle of radius 2?"}],
+                   calls=[("circle_area", {"radius": 2}, None)], final_answer="Let me compute it.", turn_of_call=[0])
+    messages = run.messages()
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+    assert messages[-1]["content"] == "Let me compute it."
+    assert messages[-1]["tool_calls"][0]["function"] == {"name": "circle_area", "arguments": '{"radius": 2}'}
+    executed = AgentRun("q", calls=[("t", {}, "42")], final_answer="It is 42.")
+    assert [m["role"] for m in executed.messages()] == ["user", "assistant", "tool", "assistant"]

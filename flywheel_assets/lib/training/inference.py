@@ -44,13 +44,16 @@ class AgentRun:
         """OpenAI chat messages, as the logging client writes them."""
         messages: list[dict] = list(self.request) if self.request else [{"role": "user", "content": self.prompt}]
         turns = self.turn_of_call or list(range(len(self.calls)))
+        answered_by_calls = bool(self.calls) and self.calls[-1][2] is None
         for turn in sorted(set(turns)):
             indices = [i for i, t in enumerate(turns) if t == turn]
-            messages.append({"role": "assistant", "content": None, "tool_calls": [
+            # where the calls are the answer, the text written beside them belongs to that turn
+            content = (self.final_answer or None) if answered_by_calls and turn == turns[-1] else None
+            messages.append({"role": "assistant", "content": content, "tool_calls": [
                 _openai_call(i, self.calls[i][0], self.calls[i][1]) for i in indices]})
             messages += [{"role": "tool", "tool_call_id": f"call_{i}", "content": self.calls[i][2]}
                          for i in indices if self.calls[i][2] is not None]
-        if not self.calls or self.calls[-1][2] is not None:  # else the calls were the answer (tools not run)
+        if not answered_by_calls:
             messages.append({"role": "assistant", "content": self.final_answer})
         return messages
 
