@@ -24,10 +24,15 @@ arm alike. Each run also reports its CPU share (CPU time / wall time / threads);
 below 1 means neighbours had the cores and that run's tokens/s says little.
 
 Then `run_agent` answers the held-out prompts with the trained adapter, unmerged as
-offline evaluation loads it, and once merged. Prints a table and writes
-benchmarks/results/bench_training-latest.json.
+offline evaluation loads it, and once merged.
 
-    .venv/bin/python benchmarks/bench_training.py [--steps 60] [--batch-size 32] [--threads 2]
+Then the real model, SmolLM2-135M-Instruct (benchmarks/smollm2_training.py): our
+`train_lora` against a plain torch + peft loop with the same batches and loss, each run in
+its own process for its peak RSS, and batched greedy generation against one prompt at a
+time. `--model embedded|smollm2` runs one part; the other keeps its last numbers in
+benchmarks/results/bench_training-latest.json (the SmolLM2 part under "smollm2").
+
+    .venv/bin/python benchmarks/bench_training.py [--model all] [--steps 60] [--batch-size 32] [--threads 2]
 
 Targets are reported as ✓/✗ and never fail the run: wall-clock time is not a test.
 """
@@ -56,7 +61,8 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "bench_training-latest.json"
 sys.path.insert(0, str(REPO))
 
-from common import ResourceSampler, machine, mark, print_rows  # noqa: E402  (benchmarks/ is on sys.path)
+import smollm2_training  # noqa: E402  (benchmarks/ is on sys.path)
+from common import ResourceSampler, batches, machine, mark, print_rows  # noqa: E402
 from flywheel_assets.lib.config import FlywheelConfig  # noqa: E402
 from flywheel_assets.lib.simulation.tasks import (  # noqa: E402
     COLD_START_PHRASINGS, eval_tasks, expert_messages, generate_tasks,
@@ -115,17 +121,6 @@ def build_setup(config: FlywheelConfig, out_dir: Path, pretrain_steps: int) -> d
             "parameters": model_lib.count_parameters(model), "tokenizer_s": tokenizer_s,
             "pretrain_steps": pretrain_steps, "pretrain_s": pretrain_s,
             "mean_example_tokens": sum(lengths) / len(lengths)}
-
-
-def batches(examples, steps: int, batch_size: int, seed: int):
-    """The example order of `trainer._loop`: reshuffled passes drawn from random.Random(seed)."""
-    rng = random.Random(seed)
-    order: list[int] = []
-    for _ in range(steps):
-        if len(order) < batch_size:
-            order += rng.sample(range(len(examples)), len(examples))
-        yield [examples[i] for i in order[:batch_size]]
-        order = order[batch_size:]
 
 
 def plain_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -405,6 +400,14 @@ def print_table(r: dict) -> None:
                f"torch {r['torch']} (load {load['before'][0]:.2f} → {load['after'][0]:.2f})", rows)
 
 
+def print_smollm2_table(r: dict) -> None:
+    t = r["training"]
+    print_rows(f"bench_training, SmolLM2-135M-Instruct: {t['arms']['A']['timed_steps']} timed steps per arm × batch "
+               f"{r['lora']['batch_size']} ({t['timed_tokens_per_step']:,.0f} tokens a step), {r['threads']} threads "
+               f"(load {r['load_avg']['before'][0]:.2f} → {r['load_avg']['after'][0]:.2f})",
+               smollm2_training.table_rows(r, mark))
+
+
 def versions() -> dict:
     import peft
     import transformers
@@ -424,13 +427,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--generation-batch-sizes", type=int, nargs="+", default=[300, 64])
     parser.add_argument("--pretrain-steps", type=int, default=0,
                         help="pretrain the base first (0: random weights, as build_model returns them)")
+    parser.add_argument("--model", choices=["embedded", "smollm2", "all"], default="all",
+                        help="which model to measure; the other part's last numbers stay in the results file")
+    real = parser.add_argument_group("SmolLM2-135M-Instruct")
+    real.add_argument("--smollm2-steps", type=int, default=10, help="timed steps per arm")
+    real.add_argument("--smollm2-warmup", type=int, default=2, help="untimed steps before them")
+    real.add_argument("--smollm2-batch-size", type=int, default=4)
+    real.add_argument("--smollm2-prompts", type=int, default=16, help="held-out prompts to generate for")
+    real.add_argument("--smollm2-generation-batch", type=int, default=16)
+    real.add_argument("--smollm2-new-tokens", type=int, default=48, help="max_new_tokens of every generate")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    result = run(args)
-    print_table(result)
+    # The part not measured this time keeps its last numbers: the file always holds both.
+    result = json.loads(RESULTS.read_text()) if args.model != "all" and RESULTS.exists() else {}
+    if args.model in ("embedded", "all"):
+        embedded = run(args)
+        print_table(embedded)
+        result = embedded | ({"smollm2": result["smollm2"]} if "smollm2" in result else {})
+    if args.model in ("smollm2", "all"):
+        real = smollm2_training.run(args) | {"machine": versions()}
+        print_smollm2_table(real)
+        result["smollm2"] = real
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     print(f"\nwrote {RESULTS.relative_to(REPO)}")

@@ -1,9 +1,10 @@
-"""What every benchmark shares: a resource sampler, the results table, the machine."""
+"""What every benchmark shares: a resource sampler, the training loop's batch order, the results table, the machine."""
 
 from __future__ import annotations
 
 import os
 import platform
+import random
 import threading
 import time
 
@@ -48,6 +49,17 @@ class ResourceSampler:
     @property
     def increase_mb(self) -> float:
         return (self.peak - self.start) / 2**20
+
+
+def batches(examples, steps: int, batch_size: int, seed: int):
+    """The example order of `trainer._loop`: reshuffled passes drawn from random.Random(seed)."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < batch_size:
+            order += rng.sample(range(len(examples)), len(examples))
+        yield [examples[i] for i in order[:batch_size]]
+        order = order[batch_size:]
 
 
 def mark(ok: bool) -> str:
