@@ -6,6 +6,7 @@
     flywheel promote VERSION --reason R [--to champion|treatment|canary]
     flywheel rollback VERSION --reason R
     flywheel export CYCLE [-o PATH]          the cycle's training set as chat JSONL
+    flywheel serve / flywheel keys …         the OpenAI-compatible gateway (gateway_cli.py)
 
 Everything goes through the lib/ code the Dagster assets and sensors use, so a manual
 change is recorded exactly like an automatic one (registry changes carry the actor
@@ -418,6 +419,9 @@ def export(ctx: typer.Context,
     typer.echo(f"{cycle}: {rows.num_rows} rows{' to ' + str(output) if output else ''}; sha256 {sha} {matches}",
                err=True)
 
+
+# the gateway's commands (serve, keys) live in their own module, registered on this app
+from flywheel_assets import gateway_cli  # noqa: E402,F401
 
 if __name__ == "__main__":
     app()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from dataclasses import asdict, dataclass
 
 from scipy import stats
@@ -80,7 +81,7 @@ def gate(difference: dict, margin: float) -> tuple[bool, str]:
 
 
 def run_tasks(model, tokenizer, domain, tasks, *, batch_size: int = 300, max_new_tokens: int = 40,
-              temperature: float = 0.0, seed: int = 0, stats=None) -> list:
+              temperature: float = 0.0, seed: int = 0, stats=None, progress=None) -> list:
     """The model's agent runs on the domain's tasks (tools executed where the domain runs them)."""
     from flywheel_assets.lib.training.inference import Request, run_requests
 
@@ -88,11 +89,13 @@ def run_tasks(model, tokenizer, domain, tasks, *, batch_size: int = 300, max_new
     return run_requests(model, tokenizer, requests,
                         lambda row, name, arguments: domain.execute(tasks[row], name, arguments),
                         batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                        stats=stats)
+                        stats=stats, progress=progress)
 
 
-def evaluate_model(model, tokenizer, domain, tasks, *, batch_size: int = 300, max_new_tokens: int = 40) -> list[TaskOutcome]:
-    runs = run_tasks(model, tokenizer, domain, tasks, batch_size=batch_size, max_new_tokens=max_new_tokens)
+def evaluate_model(model, tokenizer, domain, tasks, *, batch_size: int = 300, max_new_tokens: int = 40,
+                   progress=None) -> list[TaskOutcome]:
+    runs = run_tasks(model, tokenizer, domain, tasks, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                     progress=progress)
     outcomes = []
     for task, run in zip(tasks, runs):
         grade = domain.grade(task, run.tool_calls(), run.final_answer)
@@ -122,8 +125,14 @@ def evaluate_version(config, version: dict, domain, tasks, log=print) -> list[Ta
     # merged: the same function as base + adapter (test_training holds them equal), without the
     # adapter's extra matmuls in every layer at every generated token
     model, tokenizer = load_for_inference(config.home / version["base_path"], adapter, merged=adapter is not None)
+    started = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:  # a real model's pass takes minutes: say how far it is
+        if done < total:
+            log(f"{version['version']}: {done}/{total} tasks generated ({time.perf_counter() - started:.0f} s)")
+
     outcomes = evaluate_model(model, tokenizer, domain, tasks, batch_size=config.evaluation.batch_size,
-                              max_new_tokens=config.evaluation.max_new_tokens)
+                              max_new_tokens=config.evaluation.max_new_tokens, progress=progress)
     if folder.is_dir():
         staging = cache.with_name(f".{cache.name}.tmp")
         staging.write_text(json.dumps([asdict(o) for o in outcomes]))

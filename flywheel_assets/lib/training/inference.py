@@ -121,7 +121,9 @@ class Request:
 @torch.no_grad()
 def run_requests(model, tokenizer, requests: Sequence[Request], execute: Execute, *, max_calls: int = 3,
                  max_new_tokens: int = 40, temperature: float = 0.0, batch_size: int = 256, seed: int = 0,
-                 stats: GenerationStats | None = None) -> list[AgentRun]:
+                 stats: GenerationStats | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> list[AgentRun]:
+    """Every request's agent run; `progress(done, total)` after each batch."""
     runs = [AgentRun(_last_user(r.messages), request=list(r.messages)) for r in requests]
     order = list(range(len(runs)))
     if temperature == 0:  # greedy: a batch of like lengths pads less (BFCL prompts run 200 to 1,000 tokens)
@@ -131,6 +133,8 @@ def run_requests(model, tokenizer, requests: Sequence[Request], execute: Execute
         _run_batch(model, tokenizer, [runs[i] for i in rows], [requests[i] for i in rows],
                    lambda row, name, arguments, rows=rows: execute(rows[row], name, arguments),
                    max_calls, max_new_tokens, temperature, seed + start, stats)
+        if progress is not None:
+            progress(min(start + batch_size, len(runs)), len(runs))
     return runs
 
 
@@ -148,7 +152,6 @@ def _last_user(messages: Sequence[dict]) -> str:
 
 
 def _run_batch(model, tokenizer, runs, requests, execute, max_calls, max_new_tokens, temperature, seed, stats):
-    device = next(model.parameters()).device
     dialect = Dialect.of(tokenizer)
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     conversations = [list(r.messages) for r in requests]
@@ -159,23 +162,10 @@ def _run_batch(model, tokenizer, runs, requests, execute, max_calls, max_new_tok
     for turn in range(max_calls + 1):
         if not active:
             break
-        width = max(len(contexts[i]) for i in active)
-        ids = torch.full((len(active), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, i in enumerate(active):
-            ids[row, width - len(contexts[i]):] = torch.tensor(contexts[i])
-            mask[row, width - len(contexts[i]):] = 1
-        started = time.perf_counter()
-        output = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-            do_sample=temperature > 0, temperature=temperature if temperature > 0 else None, top_k=None, top_p=None,
-            eos_token_id=list(dialect.stop_ids), pad_token_id=pad_id,
-        )[:, width:].tolist()
-        if stats is not None:
-            stats.seconds += time.perf_counter() - started
+        outputs = _generate(model, dialect, [contexts[i] for i in active], pad_id, max_new_tokens, temperature, stats)
         still = []
         for row, i in enumerate(active):
-            generated = _until_stop(output[row], dialect.stop_ids, pad_id)
+            generated = outputs[row]
             if stats is not None:
                 stats.new_tokens += len(generated)
             run = runs[i]
@@ -197,6 +187,54 @@ def _run_batch(model, tokenizer, runs, requests, execute, max_calls, max_new_tok
                 contexts[i] = prompt_ids(tokenizer, conversations[i], requests[i].tools)
             still.append(i)
         active = still
+
+
+@dataclass
+class Turn:
+    """One assistant turn a model wrote: its calls as (name, arguments), the text outside them."""
+
+    calls: list[tuple[str | None, dict | str | None]]
+    text: str
+    ended: bool  # it wrote its end-of-turn (or a call's end) rather than running out of tokens
+    prompt_tokens: int
+    new_tokens: int
+
+
+@torch.no_grad()
+def generate_turns(model, tokenizer, requests: Sequence[Request], *, max_new_tokens: int = 40,
+                   temperature: float = 0.0, seed: int = 0) -> list[Turn]:
+    """The next assistant turn of each request, in one batched `generate`: a serving
+    step, where the client runs the tools (the agent loop above runs them itself)."""
+    dialect = Dialect.of(tokenizer)
+    contexts = [prompt_ids(tokenizer, list(r.messages), r.tools) for r in requests]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else dialect.stop_ids[0]
+    torch.manual_seed(seed)
+    turns = []
+    for context, generated in zip(contexts, _generate(model, dialect, contexts, pad_id, max_new_tokens, temperature)):
+        calls, text, ended = dialect.read(tokenizer, generated)
+        turns.append(Turn(calls, text, ended or bool(calls), len(context), len(generated)))
+    return turns
+
+
+def _generate(model, dialect: Dialect, contexts: list[list[int]], pad_id: int, max_new_tokens: int,
+              temperature: float, stats: GenerationStats | None = None) -> list[list[int]]:
+    """Each context's continuation through its stop token: left-padded rows, one generate."""
+    width = max(len(context) for context in contexts)
+    ids = torch.full((len(contexts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, context in enumerate(contexts):
+        ids[row, width - len(context):] = torch.tensor(context)
+        mask[row, width - len(context):] = 1
+    device = next(model.parameters()).device
+    started = time.perf_counter()
+    output = model.generate(
+        input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+        do_sample=temperature > 0, temperature=temperature if temperature > 0 else None, top_k=None, top_p=None,
+        eos_token_id=list(dialect.stop_ids), pad_token_id=pad_id,
+    )[:, width:].tolist()
+    if stats is not None:
+        stats.seconds += time.perf_counter() - started
+    return [_until_stop(row, dialect.stop_ids, pad_id) for row in output]
 
 
 def _until_stop(tokens: list[int], stop_ids: Sequence[int], pad_id: int) -> list[int]:

@@ -76,6 +76,7 @@ def _loop(model, optimizer, examples, pairs, *, steps, batch_size, pad_id, seed,
     model.train()
     result = TrainResult()
     started = time.perf_counter()
+    logged_at = 0.0
     order: list[int] = []
     for step in range(steps):
         if len(order) < batch_size:
@@ -95,8 +96,10 @@ def _loop(model, optimizer, examples, pairs, *, steps, batch_size, pad_id, seed,
         optimizer.step()
         scheduler.step()
         result.losses.append(loss.item())
-        if log and (step % 25 == 0 or step == steps - 1):
-            elapsed = time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        # every 25 steps, and at least every 30 s (a real model's step takes many seconds on a CPU)
+        if log and (step % 25 == 0 or step == steps - 1 or elapsed - logged_at >= 30):
+            logged_at = elapsed
             log({"step": step + 1, "steps": steps, "loss": round(result.losses[-1], 4),
                  "tokens_per_s": round(result.tokens / max(elapsed, 1e-9))})
     result.seconds = time.perf_counter() - started
