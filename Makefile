@@ -29,9 +29,15 @@ $(DAGSTER_HOME)/dagster.yaml:
 seed: $(STAMP)
 	$(BIN)/python -m flywheel_assets.lib.simulation.seed
 
-## dev: seed the embedded demo data and start the UI on http://$(HOST):$(PORT) with the sensors running
+## dev: seed the embedded demo data, start the UI on http://$(HOST):$(PORT) with the sensors running and the gateway on :$(GATEWAY_PORT)
+GATEWAY_PORT ?= 8000
+DEV_KEY := $(FLYWHEEL_HOME)/gateway/dev.key
 dev: $(STAMP) $(DAGSTER_HOME)/dagster.yaml seed
-	FLYWHEEL_CONFIG=$${FLYWHEEL_CONFIG:-$(CURDIR)/data/flywheel.json} $(BIN)/dg dev --host $(HOST) --port $(PORT)
+	test -s $(DEV_KEY) || $(BIN)/flywheel keys create --tenant dev --save $(DEV_KEY) >/dev/null
+	@echo "gateway: OPENAI_BASE_URL=http://$(HOST):$(GATEWAY_PORT)/v1 OPENAI_API_KEY=$$(cat $(DEV_KEY))"
+	export FLYWHEEL_CONFIG=$${FLYWHEEL_CONFIG:-$(CURDIR)/data/flywheel.json}; trap 'kill 0' EXIT; \
+	  $(BIN)/flywheel serve --host $(HOST) --port $(GATEWAY_PORT) & \
+	  $(BIN)/dg dev --host $(HOST) --port $(PORT)
 
 ## demo: the closed loop headless through real Dagster runs and sensors: 3 cycles, A/B, promotion, control arm
 demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml

@@ -423,5 +423,7 @@ def export(ctx: typer.Context,
 # the gateway's commands (serve, keys) live in their own module, registered on this app
 from flywheel_assets import gateway_cli  # noqa: E402,F401
 
-if __name__ == "__main__":
-    app()
+if __name__ == "__main__":  # `python -m flywheel_assets.cli`: the module's app, where gateway_cli registered
+    from flywheel_assets.cli import app as registered
+
+    registered()

@@ -1,7 +1,7 @@
 """`flywheel serve` and `flywheel keys …`: the gateway's commands (registered on cli.app).
 
     flywheel serve [--host H] [--port P]      the OpenAI-compatible gateway (README: Gateway)
-    flywheel keys create --tenant T           a new API key for tenant T, shown once
+    flywheel keys create --tenant T [--save F] a new API key for tenant T, shown once
     flywheel keys list [--json]               key ids, tenants, created, revoked
     flywheel keys revoke KEY_ID               the key stops working at its next request
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -27,12 +28,17 @@ def _store(ctx: typer.Context):
 
 
 @keys_app.command("create")
-def keys_create(ctx: typer.Context, tenant: str = typer.Option(..., "--tenant", help="The tenant the key speaks for.")):
+def keys_create(ctx: typer.Context, tenant: str = typer.Option(..., "--tenant", help="The tenant the key speaks for."),
+                save: Optional[Path] = typer.Option(None, "--save", help="Also write the key to this file (mode 600).")):
     """Create a key; it is printed once (only its SHA-256 is stored)."""
     try:
         key, record = _store(ctx).create(tenant)
     except ValueError as error:
         fail(str(error), EXIT_USAGE)
+    if save is not None:
+        save.parent.mkdir(parents=True, exist_ok=True)
+        save.touch(mode=0o600)
+        save.write_text(key + "\n")
     typer.echo(key)
     typer.echo(f"key id {record.key_id} for tenant {record.tenant}; store it now, it is not shown again", err=True)
 

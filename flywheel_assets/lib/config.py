@@ -77,11 +77,14 @@ class TierConfig(BaseModel):
 
 
 class FusionConfig(BaseModel):
-    """combined_score = implicit_weight * implicit + judge_weight * judges (renormalised
-    over the parts that exist); a human annotation replaces it."""
+    """combined_score = implicit_weight * implicit + judge_weight * judges + explicit_weight *
+    explicit (renormalised over the parts that exist); a human annotation replaces it.
+    explicit is the user's latest thumbs (up +1, down −1) or rating r of 1–5 ((r − 3) / 2) on
+    that very answer: the strongest signal a user gives, so it weighs most by default."""
 
     implicit_weight: float = 0.7
     judge_weight: float = 0.3
+    explicit_weight: float = Field(1.4, ge=0.0)  # 0 leaves thumbs and ratings out of the score
     llm_judge_weight: float = 0.5  # share of the LLM judge in judge_score, when it is enabled
     synthetic_reward: float = 0.8
     length_outlier_z: float = 3.0

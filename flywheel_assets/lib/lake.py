@@ -114,8 +114,10 @@ class Lake:
         data = conform(data, table)
         if mode == "append" and data.num_rows == 0 and self.exists(table):
             return self.version(table)
+        # a whole-table overwrite also takes the table's current schema (a column added since)
+        schema_mode = "overwrite" if mode == "overwrite" and predicate is None else None
         write_deltalake(
-            self.uri(table), data, mode=mode, predicate=predicate,
+            self.uri(table), data, mode=mode, predicate=predicate, schema_mode=schema_mode,
             storage_options=self.storage_options,
             partition_by=list(table.partition_by) or None,
         )

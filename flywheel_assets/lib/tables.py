@@ -217,10 +217,12 @@ TRAJECTORY_SCORES = Table(
         ("implicit_score", pa.float64(), "attributed implicit score (see README), or the line's reward; null without feedback"),
         ("attribution", pa.string(), "final, superseded, reward or none"),
         ("judge_score", pa.float64(), "from judge_scores"),
+        ("explicit_score", pa.float64(), "its user's latest thumbs (±1) or rating r ((r − 3) / 2) on it, if any"),
         ("annotation_score", pa.float64(), "latest human score, if any"),
         ("human_verified", pa.bool_(), "labelled by a human (annotation or golden origin)"),
-        ("user_rejected", pa.bool_(), "its user asked for a retry of it, or left its session without accepting it; "
-                                      "no human label: then the last tier (tiers.rejected_is_negative)"),
+        ("user_rejected", pa.bool_(), "its user asked for a retry of it, left its session without accepting it, or "
+                                      "gave it a thumbs down or a rating under 3 (a thumbs up or a rating over 3 "
+                                      "clears a retry); no human label: then the last tier (tiers.rejected_is_negative)"),
         ("combined_score", pa.float64(), "fused score in [-1, 1]"),
         ("score_source", pa.string(), "annotation, golden, fused or judges_only"),
         ("tier", pa.string(), "platinum, gold, silver or bronze"),

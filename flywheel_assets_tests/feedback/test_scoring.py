@@ -178,3 +178,50 @@ def test_an_answer_the_user_turned_down_is_a_negative_example_whatever_the_judge
     assert rows["t-quiet"]["tier"] == "gold"  # no feedback at all: the judges decide
     # the seed's rule, kept behind the switch, lets the retried answer into silver
     assert scores(TierConfig(rejected_is_negative=False))["t-retried"]["tier"] == "silver"
+
+
+def test_thumbs_and_ratings_enter_the_fused_score_with_the_largest_weight():
+    """explicit = the latest thumbs (±1) or rating ((r − 3) / 2) on that answer; it weighs 1.4
+    beside implicit 0.7 and judges 0.3, and decides whether the user rejected the answer."""
+    def event(i, session, kind, trajectory, minute, rating=None):
+        return {"event_id": f"x{i}", "session_id": session, "event_type": kind, "trajectory_id": trajectory,
+                "ts": T0 + timedelta(minutes=minute), "user_id": "u", "tenant_id": "default",
+                "data_json": f'{{"rating": {rating}}}' if rating is not None else "{}"}
+
+    events = conform(pa.Table.from_pylist([
+        event(0, "s1", "output_accepted", "t-up", 0), event(1, "s1", "thumbs_up", "t-up", 1),
+        event(2, "s2", "output_accepted", "t-down", 0), event(3, "s2", "thumbs_down", "t-down", 1),
+        event(4, "s3", "retry_requested", "t-rated", 0), event(5, "s3", "rating", "t-rated", 1, 2),
+        event(6, "s3", "rating", "t-rated", 2, 5),  # the latest rating counts: (5 − 3) / 2 = 1
+        event(7, "s4", "rating", "t-only", 0, 1),  # no implicit signal, no judge: explicit alone, −1
+        event(8, "s5", "rating", "t-junk", 0, 9),  # out of range: ignored
+    ]), SESSION_EVENTS)
+    trajectories = conform(pa.Table.from_pylist([
+        {"trajectory_id": t, "session_id": s, "origin": "usage", "is_synthetic": False, "created_at": T0}
+        for t, s in [("t-up", "s1"), ("t-down", "s2"), ("t-rated", "s3"), ("t-only", "s4"), ("t-junk", "s5")]
+    ]), TRAJECTORIES)
+
+    def scores(config: FlywheelConfig) -> dict[str, dict]:
+        con = _con(events, trajectories)
+        con.register("session_feedback", session_feedback(con, config.scoring))
+        con.register("judge_scores", conform(pa.Table.from_pylist(
+            [{"trajectory_id": "t-up", "judge_score": 0.5}]), JUDGE_SCORES))
+        con.register("annotations", ANNOTATIONS.schema.empty_table())
+        return {r["trajectory_id"]: r for r in trajectory_scores(con, config).to_pylist()}
+
+    rows = scores(FlywheelConfig())
+    # accepted on the first try: implicit 0.9; judge 0.5; thumbs up 1
+    assert rows["t-up"]["combined_score"] == pytest.approx((0.7 * 0.9 + 0.3 * 0.5 + 1.4) / 2.4)
+    assert rows["t-down"]["explicit_score"] == -1.0 and rows["t-down"]["user_rejected"]
+    assert rows["t-down"]["combined_score"] == pytest.approx((0.7 * 0.9 - 1.4) / 2.1)
+    assert rows["t-down"]["tier"] == "bronze"
+    # the session's final trajectory, not accepted, one retry: 0.5 − 0.3 = 0.2
+    assert rows["t-rated"]["explicit_score"] == 1.0 and not rows["t-rated"]["user_rejected"]
+    assert rows["t-rated"]["combined_score"] == pytest.approx((0.7 * 0.2 + 1.4 * 1.0) / 2.1)
+    # a rating is not one of the seed's five signals: the session has no implicit score
+    assert (rows["t-only"]["implicit_score"], rows["t-only"]["combined_score"]) == (None, -1.0)
+    assert rows["t-junk"]["explicit_score"] is None
+    # explicit_weight 0: the seed's fusion exactly, thumbs and ratings ignored
+    seed = scores(FlywheelConfig(fusion={"explicit_weight": 0.0}))
+    assert seed["t-up"]["combined_score"] == pytest.approx(0.7 * 0.9 + 0.3 * 0.5)
+    assert seed["t-down"]["combined_score"] == pytest.approx(0.9) and not seed["t-down"]["user_rejected"]

@@ -239,3 +239,35 @@ def test_no_champion_is_a_503_not_a_crash(home, gateway_config):
     with TestClient(create_app(gateway), headers={"Authorization": f"Bearer {key}"}) as client:
         response = chat(client, USER_TURN)
     assert response.status_code == 503 and "no champion" in response.json()["error"]["message"]
+
+
+def test_the_upstream_backend_forwards_each_version_under_its_name_and_maps_failures_to_502(serve, home):
+    from flywheel_assets.lib.config import load_config as reload
+    from flywheel_assets.lib.gateway.backends import UpstreamBackend
+    from flywheel_assets_tests.helpers import openai_stand_in
+
+    with openai_stand_in() as stand_in:
+        stand_in.reply({"id": "x", "object": "chat.completion", "choices": [{"index": 0, "finish_reason": "tool_calls",
+                        "message": {"role": "assistant", "content": None,
+                                    "tool_calls": [tool_call("calculator", {"expression": "12*7"})]}}],
+                        "usage": {"prompt_tokens": 12, "completion_tokens": 6}})
+        stand_in.reply({"error": {"message": "overloaded"}}, status=500)
+        settings = {"upstream": {"base_url": stand_in.url, "api_key": "up-key", "model_name": "lora/{version}"}}
+        client, gateway, _, _ = serve(backend=UpstreamBackend(reload(home).gateway.upstream.model_copy(
+            update=settings["upstream"])), **settings)
+        ok = chat(client, USER_TURN, tools=CALC, tool_choice="auto", user="u-up", max_tokens=30)
+        failed = chat(client, USER_TURN, user="u-up")
+    assert ok.status_code == 200, ok.text
+    message = ok.json()["choices"][0]["message"]
+    assert message["tool_calls"][0]["function"]["name"] == "calculator"
+    assert ok.json()["choices"][0]["finish_reason"] == "tool_calls" and ok.json()["usage"]["total_tokens"] == 18
+    sent = stand_in.requests[0]
+    version = ok.headers["x-flywheel-model-version"]
+    assert sent["body"]["model"] == f"lora/{version}" and sent["authorization"] == "Bearer up-key"
+    assert sent["body"]["tools"] == CALC and sent["body"]["tool_choice"] == "auto" and sent["body"]["max_tokens"] == 30
+    assert sent["path"] == "/v1/chat/completions"
+    assert failed.status_code == 502 and "HTTP 500" in failed.json()["error"]["message"]
+    gateway.flush()
+    assert landed_lines(home, "trajectories") == []  # left on a tool call; the failed retry changed nothing
+    [open_] = gateway.tracker.open()
+    assert open_.model_version == version and open_.messages[-1]["tool_calls"][0]["function"]["name"] == "calculator"

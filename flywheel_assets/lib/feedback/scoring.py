@@ -14,6 +14,8 @@ from flywheel_assets.lib.config import FlywheelConfig, ScoringWeights, TierConfi
 
 SCORED_EVENTS = ("output_accepted", "retry_requested", "output_edited", "session_continued", "error_reported")
 _SCORED = "(" + ", ".join(f"'{e}'" for e in SCORED_EVENTS) + ")"
+EXPLICIT_EVENTS = ("thumbs_up", "thumbs_down", "rating")  # the gateway's /v1/feedback; data.rating in 1–5
+_EXPLICIT = "(" + ", ".join(f"'{e}'" for e in EXPLICIT_EVENTS) + ")"
 
 
 def quality_sql(w: ScoringWeights, accepted: str, retries: str, edit_ratio: str, continued: str, error: str) -> str:
@@ -106,17 +108,26 @@ def trajectory_scores(con: duckdb.DuckDBPyConnection, config: FlywheelConfig) ->
                    bool_or(event_type = 'error_reported') AS errors
             FROM session_events WHERE trajectory_id IS NOT NULL AND event_type IN {_SCORED}
             GROUP BY trajectory_id
+        ), explicit AS (  -- thumbs and ratings on this very answer: the latest one counts
+            SELECT trajectory_id, arg_max(CASE event_type WHEN 'thumbs_up' THEN 1.0 WHEN 'thumbs_down' THEN -1.0
+                       ELSE (TRY_CAST(json_extract_string(data_json, '$.rating') AS DOUBLE) - 3.0) / 2.0 END, ts)
+                       AS explicit_score
+            FROM session_events
+            WHERE trajectory_id IS NOT NULL AND event_type IN {_EXPLICIT}
+              AND (event_type <> 'rating' OR TRY_CAST(json_extract_string(data_json, '$.rating') AS INTEGER) BETWEEN 1 AND 5)
+            GROUP BY trajectory_id
         ), labels AS (
             SELECT trajectory_id, arg_max(score, annotated_at) AS annotation_score
             FROM annotations GROUP BY trajectory_id
         ), implicit AS (
             SELECT t.*, f.quality_score AS final_score, f.task_accepted AS final_accepted, o.retries, o.errors,
-                   j.judge_score, lb.annotation_score
+                   j.judge_score, lb.annotation_score, x.explicit_score
             FROM trajectories t
             LEFT JOIN session_feedback f ON f.final_trajectory_id = t.trajectory_id
             LEFT JOIN own o USING (trajectory_id)
             LEFT JOIN judge_scores j USING (trajectory_id)
             LEFT JOIN labels lb USING (trajectory_id)
+            LEFT JOIN explicit x USING (trajectory_id)
         ), attributed AS (
             SELECT *,
                 CASE WHEN final_score IS NOT NULL THEN final_score
@@ -130,21 +141,30 @@ def trajectory_scores(con: duckdb.DuckDBPyConnection, config: FlywheelConfig) ->
             SELECT *,
                 annotation_score IS NOT NULL OR origin = 'golden' AS human_verified,
                 -- the user turned this answer down: asked for another, or left without accepting
+                -- (or judged it so explicitly: a thumbs down or a rating under 3 rejects, a thumbs up
+                -- or a rating over 3 clears what the implicit signals said)
                 coalesce(annotation_score IS NULL AND origin <> 'golden'
-                         AND (CASE WHEN final_score IS NOT NULL THEN NOT final_accepted ELSE retries > 0 END),
+                         AND (CASE WHEN explicit_score IS NOT NULL AND explicit_score <> 0 AND {fusion.explicit_weight} > 0
+                                   THEN explicit_score < 0
+                                   WHEN final_score IS NOT NULL THEN NOT final_accepted ELSE retries > 0 END),
                          false) AS user_rejected,
                 CASE WHEN annotation_score IS NOT NULL THEN annotation_score
                      WHEN origin = 'golden' THEN 1.0
-                     WHEN implicit_score IS NOT NULL AND judge_score IS NOT NULL
-                          THEN ({fusion.implicit_weight} * implicit_score + {fusion.judge_weight} * judge_score)
-                               / ({fusion.implicit_weight} + {fusion.judge_weight})
-                     ELSE coalesce(implicit_score, judge_score, 0.0) END AS {combined},
+                     WHEN implicit_score IS NULL AND judge_score IS NULL
+                          AND (explicit_score IS NULL OR {fusion.explicit_weight} = 0) THEN 0.0
+                     ELSE ({fusion.implicit_weight} * coalesce(implicit_score, 0.0)
+                           + {fusion.judge_weight} * coalesce(judge_score, 0.0)
+                           + {fusion.explicit_weight} * coalesce(explicit_score, 0.0))
+                          / nullif({fusion.implicit_weight} * (implicit_score IS NOT NULL)::INT
+                                   + {fusion.judge_weight} * (judge_score IS NOT NULL)::INT
+                                   + {fusion.explicit_weight} * (explicit_score IS NOT NULL)::INT, 0)
+                     END AS {combined},
                 CASE WHEN annotation_score IS NOT NULL THEN 'annotation' WHEN origin = 'golden' THEN 'golden'
                      WHEN implicit_score IS NOT NULL THEN 'fused' ELSE 'judges_only' END AS score_source
             FROM attributed
         )
         SELECT trajectory_id, session_id, tenant_id, task_type, model_version, origin, is_synthetic,
-               created_at, implicit_score, attribution, judge_score, annotation_score, human_verified,
+               created_at, implicit_score, attribution, judge_score, explicit_score, annotation_score, human_verified,
                user_rejected, greatest(-1.0, least(1.0, {combined})) AS combined_score, score_source,
                {tier} AS tier, {weight_sql(config.tiers, tier)} AS weight
         FROM fused ORDER BY trajectory_id

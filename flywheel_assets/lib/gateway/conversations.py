@@ -67,6 +67,7 @@ class Call:
 
     conversation: Conversation
     events: list[dict]  # retry_requested / session_continued, as journal records
+    retried: Conversation | None = None  # the answer this call asks again for: final once served
     changed: list[dict] = field(default_factory=list)  # records of other conversations it changed
 
 
@@ -110,9 +111,7 @@ class Tracker:
             events: list[dict] = []
             if (retried := self._live(self._asked.get(asked), tenant)) is not None:
                 events.append(event_record(retried, "retry_requested"))
-                retried.final = True  # the answer the user turned down lands as it was
-                retried.revision += 1
-                return Call(self._new(tenant, user, retried.session_id, task_type), events, [retried.record()])
+                return Call(self._new(tenant, user, retried.session_id, task_type), events, retried)
             previous, added = self._longest_answered_prefix(messages, tenant)
             if previous is not None:
                 if not previous.final and not previous.landed:
@@ -125,9 +124,15 @@ class Tracker:
 
     def served(self, call: Call, request: list[dict], answer: dict, *, model_version: str,
                tools: list[dict] | None) -> dict:
-        """Note the answer given to `request`; returns the conversation's journal record."""
+        """Note the answer given to `request`; returns the conversation's journal record. Nothing
+        changes before a call is served: a call that fails leaves the tracker as it was."""
         conversation = call.conversation
         with self._lock:
+            if call.retried is not None and not call.retried.final:
+                call.retried.final = True  # the answer the user turned down lands as it was
+                call.retried.revision += 1
+                call.changed.append(call.retried.record())
+            self._by_id.setdefault(conversation.trajectory_id, conversation)
             conversation.messages = [*request, answer]
             conversation.model_version, conversation.tools = model_version, tools or conversation.tools
             conversation.touched = self.clock()
@@ -188,10 +193,8 @@ class Tracker:
         return None, []
 
     def _new(self, tenant: str, user: str, session_id: str, task_type: str) -> Conversation:
-        conversation = Conversation(uuid.uuid4().hex, session_id, tenant, user, task_type=task_type,
-                                    created_at=_iso(self.clock()), touched=self.clock())
-        self._by_id[conversation.trajectory_id] = conversation
-        return conversation
+        return Conversation(uuid.uuid4().hex, session_id, tenant, user, task_type=task_type,
+                            created_at=_iso(self.clock()), touched=self.clock())
 
     def _index(self, conversation: Conversation, index: dict, digest: str) -> None:
         index[digest] = conversation.trajectory_id
