@@ -27,7 +27,7 @@ from flywheel_assets.lib.ingest.pipeline import ingest_landing
 from flywheel_assets.lib.lake import Lake
 from flywheel_assets.lib.simulation.tasks import COLD_START_PHRASINGS, expert_messages, generate_tasks
 from flywheel_assets.lib.simulation.tools import TOOLS
-from flywheel_assets.lib.tables import TRAJECTORIES
+from flywheel_assets.lib.tables import SESSION_EVENTS, TRAJECTORIES
 from flywheel_assets.lib.training.pipeline import set_threads, train_base
 from flywheel_assets_tests.gateway.support import register_versions
 
@@ -169,3 +169,49 @@ def test_a_kill_9_loses_no_answered_conversation_and_a_restart_duplicates_none(s
     assert not missing, f"{len(missing)} answered conversations lost"
     # at most the one call in flight at the kill was journalled but never answered
     assert len(set(stored) - set(answered)) <= 1
+
+
+def test_the_readme_agent_runs_with_the_openai_sdk_and_lands_with_its_feedback(served_home, capsys):
+    """README's gateway example, verbatim but for the address and the key file, with the real
+    `openai` SDK against a real uvicorn server: the conversation and its thumbs up reach the lake."""
+    import re
+
+    import uvicorn
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("### Gateway (`flywheel serve`)"):]
+    snippet = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+    # the tiny model may still be calling tools when the loop's 3 rounds end: then the conversation
+    # lands at shutdown as it is, idle past conversation_idle_s
+    config_path = served_home / "flywheel.json"
+    config_path.write_text(json.dumps({"gateway": {"conversation_idle_s": 0.01}}))
+    config = load_config(served_home, str(config_path))
+    register_versions(config)
+    key_file = served_home / "gateway" / "dev.key"
+    key, _ = KeyStore(served_home / "gateway" / "keys.json").create("dev")
+    key_file.write_text(key + "\n")
+    port = _free_port()
+    gateway = Gateway(config)
+    server = uvicorn.Server(uvicorn.Config(create_app(gateway), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        code = snippet.replace("http://127.0.0.1:8000/v1", f"http://127.0.0.1:{port}/v1") \
+                      .replace('"data/home/gateway/dev.key"', repr(str(key_file)))
+        exec(compile(code, "README.md", "exec"), {})
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)  # shutdown: the lifespan closes the gateway and lands what is due
+    printed = capsys.readouterr().out
+    assert "served by base-v0" in printed or "served by cycle-0001-lora" in printed
+    lake = Lake(config)
+    ingest_landing(config, lake, log=lambda _: None)
+    trajectories = lake.read(TRAJECTORIES).to_pylist()
+    events = lake.read(SESSION_EVENTS).to_pylist()
+    assert [e["event_type"] for e in events] == ["thumbs_up"]
+    assert [t["trajectory_id"] for t in trajectories] == [events[0]["trajectory_id"]]
+    assert trajectories[0]["tenant_id"] == "dev" and trajectories[0]["user_id"] == "alice"
+    assert printed.split("served by ")[1].strip() == trajectories[0]["model_version"]
