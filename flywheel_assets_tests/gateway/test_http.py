@@ -271,3 +271,15 @@ def test_the_upstream_backend_forwards_each_version_under_its_name_and_maps_fail
     assert landed_lines(home, "trajectories") == []  # left on a tool call; the failed retry changed nothing
     [open_] = gateway.tracker.open()
     assert open_.model_version == version and open_.messages[-1]["tool_calls"][0]["function"]["name"] == "calculator"
+
+
+def test_the_same_question_from_another_user_is_not_a_retry(serve, home):
+    client, gateway, backend, _ = serve()
+    first = chat(client, USER_TURN, user="ann")
+    other = chat(client, USER_TURN, user="bob")  # the same words, another user: a conversation of its own
+    again = chat(client, USER_TURN, user="ann")  # ann asks again: her retry
+    assert len({r.headers["x-flywheel-session-id"] for r in (first, other)}) == 2
+    assert again.headers["x-flywheel-session-id"] == first.headers["x-flywheel-session-id"]
+    gateway.flush()
+    assert [(e["event_type"], e["user_id"], e["trajectory_id"]) for e in landed_lines(home, "events")] == [
+        ("retry_requested", "ann", first.headers["x-flywheel-trajectory-id"])]

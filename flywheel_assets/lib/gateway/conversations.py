@@ -71,9 +71,10 @@ class Call:
     changed: list[dict] = field(default_factory=list)  # records of other conversations it changed
 
 
-def key(messages: list[dict]) -> str:
-    """A hash of what the messages say: roles, text, tool names and arguments (not call ids)."""
-    canonical = []
+def key(messages: list[dict], tenant: str = "", user: str = "") -> str:
+    """A hash of who sent the messages and what they say: roles, text, tool names and
+    arguments (not call ids). Two users asking the same question are two conversations."""
+    canonical: list = [tenant, user]
     for message in messages:
         calls = [[(c.get("function") or {}).get("name"), _arguments((c.get("function") or {}).get("arguments"))]
                  for c in message.get("tool_calls") or []]
@@ -107,12 +108,12 @@ class Tracker:
     def begin(self, tenant: str, user: str, messages: list[dict], session_hint: str | None = None,
               task_type: str = "chat") -> Call:
         with self._lock:
-            asked = key(messages)
+            asked = key(messages, tenant, user)
             events: list[dict] = []
-            if (retried := self._live(self._asked.get(asked), tenant)) is not None:
+            if (retried := self._live(self._asked.get(asked), tenant, user)) is not None:
                 events.append(event_record(retried, "retry_requested"))
                 return Call(self._new(tenant, user, retried.session_id, task_type), events, retried)
-            previous, added = self._longest_answered_prefix(messages, tenant)
+            previous, added = self._longest_answered_prefix(messages, tenant, user)
             if previous is not None:
                 if not previous.final and not previous.landed:
                     return Call(previous, events)  # tool results (or a user aside) after a tool call
@@ -138,8 +139,9 @@ class Tracker:
             conversation.touched = self.clock()
             conversation.final = not answer.get("tool_calls")
             conversation.revision += 1
-            self._index(conversation, self._asked, key(request))
-            self._index(conversation, self._answered, key(conversation.messages))
+            who = conversation.tenant, conversation.user
+            self._index(conversation, self._asked, key(request, *who))
+            self._index(conversation, self._answered, key(conversation.messages, *who))
             return conversation.record()
 
     def get(self, trajectory_id: str) -> Conversation | None:
@@ -175,20 +177,24 @@ class Tracker:
             self._by_id[conversation.trajectory_id] = conversation
             answers = [i for i, m in enumerate(conversation.messages) if m.get("role") == "assistant"]
             for index in answers:
-                self._index(conversation, self._asked, key(conversation.messages[:index]))
-                self._index(conversation, self._answered, key(conversation.messages[:index + 1]))
+                who = conversation.tenant, conversation.user
+                self._index(conversation, self._asked, key(conversation.messages[:index], *who))
+                self._index(conversation, self._answered, key(conversation.messages[:index + 1], *who))
         return conversation
 
     def __len__(self) -> int:
         return len(self._by_id)
 
-    def _live(self, trajectory_id: str | None, tenant: str) -> Conversation | None:
+    def _live(self, trajectory_id: str | None, tenant: str, user: str) -> Conversation | None:
+        """A conversation of this user only: another user asking the same is not a retry."""
         conversation = self._by_id.get(trajectory_id) if trajectory_id else None
-        return conversation if conversation is not None and conversation.tenant == tenant else None
+        return conversation if conversation is not None and (conversation.tenant, conversation.user) == (tenant, user) \
+            else None
 
-    def _longest_answered_prefix(self, messages: list[dict], tenant: str) -> tuple[Conversation | None, list[dict]]:
+    def _longest_answered_prefix(self, messages: list[dict], tenant: str,
+                                 user: str) -> tuple[Conversation | None, list[dict]]:
         for cut in range(len(messages) - 1, 0, -1):
-            if (found := self._live(self._answered.get(key(messages[:cut])), tenant)) is not None:
+            if (found := self._live(self._answered.get(key(messages[:cut], tenant, user)), tenant, user)) is not None:
                 return found, messages[cut:]
         return None, []
 
