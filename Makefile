@@ -9,7 +9,7 @@ export DAGSTER_HOME ?= $(FLYWHEEL_HOME)/dagster
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
-.PHONY: dev demo real-model test test-faults bench bench-training bench-sensors seed clean
+.PHONY: dev demo real-model test test-faults bench bench-training bench-gateway bench-sensors seed clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -73,6 +73,10 @@ bench: $(STAMP)
 ## bench-training: our LoRA step against a plain-torch loop, and batched generation
 bench-training: $(STAMP)
 	$(BIN)/python benchmarks/bench_training.py
+
+## bench-gateway: 50 openai-SDK agents against the gateway: batched vs one at a time, a kill -9 mid-load, upstream overhead
+bench-gateway: $(STAMP)
+	$(BIN)/python benchmarks/bench_gateway.py
 
 ## bench-sensors: each sensor's evaluation on 10k landing files and 100 cycles of history (kept in /tmp; FRESH=1 redoes it)
 bench-sensors: $(STAMP)
