@@ -324,6 +324,9 @@ class SimulationConfig(BaseModel):
     interval_minutes: float = Field(5.0, ge=0)  # wall time from the end of one simulated day to the next
     biased_users: float = Field(0.0, ge=0.0, le=1.0)  # share of users who accept wrong answers too
     seed: int = 0
+    # the gateway's address (e.g. http://127.0.0.1:8000): the users then go through it over HTTP
+    # like real agents (set gateway.trust_client_time there); None: they call the models in-process
+    via_gateway: str | None = None
 
 
 class UpstreamConfig(BaseModel):
@@ -352,6 +355,9 @@ class GatewayConfig(BaseModel):
     conversation_idle_s: float = Field(600.0, gt=0)  # a conversation left on a tool call lands after this
     flush_interval_s: float = Field(2.0, gt=0)  # finished conversations and events go to the landing zone
     do_not_log: list[str] = Field(default_factory=list)  # tenants served, nothing of their traffic written
+    # honour the x-flywheel-time header (the moment of a call): only for demo mode's simulated users,
+    # who live on the flywheel clock; a real client's calls are stamped with the gateway's own clock
+    trust_client_time: bool = False
     router_refresh_s: float = Field(5.0, gt=0)  # how long a snapshot of the registry's routing is used
     upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)
     source: str = "gateway"  # the landing files' name prefix

@@ -26,6 +26,7 @@ import logging
 import threading
 import time
 import uuid
+from datetime import datetime, timezone
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -69,7 +70,8 @@ def create_app(gateway: Gateway) -> Starlette:
         args = _chat_arguments(body, gateway.settings.max_tokens)
         user = args.pop("user") or request.headers.get("x-flywheel-user") or "anonymous"
         served = await gateway.chat(tenant, user, session_hint=request.headers.get("x-flywheel-session"),
-                                    task_type=request.headers.get("x-flywheel-task-type") or "chat", **args)
+                                    task_type=request.headers.get("x-flywheel-task-type") or "chat",
+                                    at=_client_time(request, gateway), **args)
         headers = {"x-flywheel-model-version": served.version}
         if served.trajectory_id:
             headers |= {"x-flywheel-trajectory-id": served.trajectory_id, "x-flywheel-session-id": served.session_id}
@@ -95,7 +97,7 @@ def create_app(gateway: Gateway) -> Starlette:
     async def feedback(request: Request) -> Response:
         tenant = gateway.tenant(request.headers.get("authorization"))
         body = await _json_body(request, gateway.settings.max_body_bytes)
-        return JSONResponse(await gateway.feedback(tenant, body))
+        return JSONResponse(await gateway.feedback(tenant, body, _client_time(request, gateway)))
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok", "backend": gateway.backend.name, "open_conversations":
@@ -122,6 +124,19 @@ def create_app(gateway: Gateway) -> Starlette:
                                                      "invalid_request_error"),
                             Exception: on_unexpected},
         lifespan=lifespan)
+
+
+def _client_time(request: Request, gateway: Gateway) -> float | None:
+    """`x-flywheel-time` (ISO 8601), where `gateway.trust_client_time` allows it: demo mode's
+    simulated users live on the flywheel clock, days ahead of the wall clock. Else now."""
+    value = request.headers.get("x-flywheel-time")
+    if value is None or not gateway.settings.trust_client_time:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise GatewayError(400, f"x-flywheel-time must be ISO 8601, got {value!r}", param="x-flywheel-time") from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
 
 
 def _error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:

@@ -83,13 +83,13 @@ def key(messages: list[dict], tenant: str = "", user: str = "") -> str:
 
 
 def event_record(conversation: Conversation, event_type: str, data: dict | None = None,
-                 event_id: str | None = None) -> dict:
+                 event_id: str | None = None, at: float | None = None) -> dict:
     """An event for the landing zone (the client's line format), as a journal record. One-off
     signals get an id derived from what they are about, so sending one twice counts once."""
     return {"kind": "event", "event_id": event_id or uuid.uuid4().hex, "session_id": conversation.session_id,
             "trajectory_id": conversation.trajectory_id, "user_id": conversation.user,
             "tenant_id": conversation.tenant, "event_type": event_type, "data": data or {},
-            "ts": _iso(time.time())}
+            "ts": _iso(time.time() if at is None else at)}
 
 
 def once_id(trajectory_id: str, event_type: str) -> str:
@@ -106,22 +106,23 @@ class Tracker:
         self._keys: dict[str, list[tuple[dict, str]]] = {}  # trajectory_id → its index entries
 
     def begin(self, tenant: str, user: str, messages: list[dict], session_hint: str | None = None,
-              task_type: str = "chat") -> Call:
+              task_type: str = "chat", at: float | None = None) -> Call:
+        """What this call is; `at` (epoch seconds) stamps what it creates, else now."""
         with self._lock:
             asked = key(messages, tenant, user)
             events: list[dict] = []
             if (retried := self._live(self._asked.get(asked), tenant, user)) is not None:
-                events.append(event_record(retried, "retry_requested"))
-                return Call(self._new(tenant, user, retried.session_id, task_type), events, retried)
+                events.append(event_record(retried, "retry_requested", at=at))
+                return Call(self._new(tenant, user, retried.session_id, task_type, at), events, retried)
             previous, added = self._longest_answered_prefix(messages, tenant, user)
             if previous is not None:
                 if not previous.final and not previous.landed:
                     return Call(previous, events)  # tool results (or a user aside) after a tool call
                 if any(m.get("role") == "user" for m in added):
-                    events.append(event_record(previous, "session_continued",
+                    events.append(event_record(previous, "session_continued", at=at,
                                                event_id=once_id(previous.trajectory_id, "session_continued")))
-                return Call(self._new(tenant, user, previous.session_id, task_type), events)
-            return Call(self._new(tenant, user, session_hint or uuid.uuid4().hex, task_type), events)
+                return Call(self._new(tenant, user, previous.session_id, task_type, at), events)
+            return Call(self._new(tenant, user, session_hint or uuid.uuid4().hex, task_type, at), events)
 
     def served(self, call: Call, request: list[dict], answer: dict, *, model_version: str,
                tools: list[dict] | None) -> dict:
@@ -198,9 +199,9 @@ class Tracker:
                 return found, messages[cut:]
         return None, []
 
-    def _new(self, tenant: str, user: str, session_id: str, task_type: str) -> Conversation:
+    def _new(self, tenant: str, user: str, session_id: str, task_type: str, at: float | None) -> Conversation:
         return Conversation(uuid.uuid4().hex, session_id, tenant, user, task_type=task_type,
-                            created_at=_iso(self.clock()), touched=self.clock())
+                            created_at=_iso(self.clock() if at is None else at), touched=self.clock())
 
     def _index(self, conversation: Conversation, index: dict, digest: str) -> None:
         index[digest] = conversation.trajectory_id

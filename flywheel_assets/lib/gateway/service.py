@@ -27,6 +27,7 @@ FEEDBACK = {
     "thumbs_up": ("thumbs_up", True),
     "thumbs_down": ("thumbs_down", True),
     "rating": ("rating", False),
+    "continued": ("session_continued", True),  # the user went on (the gateway also sees it in a re-sent conversation)
 }
 
 
@@ -113,10 +114,10 @@ class Gateway:
 
     async def chat(self, tenant: str, user: str, messages: list[dict], tools: list[dict] | None, *,
                    max_tokens: int, temperature: float, tool_choice=None, session_hint: str | None = None,
-                   task_type: str = "chat") -> Served:
+                   task_type: str = "chat", at: float | None = None) -> Served:
         router, rows = await asyncio.to_thread(self.routing)
         version = router(user, tenant)
-        call = self.tracker.begin(tenant, user, messages, session_hint, task_type) if self.logged(tenant) else None
+        call = self.tracker.begin(tenant, user, messages, session_hint, task_type, at) if self.logged(tenant) else None
         try:
             completion = await asyncio.wait_for(
                 self.backend.complete(rows[version], messages, tools, max_tokens=max_tokens,
@@ -136,7 +137,7 @@ class Gateway:
 
     # -- feedback
 
-    async def feedback(self, tenant: str, body: dict) -> dict:
+    async def feedback(self, tenant: str, body: dict, at: float | None = None) -> dict:
         trajectory_id = body.get("trajectory_id")
         if not isinstance(trajectory_id, str) or not trajectory_id:
             raise GatewayError(400, "trajectory_id (from the x-flywheel-trajectory-id header) is required",
@@ -167,7 +168,7 @@ class Gateway:
             data = {"rating": rating}
         if isinstance(body.get("comment"), str):
             data["comment"] = body["comment"][:2000]
-        event = event_record(conversation, event_type, data, once_id(trajectory_id, event_type) if once else None)
+        event = event_record(conversation, event_type, data, once_id(trajectory_id, event_type) if once else None, at)
         await self._durably([], [event])
         return {"accepted": True, "event_id": event["event_id"], "event_type": event_type, **data}
 

@@ -41,9 +41,15 @@ def simulate_day(config: FlywheelConfig, registry: ModelRegistry, day: datetime)
         adapter = config.home / row["adapter_path"] if row["adapter_path"] else None
         return load_for_inference(config.home / row["base_path"], adapter, merged=True)
 
-    counts = simulate_usage(user_settings(config.simulation), home=config.home, router=registry.router(),
+    settings = user_settings(config.simulation)
+    door = None
+    if config.simulation.via_gateway:
+        from flywheel_assets.lib.simulation.through_gateway import GatewayDoor
+
+        door = GatewayDoor.connect(config.simulation.via_gateway, config.home, settings.tenants)
+    counts = simulate_usage(settings, home=config.home, router=registry.router(),
                             load_version=load_version, day=day, domain=load_domain(config.domain),
-                            max_new_tokens=config.evaluation.max_new_tokens)
+                            max_new_tokens=config.evaluation.max_new_tokens, door=door)
     day_end = simulated_day(day) + timedelta(days=1)
     if clock.now(config) < day_end:
         clock.set_now(config, day_end)

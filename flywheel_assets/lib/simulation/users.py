@@ -206,12 +206,14 @@ class _Tally:
 def simulate_usage(config: UserSimulationConfig, *, home: Path, router: Callable[[str, str], str],
                    load_version: Callable[[str], tuple], day: datetime,
                    logger: FlywheelLogger | None = None, domain: Domain | None = None,
-                   max_new_tokens: int = 40) -> dict:
+                   max_new_tokens: int = 40, door=None) -> dict:
     """Simulate one day of usage; trajectories and events go through the logging client.
 
     router(user_id, tenant_id) names the version serving a request; load_version(version)
     gives its (model, tokenizer) and is called once per version. A logger passed in is
     flushed, not closed. `domain` is the built-in one unless given. Returns counts for the day.
+    With a `door` (through_gateway.GatewayDoor) the users go through the gateway over HTTP
+    instead: it routes (the same route()), serves and logs; their reactions are feedback calls.
     """
     domain = domain or _builtin()
     start = _midnight(day)
@@ -224,6 +226,11 @@ def simulate_usage(config: UserSimulationConfig, *, home: Path, router: Callable
     try:
         while pending:
             waiting: list[_Attempt] = []
+            if door is not None:  # one concurrent wave through the gateway: it batches per version itself
+                waiting = _through_door(config, domain, pending, door, max_new_tokens, router, tally)
+                pending = waiting
+                tally.rounds += 1
+                continue
             for version in sorted({attempt.version for attempt in pending}):
                 batch = [attempt for attempt in pending if attempt.version == version]
                 if version not in models:
@@ -321,21 +328,47 @@ def _route(session: _Session, task_index: int, retries_done: int, router: Callab
     return _Attempt(session, task_index, retries_done, version)
 
 
+def _through_door(config, domain, pending: list[_Attempt], door, max_new_tokens, router, tally) -> list[_Attempt]:
+    from flywheel_assets.lib.simulation.through_gateway import Job
+
+    # the moment of each answer is drawn before the call (in-process it is drawn right after:
+    # the session's random sequence is the same)
+    jobs = [Job(domain.messages_for(a.task), domain.tools_for(a.task), a.session.user_id, a.session.tenant_id,
+                a.session.session_id, domain.task_type(a.task), a.session.advance(_ANSWER_SECONDS),
+                lambda name, arguments, task=a.task: domain.execute(task, name, arguments)) for a in pending]
+    answers = door.run(jobs, max_new_tokens=max_new_tokens, temperature=config.temperature)
+    tally.agent_calls += 1
+    waiting = []
+    for attempt, job, answer in zip(pending, jobs, answers):
+        if answer.version != attempt.version:
+            raise RuntimeError(f"the gateway served {answer.version} to {attempt.session.user_id}, "
+                               f"the registry's route says {attempt.version}: is it serving this FLYWHEEL_HOME?")
+        waiting += _record(config, domain, attempt, answer.run, None, router, tally,
+                           served=(answer.trajectory_id, job.at, door))
+    return waiting
+
+
 def _record(config: UserSimulationConfig, domain: Domain, attempt: _Attempt, run: AgentRun,
-            logger: FlywheelLogger, router: Callable[[str, str], str], tally: _Tally) -> list[_Attempt]:
-    """Log the trajectory and the user's reaction to it; the attempt that follows, if any."""
+            logger: FlywheelLogger | None, router: Callable[[str, str], str], tally: _Tally,
+            served: tuple | None = None) -> list[_Attempt]:
+    """Log the trajectory and the user's reaction to it; the attempt that follows, if any.
+    `served` = (trajectory_id, answered at, door) when the gateway logged it: the reactions
+    then go through its feedback API."""
     session, task = attempt.session, attempt.task
-    # the built-in world logs hermes, as its golden file does; any other domain OpenAI messages and tools
-    hermes = domain.name == "builtin"
-    conversation = to_hermes(run.messages()) if hermes else run.messages()
-    created_at = session.advance(_ANSWER_SECONDS)
-    # Derived from what happened: the same day simulated again lands the same ids, which ingestion skips.
-    identity = [session.session_id, attempt.task_index, attempt.retries_done, attempt.version, conversation]
-    trajectory_id = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:32]
-    logger.log_trajectory(conversation, fmt="hermes" if hermes else "openai", trajectory_id=trajectory_id,
-                          session_id=session.session_id, user_id=session.user_id, tenant_id=session.tenant_id,
-                          task_type=domain.task_type(task), model_version=attempt.version, created_at=created_at,
-                          origin="usage", tools=None if hermes else domain.tools_for(task))
+    if served is None:
+        # the built-in world logs hermes, as its golden file does; any other domain OpenAI messages and tools
+        hermes = domain.name == "builtin"
+        conversation = to_hermes(run.messages()) if hermes else run.messages()
+        created_at = session.advance(_ANSWER_SECONDS)
+        # Derived from what happened: the same day simulated again lands the same ids, which ingestion skips.
+        identity = [session.session_id, attempt.task_index, attempt.retries_done, attempt.version, conversation]
+        trajectory_id = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:32]
+        logger.log_trajectory(conversation, fmt="hermes" if hermes else "openai", trajectory_id=trajectory_id,
+                              session_id=session.session_id, user_id=session.user_id, tenant_id=session.tenant_id,
+                              task_type=domain.task_type(task), model_version=attempt.version,
+                              created_at=created_at, origin="usage", tools=None if hermes else domain.tools_for(task))
+    else:
+        trajectory_id, _, door = served
     tally.trajectories += 1
     verdict = domain.user_verdict(task, run.tool_calls(), run.final_answer, config.near_miss_similarity)
     reaction = react(config, task, run.final_answer, retries_done=attempt.retries_done,
@@ -345,10 +378,15 @@ def _record(config: UserSimulationConfig, domain: Domain, attempt: _Attempt, run
         tally.first_successes[attempt.version] += verdict[0] == CORRECT
     tally.behaviours.update([reaction.behaviour] + (["continue"] if reaction.follow_up else []))
     for event_type, data in reaction.events:
-        logger.log_event(session.session_id, event_type, user_id=session.user_id, tenant_id=session.tenant_id,
-                         trajectory_id=trajectory_id, data=data, ts=session.advance(_REACTION_SECONDS),
-                         event_id=hashlib.sha256(f"{trajectory_id}:{event_type}".encode()).hexdigest()[:32])
+        at = session.advance(_REACTION_SECONDS)
         tally.events[event_type] += 1
+        if served is not None:
+            if event_type != "retry_requested":  # the retry is the conversation sent again, next round
+                door.feedback(session.tenant_id, trajectory_id, event_type, data, at)
+            continue
+        logger.log_event(session.session_id, event_type, user_id=session.user_id, tenant_id=session.tenant_id,
+                         trajectory_id=trajectory_id, data=data, ts=at,
+                         event_id=hashlib.sha256(f"{trajectory_id}:{event_type}".encode()).hexdigest()[:32])
     if reaction.retry:
         return [_route(session, attempt.task_index, attempt.retries_done + 1, router, tally, attempt.version)]
     if reaction.follow_up and attempt.task_index + 1 < len(session.tasks):
