@@ -36,9 +36,9 @@ def keys_create(ctx: typer.Context, tenant: str = typer.Option(..., "--tenant", 
     except ValueError as error:
         fail(str(error), EXIT_USAGE)
     if save is not None:
-        save.parent.mkdir(parents=True, exist_ok=True)
-        save.touch(mode=0o600)
-        save.write_text(key + "\n")
+        from flywheel_assets.lib.gateway.keys import write_private
+
+        write_private(save, key + "\n")
     typer.echo(key)
     typer.echo(f"key id {record.key_id} for tenant {record.tenant}; store it now, it is not shown again", err=True)
 

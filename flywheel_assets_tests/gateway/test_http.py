@@ -283,3 +283,110 @@ def test_the_same_question_from_another_user_is_not_a_retry(serve, home):
     gateway.flush()
     assert [(e["event_type"], e["user_id"], e["trajectory_id"]) for e in landed_lines(home, "events")] == [
         ("retry_requested", "ann", first.headers["x-flywheel-trajectory-id"])]
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
+    b'{"messages": [{"role": "user", "content": "\\ud800"}]}',
+    b'{"messages": [{"role": "user", "content": "hi"}], "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+])
+def test_bodies_python_parses_but_nobody_can_store_are_400s(serve, raw):
+    client, *_ = serve(max_body_bytes=10**6)
+    response = client.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+
+
+def test_nulls_are_absent_and_a_header_spelling_gets_no_second_rate_bucket(serve):
+    client, gateway, backend, key = serve(rate_limit_per_minute=12)  # bursts of 2
+    ok = client.post("/v1/chat/completions", json={"messages": USER_TURN, "temperature": None, "max_tokens": None,
+                                                   "stream": None, "n": None, "user": None, "tools": None})
+    assert ok.status_code == 200, ok.text
+    spellings = [f"Bearer {key}", f"bearer {key}", f"BEARER {key}", f"Bearer  {key}"]
+    codes = [client.post("/v1/chat/completions", json={"messages": USER_TURN},
+                         headers={"Authorization": s}).status_code for s in spellings]
+    assert codes[0] == 200 and set(codes[1:]) == {429}
+
+
+def test_a_failed_write_leaves_no_trace_and_retries_are_counted_once(serve, home, monkeypatch):
+    client, gateway, backend, _ = serve()
+    first = chat(client, USER_TURN, user="ann")
+    real_append = gateway.journal.append
+
+    def full_disk(records):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gateway.journal, "append", full_disk)
+    assert chat(client, USER_TURN, user="ann").status_code == 503  # a retry the client never saw answered
+    monkeypatch.setattr(gateway.journal, "append", real_append)
+    second = chat(client, USER_TURN, user="ann")  # the client's retry of its failed call
+    feedback = client.post("/v1/feedback", json={"trajectory_id": first.headers["x-flywheel-trajectory-id"],
+                                                 "type": "retry"})
+    assert feedback.status_code == 200
+    gateway.flush()
+    events = landed_lines(home, "events")
+    assert [(e["event_type"], e["trajectory_id"]) for e in events] == [
+        ("retry_requested", first.headers["x-flywheel-trajectory-id"])]  # once: re-sent and posted
+    landed = {t["trajectory_id"] for t in landed_lines(home, "trajectories")}
+    assert landed == {first.headers["x-flywheel-trajectory-id"], second.headers["x-flywheel-trajectory-id"]}
+
+
+def test_without_a_user_nothing_is_inferred_across_calls(serve, home):
+    client, gateway, backend, _ = serve()
+    a, b = chat(client, USER_TURN), chat(client, USER_TURN)  # two people behind one key, perhaps
+    assert a.headers["x-flywheel-session-id"] != b.headers["x-flywheel-session-id"]
+    gateway.flush()
+    assert landed_lines(home, "events") == []
+
+
+def test_a_thumb_can_change_and_the_latest_counts(serve, home):
+    client, gateway, backend, _ = serve()
+    trajectory = chat(client, USER_TURN, user="u").headers["x-flywheel-trajectory-id"]
+    ids = [client.post("/v1/feedback", json={"trajectory_id": trajectory, "type": kind}).json()["event_id"]
+           for kind in ("thumbs_up", "thumbs_down", "thumbs_up")]
+    assert len(set(ids)) == 3
+
+
+def test_a_restart_remembers_landed_answers_for_feedback_and_follow_ups(serve, home, gateway_config):
+    from starlette.testclient import TestClient
+
+    from flywheel_assets.lib.gateway.app import create_app
+    from flywheel_assets.lib.gateway.service import Gateway
+
+    client, gateway, backend, key = serve()
+    first = chat(client, USER_TURN, user="ann")
+    gateway.flush()
+    client.__exit__(None, None, None)  # shut down (closes the journal); a kill -9 leaves the same files
+    restarted = Gateway(gateway_config(), backend=Scripted())
+    with TestClient(create_app(restarted), headers={"Authorization": f"Bearer {key}"}) as again:
+        trajectory = first.headers["x-flywheel-trajectory-id"]
+        assert again.post("/v1/feedback", json={"trajectory_id": trajectory, "type": "accepted"}).status_code == 200
+        onward = USER_TURN + [first.json()["choices"][0]["message"], {"role": "user", "content": "And 13 * 7?"}]
+        follow = chat(again, onward, user="ann")
+        assert follow.headers["x-flywheel-session-id"] == first.headers["x-flywheel-session-id"]
+    assert len(landed_lines(home, "trajectories")) == 2  # the first landed once, before the restart
+    assert sorted(e["event_type"] for e in landed_lines(home, "events")) == ["output_accepted", "session_continued"]
+
+
+def test_upstream_tool_calls_are_normalised_and_a_stream_can_end_with_usage(serve, home):
+    from flywheel_assets.lib.gateway.backends import _tool_calls
+
+    assert _tool_calls([{"function": {"name": "f", "arguments": {"x": 1}}}]) == [
+        {"id": "call_0", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}]
+    client, gateway, backend, _ = serve()
+    backend.replies.append(Completion("hi", [], "stop", 7, 2))
+    with client.stream("POST", "/v1/chat/completions", json={
+            "messages": USER_TURN, "stream": True, "stream_options": {"include_usage": True}}) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {"prompt_tokens": 7, "completion_tokens": 2,
+                                                                   "total_tokens": 9}
+
+
+def test_a_saved_key_is_private_even_over_an_existing_file(tmp_path):
+    from flywheel_assets.lib.gateway.keys import write_private
+
+    path = tmp_path / "dev.key"
+    path.write_text("old")
+    path.chmod(0o644)
+    write_private(path, "fw-secret\n")
+    assert path.read_text() == "fw-secret\n" and path.stat().st_mode & 0o777 == 0o600

@@ -6,7 +6,7 @@ import json
 import threading
 
 from flywheel_assets.lib.gateway.conversations import Conversation, event_record
-from flywheel_assets.lib.gateway.journal import Journal
+from flywheel_assets.lib.gateway.journal import Journal, JournalError
 
 
 def _conversation(n: int, final: bool, revision: int = 1) -> dict:
@@ -21,6 +21,7 @@ def test_a_crash_before_landing_keeps_everything_and_a_torn_line_is_skipped(tmp_
     event = event_record(Conversation("t1", "s1", "acme", "u"), "output_accepted")
     journal.append([_conversation(1, True), _conversation(2, False), event])
     journal.append([_conversation(2, True, revision=2)])
+    journal.close()  # lands nothing: on disk as after a kill -9 (which also frees the lock)
     segment = max((tmp_path / "j").glob("s*.jsonl"))
     with open(segment, "ab") as handle:
         handle.write(b'{"kind": "conversation", "trajectory_id": "t3", "mess')  # killed mid-write, never acknowledged
@@ -37,6 +38,7 @@ def test_landing_keeps_only_what_is_still_open_and_an_older_checkpoint_never_win
     assert [p.parent.name for p in files] == ["trajectories"]
     assert json.loads(files[0].read_text())["trajectory_id"] == "t1"
     journal.append([_conversation(2, True, revision=2)])  # after the checkpoint: the newer state
+    journal.close()
     conversations, _ = Journal(tmp_path / "j", tmp_path).recover()
     assert [(c["trajectory_id"], c["revision"]) for c in conversations] == [("t2", 2)]
 
@@ -51,3 +53,23 @@ def test_concurrent_appends_share_fsyncs(tmp_path):
     journal.close()
     conversations, _ = Journal(tmp_path / "j", tmp_path).recover()  # what a restart finds
     assert len(conversations) == 64 and journal.fsyncs < 64
+
+
+def test_one_gateway_per_journal_and_a_bad_record_fails_only_its_own_write(tmp_path):
+    journal = Journal(tmp_path / "j", tmp_path)
+    try:
+        Journal(tmp_path / "j", tmp_path)
+    except JournalError as error:
+        assert "another gateway" in str(error)
+    else:
+        raise AssertionError("a second journal on the same folder was allowed")
+    for bad in ({"kind": "event", "x": float("nan")}, {"kind": "event", "x": "\ud800"}):
+        try:
+            journal.append([bad])
+        except JournalError:
+            pass
+        else:
+            raise AssertionError(f"{bad} was written")
+    journal.append([_conversation(1, True)])  # the writer lives on
+    journal.close()
+    assert [c["trajectory_id"] for c in Journal(tmp_path / "j", tmp_path).recover()[0]] == ["t1"]

@@ -143,21 +143,22 @@ class ModelRegistry:
         """Every change (of one version, or of all), oldest first."""
         return [r for r in self._history() if version is None or r["version"] == version]
 
-    def serving(self) -> dict[str, list[dict]]:
-        """The versions that serve traffic, by status: champion, treatment, canary."""
+    def serving(self, current: list[dict] | None = None) -> dict[str, list[dict]]:
+        """The versions that serve traffic, by status: champion, treatment, canary (of
+        `current`, a `current()` already read, or a new read)."""
         live = {status: [] for status in LIVE}
-        for row in self.current():
+        for row in self.current() if current is None else current:
             if row["status"] in live:
                 live[row["status"]].append(row)
         return live
 
-    def router(self) -> Callable[[str, str], str]:
+    def router(self, current: list[dict] | None = None) -> Callable[[str, str], str]:
         """route(user_id, tenant_id) over a snapshot of the current layout (one read for many users).
 
         Canaries then treatments take their traffic_share from u = 0 upward; the champion
         serves the rest. The salt is the champion's version, so a new champion reshuffles users.
         """
-        live = self.serving()
+        live = self.serving(current)
         if not live["champion"]:
             raise RegistryError("no champion: nothing to route to")
         champion = live["champion"][0]["version"]

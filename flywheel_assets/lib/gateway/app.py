@@ -63,21 +63,21 @@ def create_app(gateway: Gateway) -> Starlette:
             await asyncio.to_thread(gateway.close)
 
     async def chat_completions(request: Request) -> Response:
-        authorization = request.headers.get("authorization")
-        tenant = gateway.tenant(authorization)
-        gateway.admit(authorization)
+        tenant = gateway.tenant(request.headers.get("authorization"), admit=True)
         body = await _json_body(request, gateway.settings.max_body_bytes)
         args = _chat_arguments(body, gateway.settings.max_tokens)
-        user = args.pop("user") or request.headers.get("x-flywheel-user") or "anonymous"
-        served = await gateway.chat(tenant, user, session_hint=request.headers.get("x-flywheel-session"),
+        user = args.pop("user") or request.headers.get("x-flywheel-user")
+        served = await gateway.chat(tenant, user or "anonymous", session_hint=request.headers.get("x-flywheel-session"),
                                     task_type=request.headers.get("x-flywheel-task-type") or "chat",
-                                    at=_client_time(request, gateway), **args)
+                                    at=_client_time(request, gateway), user_named=bool(user), **args)
         headers = {"x-flywheel-model-version": served.version}
         if served.trajectory_id:
             headers |= {"x-flywheel-trajectory-id": served.trajectory_id, "x-flywheel-session-id": served.session_id}
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.get("stream"):
-            return StreamingResponse(_chunks(completion_id, created, served), media_type="text/event-stream",
+            usage = bool((body.get("stream_options") or {}).get("include_usage")) \
+                if isinstance(body.get("stream_options"), dict) else False
+            return StreamingResponse(_chunks(completion_id, created, served, usage), media_type="text/event-stream",
                                      headers=headers | {"cache-control": "no-cache"})
         c = served.completion
         return JSONResponse({
@@ -95,7 +95,7 @@ def create_app(gateway: Gateway) -> Starlette:
              "owned_by": "flywheel", "status": r["status"], "traffic_share": r["traffic_share"]} for r in live]})
 
     async def feedback(request: Request) -> Response:
-        tenant = gateway.tenant(request.headers.get("authorization"))
+        tenant = gateway.tenant(request.headers.get("authorization"), admit=True)
         body = await _json_body(request, gateway.settings.max_body_bytes)
         return JSONResponse(await gateway.feedback(tenant, body, _client_time(request, gateway)))
 
@@ -155,12 +155,19 @@ async def _json_body(request: Request, limit: int) -> dict:
             raise GatewayError(413, f"request body over the limit of {limit} bytes", "request_too_large")
         chunks.append(chunk)
     try:
-        body = json.loads(b"".join(chunks))
-    except (ValueError, UnicodeDecodeError):
-        raise GatewayError(400, "the body is not valid JSON") from None
+        body = json.loads(b"".join(chunks), parse_constant=_no_constant)
+        # lone surrogates (valid JSON escapes, invalid text) would fail later, in the journal
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except (ValueError, UnicodeError, RecursionError) as error:
+        raise GatewayError(400, f"the body is not valid JSON text ({type(error).__name__})") from None
     if not isinstance(body, dict):
         raise GatewayError(400, "the body must be a JSON object")
-    return body
+    # null is as good as absent, as in OpenAI's API
+    return {name: value for name, value in body.items() if value is not None}
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def _chat_arguments(body: dict, max_tokens_cap: int) -> dict:
@@ -217,7 +224,7 @@ def _chat_arguments(body: dict, max_tokens_cap: int) -> dict:
             "max_tokens": max_tokens, "temperature": float(temperature), "user": user}
 
 
-async def _chunks(completion_id: str, created: int, served):
+async def _chunks(completion_id: str, created: int, served, include_usage: bool = False):
     """The answer as OpenAI's chat.completion.chunk events. The whole turn is generated (and
     journalled) before the first byte: batched generation has no per-token stream."""
     def chunk(delta: dict, finish: str | None = None) -> str:
@@ -236,4 +243,9 @@ async def _chunks(completion_id: str, created: int, served):
                                      "function": {"name": call["function"]["name"], "arguments": ""}}]})
         yield chunk({"tool_calls": [{"index": index, "function": {"arguments": call["function"]["arguments"]}}]})
     yield chunk({}, c.finish_reason)
+    if include_usage:  # stream_options.include_usage: a last chunk with no choices and the usage
+        yield "data: " + json.dumps({"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                                     "model": served.version, "choices": [], "usage": {
+                                         "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+                                         "total_tokens": c.prompt_tokens + c.completion_tokens}}) + "\n\n"
     yield "data: [DONE]\n\n"

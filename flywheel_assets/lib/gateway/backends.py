@@ -144,12 +144,14 @@ class EmbeddedBackend:
             turns = generate_turns(model, tokenizer, [Request(j.messages, j.tools) for j in live],
                                    max_new_tokens=first.max_tokens, temperature=first.temperature,
                                    seed=next(self._seeds))
-        except Exception as error:  # noqa: BLE001 — every waiter must hear of it
-            for job in live:
-                job.loop.call_soon_threadsafe(_settle, job.future, None, error)
-            return
-        for job, turn in zip(live, turns):
-            job.loop.call_soon_threadsafe(_settle, job.future, completion_of(turn), None)
+            outcomes = [(completion_of(turn), None) for turn in turns]
+        except Exception as error:  # noqa: BLE001 — every waiter must hear of it, and the worker lives on
+            outcomes = [(None, error)] * len(live)
+        for job, (result, error) in zip(live, outcomes):
+            try:
+                job.loop.call_soon_threadsafe(_settle, job.future, result, error)
+            except RuntimeError:  # its event loop is closed: nobody waits any more
+                pass
 
 
 def _settle(future: asyncio.Future, result, error) -> None:
@@ -207,7 +209,7 @@ class UpstreamBackend:
             choice = reply["choices"][0]
             message = choice["message"]
             usage = reply.get("usage") or {}
-            return Completion(message.get("content"), list(message.get("tool_calls") or []),
+            return Completion(message.get("content"), _tool_calls(message.get("tool_calls")),
                               choice.get("finish_reason") or "stop", int(usage.get("prompt_tokens") or 0),
                               int(usage.get("completion_tokens") or 0))
         except (ValueError, KeyError, IndexError, TypeError) as error:
@@ -218,6 +220,18 @@ class UpstreamBackend:
             asyncio.get_running_loop().create_task(self._client.aclose())
         except RuntimeError:
             asyncio.run(self._client.aclose())
+
+
+def _tool_calls(calls) -> list[dict]:
+    """An upstream's tool calls in OpenAI's exact shape: an id, type function, arguments a JSON string."""
+    normal = []
+    for index, call in enumerate(calls or []):
+        function = call["function"]
+        arguments = function.get("arguments")
+        normal.append({"id": call.get("id") or f"call_{index}", "type": "function",
+                       "function": {"name": function["name"], "arguments": arguments if isinstance(arguments, str)
+                                    else json.dumps(arguments if arguments is not None else {})}})
+    return normal
 
 
 def make_backend(home: Path, settings: GatewayConfig):

@@ -25,6 +25,7 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -43,6 +44,7 @@ class Conversation:
     final: bool = False  # the latest answer calls no tool
     landed: bool = False  # written to the landing zone; kept a while to recognise retries
     revision: int = 0  # bumped at every change: the journal keeps the highest
+    in_flight: int = 0  # calls on it being answered now: it does not land meanwhile
 
     def record(self) -> dict:
         """What the journal keeps of it: enough to land it and to rebuild the tracker."""
@@ -50,11 +52,11 @@ class Conversation:
                 "tenant": self.tenant, "user": self.user, "model_version": self.model_version,
                 "messages": self.messages, "tools": self.tools, "task_type": self.task_type,
                 "created_at": self.created_at, "touched": self.touched, "final": self.final,
-                "revision": self.revision}
+                "revision": self.revision, "landed": self.landed}
 
     @classmethod
     def from_record(cls, record: dict) -> Conversation:
-        return cls(**{k: v for k, v in record.items() if k != "kind"})
+        return cls(**{k: v for k, v in record.items() if k not in ("kind", "in_flight")})
 
     def final_answer(self) -> str:
         last = next((m for m in reversed(self.messages) if m.get("role") == "assistant"), None)
@@ -71,15 +73,24 @@ class Call:
     changed: list[dict] = field(default_factory=list)  # records of other conversations it changed
 
 
-def key(messages: list[dict], tenant: str = "", user: str = "") -> str:
-    """A hash of who sent the messages and what they say: roles, text, tool names and
-    arguments (not call ids). Two users asking the same question are two conversations."""
-    canonical: list = [tenant, user]
+def prefix_keys(messages: list[dict], tenant: str = "", user: str = "") -> list[str]:
+    """keys[i] = a hash of who sent messages[:i + 1] and what they say: roles, text, tool
+    names and arguments (not call ids). Two users asking the same are two conversations.
+    One running hash over the messages: every prefix costs one message's hashing."""
+    running = hashlib.sha256(json.dumps([tenant, user]).encode())
+    keys = []
     for message in messages:
         calls = [[(c.get("function") or {}).get("name"), _arguments((c.get("function") or {}).get("arguments"))]
                  for c in message.get("tool_calls") or []]
-        canonical.append([message.get("role"), _text(message.get("content")).strip(), calls])
-    return hashlib.sha256(json.dumps(canonical, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+        canonical = [message.get("role"), _text(message.get("content")).strip(), calls]
+        running.update(b"\x1e" + json.dumps(canonical, sort_keys=True, ensure_ascii=False,
+                                              default=str).encode("utf-8", "surrogatepass"))
+        keys.append(running.copy().hexdigest())
+    return keys
+
+
+def key(messages: list[dict], tenant: str = "", user: str = "") -> str:
+    return prefix_keys(messages, tenant, user)[-1] if messages else prefix_keys([{}], tenant, user)[-1]
 
 
 def event_record(conversation: Conversation, event_type: str, data: dict | None = None,
@@ -106,44 +117,79 @@ class Tracker:
         self._keys: dict[str, list[tuple[dict, str]]] = {}  # trajectory_id → its index entries
 
     def begin(self, tenant: str, user: str, messages: list[dict], session_hint: str | None = None,
-              task_type: str = "chat", at: float | None = None) -> Call:
-        """What this call is; `at` (epoch seconds) stamps what it creates, else now."""
+              task_type: str = "chat", at: float | None = None, infer: bool = True) -> Call:
+        """What this call is; `at` (epoch seconds) stamps what it creates, else now. Without
+        `infer` (no user named: many people may stand behind one key) no retry and no
+        follow-up is inferred; a tool loop still goes on in its trajectory."""
+        keys = prefix_keys(messages, tenant, user)
         with self._lock:
-            asked = key(messages, tenant, user)
             events: list[dict] = []
-            if (retried := self._live(self._asked.get(asked), tenant, user)) is not None:
-                events.append(event_record(retried, "retry_requested", at=at))
+            retried = self._live(self._asked.get(keys[-1]), tenant, user) if infer else None
+            if retried is not None:
+                events.append(event_record(retried, "retry_requested", at=at,
+                                           event_id=once_id(retried.trajectory_id, "retry_requested")))
                 return Call(self._new(tenant, user, retried.session_id, task_type, at), events, retried)
-            previous, added = self._longest_answered_prefix(messages, tenant, user)
+            previous, added = self._longest_answered_prefix(keys, messages, tenant, user)
             if previous is not None:
                 if not previous.final and not previous.landed:
+                    previous.in_flight += 1  # it must not land while this call is answered
                     return Call(previous, events)  # tool results (or a user aside) after a tool call
-                if any(m.get("role") == "user" for m in added):
-                    events.append(event_record(previous, "session_continued", at=at,
-                                               event_id=once_id(previous.trajectory_id, "session_continued")))
-                return Call(self._new(tenant, user, previous.session_id, task_type, at), events)
+                if infer:
+                    if any(m.get("role") == "user" for m in added):
+                        events.append(event_record(previous, "session_continued", at=at,
+                                                   event_id=once_id(previous.trajectory_id, "session_continued")))
+                    return Call(self._new(tenant, user, previous.session_id, task_type, at), events)
             return Call(self._new(tenant, user, session_hint or uuid.uuid4().hex, task_type, at), events)
 
+    def release(self, call: Call) -> None:
+        """A call that failed: the conversation it would have gone on may land again."""
+        with self._lock:
+            call.conversation.in_flight = max(0, call.conversation.in_flight - 1)
+
     def served(self, call: Call, request: list[dict], answer: dict, *, model_version: str,
-               tools: list[dict] | None) -> dict:
-        """Note the answer given to `request`; returns the conversation's journal record. Nothing
-        changes before a call is served: a call that fails leaves the tracker as it was."""
+               tools: list[dict] | None) -> tuple[dict, Callable[[], None]]:
+        """Note the answer given to `request`: (the conversation's journal record, undo). The
+        gateway journals the record and calls undo() when that fails: the client got no
+        answer, so nothing may remain of it. (The state changes before the write, so that a
+        landing between the two cannot miss it.)"""
         conversation = call.conversation
         with self._lock:
+            before = {name: getattr(conversation, name) for name in ("messages", "model_version", "tools",
+                                                                    "touched", "final", "revision")}
+            retried_before = (call.retried.final, call.retried.revision) if call.retried is not None else None
+            new = conversation.trajectory_id not in self._by_id
             if call.retried is not None and not call.retried.final:
                 call.retried.final = True  # the answer the user turned down lands as it was
                 call.retried.revision += 1
                 call.changed.append(call.retried.record())
             self._by_id.setdefault(conversation.trajectory_id, conversation)
+            conversation.in_flight = max(0, conversation.in_flight - 1) if not new else 0
             conversation.messages = [*request, answer]
             conversation.model_version, conversation.tools = model_version, tools or conversation.tools
             conversation.touched = self.clock()
             conversation.final = not answer.get("tool_calls")
             conversation.revision += 1
             who = conversation.tenant, conversation.user
-            self._index(conversation, self._asked, key(request, *who))
-            self._index(conversation, self._answered, key(conversation.messages, *who))
-            return conversation.record()
+            indexed = len(self._keys.get(conversation.trajectory_id, []))
+            self._index(conversation, self._asked, prefix_keys(request, *who)[-1])
+            self._index(conversation, self._answered, prefix_keys(conversation.messages, *who)[-1])
+            record = conversation.record()
+
+        def undo() -> None:
+            with self._lock:
+                for name, value in before.items():
+                    setattr(conversation, name, value)
+                if retried_before is not None:
+                    call.retried.final, call.retried.revision = retried_before
+                entries = self._keys.get(conversation.trajectory_id, [])
+                for index, digest in entries[indexed:]:
+                    if index.get(digest) == conversation.trajectory_id:
+                        del index[digest]
+                del entries[indexed:]
+                if new:
+                    self._by_id.pop(conversation.trajectory_id, None)
+                    self._keys.pop(conversation.trajectory_id, None)
+        return record, undo
 
     def get(self, trajectory_id: str) -> Conversation | None:
         with self._lock:
@@ -153,12 +199,17 @@ class Tracker:
         """Conversations to land now: final ones, and those idle past idle_s (or all, at shutdown)."""
         now = self.clock()
         with self._lock:
-            return [c for c in self._by_id.values() if not c.landed and c.messages
+            return [c for c in self._by_id.values() if not c.landed and c.messages and not c.in_flight
                     and (c.final or everything_final or now - c.touched > self.idle_s)]
 
     def open(self) -> list[Conversation]:
         with self._lock:
             return [c for c in self._by_id.values() if not c.landed and c.messages]
+
+    def remembered(self) -> list[Conversation]:
+        """Landed but not forgotten yet: a restart keeps them, for feedback and follow-ups."""
+        with self._lock:
+            return [c for c in self._by_id.values() if c.landed]
 
     def mark_landed(self, conversations: list[Conversation]) -> None:
         """After their landing files are written; long-idle landed ones are forgotten."""
@@ -176,11 +227,11 @@ class Tracker:
             if (known := self._by_id.get(conversation.trajectory_id)) is not None:
                 self._forget(known)
             self._by_id[conversation.trajectory_id] = conversation
-            answers = [i for i, m in enumerate(conversation.messages) if m.get("role") == "assistant"]
-            for index in answers:
-                who = conversation.tenant, conversation.user
-                self._index(conversation, self._asked, key(conversation.messages[:index], *who))
-                self._index(conversation, self._answered, key(conversation.messages[:index + 1], *who))
+            keys = prefix_keys(conversation.messages, conversation.tenant, conversation.user)
+            for index, message in enumerate(conversation.messages):
+                if message.get("role") == "assistant" and index:
+                    self._index(conversation, self._asked, keys[index - 1])
+                    self._index(conversation, self._answered, keys[index])
         return conversation
 
     def __len__(self) -> int:
@@ -192,10 +243,10 @@ class Tracker:
         return conversation if conversation is not None and (conversation.tenant, conversation.user) == (tenant, user) \
             else None
 
-    def _longest_answered_prefix(self, messages: list[dict], tenant: str,
+    def _longest_answered_prefix(self, keys: list[str], messages: list[dict], tenant: str,
                                  user: str) -> tuple[Conversation | None, list[dict]]:
         for cut in range(len(messages) - 1, 0, -1):
-            if (found := self._live(self._answered.get(key(messages[:cut], tenant, user)), tenant, user)) is not None:
+            if (found := self._live(self._answered.get(keys[cut - 1]), tenant, user)) is not None:
                 return found, messages[cut:]
         return None, []
 

@@ -21,6 +21,7 @@ was never acknowledged, so it is skipped.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import threading
@@ -38,6 +39,14 @@ class Journal:
     def __init__(self, folder: Path, home: Path, source: str = "gateway"):
         self.folder, self.home, self.source = Path(folder), Path(home), source
         self.folder.mkdir(parents=True, exist_ok=True)
+        # one gateway per journal: a second one would take the first one's live segment for sealed
+        self._lock_file = open(self.folder / "lock", "a")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise JournalError(f"another gateway is serving this FLYWHEEL_HOME (its journal {self.folder} is locked)") \
+                from None
         self._queue: list[tuple[list[str], threading.Event, list]] = []
         self._cond = threading.Condition()
         self._file_lock = threading.Lock()  # the writer, and a seal, hold it
@@ -50,9 +59,13 @@ class Journal:
 
     def append(self, records: Iterable[dict]) -> None:
         """Durable when it returns; raises JournalError otherwise."""
-        lines = [json.dumps(r, ensure_ascii=False, allow_nan=False) for r in records]
-        if not lines:
+        try:  # here, so that a record that cannot be written fails its own call only
+            data = "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in records).encode()
+        except (ValueError, TypeError) as error:
+            raise JournalError(f"a record cannot be written: {error}") from error
+        if not data:
             return
+        lines = [data]
         done, outcome = threading.Event(), []
         with self._cond:
             if self._closed:
@@ -100,6 +113,7 @@ class Journal:
         self._writer.join(timeout=10)
         with self._file_lock:
             self._segment.close()
+        self._lock_file.close()  # and with it the lock
 
     # -- internals
 
@@ -108,9 +122,10 @@ class Journal:
 
     def _open_segment(self):
         self._sequence += 1
-        self._segment_path = self.folder / f"s{self._sequence:012d}.jsonl"
-        handle = open(self._segment_path, "ab")
+        path = self.folder / f"s{self._sequence:012d}.jsonl"
+        handle = open(path, "ab")
         _fsync_dir(self.folder)
+        self._segment_path = path
         return handle
 
     def _write_loop(self) -> None:
@@ -124,16 +139,17 @@ class Journal:
             failure: list = []
             try:
                 with self._file_lock:
-                    self._segment.write("".join(line + "\n" for lines, _, _ in batch for line in lines).encode())
+                    self._segment.write(b"".join(data for lines, _, _ in batch for data in lines))
                     self._segment.flush()
                     os.fsync(self._segment.fileno())
                     self.fsyncs += 1
-            except OSError as error:
-                failure = [error]
+            except BaseException as error:  # noqa: BLE001 — the writer must outlive any failure
+                failure = [error if isinstance(error, OSError) else OSError(str(error))]
                 self._recover_segment()
-            for _, done, outcome in batch:
-                outcome.extend(failure)
-                done.set()
+            finally:
+                for _, done, outcome in batch:
+                    outcome.extend(failure)
+                    done.set()
 
     def _recover_segment(self) -> None:
         """After a failed write the segment may end in a partial line: continue in a fresh one
@@ -151,9 +167,10 @@ class Journal:
     def _seal(self) -> list[Path]:
         with self._file_lock:
             sealed = [p for p in self._files() if p != self._segment_path]
-            self._segment.close()
-            sealed.append(self._segment_path)
-            self._segment = self._open_segment()
+            old, old_path = self._segment, self._segment_path
+            self._segment = self._open_segment()  # first the new one: a failure leaves the old one in use
+            old.close()
+            sealed.append(old_path)
         return sealed
 
     def _write_landing(self, conversations: list[dict], events: list[dict]) -> list[Path]:

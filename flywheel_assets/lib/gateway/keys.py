@@ -101,5 +101,17 @@ class KeyStore:
         os.replace(temporary, self.path)
 
 
+def write_private(path: Path, text: str) -> None:
+    """Write a secret readable by its owner only, whatever the file was before."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(descriptor, 0o600)
+        os.write(descriptor, text.encode())
+    finally:
+        os.close(descriptor)
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")

@@ -14,18 +14,19 @@ from flywheel_assets.lib.experiments.registry import ModelRegistry, RegistryErro
 from flywheel_assets.lib.gateway.backends import Completion, make_backend
 from flywheel_assets.lib.gateway.conversations import Call, Tracker, event_record, once_id
 from flywheel_assets.lib.gateway.journal import Journal
-from flywheel_assets.lib.gateway.keys import KeyStore
+from flywheel_assets.lib.gateway.keys import KeyStore, digest
 from flywheel_assets.lib.lake import Lake
 
 # /v1/feedback types → (event type, one per trajectory?). accepted/retry/error are facts about
 # an answer: sent twice they count once. Thumbs and ratings keep their latest value.
+EDIT_LIMIT = 20_000  # characters of edited_text: the edit ratio is a quadratic comparison
 FEEDBACK = {
     "accepted": ("output_accepted", True),
     "retry": ("retry_requested", True),
     "error": ("error_reported", True),
     "edited": ("output_edited", False),
-    "thumbs_up": ("thumbs_up", True),
-    "thumbs_down": ("thumbs_down", True),
+    "thumbs_up": ("thumbs_up", False),  # a user may change their mind: the latest counts
+    "thumbs_down": ("thumbs_down", False),
     "rating": ("rating", False),
     "continued": ("session_continued", True),  # the user went on (the gateway also sees it in a re-sent conversation)
 }
@@ -62,32 +63,38 @@ class Gateway:
         self._events: list[dict] = []
         self._events_lock = threading.Lock()
         self._buckets: dict[str, tuple[float, float]] = {}
+        self._flush_lock = threading.Lock()
         self.landed = {"trajectories": 0, "events": 0, "files": 0}
         self.recovered = self._recover()
 
     # -- who, how much
 
-    def tenant(self, authorization: str | None) -> str:
-        key = authorization[7:].strip() if authorization and authorization.lower().startswith("bearer ") else None
+    def tenant(self, authorization: str | None, admit: bool = False) -> str:
+        """The tenant of the call's key (401 without a live one); with `admit`, also counted
+        against the key's rate (429 past it)."""
+        key = authorization[7:].strip() if authorization and authorization[:7].lower() == "bearer " else None
         tenant = self.keys.tenant_of(key)
         if tenant is None:
             raise GatewayError(401, "missing or invalid API key: send `Authorization: Bearer fw-…` "
                                "(create one with `flywheel keys create --tenant NAME`)",
                                "authentication_error")
+        if admit:
+            self._admit(digest(key))
         return tenant
 
-    def admit(self, authorization: str) -> None:
-        """A token bucket per key: rate_limit_per_minute, bursts of a sixth of it."""
+    def _admit(self, key_digest: str) -> None:
+        """A token bucket per key (by its hash: however the header is spelt, one bucket; only
+        live keys get one): rate_limit_per_minute, bursts of a sixth of it."""
         rate = self.settings.rate_limit_per_minute / 60.0
         burst = max(1.0, self.settings.rate_limit_per_minute / 6.0)
         now = time.monotonic()
-        tokens, at = self._buckets.get(authorization, (burst, now))
+        tokens, at = self._buckets.get(key_digest, (burst, now))
         tokens = min(burst, tokens + (now - at) * rate)
         if tokens < 1.0:
-            self._buckets[authorization] = (tokens, now)
+            self._buckets[key_digest] = (tokens, now)
             raise GatewayError(429, f"rate limit of {self.settings.rate_limit_per_minute:g} requests a minute "
                                "for this key reached; retry shortly", "rate_limit_error")
-        self._buckets[authorization] = (tokens - 1.0, now)
+        self._buckets[key_digest] = (tokens - 1.0, now)
 
     def logged(self, tenant: str) -> bool:
         return tenant not in self.settings.do_not_log
@@ -98,11 +105,12 @@ class Gateway:
         """(route(user, tenant), live registry rows by version), refreshed every router_refresh_s."""
         with self._routing_lock:
             if self._routing is None or time.monotonic() > self._routing[0]:
+                current = self.registry.current()  # one read: the router and the rows agree
                 try:
-                    router = self.registry.router()
+                    router = self.registry.router(current)
                 except RegistryError as error:  # no champion yet: `make dev` registers the base first
                     raise GatewayError(503, f"nothing to serve: {error}", "service_unavailable") from error
-                rows = {r["version"]: r for r in self.registry.current()}
+                rows = {r["version"]: r for r in current}
                 self._routing = (time.monotonic() + self.settings.router_refresh_s, router, rows)
             return self._routing[1], self._routing[2]
 
@@ -114,25 +122,34 @@ class Gateway:
 
     async def chat(self, tenant: str, user: str, messages: list[dict], tools: list[dict] | None, *,
                    max_tokens: int, temperature: float, tool_choice=None, session_hint: str | None = None,
-                   task_type: str = "chat", at: float | None = None) -> Served:
+                   task_type: str = "chat", at: float | None = None, user_named: bool = True) -> Served:
         router, rows = await asyncio.to_thread(self.routing)
         version = router(user, tenant)
-        call = self.tracker.begin(tenant, user, messages, session_hint, task_type, at) if self.logged(tenant) else None
+        call = self.tracker.begin(tenant, user, messages, session_hint, task_type, at, infer=user_named) \
+            if self.logged(tenant) else None
         try:
             completion = await asyncio.wait_for(
                 self.backend.complete(rows[version], messages, tools, max_tokens=max_tokens,
                                       temperature=temperature, tool_choice=tool_choice),
                 timeout=self.settings.request_timeout_s)
-        except TimeoutError:
-            raise GatewayError(504, f"the model did not answer within {self.settings.request_timeout_s:g} s",
-                               "timeout_error") from None
+        except BaseException as error:
+            if call is not None:
+                self.tracker.release(call)
+            if isinstance(error, TimeoutError):
+                raise GatewayError(504, f"the model did not answer within {self.settings.request_timeout_s:g} s",
+                                   "timeout_error") from None
+            raise
         answer = {"role": "assistant", "content": completion.content}
         if completion.tool_calls:
             answer["tool_calls"] = completion.tool_calls
         if call is None:
             return Served(completion, version, None, None, answer)
-        record = self.tracker.served(call, messages, answer, model_version=version, tools=tools)
-        await self._durably([record, *call.changed], call.events)
+        record, undo = self.tracker.served(call, messages, answer, model_version=version, tools=tools)
+        try:
+            await self._durably([record, *call.changed], call.events)
+        except GatewayError:
+            undo()  # the client gets a 503, not this answer: nothing of it remains
+            raise
         return Served(completion, version, call.conversation.trajectory_id, call.conversation.session_id, answer)
 
     # -- feedback
@@ -145,6 +162,8 @@ class Gateway:
         kind = body.get("type")
         if kind not in FEEDBACK:
             raise GatewayError(400, f"type must be one of {', '.join(FEEDBACK)}, got {kind!r}", param="type")
+        if kind == "edited" and isinstance(body.get("edited_text"), str) and len(body["edited_text"]) > EDIT_LIMIT:
+            raise GatewayError(400, f"edited_text is over {EDIT_LIMIT} characters", param="edited_text")
         if not self.logged(tenant):
             return {"accepted": True, "logged": False}
         conversation = self.tracker.get(trajectory_id)
@@ -159,7 +178,9 @@ class Gateway:
             if not isinstance(edited, str):
                 raise GatewayError(400, "edited feedback needs edited_text, the answer as the user left it",
                                    param="edited_text")
-            similarity = SequenceMatcher(None, conversation.final_answer(), edited, autojunk=False).ratio()
+            # quadratic in the worst case: off the event loop, on texts of at most EDIT_LIMIT characters
+            similarity = await asyncio.to_thread(
+                lambda: SequenceMatcher(None, conversation.final_answer()[:EDIT_LIMIT], edited, autojunk=False).ratio())
             data = {"edit_ratio": round(1.0 - similarity, 4), "edited_answer": edited}
         elif kind == "rating":
             rating = body.get("rating")
@@ -185,16 +206,20 @@ class Gateway:
                 events, self._events = self._events, []
             taken.update(due=due, events=events)
             landing = {c.trajectory_id for c in due}
-            still_open = [c.record() for c in self.tracker.open() if c.trajectory_id not in landing]
-            return [c.record() for c in due], events, still_open
+            # kept across a restart: the open ones, and the landed ones still remembered (feedback
+            # and follow-ups on them are recognised after a restart too)
+            kept = [c.record() for c in self.tracker.open() if c.trajectory_id not in landing]
+            kept += [c.record() for c in self.tracker.remembered()] + [c.record() | {"landed": True} for c in due]
+            return [c.record() for c in due], events, kept
 
-        try:
-            files = self.journal.land(collect)
-        except BaseException:
-            with self._events_lock:  # back in the queue: the journal still has them too
-                self._events = taken.get("events", []) + self._events
-            raise
-        self.tracker.mark_landed(taken["due"])
+        with self._flush_lock:  # the lander thread and close() never land at once
+            try:
+                files = self.journal.land(collect)
+            except BaseException:
+                with self._events_lock:  # back in the queue: the journal still has them too
+                    self._events = taken.get("events", []) + self._events
+                raise
+            self.tracker.mark_landed(taken["due"])
         self.landed["trajectories"] += len(taken["due"])
         self.landed["events"] += len(taken["events"])
         self.landed["files"] += len(files)
@@ -222,10 +247,10 @@ class Gateway:
         and every journalled event land again (the ingester skips ids it already has)."""
         conversations, events = self.journal.recover()
         for record in conversations:
-            self.tracker.restore(record)
+            self.tracker.restore(record)  # a landed one is remembered, not landed again
         with self._events_lock:
             self._events.extend(events)
-        counts = {"conversations": len(conversations), "events": len(events)}
+        counts = {"conversations": sum(not r.get("landed") for r in conversations), "events": len(events)}
         if conversations or events:
             self.flush()
         return counts

@@ -108,7 +108,7 @@ class GatewayDoor:
 
 def simulation_keys(home: Path, tenants: list[str]) -> dict[str, str]:
     """The simulated tenants' API keys, made once (the gateway stores only their hashes)."""
-    from flywheel_assets.lib.gateway.keys import KeyStore
+    from flywheel_assets.lib.gateway.keys import KeyStore, write_private
 
     path = Path(home) / "gateway" / "simulation-keys.json"
     keys = json.loads(path.read_text()) if path.exists() else {}
@@ -117,9 +117,7 @@ def simulation_keys(home: Path, tenants: list[str]) -> dict[str, str]:
     if missing:
         for tenant in missing:
             keys[tenant], _ = store.create(tenant)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch(mode=0o600)
-        path.write_text(json.dumps(keys, indent=1))
+        write_private(path, json.dumps(keys, indent=1))
     return keys
 
 
