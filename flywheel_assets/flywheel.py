@@ -277,11 +277,18 @@ def final_comparison(config: FlywheelConfig, lake: Lake, defs, control: bool = T
         return evaluate_model(model, tokenizer, domain, tasks, batch_size=config.evaluation.batch_size,
                               max_new_tokens=config.evaluation.max_new_tokens)
 
+    # the latest adapter, when it is not the champion (its gate passed or not, the A/B rolled it back):
+    # what the cycles trained, beside what the online test let through
+    adapters = [r for r in registry.current() if r["adapter_path"] and r["version"] != champion["version"]]
+    latest = max(adapters, key=lambda r: r["changed_at"]) if adapters else None
+    latest_is_newer = latest is not None and (champion["adapter_path"] is None or latest["cycle"] > champion["cycle"])
     outcomes = {"base": evaluate_version(config, base, domain, tasks),  # measured already by the gates
                 "champion": evaluate_version(config, champion, domain, tasks),
+                "latest": evaluate_version(config, latest, domain, tasks) if latest_is_newer else None,
                 "control": evaluate(controls[-1]) if controls else None}
     lines = ["", f"held-out success on {len(tasks)} tasks never trained on (95% Wilson interval):", ""]
     labels = {"base": base["version"], "champion": champion["version"],
+              "latest": f"{latest['version']} ({latest['status']})" if latest_is_newer else "",
               "control": f"control after {len(controls)} cycles"}
     for arm, rows in outcomes.items():
         if rows is not None:
@@ -289,14 +296,18 @@ def final_comparison(config: FlywheelConfig, lake: Lake, defs, control: bool = T
             lines.append(f"  {arm:<9} {labels[arm]:<28} {block['success']:6.1%} "
                          f"[{block['success_low']:.1%}, {block['success_high']:.1%}]")
     lines.append("")
-    for other, target in (("base", 0.15), ("control", 0.10)):
-        if outcomes[other] is None:
+    for arm, other, target in (("champion", "base", 0.15), ("champion", "control", 0.10), ("latest", "base", 0.15)):
+        if outcomes[other] is None or outcomes[arm] is None:
             continue
-        d = paired_difference(outcomes["champion"], outcomes[other])
-        standard_errors = d["difference"] / d["standard_error"] if d["standard_error"] else float("inf")
+        d = paired_difference(outcomes[arm], outcomes[other])
+        if d["standard_error"]:
+            standard_errors = d["difference"] / d["standard_error"]
+            spread = f"{standard_errors:.1f} standard errors"
+        else:  # every paired difference the same (e.g. both arms are one model): no spread to measure
+            standard_errors, spread = 0.0, "no spread"
         met = d["difference"] >= target and standard_errors >= 3
-        lines.append(f"  champion − {other:<8} {d['difference'] * 100:+5.1f} points [{d['low'] * 100:+.1f}, "
-                     f"{d['high'] * 100:+.1f}], {standard_errors:.1f} standard errors "
+        lines.append(f"  {arm} − {other:<8} {d['difference'] * 100:+5.1f} points [{d['low'] * 100:+.1f}, "
+                     f"{d['high'] * 100:+.1f}], {spread} "
                      f"(target ≥ {target * 100:+.0f} and > 3 SE: {'met' if met else 'NOT met'})")
     report = "\n".join(lines)
     (config.home / "reports").mkdir(parents=True, exist_ok=True)
