@@ -25,6 +25,7 @@ from datetime import datetime, timedelta, timezone
 import dagster as dg
 import duckdb
 
+from flywheel_assets.defs.partitions import cycle_partitions
 from flywheel_assets.lib.clock import set_now
 from flywheel_assets.lib.config import FlywheelConfig, load_config
 from flywheel_assets.lib.lake import Lake
@@ -115,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     lake = Lake(config)
     defs = load_defs()
     instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
+    if args.fresh:
+        forget_cycles(instance)
     if args.report_only:
         return report(config, lake, defs, args.no_control, started)
     set_now(config, START)
@@ -165,6 +168,15 @@ def report(config: FlywheelConfig, lake: Lake, defs, no_control: bool, started: 
     print(final_comparison(config, lake, defs, control=not no_control))
     print(f"\nwall time {time.monotonic() - started:.0f} s; runs and assets: make dev → http://127.0.0.1:3000")
     return 0
+
+
+def forget_cycles(instance) -> list[str]:
+    """Delete the `cycle` partitions of an earlier run: they live in the Dagster instance, not in
+    FLYWHEEL_HOME, and without their adapters the trigger would wait for them forever."""
+    cycles = list(instance.get_dynamic_partitions(cycle_partitions.name))
+    for cycle in cycles:
+        instance.delete_dynamic_partition(cycle_partitions.name, cycle)
+    return cycles
 
 
 def clear_home(config: FlywheelConfig) -> None:

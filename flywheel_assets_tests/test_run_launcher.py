@@ -110,3 +110,15 @@ def test_a_reused_pid_is_not_the_worker():
         later.kill()
         later.wait()
     assert not process_alive(later.pid, logged_at=time.time())
+
+
+def test_a_fresh_demo_forgets_the_cycles_an_earlier_run_left_in_the_instance():
+    import dagster as dg
+
+    from flywheel_assets.defs.partitions import cycle_partitions
+    from flywheel_assets.flywheel import forget_cycles
+
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(cycle_partitions.name, ["cycle-0001", "cycle-0002"])
+    assert forget_cycles(instance) == ["cycle-0001", "cycle-0002"]
+    assert instance.get_dynamic_partitions(cycle_partitions.name) == []
