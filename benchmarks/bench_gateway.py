@@ -182,6 +182,9 @@ class StandIn(BaseHTTPRequestHandler):
     """The upstream: a fixed chat completion, at once."""
 
     protocol_version = "HTTP/1.1"
+    # TCP_NODELAY, as inference servers set it: without it the reply's second segment (the body,
+    # after the headers) waits for the client's delayed ACK, 40 ms on Linux loopback
+    disable_nagle_algorithm = True
     body = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": [
         {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "42"}}],
         "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}}).encode()
@@ -283,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
              ("kill -9: down while restarting", f"{k.get('down_s', 0):.1f} s", "", ""),
              ("answered conversations lost / duplicated", f"{lake['lost']} / {lake['duplicated']}", "0 / 0",
               mark(lake["lost"] == 0 and lake["duplicated"] == 0)),
-             ("in the lake, never answered (in flight at the kill)", str(lake["in_lake_never_answered"]), "", ""),
+             ("in the lake, not finished by its agent (cut by the kill)", str(lake["in_lake_never_answered"]), "", ""),
              ("upstream overhead at p50", f"{up['overhead_p50_ms']:.2f} ms",
               f"≤ 5 ms (direct {up['direct_p50_ms']:.2f} ms, through the gateway {up['gateway_p50_ms']:.2f} ms)",
               mark(up["overhead_p50_ms"] <= 5))]
