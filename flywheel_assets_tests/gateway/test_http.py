@@ -390,3 +390,15 @@ def test_a_saved_key_is_private_even_over_an_existing_file(tmp_path):
     path.chmod(0o644)
     write_private(path, "fw-secret\n")
     assert path.read_text() == "fw-secret\n" and path.stat().st_mode & 0o777 == 0o600
+
+
+def test_an_embedded_call_comes_back_as_tool_calls_without_its_markup_in_the_content():
+    from flywheel_assets.lib.gateway.backends import completion_of
+    from flywheel_assets.lib.training.inference import Turn
+
+    written = '<tool_call> calculator {"expression": "12 * 7"} </tool_call>'
+    completion = completion_of(Turn([("calculator", {"expression": "12 * 7"})], written, True, 8, 11))
+    assert completion.content is None and completion.finish_reason == "tool_calls"
+    assert completion.tool_calls[0]["function"] == {"name": "calculator", "arguments": '{"expression": "12 * 7"}'}
+    unreadable = completion_of(Turn([(None, "<tool_call> calc {oops")], "<tool_call> calc {oops", False, 8, 40))
+    assert unreadable.tool_calls == [] and unreadable.content == "<tool_call> calc {oops"

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flywheel_assets.lib.config import GatewayConfig, UpstreamConfig
+from flywheel_assets.lib.training.chat_format import CALL_BLOCK
 
 
 @dataclass
@@ -172,8 +173,9 @@ def completion_of(turn) -> Completion:
     tool_calls = [{"id": f"call_{index}", "type": "function",
                    "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}
                   for index, (name, arguments) in enumerate(calls)]
-    if tool_calls:
-        return Completion(turn.text or None, tool_calls, "tool_calls", turn.prompt_tokens, turn.new_tokens)
+    if tool_calls:  # the content is what the model wrote beside its calls, never the calls' markup
+        beside = CALL_BLOCK.sub("", turn.text or "").strip()
+        return Completion(beside or None, tool_calls, "tool_calls", turn.prompt_tokens, turn.new_tokens)
     return Completion(turn.text, [], "stop" if turn.ended else "length", turn.prompt_tokens, turn.new_tokens)
 
 

@@ -17,6 +17,9 @@ import json
 import re
 from dataclasses import dataclass
 
+# a Hermes tool call in a model's text, closed or cut off by the token limit
+CALL_BLOCK = re.compile(r"<tool_call>.*?(</tool_call>|$)", re.DOTALL)
+
 USER, ASSISTANT, TOOL, END = "<|user|>", "<|assistant|>", "<|tool|>", "<|end|>"
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 PAD, UNK = "[PAD]", "[UNK]"

@@ -12,19 +12,19 @@ the calls of the first turn are the answer.
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from flywheel_assets.lib.training.chat_format import CALL_CLOSE, END, USER, clean_answer, parse_call, tool_text
+from flywheel_assets.lib.training.chat_format import (
+    CALL_BLOCK, CALL_CLOSE, END, USER, clean_answer, parse_call, tool_text,
+)
 from flywheel_assets.lib.training.chat_template import parse_tool_calls, prompt_ids
 
 # execute(row, tool name, arguments (a dict, or the raw text when unparseable)) → result, or None: not run
 Execute = Callable[[int, str, "dict | str"], "str | None"]
-_CALL_BLOCK = re.compile(r"<tool_call>.*?(</tool_call>|$)", re.DOTALL)
 
 
 @dataclass
@@ -109,7 +109,7 @@ class Dialect:
             calls.append((call["function"]["name"], parsed if isinstance(parsed, dict) else arguments))
         if "<tool_call>" in text and not calls:
             calls.append((None, text))  # it tried to call and wrote something unreadable: a failed call
-        return calls, _CALL_BLOCK.sub("", text).strip(), ended
+        return calls, CALL_BLOCK.sub("", text).strip(), ended
 
 
 @dataclass(frozen=True)
