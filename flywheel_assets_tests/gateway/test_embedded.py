@@ -80,8 +80,10 @@ def test_concurrent_calls_are_answered_in_batches_by_the_real_model(served_home,
     assert max(gateway.backend.batches) > 1 and sum(gateway.backend.batches) == 8  # micro-batched
     assert gateway.backend.cache.loads == 1  # one user, one version, loaded once
     for response in responses:
-        message = response.json()["choices"][0]["message"]
-        assert message["content"] or message["tool_calls"]  # the model said something readable
+        choice = response.json()["choices"][0]
+        message = choice["message"]
+        assert message["role"] == "assistant" and "content" in message
+        assert (choice["finish_reason"] == "tool_calls") == bool(message.get("tool_calls"))
         for call in message.get("tool_calls") or []:
             assert isinstance(json.loads(call["function"]["arguments"]), dict)
         assert response.json()["usage"]["completion_tokens"] <= 24
