@@ -97,3 +97,22 @@ def landing_sensor_ticks(home: Path):
 
     tick.instance = instance
     return tick
+
+
+def train_tiny_base(home: Path) -> Path:
+    """A real (weak) embedded base in home/models/base: a few seconds of pretraining on 200
+    cold-start conversations."""
+    import random
+
+    from flywheel_assets.lib.config import FlywheelConfig
+    from flywheel_assets.lib.simulation.tasks import COLD_START_PHRASINGS, expert_messages, generate_tasks
+    from flywheel_assets.lib.training.pipeline import set_threads, train_base
+
+    set_threads()
+    config = FlywheelConfig(home=home)
+    config.base_model = config.base_model.model_copy(
+        update={"hidden_size": 48, "layers": 2, "intermediate_size": 96, "pretrain_steps": 40})
+    rng = random.Random(0)
+    messages = [expert_messages(t, rng) for t in generate_tasks(200, seed=3, phrasings=range(COLD_START_PHRASINGS))]
+    train_base(config, messages, config.models / "base")
+    return config.models / "base"

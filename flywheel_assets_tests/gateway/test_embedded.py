@@ -19,30 +19,22 @@ from pathlib import Path
 import httpx
 import pytest
 
-from flywheel_assets.lib.config import FlywheelConfig, load_config
+from flywheel_assets.lib.config import load_config
 from flywheel_assets.lib.gateway.app import create_app
 from flywheel_assets.lib.gateway.keys import KeyStore
 from flywheel_assets.lib.gateway.service import Gateway
 from flywheel_assets.lib.ingest.pipeline import ingest_landing
 from flywheel_assets.lib.lake import Lake
-from flywheel_assets.lib.simulation.tasks import COLD_START_PHRASINGS, expert_messages, generate_tasks
+from flywheel_assets.lib.simulation.tasks import generate_tasks
 from flywheel_assets.lib.simulation.tools import TOOLS
 from flywheel_assets.lib.tables import SESSION_EVENTS, TRAJECTORIES
-from flywheel_assets.lib.training.pipeline import set_threads, train_base
 from flywheel_assets_tests.gateway.support import register_versions
+from flywheel_assets_tests.helpers import train_tiny_base
 
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory) -> Path:
-    """A real (weak) embedded base: a few seconds of pretraining on cold-start conversations."""
-    set_threads()
-    config = FlywheelConfig(home=tmp_path_factory.mktemp("gateway-model"))
-    config.base_model = config.base_model.model_copy(
-        update={"hidden_size": 48, "layers": 2, "intermediate_size": 96, "pretrain_steps": 40})
-    rng = random.Random(0)
-    messages = [expert_messages(t, rng) for t in generate_tasks(200, seed=3, phrasings=range(COLD_START_PHRASINGS))]
-    train_base(config, messages, config.models / "base")
-    return config.models / "base"
+    return train_tiny_base(tmp_path_factory.mktemp("gateway-model"))
 
 
 @pytest.fixture

@@ -11,18 +11,19 @@ from pathlib import Path
 import pytest
 
 from flywheel_assets.client import SCORED_EVENT_TYPES
-from flywheel_assets.lib.config import FlywheelConfig, load_config
+from flywheel_assets.lib.config import load_config
+from flywheel_assets_tests.helpers import train_tiny_base
 from flywheel_assets.lib.ingest.pipeline import ingest_landing
 from flywheel_assets.lib.lake import Lake
 from flywheel_assets.lib.simulation import users
 from flywheel_assets.lib.simulation.tasks import (
-    COLD_START_PHRASINGS, N_PHRASINGS, TASK_TYPES, Task, expert_messages, generate_tasks, is_eval_prompt, verify,
+    N_PHRASINGS, TASK_TYPES, Task, is_eval_prompt, verify,
 )
 from flywheel_assets.lib.simulation.users import (
     BEHAVIOUR_EVENTS, CORRECT, NEAR_MISS, WRONG, UserSimulationConfig, day_tasks, is_biased, judge_answer, react,
     score_of_behaviour, simulate_usage,
 )
-from flywheel_assets.lib.training.pipeline import load_for_inference, set_threads, train_base
+from flywheel_assets.lib.training.pipeline import load_for_inference
 
 DAY = datetime(2026, 12, 1, tzinfo=timezone.utc)
 # A tiny model rarely answers right, so half the users are biased: their acceptances drive
@@ -104,14 +105,7 @@ def test_day_tasks_cover_every_phrasing_and_never_an_eval_prompt():
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """A real (weak) base: a few seconds of pretraining on 200 cold-start conversations."""
-    set_threads()
-    config = FlywheelConfig(home=tmp_path_factory.mktemp("model"))
-    config.base_model = config.base_model.model_copy(
-        update={"hidden_size": 48, "layers": 2, "intermediate_size": 96, "pretrain_steps": 40})
-    rng = random.Random(0)
-    messages = [expert_messages(t, rng) for t in generate_tasks(200, seed=3, phrasings=range(COLD_START_PHRASINGS))]
-    train_base(config, messages, config.models / "base")
-    return load_for_inference(config.models / "base")
+    return load_for_inference(train_tiny_base(tmp_path_factory.mktemp("model")))
 
 
 def _run_day(home: Path, tiny_model, **settings) -> tuple[dict, list[int]]:
