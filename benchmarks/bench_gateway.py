@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import signal
 import socket
@@ -43,6 +42,8 @@ WORK = Path(tempfile.gettempdir()) / "flywheel-bench" / "gateway"
 sys.path.insert(0, str(REPO))
 
 from common import machine, mark, print_rows  # noqa: E402  (benchmarks/ is on sys.path)
+
+from flywheel_assets.lib.gateway.launch import start_serving  # noqa: E402
 
 
 def prepare_home(home: Path) -> None:
@@ -75,21 +76,9 @@ def free_port() -> int:
 
 
 def start_server(home: Path, settings: dict, port: int) -> subprocess.Popen:
-    import httpx
-
     config_path = home / f"gateway-{port}.json"
     config_path.write_text(json.dumps({"gateway": {"rate_limit_per_minute": 10**7, **settings}}))
-    env = {**os.environ, "FLYWHEEL_HOME": str(home), "FLYWHEEL_CONFIG": str(config_path)}
-    process = subprocess.Popen([sys.executable, "-m", "flywheel_assets.cli", "serve", "--port", str(port)],
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    raise SystemExit("the gateway did not come up within 180 s")
+    return start_serving(home, config_path, port)
 
 
 class Load:

@@ -6,7 +6,7 @@ import getpass
 import gzip
 import hashlib
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
 import duckdb
 import pyarrow as pa

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import dagster as dg
-import pytest
 
 from flywheel_assets.defs.curation.assets import curated_trajectories, training_dataset
 from flywheel_assets.defs.curation.checks import no_holdout_leakage, no_pii_in_training_set
@@ -18,7 +17,7 @@ from flywheel_assets.defs.resources import FlywheelResource
 from flywheel_assets.lib.curation.scrub import find_pii
 from flywheel_assets.lib.simulation.seed import seed_demo_usage, write_cold_start
 from flywheel_assets.lib.tables import (
-    DATASET_MANIFESTS, INGESTED_FILES, QUARANTINE, SESSION_EVENTS, TRAINING_DATASET, TRAJECTORIES, TRAJECTORY_SCORES,
+    DATASET_MANIFESTS, INGESTED_FILES, QUARANTINE, TRAINING_DATASET, TRAJECTORIES, TRAJECTORY_SCORES,
 )
 from flywheel_assets_tests.helpers import landing_sensor_ticks, write_lines
 

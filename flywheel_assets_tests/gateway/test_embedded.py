@@ -10,8 +10,6 @@ import os
 import random
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,6 +20,7 @@ import pytest
 from flywheel_assets.lib.config import load_config
 from flywheel_assets.lib.gateway.app import create_app
 from flywheel_assets.lib.gateway.keys import KeyStore
+from flywheel_assets.lib.gateway.launch import log_tail, start_serving
 from flywheel_assets.lib.gateway.service import Gateway
 from flywheel_assets.lib.ingest.pipeline import ingest_landing
 from flywheel_assets.lib.lake import Lake
@@ -93,22 +92,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(home: Path, config_path: Path, port: int) -> subprocess.Popen:
-    env = {**os.environ, "FLYWHEEL_HOME": str(home), "FLYWHEEL_CONFIG": str(config_path)}
-    process = subprocess.Popen([sys.executable, "-m", "flywheel_assets.cli", "serve", "--port", str(port)],
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            time.sleep(0.2)
-        if process.poll() is not None:
-            raise AssertionError(f"the gateway exited: {process.stderr.read().decode()[-2000:]}")
-    raise AssertionError("the gateway did not come up in 120 s")
-
-
 def test_a_kill_9_loses_no_answered_conversation_and_a_restart_duplicates_none(served_home):
     config_path = served_home / "flywheel.json"
     config_path.write_text(json.dumps({"gateway": {"flush_interval_s": 0.3, "conversation_idle_s": 1.0,
@@ -134,7 +117,7 @@ def test_a_kill_9_loses_no_answered_conversation_and_a_restart_duplicates_none(s
             if response.status_code == 200:
                 answered.append(response.headers["x-flywheel-trajectory-id"])
 
-    server = _start(served_home, config_path, port)
+    server = start_serving(served_home, config_path, port, timeout_s=120)
     client = threading.Thread(target=agents)
     client.start()
     try:
@@ -144,7 +127,7 @@ def test_a_kill_9_loses_no_answered_conversation_and_a_restart_duplicates_none(s
         os.kill(server.pid, signal.SIGKILL)
         server.wait()
         before_kill = len(answered)
-        server = _start(served_home, config_path, port)  # recovers the journal, lands what was due
+        server = start_serving(served_home, config_path, port, timeout_s=120)  # recovers the journal, lands what was due
         while len(answered) < before_kill + 8:
             time.sleep(0.01)
     finally:
@@ -153,7 +136,7 @@ def test_a_kill_9_loses_no_answered_conversation_and_a_restart_duplicates_none(s
     time.sleep(2.5)  # past conversation_idle_s: conversations left on a tool call land too
     server.send_signal(signal.SIGTERM)
     # uvicorn shuts down gracefully, then re-raises the signal it caught: -15 is a clean stop
-    assert server.wait(timeout=60) in (0, -signal.SIGTERM), server.stderr.read().decode()[-2000:]
+    assert server.wait(timeout=60) in (0, -signal.SIGTERM), log_tail(served_home, port)
 
     lake = Lake(config)
     ingest_landing(config, lake, log=lambda _: None)

@@ -89,10 +89,6 @@ def prefix_keys(messages: list[dict], tenant: str = "", user: str = "") -> list[
     return keys
 
 
-def key(messages: list[dict], tenant: str = "", user: str = "") -> str:
-    return prefix_keys(messages, tenant, user)[-1] if messages else prefix_keys([{}], tenant, user)[-1]
-
-
 def event_record(conversation: Conversation, event_type: str, data: dict | None = None,
                  event_id: str | None = None, at: float | None = None) -> dict:
     """An event for the landing zone (the client's line format), as a journal record. One-off
@@ -112,8 +108,8 @@ class Tracker:
         self.idle_s, self.clock = idle_s, clock
         self._lock = threading.Lock()
         self._by_id: dict[str, Conversation] = {}
-        self._answered: dict[str, str] = {}  # key(messages through an answer) → trajectory_id
-        self._asked: dict[str, str] = {}  # key(messages a call sent) → trajectory_id
+        self._answered: dict[str, str] = {}  # prefix key of the messages through an answer → trajectory_id
+        self._asked: dict[str, str] = {}  # prefix key of the messages a call sent → trajectory_id
         self._keys: dict[str, list[tuple[dict, str]]] = {}  # trajectory_id → its index entries
 
     def begin(self, tenant: str, user: str, messages: list[dict], session_hint: str | None = None,
@@ -195,12 +191,12 @@ class Tracker:
         with self._lock:
             return self._by_id.get(trajectory_id)
 
-    def due(self, everything_final: bool = False) -> list[Conversation]:
-        """Conversations to land now: final ones, and those idle past idle_s (or all, at shutdown)."""
+    def due(self) -> list[Conversation]:
+        """Conversations to land now: final ones, and those idle past idle_s."""
         now = self.clock()
         with self._lock:
             return [c for c in self._by_id.values() if not c.landed and c.messages and not c.in_flight
-                    and (c.final or everything_final or now - c.touched > self.idle_s)]
+                    and (c.final or now - c.touched > self.idle_s)]
 
     def open(self) -> list[Conversation]:
         with self._lock:

@@ -12,7 +12,7 @@ from difflib import SequenceMatcher
 from flywheel_assets.lib.config import FlywheelConfig
 from flywheel_assets.lib.experiments.registry import ModelRegistry, RegistryError
 from flywheel_assets.lib.gateway.backends import Completion, make_backend
-from flywheel_assets.lib.gateway.conversations import Call, Tracker, event_record, once_id
+from flywheel_assets.lib.gateway.conversations import Tracker, event_record, once_id
 from flywheel_assets.lib.gateway.journal import Journal
 from flywheel_assets.lib.gateway.keys import KeyStore, digest
 from flywheel_assets.lib.lake import Lake

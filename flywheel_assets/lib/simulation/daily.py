@@ -47,9 +47,13 @@ def simulate_day(config: FlywheelConfig, registry: ModelRegistry, day: datetime)
         from flywheel_assets.lib.simulation.through_gateway import GatewayDoor
 
         door = GatewayDoor.connect(config.simulation.via_gateway, config.home, settings.tenants)
-    counts = simulate_usage(settings, home=config.home, router=registry.router(),
-                            load_version=load_version, day=day, domain=load_domain(config.domain),
-                            max_new_tokens=config.evaluation.max_new_tokens, door=door)
+    try:
+        counts = simulate_usage(settings, home=config.home, router=registry.router(),
+                                load_version=load_version, day=day, domain=load_domain(config.domain),
+                                max_new_tokens=config.evaluation.max_new_tokens, door=door)
+    finally:
+        if door is not None:
+            door.close()
     day_end = simulated_day(day) + timedelta(days=1)
     if clock.now(config) < day_end:
         clock.set_now(config, day_end)

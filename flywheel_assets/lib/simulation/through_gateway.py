@@ -64,6 +64,9 @@ class GatewayDoor:
         with ThreadPoolExecutor(max_workers=max(1, min(self.workers, len(jobs)))) as pool:
             return list(pool.map(lambda job: self._loop(job, max_calls, max_new_tokens, temperature), jobs))
 
+    def close(self) -> None:
+        self.client.close()
+
     def feedback(self, tenant: str, trajectory_id: str, event_type: str, data: dict, at: datetime) -> None:
         kind = FEEDBACK_TYPES[event_type]
         body = {"trajectory_id": trajectory_id, "type": kind}
