@@ -128,3 +128,26 @@ def test_promotion_gate_blocks_a_broken_adapter(tiny, tmp_path):
     rows = {(r["role"], r["scope"]): r for r in report["rows"]}
     assert rows[("candidate", "overall")]["n"] == rows[("champion", "overall")]["n"] == 150
     assert rows[("candidate", "overall")]["gate_passed"] is False and rows[("champion", "overall")]["gate_passed"] is None
+
+
+def test_the_same_cold_start_builds_the_same_base_in_every_process(tmp_path):
+    """tokenizers' WordPiece trainer numbers pieces in hash-map order (tokenizers#1794): two
+    processes built different vocabularies and so different weights from the same data.
+    Two fresh processes, with different Python hash seeds, must agree to the byte."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = ("import sys; from pathlib import Path; from flywheel_assets_tests.helpers import train_tiny_base; "
+              "train_tiny_base(Path(sys.argv[1]))")
+    built = []
+    for n, hash_seed in enumerate(("1", "2")):
+        home = tmp_path / f"build{n}"
+        subprocess.run([sys.executable, "-c", script, str(home)], check=True, timeout=300,
+                       env={**os.environ, "PYTHONHASHSEED": hash_seed})
+        base = home / "models" / "base"
+        built.append(((base / "tokenizer.json").read_bytes(),
+                      json.loads((base / "training_card.json").read_text())["weights_sha256"]))
+    assert built[0][0] == built[1][0], "the tokenizer differs between two builds"
+    assert built[0][1] == built[1][1], "the weights differ between two builds"
