@@ -49,7 +49,7 @@ real-model: $(STAMP)
 	mkdir -p $(REAL_HOME)/dagster && touch $(REAL_HOME)/dagster/dagster.yaml
 	FLYWHEEL_HOME=$(REAL_HOME) DAGSTER_HOME=$(REAL_HOME)/dagster \
 	  FLYWHEEL_CONFIG=$${FLYWHEEL_CONFIG:-$(CURDIR)/data/profiles/smollm2-bfcl.json} \
-	  $(BIN)/python -m flywheel_assets.flywheel --fresh --no-control --cycles $${CYCLES:-1} --days $${DAYS:-8}
+	  $(BIN)/python -m flywheel_assets.flywheel --fresh --no-arms --cycles $${CYCLES:-1} --days $${DAYS:-8}
 
 # Debian's chromium for the UI's browser test: installed once where apt-get runs as root; elsewhere
 # the test is skipped and says why.

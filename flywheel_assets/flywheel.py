@@ -8,8 +8,9 @@ tick are evaluated in order — landing_sensor (ingest, scoring, curation, teach
 corrections), training_trigger (a new cycle: dataset → adapter → evaluation and gate),
 ab_monitor (canary → A/B → promote or roll back), regression_watch — and the runs they
 request are executed for real. The flywheel clock (FLYWHEEL_HOME/clock.json) moves a day
-each time, so weeks take minutes. At the end a control arm trains the same steps on
-cold-start data only, and base, champion and control are compared on the held-out set.
+each time, so weeks take minutes. At the end the comparison arms (control, equal teacher
+budget, the loop without its teacher) train as many cycles as the champion did, and every
+arm is measured on the held-out set (lib/evaluation/comparison.py).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from flywheel_assets.lib.tables import (
     AB_RESULTS, ALL_TABLES, DATASET_MANIFESTS, MODEL_REGISTRY, OFFLINE_EVALUATIONS, QUARANTINE, TRAJECTORIES,
     TRAJECTORY_SCORES,
 )
-from flywheel_assets.lib.training.pipeline import load_for_inference, set_threads
+from flywheel_assets.lib.training.pipeline import set_threads
 
 START = datetime(2026, 11, 1, tzinfo=timezone.utc)
 
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--days", type=int, default=30, help="simulated days at most")
     parser.add_argument("--users", type=int, help="simulated users a day (default: simulation.users_per_tick)")
     parser.add_argument("--cycles", type=int, default=3, help="stop after this many concluded cycles")
-    parser.add_argument("--no-control", action="store_true", help="skip the control arm at the end")
+    parser.add_argument("--no-arms", "--no-control", dest="no_arms", action="store_true",
+                        help="skip training the comparison arms at the end (base, champion and latest only)")
     parser.add_argument("--report-only", action="store_true",
                         help="no new days: print the cycle table and the comparison for the home as it is")
     parser.add_argument("--fresh", action="store_true",
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fresh:
         forget_cycles(instance)
     if args.report_only:
-        return report(config, lake, defs, args.no_control, started)
+        return report(config, lake, defs, args.no_arms, started)
     set_now(config, START)
     print(f"phase 0 — {START:%Y-%m-%d}: cold start, the demo agents' usage log, the base model", flush=True)
     run_job(defs, instance, "bootstrap_job")
@@ -148,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             break
     ingest_landed(defs, instance)  # the last day's corrections, so the tables are complete
     run_job(defs, instance, "daily_refresh_job")  # the daily schedule's run: scores, velocity, loop health, charts
-    return report(config, lake, defs, args.no_control, started)
+    return report(config, lake, defs, args.no_arms, started)
 
 
 def quiet_libraries() -> None:
@@ -163,9 +165,9 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*save_embedding_layers.*", category=UserWarning)
 
 
-def report(config: FlywheelConfig, lake: Lake, defs, no_control: bool, started: float) -> int:
+def report(config: FlywheelConfig, lake: Lake, defs, no_arms: bool, started: float) -> int:
     print(cycle_table(config, lake))
-    print(final_comparison(config, lake, defs, control=not no_control))
+    print(final_comparison(config, lake, defs, arms=not no_arms))
     print(f"\nwall time {time.monotonic() - started:.0f} s; runs and assets: make dev → http://127.0.0.1:3000")
     return 0
 
@@ -266,66 +268,18 @@ def cycle_table(config: FlywheelConfig, lake: Lake) -> str:
     return "\n".join(lines)
 
 
-def final_comparison(config: FlywheelConfig, lake: Lake, defs, control: bool = True) -> str:
-    """Base, champion and (unless control is False) the control arm on the held-out tasks, with
-    paired differences."""
-    from flywheel_assets.lib.evaluation.control import train_control
-    from flywheel_assets.lib.domains import load_domain
-    from flywheel_assets.lib.evaluation.offline import evaluate_model, evaluate_version, paired_difference, summarise
+def final_comparison(config: FlywheelConfig, lake: Lake, defs, arms: bool = True) -> str:
+    """Base, the comparison arms (unless arms is False), champion and latest on the held-out tasks
+    (lib/evaluation/comparison.py); also written to reports/flywheel_demo.md."""
+    from flywheel_assets.lib.evaluation.comparison import compare
 
-    registry = _registry(defs)
-    champion = registry.champion()
-    base = registry.get(champion["base"])
-    cycles = sorted({h["cycle"] for h in registry.history() if h["cycle"]})
-    controls = []
-    if control:
-        print(f"\ncontrol arm: {len(cycles)} cycles of {config.lora.steps} steps on cold-start data only", flush=True)
-        controls = train_control(config, lake, config.home / base["base_path"], cycles, config.models / "control")
-    domain = load_domain(config.domain)
-    tasks = domain.heldout_tasks(config.evaluation.tasks)
-
-    def evaluate(base_dir):
-        model, tokenizer = load_for_inference(base_dir)
-        return evaluate_model(model, tokenizer, domain, tasks, batch_size=config.evaluation.batch_size,
-                              max_new_tokens=config.evaluation.max_new_tokens)
-
-    # the latest adapter, when it is not the champion (its gate passed or not, the A/B rolled it back):
-    # what the cycles trained, beside what the online test let through
-    adapters = [r for r in registry.current() if r["adapter_path"] and r["version"] != champion["version"]]
-    latest = max(adapters, key=lambda r: r["changed_at"]) if adapters else None
-    latest_is_newer = latest is not None and (champion["adapter_path"] is None or latest["cycle"] > champion["cycle"])
-    outcomes = {"base": evaluate_version(config, base, domain, tasks),  # measured already by the gates
-                "champion": evaluate_version(config, champion, domain, tasks),
-                "latest": evaluate_version(config, latest, domain, tasks) if latest_is_newer else None,
-                "control": evaluate(controls[-1]) if controls else None}
-    lines = ["", f"held-out success on {len(tasks)} tasks never trained on (95% Wilson interval):", ""]
-    labels = {"base": base["version"], "champion": champion["version"],
-              "latest": f"{latest['version']} ({latest['status']})" if latest_is_newer else "",
-              "control": f"control after {len(controls)} cycles"}
-    for arm, rows in outcomes.items():
-        if rows is not None:
-            block = summarise(rows)["overall"]
-            lines.append(f"  {arm:<9} {labels[arm]:<28} {block['success']:6.1%} "
-                         f"[{block['success_low']:.1%}, {block['success_high']:.1%}]")
-    lines.append("")
-    for arm, other, target in (("champion", "base", 0.15), ("champion", "control", 0.10), ("latest", "base", 0.15)):
-        if outcomes[other] is None or outcomes[arm] is None:
-            continue
-        d = paired_difference(outcomes[arm], outcomes[other])
-        if d["standard_error"]:
-            standard_errors = d["difference"] / d["standard_error"]
-            spread = f"{standard_errors:.1f} standard errors"
-        else:  # every paired difference the same (e.g. both arms are one model): no spread to measure
-            standard_errors, spread = 0.0, "no spread"
-        met = d["difference"] >= target and standard_errors >= 3
-        lines.append(f"  {arm} − {other:<8} {d['difference'] * 100:+5.1f} points [{d['low'] * 100:+.1f}, "
-                     f"{d['high'] * 100:+.1f}], {spread} "
-                     f"(target ≥ {target * 100:+.0f} and > 3 SE: {'met' if met else 'NOT met'})")
-    report = "\n".join(lines)
-    (config.home / "reports").mkdir(parents=True, exist_ok=True)
-    (config.home / "reports" / "flywheel_demo.md").write_text(cycle_table(config, lake) + "\n" + report + "\n")
-    return report
-
+    print("\nthe comparison arms, then every arm on the held-out tasks", flush=True)
+    report, numbers = compare(config, lake, _registry(defs), train_arms=arms)
+    reports = config.home / "reports"
+    reports.mkdir(parents=True, exist_ok=True)
+    (reports / "flywheel_demo.md").write_text(cycle_table(config, lake) + "\n\n" + report + "\n")
+    (reports / "flywheel_demo.json").write_text(json.dumps(numbers, indent=2))
+    return "\n" + report
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -26,7 +26,7 @@ def test_the_loop_promotes_a_better_candidate_by_its_ab_test(tmp_path, monkeypat
     monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("FLYWHEEL_CONFIG", str(tmp_path / "config.json"))
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
-    assert flywheel.main(["--days", "8", "--users", "200", "--cycles", "1", "--no-control"]) == 0
+    assert flywheel.main(["--days", "8", "--users", "200", "--cycles", "1", "--no-arms"]) == 0
 
     config = load_config()
     lake = Lake(config)

@@ -46,11 +46,12 @@ def tier_budgets(config: FlywheelConfig, available: dict[str, int]) -> dict[str,
     return filled
 
 
-def select_training_rows(curated: pa.Table, cycle: str, config: FlywheelConfig) -> pa.Table:
-    """Candidates: kept (not duplicate), in the train split, whose prompt is not a held-out prompt."""
+def select_training_rows(curated: pa.Table, cycle: str, config: FlywheelConfig, salt: str = "") -> pa.Table:
+    """Candidates: kept (not duplicate), in the train split, whose prompt is not a held-out prompt.
+    A `salt` (the comparison arms give their cycle) draws another selection from the same rows."""
     con = duckdb.connect()
     con.register("curated", curated)
-    seed = str(config.curation.seed)
+    seed = f"{config.curation.seed}:{salt}" if salt else str(config.curation.seed)
     available = dict(con.execute(_CANDIDATES + " SELECT tier, count(*) FROM candidates GROUP BY tier",
                                  {"seed": seed}).fetchall())
     budgets = tier_budgets(config, available)
