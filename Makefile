@@ -9,7 +9,7 @@ export DAGSTER_HOME ?= $(FLYWHEEL_HOME)/dagster
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
-.PHONY: dev demo real-model test test-faults bench bench-training bench-gateway bench-sensors seed clean
+.PHONY: dev demo demo-seeds real-model test test-faults bench bench-training bench-gateway bench-sensors seed clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,17 @@ dev: $(STAMP) $(DAGSTER_HOME)/dagster.yaml seed
 ## demo: the closed loop headless through real Dagster runs and sensors: 3 cycles, A/B, promotion, control arm
 demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 	FLYWHEEL_CONFIG=$${FLYWHEEL_CONFIG:-$(CURDIR)/data/flywheel.json} $(BIN)/python -m flywheel_assets.flywheel --fresh
+
+## demo-seeds: the demo once per seed (SEEDS, default 0 1 2), each in its own home, then every seed's
+## row and the median (flywheel_assets/demo_seeds.py). Headless: an in-memory Dagster instance per run.
+SEEDS ?= 0 1 2
+demo-seeds: $(STAMP)
+	for seed in $(SEEDS); do \
+	  env -u DAGSTER_HOME FLYWHEEL_HOME=$(CURDIR)/data/seeds/home-$$seed \
+	    FLYWHEEL_CONFIG=$${FLYWHEEL_CONFIG:-$(CURDIR)/data/flywheel.json} \
+	    $(BIN)/python -m flywheel_assets.flywheel --fresh --seed $$seed || exit $$?; \
+	done
+	$(BIN)/python -m flywheel_assets.demo_seeds $(foreach seed,$(SEEDS),$(CURDIR)/data/seeds/home-$(seed))
 
 ## real-model: opt-in profile: the loop on SmolLM2-135M-Instruct and BFCL (data/profiles/smollm2-bfcl.json), its own home
 REAL_HOME := $(CURDIR)/data/home-smollm2

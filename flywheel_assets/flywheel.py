@@ -22,6 +22,7 @@ import shutil
 import sys
 import time
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import dagster as dg
 import duckdb
@@ -103,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cycles", type=int, default=3, help="stop after this many concluded cycles")
     parser.add_argument("--no-arms", "--no-control", dest="no_arms", action="store_true",
                         help="skip training the comparison arms at the end (base, champion and latest only)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="add this to every seed of the run (cold start, base model, users, corrections, "
+                             "selection, LoRA); the held-out tasks stay the same (make demo-seeds)")
     parser.add_argument("--report-only", action="store_true",
                         help="no new days: print the cycle table and the comparison for the home as it is")
     parser.add_argument("--fresh", action="store_true",
@@ -113,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     set_threads()
     quiet_libraries()
     config = load_config()
+    if args.seed:
+        os.environ["FLYWHEEL_CONFIG"] = str(seeded_profile(config, args.seed))  # every run loads it from there
+        config = load_config()
     if args.fresh:
         clear_home(config)
     lake = Lake(config)
@@ -170,6 +177,21 @@ def report(config: FlywheelConfig, lake: Lake, defs, no_arms: bool, started: flo
     print(final_comparison(config, lake, defs, arms=not no_arms))
     print(f"\nwall time {time.monotonic() - started:.0f} s; runs and assets: make dev → http://127.0.0.1:3000")
     return 0
+
+
+SEEDED_SECTIONS = ("cold_start", "corrections", "base_model", "lora", "curation", "simulation")
+
+
+def seeded_profile(config: FlywheelConfig, offset: int) -> Path:
+    """The profile in use with every seed moved by `offset`, as FLYWHEEL_HOME/profile-seed-N.json."""
+    path = os.environ.get("FLYWHEEL_CONFIG")
+    raw = json.loads(Path(path).read_text()) if path else {}
+    for section in SEEDED_SECTIONS:
+        raw.setdefault(section, {})["seed"] = getattr(config, section).seed + offset
+    target = config.home / f"profile-seed-{offset}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(raw, indent=2))
+    return target
 
 
 def forget_cycles(instance) -> list[str]:
