@@ -99,6 +99,10 @@ class CurationConfig(BaseModel):
     high_quality_threshold: float = 0.7
     # budget a tier cannot fill goes to better tiers with candidates left (select.tier_budgets)
     spare_to_better_tiers: bool = True
+    # a teacher's correction of a request users failed is taken before the tier's other rows:
+    # the teacher was paid for it, and drawn at random among the users' own answers half of
+    # them were left out of the dataset (README "The proof")
+    corrections_first: bool = True
 
     def budgets(self, tiers: TierConfig) -> dict[str, int]:
         n = self.target_size

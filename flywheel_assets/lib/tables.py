@@ -250,6 +250,7 @@ CURATED_TRAJECTORIES = Table(
         ("dedup_status", pa.string(), "kept, exact_duplicate or near_duplicate"),
         ("duplicate_of", pa.string(), "trajectory kept in its place"),
         ("split", pa.string(), "train or holdout (by hash of the session, so a session never straddles)"),
+        ("origin", pa.string(), "usage, golden, synthetic, imported or correction (a teacher's answer to a failed request)"),
     ),
     key=("trajectory_id",),
 )

@@ -100,3 +100,26 @@ def test_messages_link_tool_results_and_export_reads_back(tmp_path):
     assert line == {"messages": messages, "tools": [], "weight": 2.0, "tier": "gold", "task_type": "calc",
                     "trajectory_id": "t1"}
     assert len(digest) == 64 and not list(tmp_path.glob(".*"))
+
+
+def test_the_teachers_corrections_are_taken_first_in_their_tier_and_balanced_among_themselves():
+    config = FlywheelConfig()
+    config.curation.target_size = 100  # gold budget 200
+    config.curation.spare_to_better_tiers = False
+    usage = curated({("gold", "calc"): 300, ("gold", "lookup"): 300}, origin="usage")
+    fixes = curated({("gold", "calc"): 120, ("gold", "lookup"): 30}, origin="correction")
+    fixes = fixes.set_column(0, "trajectory_id", pa.array([f"fix-{t}" for t in fixes.column("trajectory_id").to_pylist()]))
+    table = pa.concat_tables([usage, fixes])
+    picked = select_training_rows(table, "c1", config).to_pylist()
+    assert len(picked) == 200
+    assert sum(r["trajectory_id"].startswith("fix-") for r in picked) == 150  # every correction
+    config.curation.corrections_first = False
+    drawn = select_training_rows(table, "c1", config).to_pylist()
+    assert sum(r["trajectory_id"].startswith("fix-") for r in drawn) < 100  # at random: about a fifth
+    # a tier with more corrections than budget takes them round-robin over task types
+    many = pa.concat_tables([usage, curated({("gold", "calc"): 300, ("gold", "lookup"): 300}, origin="correction")
+                             .set_column(0, "trajectory_id", pa.array([f"fix-{i}" for i in range(600)]))])
+    config.curation.corrections_first = True
+    chosen = select_training_rows(many, "c1", config).to_pylist()
+    assert all(r["trajectory_id"].startswith("fix-") for r in chosen)
+    assert count_by(pa.Table.from_pylist(chosen), "task_type") == {"calc": 100, "lookup": 100}

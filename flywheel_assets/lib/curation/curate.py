@@ -105,7 +105,7 @@ def curate(scores: pa.Table, trajectories: pa.Table, config: FlywheelConfig,
             "messages_json": json.dumps(messages, ensure_ascii=False), "tools_json": row["tools_json"],
             "prompt_key": prompt_key(row["user_prompt"]), "pii_replacements": sum(found.values()),
             "pii_kinds": ",".join(sorted(found)), "split": "holdout" if holdout else "train",
-            "user_edited": user_edited,
+            "user_edited": user_edited, "origin": row["origin"],
         })
     statuses = find_duplicates(
         [r["trajectory_id"] for r in rows],

@@ -2,8 +2,9 @@
 
 Within a tier, candidates are ordered by md5(seed:trajectory_id) inside their task
 type, then taken round-robin across task types (every type's 1st pick, then every
-type's 2nd, ...) up to the tier's budget. The same seed and inputs always give the
-same rows, whatever order the inputs arrive in.
+type's 2nd, ...) up to the tier's budget; with `curation.corrections_first` the teacher's
+corrections come first in their tier, round-robin among themselves. The same seed and
+inputs always give the same rows, whatever order the inputs arrive in.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ def tier_budgets(config: FlywheelConfig, available: dict[str, int]) -> dict[str,
 def select_training_rows(curated: pa.Table, cycle: str, config: FlywheelConfig, salt: str = "") -> pa.Table:
     """Candidates: kept (not duplicate), in the train split, whose prompt is not a held-out prompt.
     A `salt` (the comparison arms give their cycle) draws another selection from the same rows."""
+    if "origin" not in curated.column_names:  # a table curated before the column existed
+        curated = curated.append_column("origin", pa.nulls(curated.num_rows, pa.string()))
     con = duckdb.connect()
     con.register("curated", curated)
     seed = f"{config.curation.seed}:{salt}" if salt else str(config.curation.seed)
@@ -57,9 +60,11 @@ def select_training_rows(curated: pa.Table, cycle: str, config: FlywheelConfig, 
     budgets = tier_budgets(config, available)
     con.register("budgets", pa.table({"tier": list(budgets), "budget": list(budgets.values())}))
     return con.execute(_CANDIDATES + """, by_type AS (
-            SELECT *, row_number() OVER (PARTITION BY tier, task_type ORDER BY shuffle) AS type_rank FROM candidates
+            SELECT *, row_number() OVER (PARTITION BY tier, first, task_type ORDER BY shuffle) AS type_rank
+            FROM (SELECT *, coalesce(origin = 'correction' AND $corrections_first, false) AS first FROM candidates)
         ), ranked AS (
-            SELECT *, row_number() OVER (PARTITION BY tier ORDER BY type_rank, task_type, shuffle) AS selection_rank
+            SELECT *, row_number() OVER (PARTITION BY tier ORDER BY first DESC, type_rank, task_type, shuffle)
+                   AS selection_rank
             FROM by_type
         )
         SELECT $cycle AS cycle, trajectory_id, session_id, task_type, r.tier, weight, combined_score,
@@ -67,7 +72,7 @@ def select_training_rows(curated: pa.Table, cycle: str, config: FlywheelConfig, 
         FROM ranked r JOIN budgets b ON r.tier = b.tier
         WHERE selection_rank <= b.budget
         ORDER BY shuffle
-    """, {"seed": seed, "cycle": cycle}).to_arrow_table()
+    """, {"seed": seed, "cycle": cycle, "corrections_first": config.curation.corrections_first}).to_arrow_table()
 
 
 def export_chat_jsonl(rows: pa.Table, path: Path) -> str:

@@ -78,6 +78,8 @@ def cycle_data(lake: Lake, cycle: str) -> CycleData:
     versions = json.loads(manifest[0]["input_versions_json"])
     curated = lake.read(CURATED_TRAJECTORIES, version=versions[CURATED_TRAJECTORIES.name])
     origins = lake.read(TRAJECTORIES, columns=["trajectory_id", "origin"], version=versions[TRAJECTORIES.name])
+    if "origin" in curated.column_names:  # curated since it carries the origin: the trajectories' is the same
+        curated = curated.drop_columns(["origin"])
     con = duckdb.connect()
     con.register("curated", curated)
     con.register("origins", origins)
@@ -88,7 +90,7 @@ def cycle_data(lake: Lake, cycle: str) -> CycleData:
 def _where(data: CycleData, condition: str) -> pa.Table:
     con = duckdb.connect()
     con.register("rows", data.curated)
-    return con.execute(f"SELECT * EXCLUDE (origin) FROM rows WHERE {condition}").to_arrow_table()
+    return con.execute(f"SELECT * FROM rows WHERE {condition}").to_arrow_table()
 
 
 def control_rows(data: CycleData, config: FlywheelConfig) -> list[dict]:
@@ -128,10 +130,9 @@ class RandomTeacher:
 
 def teacher_budget_rows(data: CycleData, config: FlywheelConfig, teacher: RandomTeacher) -> list[dict]:
     rows = _where(data, f"origin IN {COLD_START_ORIGINS} OR origin = '{CORRECTION_ORIGIN}'").to_pylist()
-    origin = dict(zip(data.curated.column("trajectory_id").to_pylist(), data.curated.column("origin").to_pylist()))
     kept = []
     for row in rows:
-        if origin[row["trajectory_id"]] == CORRECTION_ORIGIN:
+        if row["origin"] == CORRECTION_ORIGIN:
             if (answer := teacher.answer(row["trajectory_id"])) is None:
                 continue
             row = {**row, "messages_json": answer[0], "tools_json": answer[1], "prompt_key": answer[2],
