@@ -35,7 +35,7 @@ from flywheel_assets.lib.simulation.seed import seed_demo_usage
 from flywheel_assets.lib.simulation.daily import simulate_day
 from flywheel_assets.lib.tables import (
     AB_RESULTS, ALL_TABLES, DATASET_MANIFESTS, MODEL_REGISTRY, OFFLINE_EVALUATIONS, QUARANTINE, TRAJECTORIES,
-    TRAJECTORY_SCORES,
+    TRAINING_DATASET, TRAJECTORY_SCORES,
 )
 from flywheel_assets.lib.training.pipeline import set_threads
 
@@ -262,9 +262,14 @@ def cycle_table(config: FlywheelConfig, lake: Lake) -> str:
     evaluations = lake.read(OFFLINE_EVALUATIONS, filter_sql="scope = 'overall'").to_pylist()
     looks = lake.read(AB_RESULTS).to_pylist()
     history = lake.read(MODEL_REGISTRY, columns=["version", "status", "cycle"]).to_pylist()
-    lines = ["", "| cycle | usage trajectories (high-quality) | teacher corrections | dataset tier mix | "
-                 "champion held-out | candidate held-out | gate | A/B effect [anytime-valid interval] | decision | "
-                 "champion after |",
+    con.register("dataset", lake.read(TRAINING_DATASET, columns=["cycle", "trajectory_id"]))
+    in_dataset = dict(con.execute("""
+        SELECT d.cycle, count(*) FROM dataset d JOIN trajectories t USING (trajectory_id)
+        WHERE t.origin = 'correction' GROUP BY ALL
+    """).fetchall())
+    lines = ["", "| cycle | usage trajectories (high-quality) | teacher corrections made (in the dataset, "
+                 "all so far) | dataset tier mix | champion held-out | candidate held-out | gate | "
+                 "A/B effect [anytime-valid interval] | decision | champion after |",
              "|---|---:|---:|---|---:|---:|---|---|---|---|"]
     for cycle, n_rows, tiers, usage, high, corrections in per_cycle:
         rows = {e["role"]: e for e in evaluations if e["cycle"] == cycle}
@@ -284,7 +289,7 @@ def cycle_table(config: FlywheelConfig, lake: Lake) -> str:
         promoted = f"{cycle}-lora" if any(h["version"] == f"{cycle}-lora" and h["status"] == "champion"
                                           for h in history) else rows["champion"]["version"]
         mix = ", ".join(f"{k} {v}" for k, v in json.loads(tiers).items())
-        lines.append(f"| {cycle} | {usage} ({(high or 0):.0%}) | {corrections} | {mix} | "
+        lines.append(f"| {cycle} | {usage} ({(high or 0):.0%}) | {corrections} ({in_dataset.get(cycle, 0)}) | {mix} | "
                      f"{rows['champion']['success']:.1%} | {rows['candidate']['success']:.1%} | "
                      f"{'pass' if rows['candidate']['gate_passed'] else 'BLOCK'} | {effect} | {decision} | {promoted} |")
     return "\n".join(lines)

@@ -147,10 +147,12 @@ def train_arm(config: FlywheelConfig, start_dir: Path, cycles: list[CycleData],
               log: Callable[[str], None] = print, name: str = "arm") -> Path:
     """One merged model per cycle, each over the one before; returns the last (start_dir if none).
     A cycle already trained on the same rows over the same model is kept, not trained again."""
-    current = start_dir
+    current, fingerprint = start_dir, start_dir.name  # the base's folder name is its fingerprint
     for data in cycles:
         rows = rows_for(data)
-        fingerprint = hashlib.sha256(json.dumps([str(current), config.lora.model_dump(), sorted(
+        # what the model is made of: the one before (by its fingerprint, not its path, which
+        # differs between a relative and an absolute FLYWHEEL_HOME), the settings, the rows
+        fingerprint = hashlib.sha256(json.dumps([fingerprint, config.lora.model_dump(), sorted(
             (r["trajectory_id"], hashlib.md5(r["messages_json"].encode()).hexdigest()) for r in rows)],
             default=str).encode()).hexdigest()
         adapter, merged = out_dir / f"{data.cycle}-adapter", out_dir / f"{data.cycle}-merged"
