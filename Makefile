@@ -9,7 +9,7 @@ export DAGSTER_HOME ?= $(FLYWHEEL_HOME)/dagster
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
-.PHONY: dev demo demo-seeds real-model test test-faults bench bench-training bench-gateway bench-sensors seed clean
+.PHONY: dev demo demo-seeds real-model test test-faults bench bench-ab bench-training bench-gateway bench-sensors seed clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -77,9 +77,13 @@ test: $(STAMP)
 test-faults: $(STAMP)
 	FLYWHEEL_FAULT_ROUNDS=$${ROUNDS:-100} $(BIN)/pytest -q flywheel_assets_tests/ingest/test_faults.py
 
-## bench: the data-half benchmark (10M events; EVENTS=... to change)
+## bench: the data-half benchmark (10M events; EVENTS=... to change): scoring against the seed's query per session, on the lake and on SQLite indexed on session_id
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_data.py $(if $(EVENTS),--events $(EVENTS),)
+
+## bench-ab: the A/B statistics (arm_stats) over 10M sessions against a polars reference (SESSIONS=... to change)
+bench-ab: $(STAMP)
+	$(BIN)/python benchmarks/bench_ab.py $(if $(SESSIONS),--sessions $(SESSIONS),)
 
 ## bench-training: our LoRA step against a plain-torch loop, and batched generation
 bench-training: $(STAMP)

@@ -3,11 +3,17 @@
 One run generates N synthetic events over S sessions, ingests them with the real
 `ingest_landing`, scores every session with `session_feedback` and tiers the scores
 with `tier_sql`, then measures the seed's query-per-session reference on a sample of
-the same sessions (same Delta table, same run) and checks that both give the same
-scores. Prints a results table and writes benchmarks/results/bench_data-latest.json.
+the same sessions twice (benchmarks/seed_store.py): over the same Delta table, where
+each query scans it, and over the same rows loaded into SQLite with an index on
+session_id, the store the seed would have queried (its load, index build and size
+reported too). Checks that every path gives the same scores and both stores the same
+rows. Prints a results table and writes benchmarks/results/bench_data-latest.json.
 
-    .venv/bin/python benchmarks/bench_data.py [--events 10000000] [--sessions 2000000]
-        [--files 10] [--reference-sessions 200] [--workdir DIR] [--keep]
+    .venv/bin/python benchmarks/bench_data.py [--events 10000000] [--sessions EVENTS/5]
+        [--files 10] [--reference-sessions 200] [--indexed-sessions 20000] [--workdir DIR] [--keep]
+
+--quick checks that it works in a few seconds (2,000 events, 400 sessions, 20 and 100
+sampled) and writes its JSON to /tmp, never over a measured -latest.json.
 
 Targets are reported as ✓/✗ and never fail the run: wall-clock time is not a test.
 """
@@ -30,9 +36,12 @@ import polars as pl
 
 from common import ResourceSampler, machine, mark, print_rows  # noqa: E402  (benchmarks/ is on sys.path)
 from event_data import generate  # noqa: E402
+from seed_store import SESSION_QUERY, build_indexed_store, folder_bytes, seed_quality_score  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "bench_data-latest.json"
+QUICK_RESULTS = Path(tempfile.gettempdir()) / "bench_data-quick.json"
+QUICK = {"events": 2_000, "sessions": 400, "files": 1, "reference_sessions": 20, "indexed_sessions": 100}
 
 TARGET_EVENTS_PER_S = 300_000
 TARGET_PEAK_RSS_MB = 4096
@@ -88,39 +97,23 @@ def stage_timers(totals: dict[str, float]):
             setattr(owner, name, original)
 
 
-def seed_quality_score(rows: list[tuple[str, float | None, str | None]]) -> float:
-    """The seed's ImplicitFeedback.quality_score over a session's (event_type, edit_ratio,
-    trajectory_id) rows, folded in the order given (the last edit wins, as in the seed)."""
-    accepted = continued = error = False
-    retries = 0
-    edit_ratio = 0.0
-    for event_type, ratio, _trajectory in rows:
-        if event_type == "output_accepted":
-            accepted = True
-        elif event_type == "retry_requested":
-            retries += 1
-        elif event_type == "output_edited":
-            edit_ratio = ratio or 0.0
-        elif event_type == "session_continued":
-            continued = True
-        elif event_type == "error_reported":
-            error = True
-    score = 0.5
-    score += 0.3 if accepted else -0.3
-    if retries == 0:
-        score += 0.1
-    elif retries >= 3:
-        score -= 0.2
-    score -= edit_ratio * 0.3
-    if continued:
-        score += 0.1
-    if error:
-        score -= 0.4
-    return max(-1.0, min(1.0, score))
-
-
 def human_mb(value: float) -> str:
     return f"{value:,.0f} MB"
+
+
+def per_session(query, sample: list[str], scores: dict[str, float], progress_every: int):
+    """The seed's path for each session of the sample: one query, then the fold. Returns the
+    seconds, every session's rows, and the sessions whose score differs from the vectorised one."""
+    rows_by_session, mismatches = {}, []
+    started = time.perf_counter()
+    for done, session_id in enumerate(sample, start=1):
+        if done % progress_every == 0:
+            print(f"  {time.perf_counter() - started:7.1f} s  {done:,}/{len(sample):,} sessions", flush=True)
+        rows = rows_by_session[session_id] = query(session_id)
+        reference = seed_quality_score(rows)
+        if abs(reference - scores[session_id]) > 1e-9:
+            mismatches.append({"session_id": session_id, "reference": reference, "vectorised": scores[session_id]})
+    return time.perf_counter() - started, rows_by_session, mismatches
 
 
 def run(args: argparse.Namespace, workdir: Path) -> dict:
@@ -184,26 +177,42 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
     tier_counts.update({tier: int(n) for tier, n in tier_rows})
     print(f"scored {feedback.num_rows:,} sessions in {scoring_s:.1f} s", flush=True)
 
-    print(f"reference: one query per session for {args.reference_sessions} sessions …", flush=True)
     scores = dict(zip(feedback.column("session_id").to_pylist(), feedback.column("quality_score").to_pylist()))
     rng = np.random.default_rng(1)
+    sample_size = min(max(args.reference_sessions, args.indexed_sessions), feedback.num_rows)
     sample = [feedback.column("session_id")[int(i)].as_py()
-              for i in rng.choice(feedback.num_rows, min(args.reference_sessions, feedback.num_rows), replace=False)]
-    mismatches = []
-    started = time.perf_counter()
-    for done, session_id in enumerate(sample, start=1):
-        if done % 25 == 0:
-            print(f"  {time.perf_counter() - started:7.1f} s  {done}/{len(sample)} sessions", flush=True)
-        rows = con.execute("SELECT event_type, edit_ratio, trajectory_id FROM session_events "
-                           "WHERE session_id = ? ORDER BY ts", [session_id]).fetchall()
-        reference = seed_quality_score(rows)
-        if abs(reference - scores[session_id]) > 1e-9:
-            mismatches.append({"session_id": session_id, "reference": reference, "vectorised": scores[session_id]})
-    reference_s = time.perf_counter() - started
+              for i in rng.choice(feedback.num_rows, sample_size, replace=False)]
+    lake_sample = sample[:args.reference_sessions]
+    print(f"reference over the lake: one query per session for {len(lake_sample)} sessions …", flush=True)
+    reference_s, lake_rows, mismatches = per_session(lambda sid: con.execute(SESSION_QUERY, [sid]).fetchall(),
+                                                     lake_sample, scores, progress_every=25)
     load_after = os.getloadavg()
-    reference_per_session = reference_s / max(1, len(sample))
+    ru_maxrss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    print(f"indexed store: {rows_in_lake:,} rows into SQLite, then an index on session_id …", flush=True)
+    with ResourceSampler(interval_s=0.2) as indexed_rss:
+        store = build_indexed_store(con, workdir / "seed_store.sqlite")
+    print(f"loaded in {store.load_s:.1f} s, indexed in {store.index_s:.1f} s; "
+          f"{(store.table_bytes + store.index_bytes) / 2**20:,.0f} MB", flush=True)
+    indexed_sample = sample[:args.indexed_sessions]
+    print(f"reference over the indexed store: one query per session for {len(indexed_sample):,} sessions …", flush=True)
+    indexed_s, indexed_rows, indexed_mismatches = per_session(store.session_rows, indexed_sample, scores,
+                                                              progress_every=max(1, len(indexed_sample) // 4))
+    # sorted: the two stores may order events of equal ts differently
+    rows_compared = [sid for sid in lake_sample if sid in indexed_rows]
+    rows_differ = [sid for sid in rows_compared
+                   if sorted(lake_rows[sid], key=repr) != sorted(indexed_rows[sid], key=repr)]
+    query_plan = store.query_plan()
+    store.connection.close()
+    lake_bytes = folder_bytes(Path(lake.uri(SESSION_EVENTS))) if "://" not in lake.root else None
+    load_after_indexed = os.getloadavg()
+
+    reference_per_session = reference_s / max(1, len(lake_sample))
+    indexed_per_session = indexed_s / max(1, len(indexed_sample))
     vectorised_per_session = scoring_s / max(1, feedback.num_rows)
-    speedup = reference_per_session / vectorised_per_session if vectorised_per_session else float("inf")
+
+    def ratio(slow: float, fast: float) -> float:
+        return slow / fast if fast else float("inf")
 
     return {
         "events": args.events, "sessions": args.sessions, "files": args.files,
@@ -218,14 +227,32 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
         "ingest_peak_rss_mb": ingest_rss.peak_mb, "ru_maxrss_after_ingest_mb": ru_maxrss_after_ingest_mb,
         "register_s": register_s, "session_feedback_s": feedback_s, "tiering_s": tiering_s, "scoring_s": scoring_s,
         "scoring_peak_rss_mb": scoring_rss.peak_mb, "sessions_scored": feedback.num_rows,
-        "reference_sessions": len(sample), "reference_s": reference_s,
+        "reference_sessions": len(lake_sample), "reference_s": reference_s,
         "reference_s_per_session": reference_per_session, "vectorised_s_per_session": vectorised_per_session,
-        "speedup": speedup, "score_mismatches": len(mismatches), "mismatch_examples": mismatches[:5],
+        "speedup": ratio(reference_per_session, vectorised_per_session),
+        "score_mismatches": len(mismatches), "mismatch_examples": mismatches[:5],
+        # The seed's store as it would have been: SQLite with an index on session_id, same rows, same query.
+        "indexed": {
+            "rows": store.rows, "load_s": store.load_s, "insert_s": store.insert_s, "index_s": store.index_s,
+            "table_mb": store.table_bytes / 2**20, "index_mb": store.index_bytes / 2**20,
+            "lake_mb": None if lake_bytes is None else lake_bytes / 2**20,
+            "build_peak_rss_mb": indexed_rss.peak_mb, "query_plan": query_plan,
+            "sessions": len(indexed_sample), "query_s": indexed_s, "s_per_session": indexed_per_session,
+            "lake_scan_vs_indexed": ratio(reference_per_session, indexed_per_session),
+            "speedup": ratio(indexed_per_session, vectorised_per_session),
+            # Every session through the index, projected from the sample: the seed's whole scoring pass.
+            "all_sessions_s": indexed_per_session * feedback.num_rows,
+            "all_sessions_with_build_s": indexed_per_session * feedback.num_rows + store.load_s + store.index_s,
+            "score_mismatches": len(indexed_mismatches), "mismatch_examples": indexed_mismatches[:5],
+            "rows_compared_with_lake": len(rows_compared), "rows_differ_from_lake": len(rows_differ), "rows_differ_examples": rows_differ[:5],
+        },
         "tier_counts": tier_counts,
         # Other work on the machine slows every number; 1-minute load before ingest and after the reference.
         "load_avg_1m": [round(load_before[0], 2), round(load_after[0], 2)],
         "load_avg_1m_after_ingest": round(load_after_ingest[0], 2),
-        "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "load_avg_1m_after_indexed": round(load_after_indexed[0], 2),
+        # before the indexed store is built, which is measured on its own (indexed.build_peak_rss_mb)
+        "ru_maxrss_mb": ru_maxrss_mb,
     }
 
 
@@ -254,13 +281,40 @@ def print_table(r: dict) -> None:
          f"{r['reference_sessions']} sessions", ""),
         ("vectorised", f"{r['vectorised_s_per_session'] * 1e6:.2f} µs/session",
          f"{r['sessions_scored']:,} sessions", ""),
-        ("speed-up per session", f"{r['speedup']:,.0f}×", f"≥ {TARGET_SPEEDUP}×", mark(r["speedup"] >= TARGET_SPEEDUP)),
+        ("speed-up per session (against the lake scan)", f"{r['speedup']:,.0f}×", f"≥ {TARGET_SPEEDUP}×",
+         mark(r["speedup"] >= TARGET_SPEEDUP)),
         ("score mismatches (sample)", f"{r['score_mismatches']}", "0", mark(r["score_mismatches"] == 0)),
+        *indexed_rows(r),
         *[(f"  tier {tier}", f"{n:,}", f"{n / max(1, r['sessions_scored']):.1%}", "")
           for tier, n in r["tier_counts"].items()],
     ]
     print_rows(f"bench_data: {r['events']:,} events / {r['sessions']:,} sessions on {r['machine']['cpu_count']} cores "
                f"(load {r['load_avg_1m'][0]:.1f} → {r['load_avg_1m'][1]:.1f})", rows)
+
+
+def indexed_rows(r: dict) -> list[tuple]:
+    """The seed's query against SQLite indexed on session_id: what the index costs and what it buys."""
+    i = r["indexed"]
+    uses_index = "session_events_session_id" in i["query_plan"]
+    lake_mb = f"lake table {i['lake_mb']:,.1f} MB" if i["lake_mb"] is not None else ""
+    return [
+        ("indexed store: load rows into SQLite", f"{i['load_s']:.2f} s", f"{i['rows']:,} rows "
+         f"({i['insert_s']:.2f} s of it in executemany)", mark(i["rows"] == r["rows_in_lake"])),
+        ("indexed store: CREATE INDEX (session_id)", f"{i['index_s']:.2f} s", f"ingest took {r['ingest_s']:.1f} s", ""),
+        ("indexed store: size, table + index", f"{i['table_mb']:,.1f} + {i['index_mb']:,.1f} MB", lake_mb, ""),
+        ("indexed store: build peak RSS", human_mb(i["build_peak_rss_mb"]), "", ""),
+        ("indexed (query per session)", f"{i['s_per_session'] * 1e6:,.0f} µs/session",
+         f"{i['sessions']:,} sessions, " + ("through the index" if uses_index else "NOT through the index"),
+         mark(uses_index)),
+        ("lake scan / indexed, per session", f"{i['lake_scan_vs_indexed']:,.0f}×", "the index's gain", ""),
+        ("speed-up per session (against the index)", f"{i['speedup']:,.1f}×", f"≥ {TARGET_SPEEDUP}×",
+         mark(i["speedup"] >= TARGET_SPEEDUP)),
+        ("all sessions via the index (projected)", f"{i['all_sessions_s']:,.2f} s",
+         f"{i['all_sessions_with_build_s']:,.2f} s with load + index; vectorised {r['scoring_s']:.2f} s", ""),
+        ("indexed: score mismatches / rows ≠ lake", f"{i['score_mismatches']} / {i['rows_differ_from_lake']}",
+         f"0 / 0 ({i['rows_compared_with_lake']} sessions compared)",
+         mark(i["score_mismatches"] == 0 and i["rows_differ_from_lake"] == 0)),
+    ]
 
 
 def versions() -> dict:
@@ -273,17 +327,27 @@ def versions() -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=10_000_000)
-    parser.add_argument("--sessions", type=int, default=2_000_000)
+    parser.add_argument("--sessions", type=int, default=None, help="default: a fifth of --events (2,000,000)")
     parser.add_argument("--files", type=int, default=10)
-    parser.add_argument("--reference-sessions", type=int, default=200)
+    parser.add_argument("--reference-sessions", type=int, default=200, help="sessions queried on the lake")
+    parser.add_argument("--indexed-sessions", type=int, default=20_000,
+                        help="sessions queried on the SQLite store (its sample starts with the lake's)")
     parser.add_argument("--batch-lines", type=int, default=None, help="override config.ingest.batch_lines")
     parser.add_argument("--workdir", type=Path, default=None, help="empty or new folder (default: a temp dir in /tmp)")
     parser.add_argument("--keep", action="store_true", help="keep the workdir (landing files and lake)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smallest sizes, to check the script ({QUICK}); JSON to {QUICK_RESULTS}")
     args = parser.parse_args(argv)
+    if args.quick:
+        vars(args).update(QUICK)
+    if args.sessions is None:  # so that `make bench EVENTS=1000000` keeps five events a session
+        args.sessions = max(1, args.events // 5)
     if not 0 < args.sessions <= args.events:
         parser.error("need 0 < --sessions <= --events (every session has at least one event)")
     if not 0 < args.files <= args.sessions:
         parser.error("need 0 < --files <= --sessions")
+    if not 0 < args.reference_sessions <= args.indexed_sessions:
+        parser.error("need 0 < --reference-sessions <= --indexed-sessions (the lake's sample is checked row by row)")
     if args.workdir is not None and args.workdir.exists() and any(args.workdir.iterdir()):
         parser.error(f"--workdir {args.workdir} is not empty")
     return args
@@ -307,9 +371,10 @@ def main(argv: list[str] | None = None) -> int:
     results["workdir"] = str(workdir) if args.keep else None
     results["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     print_table(results)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nresults written to {RESULTS.relative_to(REPO)}")
+    path = QUICK_RESULTS if args.quick else RESULTS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nresults written to {path}")
     return 0
 
 
