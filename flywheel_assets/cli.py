@@ -3,6 +3,7 @@
     flywheel status [--json]                 phase, trigger, A/B test, champion, history
     flywheel ingest PATH [--kind K]          a file or folder of JSONL lines into the lake
     flywheel annotate TRAJECTORY_ID (--score S | --label good|bad) [--note N]
+    flywheel annotate --next N [--json]      the trajectories most worth a label next
     flywheel promote VERSION --reason R [--to champion|treatment|canary]
     flywheel rollback VERSION --reason R
     flywheel export CYCLE [-o PATH]          the cycle's training set as chat JSONL
@@ -280,24 +281,38 @@ def _print_ingest(report, skipped: list[str], as_json: bool) -> None:
 
 @app.command()
 def annotate(ctx: typer.Context,
-             trajectory_id: str = typer.Argument(..., help="The trajectory labelled (must be in bronze/trajectories)."),
+             trajectory_id: Optional[str] = typer.Argument(None, help="The trajectory labelled (must be in "
+                                                           "bronze/trajectories)."),
              score: Optional[float] = typer.Option(None, "--score", help="Human score in [-1, 1]."),
              label: Optional[Label] = typer.Option(None, "--label", "--verdict", help="good (= 1) or bad (= -1)."),
              note: Optional[str] = typer.Option(None, "--note", help="Free text kept with the label."),
              annotator: Optional[str] = typer.Option(None, "--annotator", help="Who labelled it [default: cli:<user>]."),
              ingest_now: bool = typer.Option(False, "--ingest", help="Also write it to bronze/annotations now "
-                                             "(without a running landing_sensor).")):
+                                             "(without a running landing_sensor)."),
+             next_n: Optional[int] = typer.Option(None, "--next", min=1, help="Instead of labelling: list the N "
+                                                  "unlabelled trajectories most worth a label."),
+             as_json: bool = typer.Option(False, "--json", help="With --next: one JSON list on stdout.")):
     """Record a human label for a trajectory; at the next scoring it overrides every automatic score.
 
     The label is written as one line to FLYWHEEL_HOME/landing/annotations/, the same input as any
     annotation file: landing_sensor ingests it and its ingest_job re-scores (trajectory_scores takes
     the latest label per trajectory as combined_score, human_verified, tier by that score).
+
+    With --next N it labels nothing: it lists the N trajectories most worth a label, where the score
+    sources disagree most and where the combined score sits nearest a tier edge, dealt in turn.
     """
+    session: Session = ctx.obj
+    if next_n is not None:
+        if trajectory_id is not None or score is not None or label is not None:
+            fail("--next lists trajectories to label: give no TRAJECTORY_ID, --score or --label with it", EXIT_USAGE)
+        _print_label_queue(session, next_n, as_json)
+        return
+    if trajectory_id is None:
+        fail("give a TRAJECTORY_ID to label, or --next N to list the ones most worth a label", EXIT_USAGE)
     from flywheel_assets.lib.clock import iso
     from flywheel_assets.lib.ingest.landing import STAGING_PREFIX, list_landing
     from flywheel_assets.lib.tables import TRAJECTORIES
 
-    session: Session = ctx.obj
     if (score is None) == (label is None):
         fail("give exactly one of --score (in [-1, 1]) or --label good|bad", EXIT_USAGE)
     if score is not None and not -1.0 <= score <= 1.0:
@@ -321,6 +336,14 @@ def annotate(ctx: typer.Context,
             report = _ingest_files(config, lake, files)
         typer.echo(f"bronze/annotations: {report.rows_new['annotations']} new row; "
                    "scores refresh at the next ingest_job run")
+
+
+def _print_label_queue(session: Session, n: int, as_json: bool) -> None:
+    from flywheel_assets.lib.feedback.label_queue import label_queue, render_queue
+
+    session.require_home()
+    queue = label_queue(session.config, session.lake(), n)
+    typer.echo(json.dumps(queue, indent=2) if as_json else render_queue(queue))
 
 
 def _sql_text(value: str) -> str:

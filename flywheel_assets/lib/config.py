@@ -86,9 +86,36 @@ class FusionConfig(BaseModel):
     judge_weight: float = 0.3
     explicit_weight: float = Field(1.4, ge=0.0)  # 0 leaves thumbs and ratings out of the score
     llm_judge_weight: float = 0.5  # share of the LLM judge in judge_score, when it is enabled
+    # Replace the hand weights above with score_calibration's latest fit to human labels. Off by
+    # default: the fit is only as good as the labels behind it (a few dozen in the demo, chosen by
+    # people rather than drawn at random), and turning it on moves rows between tiers and so into
+    # or out of training sets: a person should see its before/after agreement first.
+    calibrated: bool = False
     synthetic_reward: float = 0.8
     length_outlier_z: float = 3.0
     loop_repeats: int = 3
+
+
+class CalibrationConfig(BaseModel):
+    """score_calibration (lib/feedback/calibration.py): a logistic regression of the human labels'
+    sign (good > 0, bad < 0) on the score sources, with an L2 penalty, judged by k-fold
+    cross-validation. Below min_labels labels, or min_per_class of either verdict, it reports each
+    source's agreement with people but fits nothing."""
+
+    min_labels: int = Field(30, ge=2)
+    min_per_class: int = Field(10, ge=2)  # every fold then holds both verdicts
+    folds: int = Field(5, ge=2)
+    # penalty l2/2·|w|² beside the summed log-loss (the intercept is free): its pull towards 0 stays
+    # the same while the log-loss grows with the labels, so it steadies a fit on 30 labels and
+    # fades on 3,000 (and keeps weights finite when one source separates good from bad exactly)
+    l2: float = Field(1.0, gt=0.0)
+    seed: int = 0  # which labels share a fold
+
+    @model_validator(mode="after")
+    def _folds_hold_both_verdicts(self) -> "CalibrationConfig":
+        if self.min_per_class < self.folds:
+            raise ValueError("calibration.min_per_class must be at least calibration.folds")
+        return self
 
 
 class CurationConfig(BaseModel):
@@ -372,6 +399,7 @@ class FlywheelConfig(BaseModel):
     scoring: ScoringWeights = Field(default_factory=ScoringWeights)
     tiers: TierConfig = Field(default_factory=TierConfig)
     fusion: FusionConfig = Field(default_factory=FusionConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     curation: CurationConfig = Field(default_factory=CurationConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     llm_judge: LLMJudgeConfig = Field(default_factory=LLMJudgeConfig)

@@ -231,6 +231,39 @@ TRAJECTORY_SCORES = Table(
     key=("trajectory_id",),
 )
 
+_SOURCE_WEIGHTS = tuple(
+    column
+    for source, what in (("implicit", "implicit_score"), ("heuristic", "judge_scores.heuristic_score"),
+                         ("llm", "judge_scores.llm_score"), ("explicit", "explicit_score"))
+    for column in (
+        (f"{source}_weight", pa.float64(), f"fitted weight of {what}, a missing score counting 0; null: not in the fit"),
+        (f"{source}_missing", pa.float64(), f"fitted weight of '{source} is missing'; null: never or always missing"),
+    )
+)
+
+SCORE_CALIBRATIONS = Table(
+    "gold", "score_calibrations",
+    "The score sources' agreement with the human labels and their fusion fitted to them (a logistic "
+    "regression of good = label > 0), one row each time the labels or their scores change; "
+    "trajectory_scores applies the latest fit when fusion.calibrated.",
+    _cols(
+        ("calibrated_at", UTC_TS, "when (the flywheel clock)"),
+        ("inputs_sha256", pa.string(), "hash of the labels, their sources and the calibration settings"),
+        ("labels", pa.int64(), "labelled trajectories with a verdict (label ≠ 0)"),
+        ("good", pa.int64(), "of them, labelled good (> 0)"),
+        ("fitted", pa.bool_(), "false below calibration.min_labels or min_per_class: agreement only"),
+        ("reason", pa.string(), "why nothing was fitted; empty when fitted"),
+        ("intercept", pa.float64(), "fitted intercept: P(good) = σ(intercept + Σ weight·score + Σ missing·[score is null])"),
+        *_SOURCE_WEIGHTS,
+        ("auc_before", pa.float64(), "AUC of the hand-weighted combined score against the verdicts"),
+        ("auc_after", pa.float64(), "AUC of the fitted fusion, out of fold (k-fold cross-validation)"),
+        ("spearman_before", pa.float64(), "Spearman of the hand-weighted score with graded labels; null when binary"),
+        ("spearman_after", pa.float64(), "the same for the fitted fusion, out of fold"),
+        ("agreement_json", pa.string(), "per source and fusion: labels it covers, AUC, Spearman"),
+    ),
+    key=("calibrated_at",),
+)
+
 CURATED_TRAJECTORIES = Table(
     "gold", "curated_trajectories",
     "Scored trajectories after PII scrubbing and duplicate removal, as chat messages.",
@@ -366,7 +399,7 @@ AB_RESULTS = Table(
 
 ALL_TABLES: tuple[Table, ...] = (
     SESSION_EVENTS, TRAJECTORIES, ANNOTATIONS, QUARANTINE, INGESTED_FILES,
-    SESSION_FEEDBACK, LLM_JUDGMENTS, JUDGE_SCORES, TRAJECTORY_SCORES, CURATED_TRAJECTORIES,
+    SESSION_FEEDBACK, LLM_JUDGMENTS, JUDGE_SCORES, TRAJECTORY_SCORES, SCORE_CALIBRATIONS, CURATED_TRAJECTORIES,
     TRAINING_DATASET, DATASET_MANIFESTS, OFFLINE_EVALUATIONS, MODEL_REGISTRY, AB_RESULTS,
 )
 

@@ -1,5 +1,6 @@
 """Implicit feedback against hand-computed cases, tier edges and attribution."""
 
+import math
 from datetime import datetime, timedelta, timezone
 
 import duckdb
@@ -7,7 +8,8 @@ import pyarrow as pa
 import pytest
 
 from flywheel_assets.lib.config import FlywheelConfig, TierConfig
-from flywheel_assets.lib.feedback.scoring import classify_tiers, session_feedback, trajectory_scores
+from flywheel_assets.lib.feedback.calibration import FittedFusion
+from flywheel_assets.lib.feedback.scoring import classify_tiers, labelled_sources, session_feedback, trajectory_scores
 from flywheel_assets.lib.lake import conform
 from flywheel_assets.lib.tables import ANNOTATIONS, JUDGE_SCORES, SESSION_EVENTS, TRAJECTORIES
 
@@ -225,3 +227,58 @@ def test_thumbs_and_ratings_enter_the_fused_score_with_the_largest_weight():
     seed = scores(FlywheelConfig(fusion={"explicit_weight": 0.0}))
     assert seed["t-up"]["combined_score"] == pytest.approx(0.7 * 0.9 + 0.3 * 0.5)
     assert seed["t-down"]["combined_score"] == pytest.approx(0.9) and not seed["t-down"]["user_rejected"]
+
+
+def _calibration_lake():
+    """t-good accepted after one retry (implicit 0.8), t-bad the retried one (superseded, 0.2), t-quiet no event,
+    t-human labelled twice; heuristic and judge scores by hand."""
+    events = _events([
+        ("s1", "retry_requested", "t-bad", None, 0),
+        ("s1", "output_accepted", "t-good", None, 1),
+    ])
+    trajectories = conform(pa.Table.from_pylist([
+        {"trajectory_id": t, "session_id": s, "origin": origin, "is_synthetic": False, "created_at": T0}
+        for t, s, origin in [("t-bad", "s1", "usage"), ("t-good", "s1", "usage"), ("t-quiet", None, "usage"),
+                             ("t-human", "s1", "usage"), ("t-golden", None, "golden")]
+    ]), TRAJECTORIES)
+    config = FlywheelConfig()
+    con = _con(events, trajectories)
+    con.register("session_feedback", session_feedback(con, config.scoring))
+    con.register("judge_scores", conform(pa.Table.from_pylist([
+        {"trajectory_id": t, "heuristic_score": h, "judge_score": h}
+        for t, h in [("t-good", 0.2), ("t-bad", 1.0), ("t-quiet", 0.6), ("t-human", -0.2)]]), JUDGE_SCORES))
+    con.register("annotations", conform(pa.Table.from_pylist([
+        {"trajectory_id": "t-human", "score": -0.7, "annotated_at": T0},
+        {"trajectory_id": "t-human", "score": 0.9, "annotated_at": T0 - timedelta(days=1)},
+    ]), ANNOTATIONS))
+    return con, config
+
+
+def test_the_fitted_fusion_replaces_the_hand_weights_and_nothing_else():
+    con, config = _calibration_lake()
+    model = FittedFusion(0.3, weights={"implicit": 3.0, "heuristic": 0.5}, missing={"implicit": -2.0})
+    hand = {r["trajectory_id"]: r for r in trajectory_scores(con, config).to_pylist()}
+    fitted = {r["trajectory_id"]: r for r in trajectory_scores(con, config, model).to_pylist()}
+    for trajectory_id, z in [("t-good", 0.3 + 3.0 * 0.8 + 0.5 * 0.2), ("t-bad", 0.3 + 3.0 * 0.2 + 0.5 * 1.0),
+                             ("t-quiet", 0.3 - 2.0 + 0.5 * 0.6)]:
+        assert fitted[trajectory_id]["combined_score"] == pytest.approx(math.tanh(z / 2)), trajectory_id
+        # the seed's quality_score and its attribution are the same under either fusion
+        assert fitted[trajectory_id]["implicit_score"] == hand[trajectory_id]["implicit_score"]
+        assert fitted[trajectory_id]["user_rejected"] == hand[trajectory_id]["user_rejected"]
+    assert hand["t-good"]["implicit_score"] == pytest.approx(0.8)
+    assert hand["t-bad"]["implicit_score"] == pytest.approx(0.2)
+    assert hand["t-good"]["combined_score"] == pytest.approx(0.7 * 0.8 + 0.3 * 0.2)
+    assert fitted["t-good"]["tier"] == "gold" and hand["t-good"]["tier"] == "gold"
+    # by the judges alone t-quiet sits on gold's edge; the fit learnt that no user event is a bad sign
+    assert fitted["t-quiet"]["tier"] == "bronze" and hand["t-quiet"]["tier"] == "gold"
+    # a human label and a golden row still decide their own score
+    assert fitted["t-human"]["combined_score"] == -0.7 and fitted["t-golden"]["combined_score"] == 1.0
+
+
+def test_labelled_sources_keep_the_hand_fusion_the_label_replaced():
+    con, config = _calibration_lake()
+    [row] = labelled_sources(con, config).to_pylist()
+    assert (row["trajectory_id"], row["label"]) == ("t-human", -0.7)  # the latest label
+    # no event names t-human and s1's final trajectory is t-good: no implicit score, the judges alone
+    assert (row["implicit_score"], row["heuristic_score"], row["llm_score"]) == (None, -0.2, None)
+    assert row["hand_score"] == pytest.approx(-0.2)

@@ -6,6 +6,7 @@ import polars as pl
 import pyarrow as pa
 
 from flywheel_assets.defs.resources import FlywheelResource, markdown_counts, table_metadata
+from flywheel_assets.lib.feedback.calibration import fitted_fusion, latest_calibration
 from flywheel_assets.lib.feedback.judges import heuristic_judges
 from flywheel_assets.lib.feedback.llm_judge import LLMJudge, judge_new
 from flywheel_assets.lib.feedback.scoring import session_feedback as score_sessions
@@ -95,15 +96,18 @@ def judge_scores(flywheel: FlywheelResource) -> dg.MaterializeResult:
 
 
 @dg.asset(group_name="feedback", kinds={"duckdb", "delta"},
-          deps=["session_feedback", "judge_scores", "annotations", "trajectories"],
+          deps=["session_feedback", "judge_scores", "annotations", "trajectories", "score_calibration"],
           metadata=table_metadata(TRAJECTORY_SCORES))
 def trajectory_scores(flywheel: FlywheelResource) -> dg.MaterializeResult:
-    """Implicit feedback fused with the judges; human labels override; a tier per trajectory."""
+    """Implicit feedback fused with the judges (by hand weights, or as fitted to human labels when
+    fusion.calibrated); human labels override; a tier per trajectory."""
     config, lake = flywheel.config(), flywheel.lake()
     con = duckdb.connect()
     for table in (TRAJECTORIES, SESSION_EVENTS, SESSION_FEEDBACK, JUDGE_SCORES, ANNOTATIONS):
         lake.register(con, table)
-    scores = fuse_scores(con, config)
+    latest = latest_calibration(lake) if config.fusion.calibrated else None
+    calibration = fitted_fusion(latest)
+    scores = fuse_scores(con, config, calibration)
     version = lake.overwrite(TRAJECTORY_SCORES, scores)
     frame = pl.from_arrow(scores)
     tiers = {name: frame.filter(pl.col("tier") == name).height for name in config.tiers.names}
@@ -112,4 +116,17 @@ def trajectory_scores(flywheel: FlywheelResource) -> dg.MaterializeResult:
         TRAJECTORY_SCORES, scores, delta_version=version, tier_mix=markdown_counts(tiers, "tier", "trajectories"),
         high_quality_rate=high / max(frame.height, 1),
         by_source=markdown_counts(dict(frame["score_source"].value_counts().iter_rows()), "source", "trajectories"),
+        fusion=_fusion_used(config, latest),
     ))
+
+
+def _fusion_used(config, latest: dict | None) -> str:
+    fusion = config.fusion
+    hand = f"hand weights (implicit {fusion.implicit_weight}, judge {fusion.judge_weight}, " \
+           f"explicit {fusion.explicit_weight})"
+    if not fusion.calibrated:
+        return hand
+    if latest is None or not latest["fitted"]:
+        return f"{hand}: fusion.calibrated, but no fit yet ({latest['reason'] if latest else 'no score_calibration'})"
+    return (f"fitted to {latest['labels']} labels at {latest['calibrated_at']:%Y-%m-%d %H:%M} "
+            f"(AUC {latest['auc_before']:.3f} by hand weights, {latest['auc_after']:.3f} fitted, out of fold)")

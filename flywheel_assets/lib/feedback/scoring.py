@@ -7,10 +7,16 @@ trajectory by one CASE over the whole score table.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import duckdb
 import pyarrow as pa
 
-from flywheel_assets.lib.config import FlywheelConfig, ScoringWeights, TierConfig
+from flywheel_assets.lib.config import FlywheelConfig, FusionConfig, ScoringWeights, TierConfig
+from flywheel_assets.lib.feedback.judges import JUDGES
+
+if TYPE_CHECKING:
+    from flywheel_assets.lib.feedback.calibration import FittedFusion
 
 SCORED_EVENTS = ("output_accepted", "retry_requested", "output_edited", "session_continued", "error_reported")
 _SCORED = "(" + ", ".join(f"'{e}'" for e in SCORED_EVENTS) + ")"
@@ -87,7 +93,20 @@ def weight_sql(tiers: TierConfig, tier: str) -> str:
     return "CASE " + " ".join(f"WHEN {tier} = '{t.name}' THEN {t.weight}" for t in tiers.tiers) + " END"
 
 
-def trajectory_scores(con: duckdb.DuckDBPyConnection, config: FlywheelConfig) -> pa.Table:
+def hand_fusion_sql(fusion: FusionConfig, implicit: str, judge: str, explicit: str) -> str:
+    """The hand-weighted fusion: the weighted mean of the parts that exist (0 when none does)."""
+    w_implicit, w_judge, w_explicit = fusion.implicit_weight, fusion.judge_weight, fusion.explicit_weight
+    return (
+        f"CASE WHEN {implicit} IS NULL AND {judge} IS NULL AND ({explicit} IS NULL OR {w_explicit} = 0) THEN 0.0"
+        f" ELSE ({w_implicit} * coalesce({implicit}, 0.0) + {w_judge} * coalesce({judge}, 0.0)"
+        f" + {w_explicit} * coalesce({explicit}, 0.0))"
+        f" / nullif({w_implicit} * ({implicit} IS NOT NULL)::INT + {w_judge} * ({judge} IS NOT NULL)::INT"
+        f" + {w_explicit} * ({explicit} IS NOT NULL)::INT, 0) END"
+    )
+
+
+def trajectory_scores(con: duckdb.DuckDBPyConnection, config: FlywheelConfig,
+                      calibration: FittedFusion | None = None) -> pa.Table:
     """Fuse implicit feedback, judges and human labels into one score and tier per
     trajectory. Needs views trajectories, session_events, session_feedback,
     judge_scores, annotations.
@@ -95,13 +114,47 @@ def trajectory_scores(con: duckdb.DuckDBPyConnection, config: FlywheelConfig) ->
     Attribution: the session's score goes to its final trajectory; a trajectory the
     user asked to retry (and that is not final) is scored as not accepted with its
     own retries and error reports; a line's own reward (synthetic data) is used when
-    no event names the trajectory.
+    no event names the trajectory. With `calibration` (score_calibration's fit) the
+    automatic score is the fitted fusion instead of the hand weights.
     """
+    tier = tier_sql(config.tiers, "combined_score", "human_verified", "user_rejected")
+    return con.execute(f"""
+        {_fused(config, calibration)}
+        SELECT trajectory_id, session_id, tenant_id, task_type, model_version, origin, is_synthetic,
+               created_at, implicit_score, attribution, judge_score, explicit_score, annotation_score, human_verified,
+               user_rejected, greatest(-1.0, least(1.0, combined_score)) AS combined_score, score_source,
+               {tier} AS tier, {weight_sql(config.tiers, tier)} AS weight
+        FROM fused ORDER BY trajectory_id
+    """).to_arrow_table()
+
+
+def labelled_sources(con: duckdb.DuckDBPyConnection, config: FlywheelConfig) -> pa.Table:
+    """Every trajectory with a human label: the label (the latest), each score source as
+    trajectory_scores attributes it, and the hand-weighted fusion the label replaced
+    (`hand_score`). The views are those of trajectory_scores."""
+    judges = ", ".join(JUDGES)
+    return con.execute(f"""
+        {_fused(config, None, labelled_only=True)}
+        SELECT trajectory_id, annotation_score AS label, implicit_score, heuristic_score, llm_score, judge_score,
+               explicit_score, greatest(-1.0, least(1.0, automatic_score)) AS hand_score, {judges}
+        FROM fused ORDER BY trajectory_id
+    """).to_arrow_table()
+
+
+def _fused(config: FlywheelConfig, calibration: FittedFusion | None, labelled_only: bool = False) -> str:
+    """The WITH clause both queries share: per trajectory its sources, the automatic score
+    and the combined score (a human label, a golden row, else the automatic score)."""
     w, fusion = config.scoring, config.fusion
     superseded = quality_sql(w, "false", "retries", "0.0", "false", "errors")
-    tier = tier_sql(config.tiers, "combined_score", "human_verified", "user_rejected")
-    combined = "combined_score"
-    return con.execute(f"""
+    explicit = "explicit_score" if fusion.explicit_weight > 0 else "NULL::DOUBLE"
+    if calibration is None:
+        automatic = hand_fusion_sql(fusion, "implicit_score", "judge_score", "explicit_score")
+    else:
+        automatic = calibration.sql(implicit="implicit_score", heuristic="heuristic_score", llm="llm_score",
+                                    explicit=explicit)
+    only = "WHERE t.trajectory_id IN (SELECT trajectory_id FROM annotations)" if labelled_only else ""
+    judges = ", ".join(f"j.{judge}" for judge in JUDGES)
+    return f"""
         WITH own AS (
             SELECT trajectory_id,
                    count(*) FILTER (WHERE event_type = 'retry_requested') AS retries,
@@ -121,13 +174,14 @@ def trajectory_scores(con: duckdb.DuckDBPyConnection, config: FlywheelConfig) ->
             FROM annotations GROUP BY trajectory_id
         ), implicit AS (
             SELECT t.*, f.quality_score AS final_score, f.task_accepted AS final_accepted, o.retries, o.errors,
-                   j.judge_score, lb.annotation_score, x.explicit_score
+                   j.judge_score, j.heuristic_score, j.llm_score, {judges}, lb.annotation_score, x.explicit_score
             FROM trajectories t
             LEFT JOIN session_feedback f ON f.final_trajectory_id = t.trajectory_id
             LEFT JOIN own o USING (trajectory_id)
             LEFT JOIN judge_scores j USING (trajectory_id)
             LEFT JOIN labels lb USING (trajectory_id)
             LEFT JOIN explicit x USING (trajectory_id)
+            {only}
         ), attributed AS (
             SELECT *,
                 CASE WHEN final_score IS NOT NULL THEN final_score
@@ -137,6 +191,8 @@ def trajectory_scores(con: duckdb.DuckDBPyConnection, config: FlywheelConfig) ->
                 CASE WHEN final_score IS NOT NULL THEN 'final' WHEN retries > 0 THEN 'superseded'
                      WHEN reward IS NOT NULL OR is_synthetic THEN 'reward' ELSE 'none' END AS attribution
             FROM implicit
+        ), automatic AS (
+            SELECT *, {automatic} AS automatic_score FROM attributed
         ), fused AS (
             SELECT *,
                 annotation_score IS NOT NULL OR origin = 'golden' AS human_verified,
@@ -150,25 +206,11 @@ def trajectory_scores(con: duckdb.DuckDBPyConnection, config: FlywheelConfig) ->
                          false) AS user_rejected,
                 CASE WHEN annotation_score IS NOT NULL THEN annotation_score
                      WHEN origin = 'golden' THEN 1.0
-                     WHEN implicit_score IS NULL AND judge_score IS NULL
-                          AND (explicit_score IS NULL OR {fusion.explicit_weight} = 0) THEN 0.0
-                     ELSE ({fusion.implicit_weight} * coalesce(implicit_score, 0.0)
-                           + {fusion.judge_weight} * coalesce(judge_score, 0.0)
-                           + {fusion.explicit_weight} * coalesce(explicit_score, 0.0))
-                          / nullif({fusion.implicit_weight} * (implicit_score IS NOT NULL)::INT
-                                   + {fusion.judge_weight} * (judge_score IS NOT NULL)::INT
-                                   + {fusion.explicit_weight} * (explicit_score IS NOT NULL)::INT, 0)
-                     END AS {combined},
+                     ELSE automatic_score END AS combined_score,
                 CASE WHEN annotation_score IS NOT NULL THEN 'annotation' WHEN origin = 'golden' THEN 'golden'
                      WHEN implicit_score IS NOT NULL THEN 'fused' ELSE 'judges_only' END AS score_source
-            FROM attributed
-        )
-        SELECT trajectory_id, session_id, tenant_id, task_type, model_version, origin, is_synthetic,
-               created_at, implicit_score, attribution, judge_score, explicit_score, annotation_score, human_verified,
-               user_rejected, greatest(-1.0, least(1.0, {combined})) AS combined_score, score_source,
-               {tier} AS tier, {weight_sql(config.tiers, tier)} AS weight
-        FROM fused ORDER BY trajectory_id
-    """).to_arrow_table()
+            FROM automatic
+        )"""
 
 
 def classify_tiers(scores: list[float], human_verified: list[bool], tiers: TierConfig) -> list[str]:

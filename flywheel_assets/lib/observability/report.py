@@ -126,3 +126,34 @@ def tier_mix_chart(health: dict, path: Path) -> Path | None:
     sources.legend(fontsize=7)
     sources.set_title("Where the training rows came from", fontsize=10)
     return _save(figure, path)
+
+
+def calibration_chart(result: dict, path: Path) -> Path | None:
+    """Each score source's AUC against the human labels beside the hand-weighted and the fitted
+    fusion (out of fold), and the fitted weights; None before the first label with a verdict."""
+    rows = [row for row in result["agreement"] if row["auc"] is not None]
+    if not rows:
+        return None
+    plt = _pyplot()
+    figure, (agreement, weights) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [3, 2]})
+    colours = {"hand_fusion": "#dd8452", "fitted_fusion": "#55a868"}
+    agreement.barh([f"{row['source']} ({row['labels']})" for row in rows], [row["auc"] for row in rows],
+                   color=[colours.get(row["source"], "#4c72b0") for row in rows])
+    agreement.axvline(0.5, color="#7f7f7f", linestyle="--", linewidth=1)
+    agreement.set_xlim(0, 1)
+    agreement.invert_yaxis()
+    agreement.set_xlabel("AUC against the human verdicts (labels covered)")
+    agreement.set_title(f"Agreement with people · {result['good']} good, {result['bad']} bad labels", fontsize=10)
+    model = result["model"]
+    if model is None:
+        weights.axis("off")
+        weights.text(0.0, 0.5, f"no fit: {result['reason']}", wrap=True, fontsize=9)
+    else:
+        terms = {**{f"{s} score": w for s, w in model.weights.items()},
+                 **{f"{s} missing": w for s, w in model.missing.items()}}
+        weights.barh(list(terms), list(terms.values()), color="#55a868")
+        weights.axvline(0.0, color="#7f7f7f", linewidth=1)
+        weights.invert_yaxis()
+        weights.set_xlabel("logistic weight (log-odds per unit)")
+        weights.set_title(f"Fitted fusion · intercept {model.intercept:+.2f}", fontsize=10)
+    return _save(figure, path)
