@@ -99,8 +99,7 @@ def judge_scores(flywheel: FlywheelResource) -> dg.MaterializeResult:
           deps=["session_feedback", "judge_scores", "annotations", "trajectories", "score_calibration"],
           metadata=table_metadata(TRAJECTORY_SCORES))
 def trajectory_scores(flywheel: FlywheelResource) -> dg.MaterializeResult:
-    """Implicit feedback fused with the judges (by hand weights, or as fitted to human labels when
-    fusion.calibrated); human labels override; a tier per trajectory."""
+    """Implicit feedback fused with the judges (hand weights, or fitted: fusion.calibrated); labels win."""
     config, lake = flywheel.config(), flywheel.lake()
     con = duckdb.connect()
     for table in (TRAJECTORIES, SESSION_EVENTS, SESSION_FEEDBACK, JUDGE_SCORES, ANNOTATIONS):
