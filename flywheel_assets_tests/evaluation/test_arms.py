@@ -87,6 +87,21 @@ def test_the_teacher_budget_arm_spends_each_correction_on_a_random_task_never_a_
     assert {r["trajectory_id"]: r["messages_json"] for r in again} == {r["trajectory_id"]: r["messages_json"] for r in rows}
 
 
+def test_a_correction_the_loop_could_never_train_on_is_not_spent_by_the_teacher_budget_arm(lake, config):
+    # correction-0 answers a prompt that is also in the holdout split: the loop's selection
+    # excludes it, so the arm must not turn it into an eligible random task either
+    holdout = {**_rows("usage", 1)[0], "split": "holdout", "prompt_key": prompt_key("correction 0")}
+    _land(lake, _rows("golden", 5) + _rows("correction", 6) + [holdout])
+    _manifest(lake, "cycle-0001")
+    config.curation.target_size = 100
+    data = arms.cycle_data(lake, "cycle-0001")
+    loop = set(arms.select_training_rows(data.curated, "cycle-0001", config).column("trajectory_id").to_pylist())
+    spent = {r["trajectory_id"] for r in arms.teacher_budget_rows(
+        data, config, arms.RandomTeacher(BuiltinDomain(), seed=11, pool_size=500))}
+    assert "correction-0" not in loop
+    assert {i for i in spent if i.startswith("correction")} == {i for i in loop if i.startswith("correction")}
+
+
 def test_lineage_follows_the_champion_back_through_its_parents_only():
     class Registry:
         rows = {"base-v0": {"version": "base-v0", "adapter_path": None, "parent": None},

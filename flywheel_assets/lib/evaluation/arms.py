@@ -130,10 +130,13 @@ class RandomTeacher:
 
 def teacher_budget_rows(data: CycleData, config: FlywheelConfig, teacher: RandomTeacher) -> list[dict]:
     rows = _where(data, f"origin IN {COLD_START_ORIGINS} OR origin = '{CORRECTION_ORIGIN}'").to_pylist()
+    # A correction whose prompt is a holdout prompt is never a candidate for the loop; its
+    # replacement's prompt would be, so it is dropped here to spend the same budget.
+    holdout = set(_where(data, "split = 'holdout'").column("prompt_key").to_pylist())
     kept = []
     for row in rows:
         if row["origin"] == CORRECTION_ORIGIN:
-            if (answer := teacher.answer(row["trajectory_id"])) is None:
+            if row["prompt_key"] in holdout or (answer := teacher.answer(row["trajectory_id"])) is None:
                 continue
             row = {**row, "messages_json": answer[0], "tools_json": answer[1], "prompt_key": answer[2],
                    "user_edited": False}
