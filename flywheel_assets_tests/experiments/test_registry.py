@@ -162,8 +162,9 @@ def test_rollback_of_the_only_champion_is_refused_and_of_a_canary_leaves_the_cha
 
 
 # Computed once with sha256("::acme:user-N"); literal so that any change of the hash shows.
-FIXED_USERS = [("user-0", 0.40102831959165325, "champion"), ("user-30", 0.07829912430287861, "treatment"),
-               ("user-51", 0.002900107244153952, "canary")]
+# Canaries sit at the bottom of [0, 1), treatments at the top (0.91 and up at the default shares).
+FIXED_USERS = [("user-0", 0.40102831959165325, "champion"), ("user-3", 0.9174278385238261, "treatment"),
+               ("user-30", 0.07829912430287861, "champion"), ("user-51", 0.002900107244153952, "canary")]
 
 
 def test_routing_is_stable_across_calls_and_processes():
@@ -172,7 +173,7 @@ def test_routing_is_stable_across_calls_and_processes():
         answers = {route(user, "acme", champion="champion", treatment="treatment", canary="canary") for _ in range(1000)}
         assert answers == {arm}
     code = ("from flywheel_assets.lib.experiments.registry import bucket;"
-            "print([bucket(u, 'acme') for u in ('user-0', 'user-30', 'user-51')])")
+            "print([bucket(u, 'acme') for u in ('user-0', 'user-3', 'user-30', 'user-51')])")
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
     assert out.strip() == repr([u for _, u, _ in FIXED_USERS])
@@ -192,6 +193,32 @@ def test_absent_arms_fall_back_to_the_champion():
     full = [route(u, "acme", champion="C", treatment="T", canary="K") for u in users]
     no_canary = [route(u, "acme", champion="C", treatment="T") for u in users]
     assert [("C" if arm == "K" else arm) for arm in full] == no_canary  # treatment users keep their arm
+
+
+def test_a_canary_starting_and_ending_during_an_ab_test_moves_no_user_of_either_arm(registry):
+    """Before the layout was carved from both ends, a canary that went live during a test
+    pushed the treatment's slice up by its share: 1/9 of treatment users moved to control."""
+    with_base(registry)
+    with_adapter(registry, "cycle-0001-lora")
+    with_adapter(registry, "cycle-0002-lora")
+    registry.transition("cycle-0001-lora", "treatment", reason="A/B", actor="demo")
+    users = [f"user-{i}" for i in range(20_000)]
+
+    def arms() -> list[str]:
+        pick = registry.router()
+        return [pick(u, "acme") for u in users]
+    before = arms()
+    registry.transition("cycle-0002-lora", "canary", reason="canary", actor="demo")
+    during = arms()
+    registry.rollback("cycle-0002-lora", reason="canary ended", actor="demo")
+    after = arms()
+    treated = {u for u, arm in zip(users, before) if arm == "cycle-0001-lora"}
+    assert 1500 < len(treated) < 2100  # about 9% of 20,000
+    for layout in (during, after):
+        assert {u for u, arm in zip(users, layout) if arm == "cycle-0001-lora"} == treated
+    moved = [(b, d) for b, d in zip(before, during) if b != d]
+    assert 120 < len(moved) < 290 and set(moved) == {("base-v0", "cycle-0002-lora")}  # ~1% of control, to the canary
+    assert after == before
 
 
 def test_registry_routes_its_serving_layout_salted_by_the_champion(registry):

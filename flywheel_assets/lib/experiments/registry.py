@@ -7,8 +7,10 @@ the history is never half-written. Loading a version for inference is not done h
 the registry only stores paths relative to FLYWHEEL_HOME.
 
 Routing follows the seed's enterprise layout (90% champion / 9% A/B / 1% canary): a
-user's stable hash u in [0, 1) sends u < canary_share to the canary, the next
-treatment_share to the treatment, the rest to the champion.
+user's stable hash u in [0, 1) sends u < canary_share to the canary, u ≥ 1 −
+treatment_share to the treatment, the rest to the champion. Canaries grow from 0 and
+treatments from 1, so a canary that starts or ends during an A/B test moves none of the
+treatment's users and puts no control user into the treatment: the test's arms stay sticky.
 """
 
 from __future__ import annotations
@@ -54,17 +56,24 @@ def route(user_id: str, tenant_id: str, *, champion: str, treatment: str | None 
           canary_share: float = DEFAULT_SHARES["canary"], salt: str = "") -> str:
     """The version that serves this user. An absent arm's users go to the champion, so
     the other arms keep their users when one arm comes or goes."""
-    return _pick(bucket(user_id, tenant_id, salt), [(canary, canary_share), (treatment, treatment_share)], champion)
+    return _pick(bucket(user_id, tenant_id, salt), [(canary, canary_share)], [(treatment, treatment_share)], champion)
 
 
-def _pick(u: float, arms: list[tuple[str | None, float]], champion: str) -> str:
-    shares = [share for _, share in arms]
+def _pick(u: float, canaries: list[tuple[str | None, float]], treatments: list[tuple[str | None, float]],
+          champion: str) -> str:
+    """Canaries take [0, Σ canary shares) upward, treatments (1 − Σ treatment shares, 1] downward."""
+    shares = [share for _, share in canaries + treatments]
     if any(share < 0 for share in shares) or sum(shares) > 1 + _TOLERANCE:
         raise ValueError(f"arm shares must be non-negative and sum to at most 1, got {shares}")
     edge = 0.0
-    for version, share in arms:
+    for version, share in canaries:
         edge += share
         if u < edge:
+            return version or champion
+    edge = 1.0
+    for version, share in treatments:
+        edge -= share
+        if u >= edge:
             return version or champion
     return champion
 
@@ -155,15 +164,17 @@ class ModelRegistry:
     def router(self, current: list[dict] | None = None) -> Callable[[str, str], str]:
         """route(user_id, tenant_id) over a snapshot of the current layout (one read for many users).
 
-        Canaries then treatments take their traffic_share from u = 0 upward; the champion
-        serves the rest. The salt is the champion's version, so a new champion reshuffles users.
+        Canaries take their traffic_share from u = 0 upward, treatments from u = 1 downward
+        (module docstring); the champion serves the rest. The salt is the champion's version,
+        so a new champion reshuffles users.
         """
         live = self.serving(current)
         if not live["champion"]:
             raise RegistryError("no champion: nothing to route to")
         champion = live["champion"][0]["version"]
-        arms = [(r["version"], r["traffic_share"]) for r in live["canary"] + live["treatment"]]
-        return lambda user_id, tenant_id: _pick(bucket(user_id, tenant_id, champion), arms, champion)
+        canaries = [(r["version"], r["traffic_share"]) for r in live["canary"]]
+        treatments = [(r["version"], r["traffic_share"]) for r in live["treatment"]]
+        return lambda user_id, tenant_id: _pick(bucket(user_id, tenant_id, champion), canaries, treatments, champion)
 
     def route(self, user_id: str, tenant_id: str) -> str:
         return self.router()(user_id, tenant_id)
