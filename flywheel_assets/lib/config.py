@@ -277,22 +277,44 @@ class ABConfig(BaseModel):
     minimum_detectable_effect replaces the seed's "≥2% relative improvement" with an
     absolute 0.02: relative lift is meaningless for a score near or below 0, and on the
     [-1, 1] quality scale 0.02 is 1% of the range, about 2–4% of a typical session score
-    of 0.5–1.0. For a 0/1 metric it reads as two percentage points.
+    of 0.5–1.0. It is the effect the sample-size plan (lib/experiments/power.py) gives
+    `power` to; an estimate must also reach minimum_effect_to_ship, set below it, or a
+    true effect of exactly the minimum would ship only half the time.
     """
 
     policy: Literal["sequential", "classic"] = "sequential"
     treatment_share: float = Field(0.1, gt=0, lt=1)
     alpha: float = Field(0.05, gt=0, lt=1)
+    power: float = Field(0.8, gt=0, lt=1)
     min_users_per_arm: int = Field(1000, ge=2)
-    minimum_detectable_effect: float = Field(0.02, ge=0)
-    guardrail_margin: float = Field(0.02, ge=0)
+    minimum_detectable_effect: float = Field(0.02, gt=0)
+    minimum_effect_to_ship: float = Field(0.01, ge=0)
+    # non-inferiority margin of every guardrail (a bad-is-high rate), in canary and A/B alike
+    guardrail_margin: float = Field(0.02, gt=0)
     max_days: float = Field(14.0, gt=0)
     srm_alpha: float = Field(0.001, gt=0, lt=1)
-    # Users of both arms at which the confidence sequence is narrowest: at the default
-    # split, the seed's 1000 treatment users arrive with about 10,000 users in all.
-    planned_users: int = Field(10_000, ge=2)
+    # Users of both arms at which the confidence sequence is narrowest. None: the plan's size,
+    # derived when the A/B stage starts from the champion's recent traffic; a number is
+    # checked against that plan, with a warning when it is short of it.
+    planned_users: int | None = Field(None, ge=2)
+    # A user's sessions beyond this count weigh as this many (their mean is kept): one heavy
+    # user cannot decide a test, and the delta method's no-dominant-user assumption holds.
+    max_sessions_per_user: int = Field(20, ge=1)
+    heavy_user_share: float = Field(0.01, gt=0, le=1)  # one user above this share of an arm's sessions: flagged
+    # Per-user σ never taken below this: an arm of identical values gets a width, not [x, x].
+    sigma_floor: float = Field(0.05, ge=0)
+    cuped: bool = True  # each user's pre-experiment mean quality as covariate (CUPED)
+    cuped_lookback_days: float = Field(28.0, gt=0)
     classic_min_sessions: int = 30
     classic_min_lift_pct: float = 2.0
+
+    @model_validator(mode="after")
+    def _ship_below_planned_effect(self) -> "ABConfig":
+        if self.minimum_effect_to_ship >= self.minimum_detectable_effect:
+            raise ValueError(f"ab.minimum_effect_to_ship ({self.minimum_effect_to_ship}) must be below "
+                             f"ab.minimum_detectable_effect ({self.minimum_detectable_effect}): a true effect of "
+                             "the minimum could otherwise ship at most half the time")
+        return self
 
 
 class RolloutConfig(BaseModel):

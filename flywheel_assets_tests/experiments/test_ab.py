@@ -20,11 +20,11 @@ from flywheel_assets.lib.experiments.ab import (
     assign,
     decide,
     effect_chart,
-    planned_users_per_arm,
     ratio_estimate,
     report_markdown,
 )
 from flywheel_assets.lib.experiments.ab_stats import srm_p_value, welch_difference
+from flywheel_assets.lib.experiments.power import PRIMARY, fixed_horizon_users, required_users
 
 SEED = 754
 T0 = datetime(2026, 3, 1, tzinfo=timezone.utc)
@@ -95,14 +95,15 @@ def first_decisions(totals: np.ndarray, config: ABConfig) -> list[str]:
 
 @pytest.fixture(scope="module")
 def plan() -> dict:
-    """The planned sample size for a +0.1 effect, σ measured on a simulated pilot."""
+    """The planned sample size for a +0.1 effect at an equal split without guardrails, σ
+    measured on a simulated pilot: the policy's core, apart from the rollout's defaults
+    (test_ab_harness.py proves those)."""
     pilot = simulate_looks(np.random.default_rng(SEED), 1, 20_000, 0.0, looks=1)[0, -1, 0]
     sigma = ratio_estimate(as_arm(pilot)).per_user_sigma
-    users = planned_users_per_arm(TRUE_EFFECT, sigma, alpha=0.05, power=0.8, ship_threshold=0.02)
-    # The minimum is lowered from 1000 so that the planned size binds; allowing earlier
-    # looks also makes the A/A test below stricter.
-    config = ABConfig(treatment_share=0.5, min_users_per_arm=100, planned_users=2 * users)
-    return {"sigma": sigma, "users_per_arm": users, "config": config}
+    config = ABConfig(treatment_share=0.5, min_users_per_arm=100, minimum_detectable_effect=TRUE_EFFECT,
+                      minimum_effect_to_ship=0.02)
+    users = required_users({PRIMARY: sigma}, 0.5, config)
+    return {"sigma": sigma, "users_per_arm": users // 2, "config": config.model_copy(update={"planned_users": users})}
 
 
 def test_delta_variance_matches_a_hand_computed_case():
@@ -145,7 +146,8 @@ def test_a_sample_ratio_mismatch_halts_a_decision_that_would_ship(treatment_user
                       started_at=T0, now=day(3))
     assert (decision.srm_p < 0.001) is halted
     assert decision.outcome == ("CONTINUE" if halted else "SHIP")
-    assert decision.reason.startswith("SRM") is halted
+    assert decision.reason.startswith("SRM ALERT, shipping paused") is halted
+    assert ("srm" in decision.flags) is halted
 
 
 def test_srm_is_judged_against_the_planned_split():
@@ -210,17 +212,17 @@ def test_a_clear_negative_effect_rolls_back():
     assert decision.interval[1] < 0
 
 
-def test_a_significant_effect_below_the_minimum_does_not_ship():
-    decision = decide(normal_arm(200_000, 0.5), normal_arm(200_000, 0.51), EQUAL, started_at=T0, now=day(5))
+def test_a_significant_effect_below_the_minimum_to_ship_does_not_ship():
+    decision = decide(normal_arm(200_000, 0.5), normal_arm(200_000, 0.505), EQUAL, started_at=T0, now=day(5))
     assert decision.interval[0] > 0
     assert decision.outcome == "CONTINUE"
-    assert "below the minimum" in decision.reason
+    assert "below the minimum to ship" in decision.reason
 
 
 @pytest.mark.parametrize("errors_control, errors_treatment, users, outcome, status", [
     (0.05, 0.05, 20_000, "SHIP", "pass"),  # the same error rate, measured tightly
     (0.05, 0.06, 3_000, "CONTINUE", "inconclusive"),  # maybe worse by more than the margin
-    (0.05, 0.10, 3_000, "ROLLBACK", "violated"),  # clearly worse
+    (0.05, 0.10, 3_000, "ROLLBACK", "violated"),  # worse beyond the margin, shown
 ])
 def test_guardrails_must_pass_before_shipping(errors_control, errors_treatment, users, outcome, status):
     decision = decide(normal_arm(users, 0.5), normal_arm(users, 0.6), EQUAL, started_at=T0, now=day(3),
@@ -292,12 +294,13 @@ def test_assignment_is_sticky_and_splits_as_planned():
 
 
 def test_planned_size_needs_more_users_than_a_fixed_horizon_test():
-    fixed_horizon = 2 * 0.3 ** 2 * (1.959964 + 0.841621) ** 2 / 0.05 ** 2
-    planned = planned_users_per_arm(0.05, 0.3)
+    config = ABConfig(treatment_share=0.5, minimum_detectable_effect=0.05, minimum_effect_to_ship=0.0)
+    fixed_horizon = fixed_horizon_users(0.05, 0.3, 0.5)
+    assert fixed_horizon == pytest.approx(4 * 0.3 ** 2 * (1.959964 + 0.841621) ** 2 / 0.05 ** 2 / 1, rel=1e-5)
+    planned = required_users({PRIMARY: 0.3}, 0.5, config)
     assert fixed_horizon < planned < 4 * fixed_horizon
-    assert planned_users_per_arm(0.025, 0.3) > 3.5 * planned
-    with pytest.raises(ValueError):
-        planned_users_per_arm(0.02, 0.3, ship_threshold=0.02)
+    smaller = config.model_copy(update={"minimum_detectable_effect": 0.025})
+    assert required_users({PRIMARY: 0.3}, 0.5, smaller) > 3.5 * planned
 
 
 def test_report_and_chart_show_every_look(tmp_path):

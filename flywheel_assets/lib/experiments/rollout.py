@@ -3,7 +3,9 @@
 * a candidate whose promotion gate passed goes to canary; one the gate blocked is retired;
 * a canary that has served `canary_min_users` users becomes the A/B treatment unless its
   error-report rate is shown worse than the champion's beyond the guardrail margin (the
-  lower 97.5% bound of the difference), which rolls it back;
+  same non-inferiority rule as the A/B test's guardrails, `ab.guardrail_check`), which
+  rolls it back; when it becomes the treatment, the test's sample-size plan is made from
+  the champion's recent traffic and kept in the registry (metadata `ab_plan`);
 * the treatment is analysed against the champion with the sequential A/B test
   (lib/experiments/ab.py) at every look: SHIP promotes it, ROLLBACK rolls it back.
 Every step is a registry change with its reason and a row in ab_results.
@@ -12,15 +14,15 @@ Every step is a registry change with its reason and a row in ab_results.
 from __future__ import annotations
 
 import json
-import math
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import duckdb
 import pyarrow as pa
 
 from flywheel_assets.lib.config import FlywheelConfig
-from flywheel_assets.lib.experiments.ab import Decision, decide
-from flywheel_assets.lib.experiments.ab_stats import arm_stats_by_metric, welch_difference
+from flywheel_assets.lib.experiments.ab import Decision, decide, guardrail_check
+from flywheel_assets.lib.experiments.ab_stats import arm_stats_by_metric, ratio_estimate
+from flywheel_assets.lib.experiments.power import PRIMARY, Plan, make_plan
 from flywheel_assets.lib.experiments.registry import ModelRegistry
 from flywheel_assets.lib.lake import Lake, sql_literal
 from flywheel_assets.lib.tables import AB_RESULTS, OFFLINE_EVALUATIONS, SESSION_FEEDBACK, TRAJECTORIES
@@ -28,21 +30,49 @@ from flywheel_assets.lib.tables import AB_RESULTS, OFFLINE_EVALUATIONS, SESSION_
 METRICS = ("quality", "error_reported", "retried")
 
 
-def sessions_since(lake: Lake, versions: tuple[str, str], since: datetime, until: datetime) -> pa.Table:
-    """(user_id, arm, quality, error_reported, retried) per session whose final trajectory
-    one of the two versions served; arm = control for the first, treatment for the second."""
+def sessions_since(lake: Lake, versions: tuple[str, str], since: datetime, until: datetime,
+                   covariate_days: float = 0.0) -> pa.Table:
+    """(user_id, arm, quality, error_reported, retried, pre_quality) per session whose final
+    trajectory one of the two versions served; arm = control for the first, treatment for
+    the second. pre_quality is the user's mean quality on the first version (the champion)
+    over the `covariate_days` before `since`, NULL without such sessions: the CUPED covariate,
+    measured before the test and on one version, so it cannot differ between the arms."""
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
     lake.register(con, SESSION_FEEDBACK)
     # files that hold neither version are skipped on their statistics, unopened
     lake.register(con, TRAJECTORIES, prune=f"model_version IN ({sql_literal(versions[0])}, {sql_literal(versions[1])})")
     return con.execute("""
+        WITH pre AS (
+            SELECT f.user_id, avg(f.quality_score) FILTER (WHERE isfinite(f.quality_score)) AS pre_quality
+            FROM session_feedback f JOIN trajectories t ON t.trajectory_id = f.final_trajectory_id
+            WHERE t.model_version = $control AND f.last_ts > $pre_since AND f.last_ts <= $since
+            GROUP BY f.user_id
+        )
         SELECT f.user_id, CASE WHEN t.model_version = $control THEN 'control' ELSE 'treatment' END AS arm,
                f.quality_score AS quality, f.error_reported::DOUBLE AS error_reported,
-               (f.retry_count > 0)::DOUBLE AS retried
+               (f.retry_count > 0)::DOUBLE AS retried, pre.pre_quality
         FROM session_feedback f JOIN trajectories t ON t.trajectory_id = f.final_trajectory_id
+        LEFT JOIN pre ON pre.user_id = f.user_id
         WHERE t.model_version IN ($control, $treatment) AND f.last_ts > $since AND f.last_ts <= $until
-    """, {"control": versions[0], "treatment": versions[1], "since": since, "until": until}).to_arrow_table()
+    """, {"control": versions[0], "treatment": versions[1], "since": since, "until": until,
+          "pre_since": since - timedelta(days=covariate_days)}).to_arrow_table()
+
+
+def champion_plan(config: FlywheelConfig, lake: Lake, champion: str, now: datetime, share: float,
+                  champion_share: float, test_share: float) -> Plan:
+    """The A/B plan from the champion's sessions over the last max_days: each metric's
+    per-user σ (capped as the test will be), and the users the test's arms can reach in
+    max_days, scaled from the champion's `champion_share` of traffic to the test's `test_share`."""
+    ab = config.ab
+    pilot = sessions_since(lake, (champion, champion), now - timedelta(days=ab.max_days), now)
+    stats = arm_stats_by_metric(pilot, list(METRICS), cap=ab.max_sessions_per_user)
+    sigmas = {PRIMARY if name == "quality" else name: ratio_estimate(stats[name]["control"]).per_user_sigma
+              for name in METRICS}
+    if any(sigma != sigma for sigma in sigmas.values()):  # NaN: fewer than two users to learn from
+        sigmas = {name: 0.5 for name in sigmas}  # the largest σ a metric in [0, 1] can have: a cautious plan
+    reachable = stats["quality"]["control"].users * test_share / champion_share if champion_share > 0 else None
+    return make_plan(ab.model_copy(update={"treatment_share": share}), sigmas, share, reachable)
 
 
 def advance(config: FlywheelConfig, lake: Lake, registry: ModelRegistry, now: datetime,
@@ -112,20 +142,26 @@ def _canary(config, lake, registry, version, champion, now, waiting: list[str] |
                            f"{config.rollout.canary_share:.0%} of users)")
         return None
     control, treatment = stats["error_reported"]["control"], stats["error_reported"]["treatment"]
-    # Rolled back when shown worse: the harm's lower 97.5% bound beyond the guardrail margin.
-    # A point estimate over a canary's few users is mostly noise (23 users: ±12 points), and
-    # the A/B test's non-inferiority guardrails judge small harms on many more users.
-    harm = welch_difference(control, treatment)
-    low = harm.effect - 1.96 * harm.se if math.isfinite(harm.se) else harm.effect
-    if low > config.ab.guardrail_margin:
+    # The A/B test's non-inferiority rule on the canary's few users: rolled back only when the
+    # harm is shown beyond the margin (a point estimate over 20-odd users is ±12 points of noise).
+    check = guardrail_check("error_reported", control, treatment, config.ab)
+    if check.status == "violated":
         reason = (f"canary error-report rate {treatment.mean:.1%} vs champion {control.mean:.1%} over {users} users "
-                  f"(harm ≥ {low:+.1%} at 97.5%, margin {config.ab.guardrail_margin:+.0%})")
+                  f"(harm ≥ {check.interval[0]:+.1%} anytime-valid, beyond the margin {check.margin:+.0%})")
         registry.rollback(version["version"], reason=reason, actor="ab_monitor")
         return _row(version, champion, "canary", now, "ROLLBACK", "guardrail", reason)
+    live = registry.serving()
+    others = sum(r["traffic_share"] for r in live["canary"] + live["treatment"] if r["version"] != version["version"])
+    champion_share = 1.0 - others - version["traffic_share"]
+    test_share = 1.0 - others  # the champion's part once this canary's slice returns to it, plus the treatment's
+    split = config.rollout.treatment_share / test_share
+    plan = champion_plan(config, lake, champion["version"], now, split, champion_share, test_share)
     reason = (f"canary healthy over {users} users (error reports {treatment.mean:.1%} vs {control.mean:.1%}, "
-              f"not shown worse than {config.ab.guardrail_margin:+.0%}: harm ≥ {low:+.1%})")
+              f"harm not shown beyond {check.margin:+.0%}: interval from {check.interval[0]:+.1%}); "
+              f"A/B plan {plan.planned_users:,} users ({plan.users_per_arm['treatment']:,} treatment), power "
+              f"{plan.power:.0%}, bound by {plan.binding}" + "".join(f". WARNING: {w}" for w in plan.warnings))
     registry.transition(version["version"], "treatment", traffic_share=config.rollout.treatment_share,
-                        reason=reason, actor="ab_monitor")
+                        reason=reason, actor="ab_monitor", metadata={"ab_plan": plan.as_dict()})
     return _row(version, champion, "canary", now, "PROCEED", "canary", reason)
 
 
@@ -141,14 +177,21 @@ def _planned_split(registry: ModelRegistry, version: dict) -> float:
 
 def _treatment(config, lake, registry, version, champion, now) -> dict:
     started = _stage_start(registry, version["version"], "treatment")
-    sessions = sessions_since(lake, (champion["version"], version["version"]), started, now)
-    stats = arm_stats_by_metric(sessions, list(METRICS))
+    ab = config.ab
+    sessions = sessions_since(lake, (champion["version"], version["version"]), started, now,
+                              ab.cuped_lookback_days if ab.cuped else 0.0)
+    stats = arm_stats_by_metric(sessions, list(METRICS), covariate_column="pre_quality" if ab.cuped else None,
+                                cap=ab.max_sessions_per_user)
     share = _planned_split(registry, version)
-    decision = decide(stats["quality"]["control"], stats["quality"]["treatment"],
-                      config.ab.model_copy(update={"treatment_share": share}), started_at=started, now=now,
+    plan = json.loads(version.get("metadata_json") or "{}").get("ab_plan") or {}
+    settings = {"treatment_share": share, "planned_users": ab.planned_users or plan.get("planned_users")}
+    decision = decide(stats["quality"]["control"], stats["quality"]["treatment"], ab.model_copy(update=settings),
+                      started_at=started, now=now,
                       guardrails={"error_reported": (stats["error_reported"]["control"],
                                                      stats["error_reported"]["treatment"]),
                                   "retried": (stats["retried"]["control"], stats["retried"]["treatment"])})
+    if plan.get("warnings"):
+        decision.plan["warnings"] = plan["warnings"]
     if decision.outcome == "SHIP":
         registry.transition(version["version"], "champion", reason=f"A/B SHIP: {decision.reason}", actor="ab_monitor")
     elif decision.outcome == "ROLLBACK":
