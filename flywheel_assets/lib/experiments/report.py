@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 
 def ab_markdown(rows: list[dict]) -> str:
+    """Every look; an A/B look also shows its users against the plan and its power now."""
     if not rows:
         return "No look yet."
-    lines = ["| looked at | stage | outcome | effect [interval] | users c/t | reason |", "|---|---|---|---|---|---|"]
+    lines = ["| looked at | stage | outcome | effect [interval] | users c/t | users / planned, power now | reason |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         effect = (f"{r['effect']:+.3f} [{r['effect_low']:+.3f}, {r['effect_high']:+.3f}]"
                   if r.get("effect") is not None else "")
         users = f"{r['users_control']}/{r['users_treatment']}" if r.get("users_control") is not None else ""
         lines.append(f"| {r['looked_at']:%Y-%m-%d %H:%M} | {r['stage']} | **{r['outcome']}** | {effect} | {users} | "
-                     f"{r['reason']} |")
+                     f"{_progress(r)} | {r['reason']} |")
     return "\n".join(lines)
+
+
+def _progress(row: dict) -> str:
+    plan = json.loads(row.get("decision_json") or "{}").get("plan") or {}
+    if not plan:
+        return ""
+    power = plan.get("power_now")
+    return (f"{plan['observed_users']:,} / {plan['planned_users']:,}, "
+            f"{'–' if power is None else format(power, '.0%')}")
 
 
 def ab_chart(rows: list[dict], path: Path) -> Path | None:

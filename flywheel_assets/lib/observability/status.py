@@ -4,6 +4,7 @@ training_trigger would give now: its checks before the rules (blocked_by), then 
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Optional
 
@@ -58,9 +59,15 @@ def collect_status(config: FlywheelConfig, lake: Lake, registry: ModelRegistry, 
 
 
 def _look(row: Optional[dict]) -> Optional[dict]:
+    """A look's essentials, with the A/B plan's planned vs observed users and power when it has one."""
     keys = ("test_id", "treatment", "control", "stage", "looked_at", "outcome", "rule", "reason", "effect",
             "effect_low", "effect_high", "users_control", "users_treatment")
-    return None if row is None else {key: row[key] for key in keys}
+    if row is None:
+        return None
+    decision = json.loads(row.get("decision_json") or "{}")
+    return {**{key: row[key] for key in keys}, "plan": decision.get("plan") or None,
+            "flags": decision.get("flags") or [],
+            "variance_reduction": (decision.get("details") or {}).get("variance_reduction")}
 
 
 def render_status(report: dict) -> str:
@@ -102,6 +109,14 @@ def _render_look(look: dict) -> str:
     if look["effect"] is not None:
         text += (f"; effect {look['effect']:+.3f} [{look['effect_low']:+.3f}, {look['effect_high']:+.3f}], "
                  f"users {look['users_control']} control / {look['users_treatment']} treatment")
+    plan = look.get("plan")
+    if plan:
+        def power(value):
+            return "n/a" if value is None else f"{value:.0%}"
+        text += (f"; planned {plan['planned_users']:,} users, observed {plan['observed_users']:,}; power "
+                 f"{power(plan.get('power_now'))} now, {power(plan.get('power_at_plan'))} at the plan")
+    if look.get("flags"):
+        text += f"; flags: {', '.join(look['flags'])}"
     return text
 
 
