@@ -9,7 +9,7 @@ export DAGSTER_HOME ?= $(FLYWHEEL_HOME)/dagster
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
-.PHONY: dev demo demo-seeds real-model test test-faults bench bench-ab bench-training bench-gateway bench-sensors seed clean
+.PHONY: dev demo demo-seeds real-model test test-faults bench bench-ab ab-harness bench-training bench-gateway bench-sensors seed clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -84,6 +84,11 @@ bench: $(STAMP)
 ## bench-ab: the A/B statistics (arm_stats) over 10M sessions against a polars reference (SESSIONS=... to change)
 bench-ab: $(STAMP)
 	$(BIN)/python benchmarks/bench_ab.py $(if $(SESSIONS),--sessions $(SESSIONS),)
+
+## ab-harness: the A/B policy's statistical proof at the shipped defaults (false SHIP, power, heavy user, SRM;
+## 1,000 experiments per claim, about 10 min on 2 CPUs; EXPERIMENTS=... to change) -> benchmarks/results/ab_harness.json
+ab-harness: $(STAMP)
+	$(BIN)/python benchmarks/ab_harness.py $(if $(EXPERIMENTS),--experiments $(EXPERIMENTS),)
 
 ## bench-training: our LoRA step against a plain-torch loop, and batched generation
 bench-training: $(STAMP)

@@ -64,7 +64,7 @@ def polars_reference(table: pa.Table) -> dict[str, ArmStats]:
     per_arm = per_user.group_by("arm").agg(
         users=pl.len(), sessions=pl.col("n").sum(), sum_y=pl.col("y").sum(), sum_y2=(pl.col("y") ** 2).sum(),
         sum_n2=(pl.col("n").cast(pl.Float64) ** 2).sum(), sum_yn=(pl.col("y") * pl.col("n")).sum(),
-        sum_m2=pl.col("q").sum())
+        sum_m2=pl.col("q").sum(), max_sessions=pl.col("n").max())
     return {row.pop("arm"): ArmStats(**row) for row in per_arm.to_dicts()}
 
 

@@ -60,7 +60,7 @@ class Setting:
     effect: float = 0.0
     share: float = 0.09
     heavy_users: int = 0  # per experiment, each with heavy_sessions spread over the days
-    heavy_sessions: int = 3000
+    heavy_sessions: int = 10_000
     treatment_loss: float = 0.0  # share of treatment users whose sessions never arrive (SRM)
 
 
@@ -259,12 +259,3 @@ def plan_for(config: ABConfig, share: float, seed: int, population: Population |
     """The plan the rollout would make from a champion-only pilot of this population."""
     sigmas = pilot_sigmas(np.random.default_rng(seed), population or Population())
     return make_plan(config.model_copy(update={"treatment_share": share}), sigmas, share)
-
-
-def standard_settings(share: float, config: ABConfig) -> list[Setting]:
-    """The four claims of the proof: peeking, power at the minimum effect, a heavy user, SRM."""
-    return [Setting("A/A, daily looks", 0.0, share),
-            Setting(f"true effect = minimum ({config.minimum_detectable_effect:+g})",
-                    config.minimum_detectable_effect, share),
-            Setting("A/A, one heavy user (3,000 sessions)", 0.0, share, heavy_users=1),
-            Setting("A/A, 10% of treatment users lost (SRM)", 0.0, share, treatment_loss=0.1)]
