@@ -17,7 +17,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.fs as pa_fs
-from deltalake import DeltaTable, write_deltalake
+from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import DeltaError, TableNotFoundError
 
 from flywheel_assets.lib.config import FlywheelConfig
@@ -86,10 +86,10 @@ class Lake:
         return con.sql(f"SELECT {cols} FROM t WHERE {filter_sql}").to_arrow_table()
 
     def register(self, con: duckdb.DuckDBPyConnection, table: Table, name: str | None = None,
-                 prune: str | None = None) -> None:
+                 prune: str | None = None, version: int | None = None) -> None:
         """Expose a table to DuckDB as a view (a lazy arrow dataset: no copy); `prune` as in read:
         the view then holds only the files it keeps, so the queries must filter at least as much."""
-        dt = self.delta(table)
+        dt = self.delta(table, version)
         con.register(name or table.name, self._dataset(dt, table, prune)
                      if dt is not None else table.schema.empty_table())
 
@@ -126,6 +126,37 @@ class Lake:
         if mode == "append" and not table.partition_by:
             compact_small_files(dt)
         return version
+
+    def upsert(self, table: Table, data: pa.Table, partitions: set[str] | None = None,
+               marks: dict[str, int] | None = None, replace: bool = False) -> int | None:
+        """Insert or replace rows by the table's key in one MERGE commit that also records `marks`
+        (Delta app transactions: see lib/feedback/refresh.py). `partitions` are the values of the
+        table's partition column the rows are in now or were in before: only those are rewritten.
+        `replace` overwrites the whole table instead. None when nothing was written."""
+        data = conform(data, table)
+        commit = CommitProperties(app_transactions=[Transaction(app, version) for app, version in (marks or {}).items()])
+        dt = self.delta(table)
+        if replace or dt is None:
+            write_deltalake(self.uri(table), data, mode="overwrite", schema_mode="overwrite",
+                            storage_options=self.storage_options, partition_by=list(table.partition_by) or None,
+                            commit_properties=commit)
+            return self.version(table)
+        if data.num_rows == 0:
+            return None
+        on = " AND ".join(f"t.{key} = s.{key}" for key in table.key)
+        if table.partition_by and partitions is not None:
+            column = f"t.{table.partition_by[0]}"
+            values = ", ".join(sql_literal(p) for p in sorted(p for p in partitions if p is not None))
+            either = ([f"{column} IN ({values})"] if values else []) + ([f"{column} IS NULL"] if None in partitions else [])
+            on += f" AND ({' OR '.join(either) or 'false'})"
+        (dt.merge(data, on, source_alias="s", target_alias="t", commit_properties=commit)
+         .when_matched_update_all().when_not_matched_insert_all().execute())
+        return self.version(table)
+
+    def marks(self, table: Table, *apps: str) -> dict[str, int | None]:
+        """The app transaction versions upsert recorded (None: never, or the table is missing)."""
+        dt = self.delta(table)
+        return {app: None if dt is None else dt.transaction_version(app) for app in apps}
 
     def versions(self, *tables: Table) -> dict[str, int | None]:
         return {t.name: self.version(t) for t in tables}

@@ -153,8 +153,8 @@ SESSION_FEEDBACK = Table(
     "The seed's five implicit signals and quality_score, one row per session.",
     _cols(
         ("session_id", pa.string(), "session"),
-        ("user_id", pa.string(), "user of the session's first event"),
-        ("tenant_id", pa.string(), "tenant"),
+        ("user_id", pa.string(), "the session's user (the smallest id should its events name several)"),
+        ("tenant_id", pa.string(), "tenant (likewise)"),
         ("task_accepted", pa.bool_(), "any output_accepted"),
         ("retry_count", pa.int64(), "number of retry_requested"),
         ("edit_ratio", pa.float64(), "edit_ratio of the latest output_edited, 0 if none"),
@@ -165,8 +165,18 @@ SESSION_FEEDBACK = Table(
         ("first_ts", UTC_TS, "first event"),
         ("last_ts", UTC_TS, "last event"),
         ("final_trajectory_id", pa.string(), "trajectory the session score is attributed to: the latest accepted one, else the session's latest logged one, else the latest named by an event"),
+        ("accepted_trajectory_id", pa.string(), "the latest accepted trajectory (null: none)"),
+        ("accepted_at", UTC_TS, "when it was accepted"),
+        ("named_trajectory_id", pa.string(), "the latest trajectory any scored event names"),
+        ("named_at", UTC_TS, "that event's time"),
+        ("logged_trajectory_id", pa.string(), "the session's latest logged trajectory"),
+        ("logged_at", UTC_TS, "its created_at"),
+        ("edited_at", UTC_TS, "time of the output_edited whose edit_ratio counts (null: none)"),
+        ("first_day", pa.string(), "first_ts's UTC date, YYYY-MM-DD: the Delta partition, so a refresh rewrites only the days its sessions are in"),
+        ("updated_at", UTC_TS, "when the refresh that last changed this row ran (what trajectory_scores reads next)"),
     ),
     key=("session_id",),
+    partition_by=("first_day",),
 )
 
 JUDGE_SCORES = Table(
@@ -174,6 +184,8 @@ JUDGE_SCORES = Table(
     "Heuristic judges of trajectory content (and the LLM judge when enabled).",
     _cols(
         ("trajectory_id", pa.string(), "trajectory judged"),
+        ("task_type", pa.string(), "its task type (length_ok compares within it)"),
+        ("total_chars", pa.int64(), "characters of its messages' content (length_ok's input)"),
         ("tool_call_validity", pa.float64(), "share of tool calls whose arguments are a JSON object and whose tool was offered; null without calls"),
         ("tool_success_rate", pa.float64(), "share of tool calls whose result is not an error; null without calls"),
         ("final_answer_present", pa.float64(), "1 when the final response is non-empty"),
@@ -183,8 +195,11 @@ JUDGE_SCORES = Table(
         ("llm_score", pa.float64(), "LLM judge score in [-1, 1] (from llm_judgments); null when disabled or not judged yet"),
         ("judge_score", pa.float64(), "heuristic and LLM scores fused"),
         ("failed_judges", pa.string(), "names of the judges that scored below 0.5, comma-separated"),
+        ("created_day", pa.string(), "the trajectory's created_at UTC date: the Delta partition"),
+        ("updated_at", UTC_TS, "when the refresh that last changed this row ran (what trajectory_scores reads next)"),
     ),
     key=("trajectory_id",),
+    partition_by=("created_day",),
 )
 
 LLM_JUDGMENTS = Table(
@@ -227,8 +242,16 @@ TRAJECTORY_SCORES = Table(
         ("score_source", pa.string(), "annotation, golden, fused or judges_only"),
         ("tier", pa.string(), "platinum, gold, silver or bronze"),
         ("weight", pa.float64(), "the tier's training weight"),
+        ("retries", pa.int64(), "retry_requested events naming it (null: no scored event names it)"),
+        ("errors", pa.bool_(), "an error_reported event names it (null: no scored event names it)"),
+        ("explicit_at", UTC_TS, "time of the thumbs or rating explicit_score is"),
+        ("annotated_at", UTC_TS, "time of the label annotation_score is"),
+        ("final_of_session", pa.string(), "the session whose score it carries (attribution final)"),
+        ("created_day", pa.string(), "created_at's UTC date: the Delta partition"),
+        ("updated_at", UTC_TS, "when the refresh that last changed this row ran"),
     ),
     key=("trajectory_id",),
+    partition_by=("created_day",),
 )
 
 _SOURCE_WEIGHTS = tuple(

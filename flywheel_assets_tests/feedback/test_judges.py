@@ -42,7 +42,7 @@ def judge_one(row, fusion=None) -> dict:
 def test_valid_calls_pass_every_judge():
     scores = judge_one(trajectory(tool_calls=[call(), call("calc", '{"expr": "1+1"}')]))
     assert scores == {
-        "trajectory_id": "t", "tool_call_validity": 1.0, "tool_success_rate": 1.0,
+        "trajectory_id": "t", "task_type": "qa", "total_chars": 45, "tool_call_validity": 1.0, "tool_success_rate": 1.0,
         "final_answer_present": 1.0, "loop_free": 1.0, "length_ok": 1.0,
         "heuristic_score": 1.0, "failed_judges": "",
     }
@@ -189,7 +189,7 @@ def test_empty_input():
     assert scores.height == 0
     assert scores.schema == OUTPUT_SCHEMA
     assert dict(scores.schema) == {
-        "trajectory_id": pl.String, "tool_call_validity": pl.Float64, "tool_success_rate": pl.Float64,
+        "trajectory_id": pl.String, "task_type": pl.String, "total_chars": pl.Int64, "tool_call_validity": pl.Float64, "tool_success_rate": pl.Float64,
         "final_answer_present": pl.Float64, "loop_free": pl.Float64, "length_ok": pl.Float64,
         "heuristic_score": pl.Float64, "failed_judges": pl.String,
     }

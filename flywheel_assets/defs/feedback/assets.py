@@ -7,32 +7,43 @@ import pyarrow as pa
 
 from flywheel_assets.defs.resources import FlywheelResource, markdown_counts, table_metadata
 from flywheel_assets.lib.feedback.calibration import fitted_fusion, latest_calibration
-from flywheel_assets.lib.feedback.judges import heuristic_judges
 from flywheel_assets.lib.feedback.llm_judge import LLMJudge, judge_new
-from flywheel_assets.lib.feedback.scoring import session_feedback as score_sessions
-from flywheel_assets.lib.feedback.scoring import trajectory_scores as fuse_scores
-from flywheel_assets.lib.lake import conform, sql_literal, utcnow
-from flywheel_assets.lib.tables import (
-    ANNOTATIONS, JUDGE_SCORES, LLM_JUDGMENTS, SESSION_EVENTS, SESSION_FEEDBACK, TRAJECTORIES, TRAJECTORY_SCORES,
+from flywheel_assets.lib.feedback.refresh_scores import (
+    refresh_judge_scores, refresh_session_feedback, refresh_trajectory_scores,
 )
+from flywheel_assets.lib.lake import sql_literal, utcnow
+from flywheel_assets.lib.tables import (
+    JUDGE_SCORES, LLM_JUDGMENTS, SESSION_FEEDBACK, TRAJECTORIES, TRAJECTORY_SCORES,
+)
+
+
+class RefreshConfig(dg.Config):
+    """full: recompute every row instead of folding in what is new (lib/feedback/refresh.py)."""
+
+    full: bool = False
+
+
+def _refresh_metadata(table, outcome, con_sql: str, lake) -> dict:
+    """What the refresh read and wrote, and aggregates of the whole table (`con_sql` over view t)."""
+    con = duckdb.connect()
+    lake.register(con, table, "t")
+    cursor = con.execute(con_sql)
+    whole = dict(zip([column[0] for column in cursor.description], cursor.fetchone()))
+    return table_metadata(table, delta_version=outcome.version, refresh="full" if outcome.full else "incremental",
+                          refresh_reason=outcome.reason, rows_written=outcome.rows.num_rows,
+                          new_input_rows=dg.MetadataValue.json(outcome.new_rows), **whole) \
+        | {"dagster/row_count": lake.row_count(table)}
 
 
 @dg.asset(group_name="feedback", kinds={"duckdb", "delta"}, deps=["session_events", "trajectories"],
           metadata=table_metadata(SESSION_FEEDBACK))
-def session_feedback(flywheel: FlywheelResource) -> dg.MaterializeResult:
-    """The seed's five implicit signals and quality_score per session, in one grouped pass."""
-    config, lake = flywheel.config(), flywheel.lake()
-    con = duckdb.connect()
-    lake.register(con, SESSION_EVENTS)
-    lake.register(con, TRAJECTORIES)
-    scores = score_sessions(con, config.scoring)
-    version = lake.overwrite(SESSION_FEEDBACK, scores)
-    quality = pl.from_arrow(scores).get_column("quality_score") if scores.num_rows else pl.Series([0.0])
-    return dg.MaterializeResult(metadata=table_metadata(
-        SESSION_FEEDBACK, scores, delta_version=version,
-        mean_quality=float(quality.mean()), accepted_rate=float(pl.from_arrow(scores)["task_accepted"].mean() or 0)
-        if scores.num_rows else 0.0,
-    ))
+def session_feedback(config: RefreshConfig, flywheel: FlywheelResource) -> dg.MaterializeResult:
+    """The seed's five implicit signals and quality_score per session, folding in only the new events."""
+    lake = flywheel.lake()
+    outcome = refresh_session_feedback(lake, flywheel.config(), full=config.full)
+    return dg.MaterializeResult(metadata=_refresh_metadata(
+        SESSION_FEEDBACK, outcome, "SELECT coalesce(avg(quality_score), 0) AS mean_quality, "
+        "coalesce(avg(task_accepted::INT), 0) AS accepted_rate FROM t", lake))
 
 
 @dg.asset(group_name="feedback", kinds={"delta"}, deps=["trajectories"], metadata=table_metadata(LLM_JUDGMENTS))
@@ -65,58 +76,41 @@ def llm_judgments(context: dg.AssetExecutionContext, flywheel: FlywheelResource)
 
 @dg.asset(group_name="feedback", kinds={"polars", "delta"}, deps=["trajectories", "llm_judgments"],
           metadata=table_metadata(JUDGE_SCORES))
-def judge_scores(flywheel: FlywheelResource) -> dg.MaterializeResult:
-    """Heuristic judges of every trajectory, fused with the LLM judge's grade where llm_judgments holds one."""
-    config, lake = flywheel.config(), flywheel.lake()
-    trajectories = pl.from_arrow(lake.read(TRAJECTORIES, columns=[
-        "trajectory_id", "task_type", "turns", "tool_calls", "tools_offered", "final_response"]))
-    judged = heuristic_judges(trajectories, config.fusion)
-    graded = 0
-    if config.llm_judge.enabled:
-        grades = pl.from_arrow(lake.read(LLM_JUDGMENTS, columns=["trajectory_id", "llm_score"],
-                                         filter_sql=f"model = {sql_literal(config.llm_judge.model)}"))
-        judged = judged.join(grades, on="trajectory_id", how="left")
-        graded = judged.filter(pl.col("llm_score").is_not_null()).height
-        weight = config.fusion.llm_judge_weight
-        judged = judged.with_columns(
-            pl.when(pl.col("llm_score").is_not_null())
-            .then((1 - weight) * pl.col("heuristic_score") + weight * pl.col("llm_score"))
-            .otherwise(pl.col("heuristic_score")).alias("judge_score"))
-    else:
-        judged = judged.with_columns(pl.lit(None, dtype=pl.Float64).alias("llm_score"),
-                                     pl.col("heuristic_score").alias("judge_score"))
-    table = conform(judged.to_arrow(), JUDGE_SCORES)
-    version = lake.overwrite(JUDGE_SCORES, table)
-    failing = judged.filter(pl.col("failed_judges") != "")["failed_judges"].str.split(",").explode().value_counts()
+def judge_scores(config: RefreshConfig, flywheel: FlywheelResource) -> dg.MaterializeResult:
+    """Heuristic judges of the new trajectories, fused with the LLM judge's grade where llm_judgments holds one."""
+    settings, lake = flywheel.config(), flywheel.lake()
+    outcome = refresh_judge_scores(lake, settings, full=config.full)
+    failing = pl.from_arrow(outcome.rows).filter(pl.col("failed_judges") != "")["failed_judges"] \
+        .str.split(",").explode().value_counts()
     counts = {row["failed_judges"]: row["count"] for row in failing.to_dicts()}
-    return dg.MaterializeResult(metadata=table_metadata(
-        JUDGE_SCORES, table, delta_version=version, llm_judge_enabled=config.llm_judge.enabled,
-        llm_graded=graded, failures_by_judge=markdown_counts(counts, "judge", "trajectories"),
-    ))
+    return dg.MaterializeResult(metadata=_refresh_metadata(
+        JUDGE_SCORES, outcome, "SELECT count(llm_score) AS llm_graded FROM t", lake) | {
+        "llm_judge_enabled": settings.llm_judge.enabled,
+        "failures_by_judge": markdown_counts(counts, "judge", "trajectories written"),
+    })
 
 
 @dg.asset(group_name="feedback", kinds={"duckdb", "delta"},
           deps=["session_feedback", "judge_scores", "annotations", "trajectories", "score_calibration"],
           metadata=table_metadata(TRAJECTORY_SCORES))
-def trajectory_scores(flywheel: FlywheelResource) -> dg.MaterializeResult:
-    """Implicit feedback fused with the judges (hand weights, or fitted: fusion.calibrated); labels win."""
-    config, lake = flywheel.config(), flywheel.lake()
-    con = duckdb.connect()
-    for table in (TRAJECTORIES, SESSION_EVENTS, SESSION_FEEDBACK, JUDGE_SCORES, ANNOTATIONS):
-        lake.register(con, table)
-    latest = latest_calibration(lake) if config.fusion.calibrated else None
+def trajectory_scores(config: RefreshConfig, flywheel: FlywheelResource) -> dg.MaterializeResult:
+    """Implicit feedback fused with the judges (hand weights, or fitted: fusion.calibrated) for what changed; labels win."""
+    settings, lake = flywheel.config(), flywheel.lake()
+    latest = latest_calibration(lake) if settings.fusion.calibrated else None
     calibration = fitted_fusion(latest)
-    scores = fuse_scores(con, config, calibration)
-    version = lake.overwrite(TRAJECTORY_SCORES, scores)
-    frame = pl.from_arrow(scores)
-    tiers = {name: frame.filter(pl.col("tier") == name).height for name in config.tiers.names}
-    high = frame.filter(pl.col("combined_score") >= config.curation.high_quality_threshold).height
-    return dg.MaterializeResult(metadata=table_metadata(
-        TRAJECTORY_SCORES, scores, delta_version=version, tier_mix=markdown_counts(tiers, "tier", "trajectories"),
-        high_quality_rate=high / max(frame.height, 1),
-        by_source=markdown_counts(dict(frame["score_source"].value_counts().iter_rows()), "source", "trajectories"),
-        fusion=_fusion_used(config, latest),
-    ))
+    outcome = refresh_trajectory_scores(lake, settings, calibration, str(latest and latest.get("calibrated_at")),
+                                        full=config.full)
+    con = duckdb.connect()
+    lake.register(con, TRAJECTORY_SCORES, "t")
+    tiers = dict(con.execute("SELECT tier, count(*) FROM t GROUP BY tier").fetchall())
+    sources = dict(con.execute("SELECT score_source, count(*) FROM t GROUP BY ALL ORDER BY 1").fetchall())
+    threshold = settings.curation.high_quality_threshold
+    return dg.MaterializeResult(metadata=_refresh_metadata(
+        TRAJECTORY_SCORES, outcome,
+        f"SELECT coalesce(avg((combined_score >= {threshold})::INT), 0) AS high_quality_rate FROM t", lake) | {
+        "tier_mix": markdown_counts({name: tiers.get(name, 0) for name in settings.tiers.names}, "tier", "trajectories"),
+        "by_source": markdown_counts(sources, "source", "trajectories"), "fusion": _fusion_used(settings, latest),
+    })
 
 
 def _fusion_used(config, latest: dict | None) -> str:

@@ -21,11 +21,15 @@ JUDGES = ("tool_call_validity", "tool_success_rate", "final_answer_present", "lo
 OUTPUT_SCHEMA = pl.Schema(
     {
         "trajectory_id": pl.String,
+        "task_type": pl.String,
+        "total_chars": pl.Int64,
         **{judge: pl.Float64 for judge in JUDGES},
         "heuristic_score": pl.Float64,
         "failed_judges": pl.String,
     }
 )
+CONTENT_SCHEMA = pl.Schema({name: dtype for name, dtype in OUTPUT_SCHEMA.items()
+                            if name not in ("length_ok", "heuristic_score", "failed_judges")})
 FAIL_BELOW = 0.5
 # Task types smaller than this are too few for a meaningful length distribution.
 LENGTH_MIN_ROWS = 5
@@ -35,13 +39,19 @@ _ROW = "_row"
 
 
 def heuristic_judges(trajectories: pl.DataFrame, fusion: FusionConfig) -> pl.DataFrame:
-    """One row of judge scores per trajectory, in input order."""
+    """One row of judge scores per trajectory, in input order; length_ok against these rows."""
+    judged = content_judges(trajectories, fusion)
+    return score_judges(with_length_ok(judged, length_stats(judged), fusion.length_outlier_z))
+
+
+def content_judges(trajectories: pl.DataFrame, fusion: FusionConfig) -> pl.DataFrame:
+    """Every judge that reads only its own trajectory (all but length_ok), with task_type and
+    total_chars, which length_ok compares across the task type."""
     if trajectories.height == 0:
-        return pl.DataFrame(schema=OUTPUT_SCHEMA)
+        return pl.DataFrame(schema=CONTENT_SCHEMA)
     # The cast lets hand-built frames (all-null or empty lists, wider ints) behave like the table.
     rows = trajectories.lazy().select(INPUT_SCHEMA.names()).cast(dict(INPUT_SCHEMA)).with_row_index(_ROW)
-
-    judged = (
+    return (
         rows.select(_ROW, "trajectory_id", "task_type", "final_response", total_chars=_conversation_chars())
         .join(_tool_call_judges(rows, fusion.loop_repeats), on=_ROW, how="left")
         .join(_reply_loops(rows, fusion.loop_repeats), on=_ROW, how="left")
@@ -50,9 +60,37 @@ def heuristic_judges(trajectories: pl.DataFrame, fusion: FusionConfig) -> pl.Dat
             loop_free=_as_score(
                 ~(pl.col("tool_call_loop").fill_null(False) | pl.col("reply_loop").fill_null(False))
             ),
-            length_ok=_length_ok(pl.col("total_chars"), fusion.length_outlier_z),
         )
-        .with_columns(heuristic_score=2.0 * pl.mean_horizontal(*JUDGES) - 1.0)
+        .sort(_ROW)
+        .select(CONTENT_SCHEMA.names())
+        .cast(dict(CONTENT_SCHEMA))
+        .collect()
+    )
+
+
+def length_stats(population: pl.DataFrame) -> pl.DataFrame:
+    """Per task type: how many, and the mean and sample std of log1p(total_chars)."""
+    log_length = pl.col("total_chars").cast(pl.Float64).log1p()
+    return population.group_by("task_type").agg(
+        n=pl.len(), mean=log_length.mean(), std=log_length.std())
+
+
+def with_length_ok(judged: pl.DataFrame, stats: pl.DataFrame, outlier_z: float) -> pl.DataFrame:
+    """length_ok: 0 when log1p(characters) lies more than outlier_z sample std from its task
+    type's mean in `stats` (length_stats of the whole population)."""
+    log_length = pl.col("total_chars").cast(pl.Float64).log1p()
+    too_few = (pl.col("n") < LENGTH_MIN_ROWS) | pl.col("std").is_null() | (pl.col("std") <= _STD_EPSILON)
+    outlier = ((log_length - pl.col("mean")) / pl.col("std")).abs() > outlier_z
+    return (judged.drop("length_ok", strict=False)
+            .join(stats, on="task_type", how="left", nulls_equal=True, maintain_order="left")
+            .with_columns(length_ok=pl.when(too_few | pl.col("n").is_null()).then(1.0).otherwise(_as_score(~outlier)))
+            .drop("n", "mean", "std"))
+
+
+def score_judges(judged: pl.DataFrame) -> pl.DataFrame:
+    """heuristic_score and failed_judges from the five judges."""
+    return (
+        judged.with_columns(heuristic_score=2.0 * pl.mean_horizontal(*JUDGES) - 1.0)
         .with_columns(
             failed_judges=pl.concat_str(
                 [pl.when(pl.col(judge) < FAIL_BELOW).then(pl.lit(judge)) for judge in JUDGES],
@@ -60,11 +98,9 @@ def heuristic_judges(trajectories: pl.DataFrame, fusion: FusionConfig) -> pl.Dat
                 ignore_nulls=True,
             )
         )
-        .sort(_ROW)
         .select(OUTPUT_SCHEMA.names())
         .cast(dict(OUTPUT_SCHEMA))
     )
-    return judged.collect()
 
 
 def _as_score(condition: pl.Expr) -> pl.Expr:
@@ -130,14 +166,3 @@ def _repeats_at_least(items: pl.LazyFrame, keys: list[str], times: int, flag: st
 def _conversation_chars() -> pl.Expr:
     content_chars = pl.element().struct.field("content").str.len_chars()
     return pl.col("turns").list.eval(content_chars).list.sum().fill_null(0)
-
-
-def _length_ok(total_chars: pl.Expr, outlier_z: float) -> pl.Expr:
-    """0 when log1p(characters) lies more than outlier_z sample std from its task type's mean."""
-    log_length = total_chars.cast(pl.Float64).log1p()
-    n = pl.len().over("task_type")
-    mean = log_length.mean().over("task_type")
-    std = log_length.std().over("task_type")
-    too_few = (n < LENGTH_MIN_ROWS) | std.is_null() | (std <= _STD_EPSILON)
-    outlier = ((log_length - mean) / std).abs() > outlier_z
-    return pl.when(too_few).then(1.0).otherwise(_as_score(~outlier))
