@@ -79,7 +79,9 @@ def ab_monitor(context: dg.SensorEvaluationContext, flywheel: FlywheelResource):
     waiting: list[str] = []
     rows = advance(flywheel.config(), flywheel.lake(), flywheel.registry(), flywheel.now(), waiting)
     for row in rows:
-        context.log.info(f"{row['treatment']} [{row['stage']}] {row['outcome']}: {row['reason']}")
+        # a mismatch means the assignment is broken: a person must look, not just the run log
+        log = context.log.warning if row["rule"] == "srm" else context.log.info
+        log(f"{row['treatment']} [{row['stage']}] {row['outcome']}: {row['reason']}")
     if not rows:
         return dg.SkipReason("; ".join(waiting) or "no candidate to move: none gated, in canary or in an A/B test")
     return [dg.RunRequest(partition_key=row["cycle"], run_key=f"ab-report-{row['cycle']}-{row['looked_at'].isoformat()}")

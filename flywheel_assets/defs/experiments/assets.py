@@ -1,5 +1,7 @@
 """The A/B report of each cycle's candidate: every look, the decision, and the effect over time."""
 
+import json
+
 import dagster as dg
 
 from flywheel_assets.defs.partitions import cycle_partitions
@@ -24,6 +26,13 @@ def ab_report(context: dg.AssetExecutionContext, flywheel: FlywheelResource) -> 
         "reason": latest["reason"] if latest else "the candidate has not reached the A/B stage",
         "report": dg.MetadataValue.md(ab_markdown(rows)),
     }
+    decision = json.loads(latest.get("decision_json") or "{}") if latest else {}
+    if decision.get("plan"):
+        plan = decision["plan"]
+        metadata.update(planned_users=plan["planned_users"], observed_users=plan["observed_users"],
+                        power_now=dg.MetadataValue.float(plan.get("power_now") or 0.0),
+                        cuped_variance_reduction=dg.MetadataValue.float(decision["details"].get("variance_reduction") or 0.0),
+                        flags=", ".join(decision.get("flags") or []) or "none")
     if chart is not None:
         metadata["chart"] = chart_metadata(chart, f"A/B effect of {latest['treatment']} over time")
         metadata["chart_file"] = dg.MetadataValue.path(str(chart))

@@ -115,13 +115,16 @@ def _counts(rng: np.random.Generator, probs: tuple[float, ...], shape: tuple, st
     return start + np.searchsorted(np.cumsum(probs), rng.random(shape), side="right").clip(0, len(probs) - 1)
 
 
-def pilot_sigmas(rng: np.random.Generator, population: Population, users: int = 20_000) -> dict[str, float]:
-    """Per-user σ of each metric on champion-only traffic: what the rollout measures before a test."""
+def pilot_sigmas(rng: np.random.Generator, population: Population, days: int, users: int = 20_000) -> dict[str, float]:
+    """Per-user σ of each metric on champion-only traffic over the last `days`, as the rollout
+    measures it before a test: users arrive over the window, so the late ones are seen for a
+    session or two, exactly as at a test's last look."""
     chances = _chances(rng, population, (users,))
     n = _counts(rng, population.session_probs, (users,), 1)
+    seen = np.clip(days - rng.integers(0, days, size=users), 0, n)
     sessions = _sessions(rng, population, chances, (users, len(population.session_probs)))
-    mask = np.arange(len(population.session_probs)) < n[:, None]
-    return {name: ratio_estimate(ArmStats.from_users((values * mask).sum(1), n, np.zeros(users))).per_user_sigma
+    mask = np.arange(len(population.session_probs)) < seen[:, None]
+    return {name: ratio_estimate(ArmStats.from_users((values * mask).sum(1), seen, np.zeros(users))).per_user_sigma
             for name, values in sessions.items()}
 
 
@@ -257,5 +260,5 @@ def _heavy(rng: np.random.Generator, population: Population, setting: Setting, b
 
 def plan_for(config: ABConfig, share: float, seed: int, population: Population | None = None) -> Plan:
     """The plan the rollout would make from a champion-only pilot of this population."""
-    sigmas = pilot_sigmas(np.random.default_rng(seed), population or Population())
+    sigmas = pilot_sigmas(np.random.default_rng(seed), population or Population(), int(math.ceil(config.max_days)))
     return make_plan(config.model_copy(update={"treatment_share": share}), sigmas, share)
