@@ -9,7 +9,7 @@ export DAGSTER_HOME ?= $(FLYWHEEL_HOME)/dagster
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
-.PHONY: dev demo demo-seeds real-model test test-faults bench bench-ab ab-harness bench-training bench-gateway bench-sensors seed clean
+.PHONY: dev demo demo-seeds real-model test test-faults bench bench-ab ab-harness bench-refresh bench-training bench-gateway bench-sensors seed clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -89,6 +89,11 @@ bench-ab: $(STAMP)
 ## 1,000 experiments per claim, about 10 min on 2 CPUs; EXPERIMENTS=... to change) -> benchmarks/results/ab_harness.json
 ab-harness: $(STAMP)
 	$(BIN)/python benchmarks/ab_harness.py $(if $(EXPERIMENTS),--experiments $(EXPERIMENTS),)
+
+## bench-refresh: the daily score refresh (session_feedback, judge_scores, trajectory_scores) over 50M events of
+## history plus 1M new, against a full recompute it must equal (EVENTS=... NEW_EVENTS=... to change)
+bench-refresh: $(STAMP)
+	$(BIN)/python benchmarks/bench_refresh.py $(if $(EVENTS),--events $(EVENTS),) $(if $(NEW_EVENTS),--new-events $(NEW_EVENTS),)
 
 ## bench-training: our LoRA step against a plain-torch loop, and batched generation
 bench-training: $(STAMP)

@@ -21,6 +21,7 @@ from flywheel_assets.lib.feedback.refresh import Feed, Refresh, StaleWatermark, 
 from flywheel_assets.lib.feedback.scoring import (
     _EXPLICIT, _SCORED, feedback_partials_sql, finish_sessions, fold_feedback_sql, session_partials, trajectory_scores,
 )
+from flywheel_assets.lib.ingest.lock import ingest_lock
 from flywheel_assets.lib.lake import Lake, conform, sql_literal, utcnow
 from flywheel_assets.lib.tables import (
     ANNOTATIONS, JUDGE_SCORES, LLM_JUDGMENTS, SESSION_EVENTS, SESSION_FEEDBACK, TRAJECTORIES, TRAJECTORY_SCORES, Table,
@@ -51,17 +52,21 @@ class Outcome:
 
 def _run(lake: Lake, output: Table, feeds: tuple[Feed, ...], settings: int, full: bool,
          body: Callable[[Refresh, duckdb.DuckDBPyConnection], tuple[pa.Table, set]]) -> Outcome:
-    refresh = Refresh.plan(lake, output, feeds, settings, full)
-    try:
-        rows, partitions = body(refresh, duckdb.connect())
-    except StaleWatermark as stale:
-        refresh = Refresh.plan(lake, output, feeds, settings, full=True)
-        refresh.reason = str(stale)
-        rows, partitions = body(refresh, duckdb.connect())
-    now = utcnow()
-    rows = conform(rows.append_column("updated_at", pa.repeat(pa.scalar(now, pa.timestamp("us", tz="UTC")),
-                                                               rows.num_rows)), output)
-    version = refresh.commit(rows, partitions, now)
+    # Two refreshes of one table side by side would both fold the same new rows in (and MERGE
+    # inserts of one key twice): one at a time, by a lock beside the ingest's.
+    with ingest_lock(lake.config.landing, lake.config.ingest.lock_timeout_s, owner=f"refresh {output.name}",
+                     name=f".refresh-{output.name}.lock"):
+        refresh = Refresh.plan(lake, output, feeds, settings, full)
+        try:
+            rows, partitions = body(refresh, duckdb.connect())
+        except StaleWatermark as stale:
+            refresh = Refresh.plan(lake, output, feeds, settings, full=True)
+            refresh.reason = str(stale)
+            rows, partitions = body(refresh, duckdb.connect())
+        now = utcnow()
+        rows = conform(rows.append_column("updated_at", pa.repeat(pa.scalar(now, pa.timestamp("us", tz="UTC")),
+                                                                   rows.num_rows)), output)
+        version = refresh.commit(rows, partitions, now)
     return Outcome(rows, version, refresh.full, refresh.reason, dict(refresh.new_rows))
 
 

@@ -41,14 +41,14 @@ class IngestBusy(RuntimeError):
     """Another ingest held the lock for longer than we were willing to wait."""
 
 
-def lock_path(landing: Path) -> Path:
-    return Path(landing) / LOCK_NAME
+def lock_path(landing: Path, name: str = LOCK_NAME) -> Path:
+    return Path(landing) / name
 
 
-def holder(landing: Path) -> dict | None:
+def holder(landing: Path, name: str = LOCK_NAME) -> dict | None:
     """Who holds (or last held) the lock, as it wrote itself into the lock file."""
     try:
-        text = lock_path(landing).read_text(encoding="utf-8")
+        text = lock_path(landing, name).read_text(encoding="utf-8")
         return json.loads(text) if text.strip() else None
     except (OSError, ValueError):
         return None
@@ -63,9 +63,10 @@ def describe(info: dict | None) -> str:
 
 @contextmanager
 def ingest_lock(landing: Path, timeout_s: float, owner: str = "ingest",
-                log: Callable[[str], None] | None = None, poll_s: float = 0.2) -> Iterator[None]:
-    """Hold the landing zone's ingest lock; wait up to timeout_s for it, then raise IngestBusy."""
-    path = lock_path(landing)
+                log: Callable[[str], None] | None = None, poll_s: float = 0.2, name: str = LOCK_NAME) -> Iterator[None]:
+    """Hold the landing zone's ingest lock; wait up to timeout_s for it, then raise IngestBusy.
+    Another `name` is another lock beside it (lib/feedback/refresh.py: one refresh of a table at a time)."""
+    path = lock_path(landing, name)
     key = str(path.resolve())
     me = threading.get_ident()
     with _held_guard:
@@ -79,7 +80,7 @@ def ingest_lock(landing: Path, timeout_s: float, owner: str = "ingest",
     except PermissionError:  # another user's lock file: flock works on a read-only descriptor too
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        _acquire(fd, landing, timeout_s, log, poll_s)
+        _acquire(fd, landing, name, timeout_s, log, poll_s)
         _write_holder(fd, owner)
         with _held_guard:
             _held[key] = me
@@ -103,7 +104,8 @@ def _write_holder(fd: int, owner: str) -> None:
         pass
 
 
-def _acquire(fd: int, landing: Path, timeout_s: float, log: Callable[[str], None] | None, poll_s: float) -> None:
+def _acquire(fd: int, landing: Path, name: str, timeout_s: float, log: Callable[[str], None] | None,
+             poll_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     said = False
     while True:
@@ -112,12 +114,14 @@ def _acquire(fd: int, landing: Path, timeout_s: float, log: Callable[[str], None
             return
         except BlockingIOError:
             pass
-        who = describe(holder(landing))
+        who = describe(holder(landing, name))
         if time.monotonic() >= deadline:
-            raise IngestBusy(f"another ingest is running over {landing} ({who}); waited {timeout_s:g} s. "
+            what = f"another ingest is running over {landing}" if name == LOCK_NAME else \
+                f"another run holds {lock_path(landing, name)}"
+            raise IngestBusy(f"{what} ({who}); waited {timeout_s:g} s. "
                              "Nothing was read: run again when it has finished "
                              "(ingest.lock_timeout_s sets how long to wait)")
         if log is not None and not said:
-            log(f"waiting for the ingest lock on {landing}: held by {who}")
+            log(f"waiting for the lock {lock_path(landing, name)}: held by {who}")
             said = True
         time.sleep(poll_s)

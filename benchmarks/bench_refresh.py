@@ -1,0 +1,249 @@
+"""Cost that follows new data: the daily refresh of the scores over a long history.
+
+Writes a history of N events (default 50M) over N/5 sessions, one trajectory each, spread
+over D days (default 50) straight to the bronze Delta tables with their ingested_at, as
+the ingest leaves them (bench_data.py measures the ingest itself); scores it once in full;
+then lands one new day (default 1M events: sessions that start today, and events that
+continue yesterday's sessions) and times the daily refresh — session_feedback,
+judge_scores, trajectory_scores, each folding in only what is new — in a process of its
+own, for its wall time and peak memory. Then recomputes all three in full, in another
+process, and compares: the refreshed tables must equal the recomputed ones row for row.
+
+    .venv/bin/python benchmarks/bench_refresh.py [--events 50000000] [--new-events 1000000]
+        [--days 50] [--workdir DIR] [--keep] [--quick]
+
+--quick checks that it works (200k + 20k events) and writes its JSON to /tmp.
+Targets (≤ 5 s, ≤ 2 GB for the refresh) are reported as ✓/✗; wall time is not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from common import machine, mark, print_rows  # noqa: E402  (benchmarks/ is on sys.path)
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "bench_refresh-latest.json"
+QUICK_RESULTS = Path(tempfile.gettempdir()) / "bench_refresh-quick.json"
+TARGET_S, TARGET_MB = 5.0, 2048
+KINDS = np.array(["output_accepted", "retry_requested", "output_edited", "session_continued", "error_reported",
+                  "thumbs_up", "rating", "page_view"])
+KIND_P = np.array([0.30, 0.12, 0.08, 0.25, 0.05, 0.05, 0.05, 0.10])
+START = datetime(2026, 9, 1, tzinfo=timezone.utc)
+EVENTS_PER_SESSION = 5
+
+
+def _sessions(rng, first: int, count: int, day: int) -> dict:
+    """`count` sessions numbered from `first`, starting during `day`, one trajectory each."""
+    ids = np.arange(first, first + count)
+    start_s = day * 86_400 + rng.integers(0, 86_400 - 3_600, count)
+    return {"ids": ids, "start_s": start_s}
+
+
+def _events(rng, sessions: dict, n: int, ingested: datetime, id_offset: int) -> pa.Table:
+    pick = rng.integers(0, len(sessions["ids"]), n)
+    session = sessions["ids"][pick]
+    ts_s = sessions["start_s"][pick] + rng.integers(0, 1_800, n)
+    kind = KINDS[rng.choice(len(KINDS), n, p=KIND_P)]
+    ratio = np.where(kind == "output_edited", rng.random(n).round(2), np.nan)
+    rating = rng.integers(1, 6, n)
+    session_ids = np.char.add("s", session.astype(str))
+    return pa.table({
+        "event_id": np.char.add("e", np.arange(id_offset, id_offset + n).astype(str)),
+        "session_id": session_ids,
+        "trajectory_id": np.char.add("t", session.astype(str)),
+        "user_id": np.char.add("u", (session % 997_331).astype(str)),
+        "tenant_id": np.full(n, "default"),
+        "event_type": kind,
+        "ts": pa.array((ts_s * 1_000_000).astype("int64") + int(START.timestamp() * 1e6), pa.timestamp("us", tz="UTC")),
+        "edit_ratio": pa.array(ratio, pa.float64(), from_pandas=True),
+        "data_json": np.where(kind == "rating", np.char.add(np.char.add('{"rating": ', rating.astype(str)), "}"), "{}"),
+        "ingested_at": pa.array(np.full(n, int(ingested.timestamp() * 1e6)), pa.timestamp("us", tz="UTC")),
+    })
+
+
+def _trajectories(rng, sessions: dict, ingested: datetime) -> pa.Table:
+    from flywheel_assets.lib.tables import TURN
+
+    n = len(sessions["ids"])
+    words = rng.integers(3, 60, n)
+    answers = np.char.multiply("word ", words)
+    contents = np.empty(2 * n, dtype=object)
+    contents[0::2], contents[1::2] = "what is the weather in paris", answers
+    roles = np.tile(np.array(["user", "assistant"], dtype=object), n)
+    turns = pa.ListArray.from_arrays(pa.array(np.arange(0, 2 * n + 1, 2, dtype=np.int32)),
+                                     pa.StructArray.from_arrays([pa.array(roles, pa.string()),
+                                                                 pa.array(contents, pa.string())],
+                                                                fields=list(TURN)))
+    ids = sessions["ids"]
+    return pa.table({
+        "trajectory_id": np.char.add("t", ids.astype(str)), "session_id": np.char.add("s", ids.astype(str)),
+        "user_id": np.char.add("u", (ids % 997_331).astype(str)), "tenant_id": np.full(n, "default"),
+        "model_version": np.full(n, "base-v0"), "task_type": np.where(ids % 3 == 0, "calc", "weather"),
+        "origin": np.full(n, "usage"), "is_synthetic": np.zeros(n, bool),
+        "created_at": pa.array((sessions["start_s"] * 1_000_000).astype("int64") + int(START.timestamp() * 1e6),
+                               pa.timestamp("us", tz="UTC")),
+        "turns": turns, "final_response": answers,
+        "ingested_at": pa.array(np.full(n, int(ingested.timestamp() * 1e6)), pa.timestamp("us", tz="UTC")),
+    })
+
+
+def history(lake, rng, events: int, days: int) -> tuple[dict, dict]:
+    """`days` days of sessions, appended day by day (one Delta file per day, as daily ingests
+    leave them); returns the counts and the last day's sessions."""
+    per_day = events // EVENTS_PER_SESSION // days
+    made = {"history_events": 0, "history_sessions": 0}
+    sessions = {}
+    for day in range(days):
+        sessions = _sessions(rng, day * per_day, per_day, day)
+        ingested = START + timedelta(days=day + 1)
+        _append(lake, _events(rng, sessions, events // days, ingested, day * 10**9),
+                _trajectories(rng, sessions, ingested))
+        made["history_events"] += events // days
+        made["history_sessions"] += per_day
+        if day % 10 == 9 or day == days - 1:
+            print(f"  day {day + 1}/{days}: {made['history_events']:,} events", flush=True)
+    return made, sessions
+
+
+def new_day(lake, rng, new_events: int, day: int, yesterday: dict) -> dict:
+    """Today: nine tenths of the events in sessions that start today, a tenth continuing yesterday's."""
+    today = _sessions(rng, day * 10**8, int(new_events * 0.9) // EVENTS_PER_SESSION, day)
+    ingested = datetime.now(timezone.utc)
+    fresh = _events(rng, today, int(new_events * 0.9), ingested, day * 10**9)
+    late = _events(rng, yesterday, new_events - fresh.num_rows, ingested, day * 10**9 + fresh.num_rows)
+    _append(lake, pa.concat_tables([fresh, late]), _trajectories(rng, today, ingested))
+    return {"new_events": new_events, "new_sessions": len(today["ids"]), "continuing_events": late.num_rows}
+
+
+def _append(lake, events: pa.Table, trajectories: pa.Table) -> None:
+    from flywheel_assets.lib.lake import conform
+    from flywheel_assets.lib.tables import SESSION_EVENTS, TRAJECTORIES
+
+    lake.append(SESSION_EVENTS, conform(events, SESSION_EVENTS))
+    lake.append(TRAJECTORIES, conform(trajectories, TRAJECTORIES))
+
+
+_CHILD = """
+import json, resource, sys, time
+sys.path.insert(0, {repo!r})
+from flywheel_assets.lib.config import load_config
+from flywheel_assets.lib.lake import Lake
+from flywheel_assets.lib.feedback.refresh_scores import (
+    refresh_judge_scores, refresh_session_feedback, refresh_trajectory_scores)
+config = load_config(); lake = Lake(config)
+full = {full!r}
+times, modes = {{}}, {{}}
+for name, step in (("session_feedback", refresh_session_feedback), ("judge_scores", refresh_judge_scores),
+                   ("trajectory_scores", refresh_trajectory_scores)):
+    started = time.perf_counter()
+    outcome = step(lake, config, full=full)
+    times[name] = time.perf_counter() - started
+    modes[name] = {{"full": outcome.full, "reason": outcome.reason, "rows_written": outcome.rows.num_rows,
+                   "new_rows": outcome.new_rows, "version": outcome.version}}
+print(json.dumps({{"seconds": times, "modes": modes,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+"""
+
+
+def refresh_in_child(home: Path, full: bool) -> dict:
+    """The three refreshes in a fresh process: its peak RSS is theirs (plus the interpreter's)."""
+    env = {**os.environ, "FLYWHEEL_HOME": str(home), "OMP_NUM_THREADS": "2"}
+    env.pop("FLYWHEEL_CONFIG", None)
+    out = subprocess.run([sys.executable, "-c", _CHILD.format(repo=str(REPO), full=full)], env=env,
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def compare(lake, versions: dict) -> dict:
+    """Rows in one table and not the other, refreshed (at `versions`) against recomputed (now)."""
+    import duckdb
+
+    from flywheel_assets.lib.tables import JUDGE_SCORES, SESSION_FEEDBACK, TRAJECTORY_SCORES
+
+    differing = {}
+    for table in (SESSION_FEEDBACK, JUDGE_SCORES, TRAJECTORY_SCORES):
+        con = duckdb.connect()
+        lake.register(con, table, "refreshed", version=versions[table.name])
+        lake.register(con, table, "recomputed")
+        count = 0
+        for a, b in (("refreshed", "recomputed"), ("recomputed", "refreshed")):
+            count += con.execute(f"SELECT count(*) FROM (SELECT * EXCLUDE (updated_at) FROM {a} "
+                                 f"EXCEPT ALL SELECT * EXCLUDE (updated_at) FROM {b})").fetchone()[0]
+        differing[table.name] = {"rows": lake.row_count(table), "differing": count}
+    return differing
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=50_000_000)
+    parser.add_argument("--new-events", type=int, default=1_000_000)
+    parser.add_argument("--days", type=int, default=50)
+    parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.events, args.new_events, args.days = 200_000, 20_000, 5
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_refresh-"))
+    home = work / "home"
+    os.environ["FLYWHEEL_HOME"] = str(home)
+    os.environ.pop("FLYWHEEL_CONFIG", None)
+    from flywheel_assets.lib.config import load_config
+    from flywheel_assets.lib.lake import Lake
+    from flywheel_assets.lib.tables import JUDGE_SCORES, SESSION_FEEDBACK, TRAJECTORY_SCORES
+
+    lake = Lake(load_config())
+    try:
+        print(f"history: {args.events:,} events over {args.days} days, then {args.new_events:,} new", flush=True)
+        started = time.perf_counter()
+        rng = np.random.default_rng(0)
+        made, yesterday = history(lake, rng, args.events, args.days)
+        build_s = time.perf_counter() - started
+        first = refresh_in_child(home, full=True)  # the history, scored once in full
+        made.update(new_day(lake, rng, args.new_events, args.days, yesterday))
+        daily = refresh_in_child(home, full=False)
+        versions = lake.versions(SESSION_FEEDBACK, JUDGE_SCORES, TRAJECTORY_SCORES)
+        recompute = refresh_in_child(home, full=True)
+        differing = compare(lake, versions)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    daily_s, full_s = sum(daily["seconds"].values()), sum(recompute["seconds"].values())
+    equal = all(d["differing"] == 0 for d in differing.values())
+    rows = [("step", "daily refresh (s)", "full recompute (s)", "rows written daily", "rows in table")]
+    for name in daily["seconds"]:
+        rows.append((name, f"{daily['seconds'][name]:.2f}", f"{recompute['seconds'][name]:.2f}",
+                     f"{daily['modes'][name]['rows_written']:,}", f"{differing[name]['rows']:,}"))
+    rows.append(("all three", f"{daily_s:.2f}", f"{full_s:.2f}", "", ""))
+    print_rows("Daily refresh against a full recompute of the same tables", rows)
+    print(f"\ndaily refresh {daily_s:.2f} s {mark(daily_s <= TARGET_S)} (≤ {TARGET_S:g} s), "
+          f"peak RSS {daily['peak_rss_mb']:.0f} MB {mark(daily['peak_rss_mb'] <= TARGET_MB)} (≤ {TARGET_MB} MB); "
+          f"full recompute {full_s:.2f} s, peak RSS {recompute['peak_rss_mb']:.0f} MB: "
+          f"{full_s / daily_s:.1f}× the refresh's time")
+    print(f"refreshed = recomputed: {mark(equal)} ({json.dumps({k: v['differing'] for k, v in differing.items()})})")
+    result = {"machine": machine(), "data": made, "build_s": round(build_s, 1), "first_full": first,
+              "daily": daily, "recompute": recompute, "differing": differing, "equal": equal,
+              "daily_s": daily_s, "full_s": full_s, "targets": {"seconds": TARGET_S, "peak_rss_mb": TARGET_MB},
+              "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    out = QUICK_RESULTS if args.quick else RESULTS
+    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(f"wrote {out}")
+    return 0 if equal else 1
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    raise SystemExit(main())
