@@ -29,19 +29,22 @@ $(DAGSTER_HOME)/dagster.yaml:
 seed: $(STAMP)
 	$(BIN)/python -m flywheel_assets.lib.simulation.seed
 
+# the demo profile unless FLYWHEEL_CONFIG names another (dev, demo and demo-seeds use it)
+PROFILE = $(or $(FLYWHEEL_CONFIG),$(CURDIR)/data/flywheel.json)
+
 ## dev: seed the embedded demo data, start the UI on http://$(HOST):$(PORT) with the sensors running and the gateway on :$(GATEWAY_PORT)
 GATEWAY_PORT ?= 8000
 DEV_KEY := $(FLYWHEEL_HOME)/gateway/dev.key
 dev: $(STAMP) $(DAGSTER_HOME)/dagster.yaml seed
 	test -s $(DEV_KEY) || $(BIN)/flywheel keys create --tenant dev --save $(DEV_KEY) >/dev/null
 	@echo "gateway: OPENAI_BASE_URL=http://$(HOST):$(GATEWAY_PORT)/v1 OPENAI_API_KEY=$$(cat $(DEV_KEY))"
-	export FLYWHEEL_CONFIG=$${FLYWHEEL_CONFIG:-$(CURDIR)/data/flywheel.json}; trap 'kill 0' EXIT; \
+	export FLYWHEEL_CONFIG=$(PROFILE); trap 'kill 0' EXIT; \
 	  $(BIN)/flywheel serve --host $(HOST) --port $(GATEWAY_PORT) & \
 	  $(BIN)/dg dev --host $(HOST) --port $(PORT)
 
 ## demo: the closed loop headless through real Dagster runs and sensors: 3 cycles, A/B, promotion, control arm
 demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
-	FLYWHEEL_CONFIG=$${FLYWHEEL_CONFIG:-$(CURDIR)/data/flywheel.json} $(BIN)/python -m flywheel_assets.flywheel --fresh
+	FLYWHEEL_CONFIG=$(PROFILE) $(BIN)/python -m flywheel_assets.flywheel --fresh
 
 ## demo-seeds: the demo once per seed (SEEDS, default 0 1 2), each in its own home, then every seed's
 ## row and the median (flywheel_assets/demo_seeds.py). Headless: an in-memory Dagster instance per run.
@@ -49,7 +52,7 @@ SEEDS ?= 0 1 2
 demo-seeds: $(STAMP)
 	for seed in $(SEEDS); do \
 	  env -u DAGSTER_HOME FLYWHEEL_HOME=$(CURDIR)/data/seeds/home-$$seed \
-	    FLYWHEEL_CONFIG=$${FLYWHEEL_CONFIG:-$(CURDIR)/data/flywheel.json} \
+	    FLYWHEEL_CONFIG=$(PROFILE) \
 	    $(BIN)/python -m flywheel_assets.flywheel --fresh --seed $$seed || exit $$?; \
 	done
 	$(BIN)/python -m flywheel_assets.demo_seeds $(foreach seed,$(SEEDS),$(CURDIR)/data/seeds/home-$(seed))

@@ -44,6 +44,11 @@ def compare(config: FlywheelConfig, lake: Lake, registry, *, train_arms: bool = 
         return evaluate_version(config, version, domain, tasks, log=log)
 
     arms = [Arm("base", f"base `{base['version']}`", measured(base))]
+    notes = []
+    if train_arms and not chain:
+        notes.append("No cycle was promoted: the champion is the base, so no comparison arm was trained "
+                     "(an arm trains as many cycles as the champion's lineage).")
+        log(notes[-1])
     if train_arms and chain:
         cycles = [arm_data.cycle_data(lake, row["cycle"]) for row in chain]
         teacher = arm_data.RandomTeacher(domain, config.curation.seed + RANDOM_TEACHER_SALT)
@@ -65,10 +70,10 @@ def compare(config: FlywheelConfig, lake: Lake, registry, *, train_arms: bool = 
     latest = max(adapters, key=lambda r: r["changed_at"]) if adapters else None
     if latest is not None and (champion["adapter_path"] is None or latest["cycle"] > champion["cycle"]):
         arms.append(Arm("latest", f"latest adapter `{latest['version']}` ({latest['status']})", measured(latest)))
-    return render(arms, len(tasks))
+    return render(arms, len(tasks), notes)
 
 
-def render(arms: list[Arm], n_tasks: int) -> tuple[str, dict]:
+def render(arms: list[Arm], n_tasks: int, notes: list[str] = ()) -> tuple[str, dict]:
     by_name = {arm.name: arm for arm in arms}
     champion = by_name["champion"]
     others = [a for a in arms if a.name not in ("champion", "latest")]
@@ -93,6 +98,7 @@ def render(arms: list[Arm], n_tasks: int) -> tuple[str, dict]:
     if "teacher_budget" in by_name and success["teacher_budget"] >= success["champion"]:
         lines.append("The same teacher budget spent on random tasks did at least as well as the loop: "
                      "on this run the flywheel's targeting of failures did not pay for itself.")
+    lines += list(notes)
     numbers = {"success": success, "best_other": best.name, "over_best": over_best["difference"],
                "over_best_se": over_best["standard_error"], "over_base": over_base["difference"],
                "over_base_se": over_base["standard_error"], "targets_met": verdicts}
