@@ -70,4 +70,10 @@ def chart_metadata(path: Path, title: str) -> dg.MetadataValue:
 
 @dg.definitions
 def resources() -> dg.Definitions:
-    return dg.Definitions(resources={"flywheel": FlywheelResource()})
+    from dagster_duckdb import DuckDBResource
+
+    from flywheel_assets.lib.catalog import CATALOG_NAME
+
+    # The catalog's path is FLYWHEEL_HOME's at load time: where `make dev` and the demo keep it.
+    return dg.Definitions(resources={"flywheel": FlywheelResource(),
+                                     "catalog": DuckDBResource(database=str(load_config().home / CATALOG_NAME))})
