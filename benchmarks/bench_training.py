@@ -73,6 +73,7 @@ from flywheel_assets.lib.training.chat_format import IGNORE  # noqa: E402
 from flywheel_assets.lib.training.effective_weight import effective_weight_forward  # noqa: E402
 from flywheel_assets.lib.training.examples import collate, encode_all, weighted_nll  # noqa: E402
 from flywheel_assets.lib.training.inference import GenerationStats, run_agent  # noqa: E402
+from flywheel_assets.lib.domains.builtin import BuiltinDomain  # noqa: E402
 from flywheel_assets.lib.training.pipeline import domain_corpus  # noqa: E402
 from flywheel_assets.lib.training.tokenizer import train_tokenizer  # noqa: E402
 from flywheel_assets.lib.training.trainer import attach_lora, forward_logprobs, pretrain, train_lora  # noqa: E402
@@ -103,7 +104,7 @@ def build_setup(config: FlywheelConfig, out_dir: Path, pretrain_steps: int) -> d
     tasks = generate_tasks(COLD_START_TASKS, seed=COLD_START_SEED, phrasings=range(COLD_START_PHRASINGS))
     messages = [expert_messages(task, teacher_rng) for task in tasks]
     started = time.perf_counter()
-    tokenizer = train_tokenizer(domain_corpus(messages))
+    tokenizer = train_tokenizer(domain_corpus(messages, BuiltinDomain()), whole_numbers=BuiltinDomain.whole_numbers)
     tokenizer_s = time.perf_counter() - started
     settings = config.base_model
     examples = [e for e in encode_all(tokenizer, [(m, 1.0, None) for m in messages], settings.max_length)[0] if e]

@@ -157,6 +157,16 @@ class Domain(ABC):
         model's first turn are its whole answer."""
         return None
 
+    # The embedded model's tokenizer sees every integer 0..whole_numbers as a word of its own
+    # (-1: none), so a number the model copies from a prompt is one token.
+    whole_numbers: int = -1
+
+    def vocabulary(self, seed: int, n: int = 2000) -> list[list[dict]]:
+        """Conversations in the domain's own wording for the embedded model's tokenizer: the
+        reference answers to n training-side tasks (never an evaluation prompt)."""
+        rng = random.Random(seed)
+        return [self.reference_messages(task, rng) for task in self.user_tasks(n, seed)]
+
     def user_tasks(self, n: int, seed: int) -> list[Task]:
         """n requests simulated users ask (training side only), drawn with replacement."""
         pool = self.train_tasks()

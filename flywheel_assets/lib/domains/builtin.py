@@ -49,6 +49,12 @@ class BuiltinDomain(Domain):
     def execute(self, task: world.Task, name: str, arguments) -> str:
         return run_tool(name or "", arguments)
 
+    whole_numbers = world.MAX_NUMBER
+
+    def vocabulary(self, seed: int, n: int = 2000) -> list[list[dict]]:
+        rng = random.Random(seed)  # the order the embedded base was always built in: the same tokenizer
+        return [world.expert_messages(task, rng) for task in world.generate_tasks(n, seed=seed)]
+
     def user_tasks(self, n: int, seed: int) -> list[world.Task]:
         seed += seed == world.EVAL_SEED  # that seed alone would draw the evaluation prompts themselves
         pool = world.generate_tasks(n, seed=seed)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from flywheel_assets.lib.config import FlywheelConfig
-from flywheel_assets.lib.simulation.tasks import expert_messages, generate_tasks
+from flywheel_assets.lib.domains import Domain, load_domain
 from flywheel_assets.lib.training.examples import encode_all
 from flywheel_assets.lib.training.model import (
     build_model, count_parameters, load_pretrained, pick_device, weights_sha256,
@@ -29,14 +28,12 @@ def fingerprint(config: FlywheelConfig, trajectory_ids: list[str]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:10]
 
 
-def domain_corpus(messages: list[list[dict]], seed: int = VOCABULARY_SEED) -> list[str]:
-    """The tokenizer's corpus: the cold-start conversations plus the task environment's
-    own wording (the tools' words, entities and phrasings, never eval prompts), so a
+def domain_corpus(messages: list[list[dict]], domain: Domain, seed: int = VOCABULARY_SEED) -> list[str]:
+    """The tokenizer's corpus: the cold-start conversations plus the domain's own wording
+    (its tools' words, entities and phrasings, never eval prompts: Domain.vocabulary), so a
     user's new phrasing is made of known tokens even before any model saw it."""
-    rng = random.Random(seed)
-    domain = [expert_messages(task, rng) for task in generate_tasks(2000, seed=seed)]
     texts = []
-    for conversation in messages + domain:
+    for conversation in messages + domain.vocabulary(seed):
         for message in conversation:
             texts.append(message.get("content") or "")
             texts += [call["function"]["arguments"] for call in message.get("tool_calls") or []]
@@ -48,7 +45,8 @@ def train_base(config: FlywheelConfig, messages: list[list[dict]], out_dir: Path
     """Train the tokenizer and pretrain the embedded model on cold-start conversations."""
     settings = config.base_model
     device = pick_device()
-    tokenizer = train_tokenizer(domain_corpus(messages))
+    domain = load_domain(config.domain)
+    tokenizer = train_tokenizer(domain_corpus(messages, domain), whole_numbers=domain.whole_numbers)
     encoded, skipped = encode_all(tokenizer, [(m, 1.0, None) for m in messages], settings.max_length)
     examples = [e for e in encoded if e]
     if not examples:

@@ -15,14 +15,13 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from flywheel_assets.lib.simulation.tasks import MAX_NUMBER
 from flywheel_assets.lib.training.chat_format import END, PAD, SPECIAL_TOKENS, UNK
 from flywheel_assets.lib.training.chat_template import EMBEDDED_CHAT_TEMPLATE
 
 CONTINUING = "##"  # WordPiece's mark for a piece inside a word
 
 
-def train_tokenizer(corpus: Iterable[str], vocab_size: int = 16000) -> PreTrainedTokenizerFast:
+def train_tokenizer(corpus: Iterable[str], vocab_size: int = 16000, whole_numbers: int = -1) -> PreTrainedTokenizerFast:
     """The same corpus gives the same tokenizer, in every process. `tokenizers`' WordPiece
     trainer alone does not (tokenizers#1794): it numbers the `##x` continuation pieces in
     hash-map order, and those numbers break ties between equally frequent merges, so two
@@ -31,7 +30,7 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int = 16000) -> PreTraine
     the trained vocabulary is then loaded into a plain WordPiece model where they are
     ordinary pieces again."""
     corpus = list(corpus)
-    numbers = [str(n) for n in range(MAX_NUMBER + 1)]
+    numbers = [str(n) for n in range(whole_numbers + 1)]  # 0..whole_numbers each seen whole (Domain.whole_numbers)
     alphabet = sorted(set(string.printable.strip()).union(*map(set, corpus)) - set(string.whitespace))
     trainer_tokenizer = Tokenizer(models.WordPiece(unk_token=UNK, max_input_chars_per_word=64))
     trainer_tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
