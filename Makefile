@@ -89,7 +89,7 @@ bench-ab: $(STAMP)
 	$(BIN)/python benchmarks/bench_ab.py $(if $(SESSIONS),--sessions $(SESSIONS),)
 
 ## ab-harness: the A/B policy's statistical proof at the shipped defaults (false SHIP, power, heavy user, SRM;
-## 1,000 experiments per claim, about 10 min on 2 CPUs; EXPERIMENTS=... to change) -> benchmarks/results/ab_harness.json
+## 1,000 experiments per claim, about 6.5 min on 2 CPUs; EXPERIMENTS=... to change) -> benchmarks/results/ab_harness.json
 ab-harness: $(STAMP)
 	$(BIN)/python benchmarks/ab_harness.py $(if $(EXPERIMENTS),--experiments $(EXPERIMENTS),)
 

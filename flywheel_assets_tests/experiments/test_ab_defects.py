@@ -52,6 +52,7 @@ def test_one_heavy_user_no_longer_decides_the_test():
     uncapped = ArmStats.from_users(np.append(treatment_y, 9000.0), np.append(np.ones(3000), 10_000),
                                    np.append(treatment_y ** 2, 8100.0))
     assert uncapped.mean > 0.8 and treatment.mean < 0.51  # what the cap changes
+    assert decide(control, uncapped, EQUAL, started_at=T0, now=day(3)).outcome == "SHIP"  # the defect, uncapped
 
 
 def test_the_cap_is_the_same_in_the_lake_query_and_from_per_user_sums():

@@ -120,7 +120,7 @@ def decide(control: ArmStats, treatment: ArmStats, config: ABConfig | None = Non
     details = {"se": diff.se, "df": diff.df, "raw_effect": diff.raw_effect, "theta": diff.theta,
                "variance_reduction": diff.variance_reduction,
                "top_user_share": max(control.top_user_share, treatment.top_user_share),
-               "rejected": float(control.rejected + treatment.rejected)}
+               "rejected": float(sum(c.rejected + t.rejected for c, t in [(control, treatment), *pairs.values()]))}
     progress = _progress(diff, pairs, config, planned)
 
     def result(outcome: Outcome, rule: str, reason: str) -> Decision:
