@@ -113,7 +113,10 @@ class Session:
     def registry(self):
         from flywheel_assets.lib.experiments.registry import ModelRegistry
 
-        return ModelRegistry(self.lake(), clock=self.now)
+        from flywheel_assets.defs.records import registry_changed, report_runless
+
+        # a change by hand is a runless materialization of model_registry in the Dagster instance
+        return ModelRegistry(self.lake(), clock=self.now, on_change=lambda rows: report_runless(registry_changed(rows)))
 
     def require_home(self) -> None:
         if not self.config.home.is_dir():
@@ -234,9 +237,17 @@ def _say(message: str) -> None:
 
 
 def _ingest_files(config, lake, files):
+    import dagster as dg
+
+    from flywheel_assets.defs.records import report_runless
     from flywheel_assets.lib.ingest.pipeline import ingest_landing
 
-    return ingest_landing(config, lake, files, log=lambda _: None, owner=actor())
+    report = ingest_landing(config, lake, files, log=lambda _: None, owner=actor())
+    # rows written outside any run: recorded in the instance, so the catalog shows them
+    for kind, table in (("events", "session_events"), ("trajectories", "trajectories"), ("annotations", "annotations")):
+        if report.rows_new[kind]:
+            report_runless(dg.AssetMaterialization(table, metadata={"rows_new": report.rows_new[kind], "by": actor()}))
+    return report
 
 
 @contextmanager

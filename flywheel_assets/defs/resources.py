@@ -36,9 +36,13 @@ class FlywheelResource(dg.ConfigurableResource):
     def now(self) -> datetime:
         return clock.now(self.config())
 
-    def registry(self) -> ModelRegistry:
+    def registry(self, context=None) -> ModelRegistry:
+        """With a run's `context`, every change is also a materialization of model_registry in that run."""
         config = self.config()
-        return ModelRegistry(Lake(config), clock=lambda: clock.now(config))
+        from flywheel_assets.defs.records import registry_changed
+
+        on_change = None if context is None else (lambda rows: context.log_event(registry_changed(rows)))
+        return ModelRegistry(Lake(config), clock=lambda: clock.now(config), on_change=on_change)
 
 
 def table_metadata(table: Table, data: pa.Table | None = None, **extra) -> dict:

@@ -84,6 +84,9 @@ def test_whole_chain_on_the_shipped_demo_data(home, config, lake):
     first = json.loads(exported[0])
     assert {"messages", "tools", "weight", "tier"} <= set(first) and first["messages"][0]["role"] in ("system", "user")
     assert not any(find_pii(line) for line in exported)
+    # the manifest table is an asset of its own: its new row is a materialization in this run
+    recorded = [m for m in cycle.get_asset_materialization_events() if m.asset_key.to_user_string() == "dataset_manifests"]
+    assert len(recorded) == 1 and recorded[0].materialization.metadata["n_rows"].value == len(rows)
 
     # immutable: a second materialization of the cycle keeps the same rows
     again = dg.materialize([training_dataset], partition_key="c1", resources=resources, instance=instance)

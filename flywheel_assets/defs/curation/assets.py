@@ -6,6 +6,7 @@ import dagster as dg
 import polars as pl
 
 from flywheel_assets.defs.partitions import cycle_partitions
+from flywheel_assets.defs.records import record_in_run
 from flywheel_assets.defs.resources import FlywheelResource, markdown_counts, table_metadata
 from flywheel_assets.lib.curation.curate import curate, user_edits
 from flywheel_assets.lib.curation.select import count_by, export_chat_jsonl, select_training_rows
@@ -66,6 +67,7 @@ def training_dataset(context: dg.AssetExecutionContext, flywheel: FlywheelResour
     # leaves no manifest, and the retry replaces the partial partition.
     lake.overwrite(TRAINING_DATASET, rows, predicate=f"cycle = '{cycle}'")
     lake.append(DATASET_MANIFESTS, _manifest_table(manifest))
+    record_in_run(context, DATASET_MANIFESTS, cycle=cycle, n_rows=rows.num_rows, content_sha256=sha)
     context.log.info(f"cycle {cycle}: {rows.num_rows} rows, tiers {manifest['tier_counts_json']}")
     return dg.MaterializeResult(metadata=_dataset_metadata(manifest, unchanged=False))
 

@@ -5,6 +5,7 @@ import pyarrow as pa
 
 from flywheel_assets.defs.partitions import cycle_partitions
 from flywheel_assets.defs.resources import FlywheelResource
+from flywheel_assets.defs.records import record_in_run
 from flywheel_assets.lib.evaluation.offline import evaluate_versions
 from flywheel_assets.lib.tables import OFFLINE_EVALUATIONS
 from flywheel_assets.lib.training.pipeline import set_threads
@@ -24,8 +25,10 @@ def offline_eval(context: dg.AssetExecutionContext, flywheel: FlywheelResource) 
     report = evaluate_versions(config, candidate, champion, log=context.log.info)
     now = flywheel.now()
     rows = [{**row, "cycle": cycle, "evaluated_at": now} for row in report["rows"]]
-    lake.overwrite(OFFLINE_EVALUATIONS, pa.Table.from_pylist(rows, schema=OFFLINE_EVALUATIONS.schema),
-                   predicate=f"cycle = '{cycle}'")
+    version = lake.overwrite(OFFLINE_EVALUATIONS, pa.Table.from_pylist(rows, schema=OFFLINE_EVALUATIONS.schema),
+                             predicate=f"cycle = '{cycle}'")
+    record_in_run(context, OFFLINE_EVALUATIONS, cycle=cycle, rows=len(rows), delta_version=version,
+                  gate_passed=report["gate_passed"])
     return dg.MaterializeResult(metadata={
         "candidate": candidate["version"], "champion": champion["version"],
         "candidate_success": report["candidate"]["overall"]["success"],

