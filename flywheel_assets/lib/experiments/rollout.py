@@ -133,7 +133,7 @@ def _stage_start(registry: ModelRegistry, version: str, status: str) -> datetime
 def _canary(config, lake, registry, version, champion, now, waiting: list[str] | None = None) -> dict | None:
     sessions = sessions_since(lake, (champion["version"], version["version"]),
                               _stage_start(registry, version["version"], "canary"), now)
-    stats = arm_stats_by_metric(sessions, list(METRICS))
+    stats = arm_stats_by_metric(sessions, list(METRICS), cap=config.ab.max_sessions_per_user)
     users = stats["error_reported"]["treatment"].users
     if users < config.rollout.canary_min_users:  # nothing to record until the canary has served enough users
         if waiting is not None:
