@@ -153,9 +153,9 @@ class Lake:
          .when_matched_update_all().when_not_matched_insert_all().execute())
         return self.version(table)
 
-    def marks(self, table: Table, *apps: str) -> dict[str, int | None]:
+    def marks(self, table: Table, *apps: str, version: int | None = None) -> dict[str, int | None]:
         """The app transaction versions upsert recorded (None: never, or the table is missing)."""
-        dt = self.delta(table)
+        dt = self.delta(table, version)
         return {app: None if dt is None else dt.transaction_version(app) for app in apps}
 
     def versions(self, *tables: Table) -> dict[str, int | None]:

@@ -84,13 +84,18 @@ class Refresh:
         for feed in feeds:
             dt = lake.delta(feed.table)
             refresh.versions[feed.table.name] = None if dt is None else dt.version()
-            after, count, generation = (stored[app] for app in _apps(feed))
+            after, count, generation, _ = (stored[app] for app in _apps(feed))
             if reason is None and after is None and dt is not None:
                 reason = f"{feed.table.name} never read"
             if reason is None and feed.append_only and count is not None \
                     and count > _row_count(lake, feed.table, refresh.versions[feed.table.name]):
                 reason = f"{feed.table.name} lost rows since the last refresh"
-            if reason is None and not feed.append_only and generation != lake.marks(feed.table, GENERATION)[GENERATION]:
+            folded = stored[f"{feed.table.name}.version"]
+            if reason is None and feed.append_only and dt is not None and (
+                    changed := _rewrites(dt, folded)):
+                reason = f"{feed.table.name} was changed in place since the last refresh ({changed})"
+            upstream = lake.marks(feed.table, GENERATION, version=refresh.versions[feed.table.name])[GENERATION]
+            if reason is None and not feed.append_only and generation != upstream:
                 reason = f"{feed.table.name} was recomputed in full"
             refresh._after[feed.table.name] = None if after is None else from_micros(after)
             if feed.append_only:
@@ -99,6 +104,9 @@ class Refresh:
         if refresh.full:
             refresh._after = {name: None for name in refresh._after}
             refresh.marks = {app: 0 for app in refresh.marks}
+        for feed in feeds:
+            if feed.append_only:
+                refresh.marks[f"{feed.table.name}.version"] = refresh.versions[feed.table.name] or 0
         refresh.marks[_FINGERPRINT] = settings
         refresh.marks[GENERATION] = stored[GENERATION] if not refresh.full and stored[GENERATION] else 0
         return refresh
@@ -126,7 +134,7 @@ class Refresh:
                                      f"(rows without {feed.column}, or older than the watermark)")
             self.marks[f"{name}.rows"] = total if self.full else counted
         if not feed.append_only:
-            self.marks[f"{name}.generation"] = self.lake.marks(feed.table, GENERATION)[GENERATION] or 0
+            self.marks[f"{name}.generation"] = self.lake.marks(feed.table, GENERATION, version=self.versions.get(name))[GENERATION] or 0
         self.new_rows[name] = rows.num_rows
         if where is not None and rows.num_rows:
             rows = _where(rows, where)
@@ -149,9 +157,29 @@ def _where(rows: pa.Table, condition: str) -> pa.Table:
     return con.execute(f"SELECT * FROM rows WHERE {condition}").to_arrow_table()
 
 
-def _apps(feed: Feed) -> tuple[str, str, str]:
+def _apps(feed: Feed) -> tuple[str, str, str, str]:
     name = feed.table.name
-    return f"{name}.after", f"{name}.rows", f"{name}.generation"
+    return f"{name}.after", f"{name}.rows", f"{name}.generation", f"{name}.version"
+
+
+# What an append-only input's log may hold between two refreshes: appends, and compactions
+# and vacuums, which change no row. Anything else (an UPDATE, DELETE, MERGE, overwrite) may
+# have rewritten rows the watermark will never see again.
+_HARMLESS = {"OPTIMIZE", "VACUUM START", "VACUUM END"}
+
+
+def _rewrites(dt, folded: int | None) -> str | None:
+    """The first operation since version `folded` that may have rewritten rows, or None."""
+    if folded is None or dt.version() <= folded:
+        return None
+    for commit in dt.history(limit=dt.version() - folded):
+        operation = commit.get("operation", "")
+        if operation in _HARMLESS:
+            continue
+        if operation == "WRITE" and (commit.get("operationParameters") or {}).get("mode") == "Append":
+            continue
+        return f"{operation} at version {commit.get('version')}"
+    return None
 
 
 def _row_count(lake: Lake, table: Table, version: int | None) -> int:

@@ -81,7 +81,7 @@ def session_partials(con: duckdb.DuckDBPyConnection, events: str, trajectories: 
                    arg_max(trajectory_id, {{'ts': ts, 'v': trajectory_id}}) AS named_trajectory_id,
                    max(ts) FILTER (WHERE trajectory_id IS NOT NULL) AS named_at
             FROM {events}
-            WHERE event_type IN {_SCORED} AND ts IS NOT NULL
+            WHERE event_type IN {_SCORED} AND ts IS NOT NULL AND session_id IS NOT NULL
             GROUP BY session_id
         ), logged AS (
             SELECT session_id,
@@ -255,7 +255,11 @@ def _fused(config: FlywheelConfig, calibration: FittedFusion | None, labelled_on
                    j.judge_score, j.heuristic_score, j.llm_score, {judges}, o.annotation_score, o.explicit_score,
                    o.explicit_at, o.annotated_at
             FROM trajectories t
-            LEFT JOIN session_feedback f ON f.final_trajectory_id = t.trajectory_id
+            -- a trajectory two sessions end on carries one session's score: the latest session's
+            LEFT JOIN (SELECT * FROM session_feedback WHERE final_trajectory_id IS NOT NULL
+                       QUALIFY row_number() OVER (PARTITION BY final_trajectory_id
+                                                  ORDER BY last_ts DESC, session_id DESC) = 1) f
+                   ON f.final_trajectory_id = t.trajectory_id
             LEFT JOIN feedback o USING (trajectory_id)
             LEFT JOIN judge_scores j USING (trajectory_id)
             {only}

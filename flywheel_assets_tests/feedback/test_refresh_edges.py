@@ -1,0 +1,78 @@
+"""Edges a review found in the folding refreshes (each failed before its fix): a trajectory two
+sessions end on, events without a session, an input row rewritten in place."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from flywheel_assets.lib.tables import SESSION_FEEDBACK, TRAJECTORIES, TRAJECTORY_SCORES
+from flywheel_assets_tests.feedback.test_refresh import T0, _ingest, _refresh_all
+
+
+def _trajectory(tid, sid, minutes=0, **extra):
+    return ("trajectories", extra.pop("batch", 0), {
+        "trajectory_id": tid, "session_id": sid, "task_type": "qa", "origin": "usage", "is_synthetic": False,
+        "created_at": T0 + timedelta(minutes=minutes),
+        "turns": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a b c"}],
+        "tool_calls": [], "tools_offered": [], "final_response": "a b c", **extra})
+
+
+def _event(eid, sid, kind, tid=None, minutes=0, batch=0, **extra):
+    return ("events", batch, {"event_id": eid, "session_id": sid, "event_type": kind, "trajectory_id": tid,
+                              "ts": T0 + timedelta(minutes=minutes), "user_id": "u", "tenant_id": "default",
+                              "data_json": "{}", **extra})
+
+
+def _rows(lake):
+    snapshot = {}
+    for table in (SESSION_FEEDBACK, TRAJECTORY_SCORES):
+        rows = lake.read(table).drop_columns(["updated_at"]).to_pylist()
+        snapshot[table.name] = sorted(rows, key=lambda r: (r[table.key[0]] is None, r[table.key[0]] or ""))
+    return snapshot
+
+
+def _full_equals_incremental(lake, config):
+    incremental = _rows(lake)
+    _refresh_all(lake, config, full=True)
+    full = _rows(lake)
+    for name in full:
+        assert incremental[name] == full[name], name
+
+
+def test_two_sessions_with_one_final_trajectory(lake, config):
+    """s1 accepts t1; s2 logs nothing and its only scored event names t1: t1 is the final
+    trajectory of both sessions. trajectory_scores must still hold one row per trajectory,
+    and a later event for t1 must fold in (not fail, not duplicate)."""
+    world = [_trajectory("t1", "s1"),
+             _event("e1", "s1", "output_accepted", "t1", 1),
+             _event("e2", "s2", "retry_requested", "t1", 2)]
+    _ingest(lake, world, 0)
+    _refresh_all(lake, config)
+    _ingest(lake, [_event("e3", "s1", "thumbs_up", "t1", 3, batch=1)], 1)
+    _refresh_all(lake, config)
+    ids = lake.read(TRAJECTORY_SCORES).column("trajectory_id").to_pylist()
+    assert ids == ["t1"], ids
+    _full_equals_incremental(lake, config)
+
+
+def test_null_session_id_event_is_not_duplicated(lake, config):
+    """An event row with a null session_id (appended with ingested_at, so the watermark
+    sees it) in two batches: a full recompute folds both into one null-session row; the
+    incremental MERGE never matches NULL = NULL and inserts a second row."""
+    _ingest(lake, [_trajectory("t1", "s1"), _event("e1", "s1", "output_accepted", "t1", 1),
+                   _event("n1", None, "retry_requested", None, 1)], 0)
+    _refresh_all(lake, config)
+    _ingest(lake, [_event("n2", None, "retry_requested", None, 2, batch=1)], 1)
+    _refresh_all(lake, config)
+    _full_equals_incremental(lake, config)
+
+
+def test_rewritten_input_row_is_noticed(lake, config):
+    """README: 'an input whose row count is not what was folded plus what is new (rows deleted
+    or rewritten ...)' recomputes in full. A row rewritten in place (a Delta UPDATE: same row
+    count, same ingested_at) is neither counted nor read."""
+    _ingest(lake, [_trajectory("t1", None, reward=0.2)], 0)
+    _refresh_all(lake, config)
+    lake.delta(TRAJECTORIES).update({"reward": "0.9"}, predicate="trajectory_id = 't1'")
+    _refresh_all(lake, config)  # every refresh stays incremental and reads nothing new
+    _full_equals_incremental(lake, config)  # the full recompute sees reward 0.9
