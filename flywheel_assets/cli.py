@@ -17,7 +17,6 @@ paths may pull in torch, transformers or dagster.
 """
 
 import getpass
-import hashlib
 import json
 import os
 import shutil
@@ -411,51 +410,8 @@ def _change(session: Session, version: str, reason: str, change) -> None:
                        f"({row['traffic_share']:.0%} of traffic) by {row['actor']}: {row['reason']}")
 
 
-# export ---------------------------------------------------------------------------------
-
-@app.command()
-def export(ctx: typer.Context,
-           cycle: str = typer.Argument(..., help="Training cycle, e.g. cycle-0001."),
-           output: Optional[Path] = typer.Option(None, "-o", "--output", help="File to write [default: stdout].")):
-    """Write a cycle's training set as chat JSONL (messages, tools, weight, tier), in selection order.
-
-    The bytes are those of the cycle's own export (datasets/<cycle>/train.jsonl): the sha256 is
-    checked against the dataset manifest and reported on stderr.
-    """
-    from flywheel_assets.lib.curation.select import chat_jsonl_lines, export_chat_jsonl
-    from flywheel_assets.lib.tables import DATASET_MANIFESTS, TRAINING_DATASET
-
-    session: Session = ctx.obj
-    session.require_home()
-    lake = session.lake()
-    manifests = {row["cycle"]: row for row in lake.read(DATASET_MANIFESTS).to_pylist()}
-    if cycle not in manifests:
-        fail(f"unknown cycle {cycle!r}: no dataset manifest (known: {', '.join(sorted(manifests)) or 'none'})",
-             EXIT_NOT_FOUND)
-    manifest = manifests[cycle]
-    rows = lake.read(TRAINING_DATASET, filter_sql="cycle = " + _sql_text(cycle))
-    order = {trajectory_id: rank for rank, trajectory_id in enumerate(manifest["trajectory_ids"])}
-    ids = rows.column("trajectory_id").to_pylist()
-    rows = rows.take(sorted(range(rows.num_rows), key=lambda i: order.get(ids[i], len(order))))
-    if output is None:
-        stream = typer.get_binary_stream("stdout")
-        digest = hashlib.sha256()
-        for line in chat_jsonl_lines(rows):
-            data = line.encode("utf-8")
-            digest.update(data)
-            stream.write(data)
-        stream.flush()
-        sha = digest.hexdigest()
-    else:
-        sha = export_chat_jsonl(rows, output)
-    matches = "matches the manifest" if sha == manifest["content_sha256"] else \
-        f"differs from the manifest's {manifest['content_sha256']}"
-    typer.echo(f"{cycle}: {rows.num_rows} rows{' to ' + str(output) if output else ''}; sha256 {sha} {matches}",
-               err=True)
-
-
-# the gateway's commands (serve, keys) live in their own module, registered on this app
-from flywheel_assets import gateway_cli  # noqa: E402,F401
+# the gateway's commands (serve, keys) and export live in their own modules, registered on this app
+from flywheel_assets import export_cli, gateway_cli  # noqa: E402,F401
 
 if __name__ == "__main__":  # `python -m flywheel_assets.cli`: the module's app, where gateway_cli registered
     from flywheel_assets.cli import app as registered
