@@ -152,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
                     allow_failure=True)
         for request in _tick(defs, instance, "ab_monitor"):
             run_job(defs, instance, "ab_report_job", partition_key=request.partition_key)
-        _tick(defs, instance, "regression_watch")
+        for request in _tick(defs, instance, "regression_watch"):
+            run_job(defs, instance, "regression_rollback_job", run_config={**QUIET_RUN, **request.run_config},
+                    tags=request.tags)
         if len(concluded_cycles(lake)) >= args.cycles:
             break
     ingest_landed(defs, instance)  # the last day's corrections, so the tables are complete

@@ -5,12 +5,12 @@ from datetime import datetime, timedelta, timezone
 import dagster as dg
 import pyarrow as pa
 
-from flywheel_assets.defs.automation.sensors import regression_watch
+from flywheel_assets.defs.automation.sensors import regression_rollback_job, regression_watch
 from flywheel_assets.defs.resources import FlywheelResource
 from flywheel_assets.lib.clock import set_now
 from flywheel_assets.lib.experiments.registry import ModelRegistry
 from flywheel_assets.lib.lake import conform
-from flywheel_assets.lib.tables import SESSION_FEEDBACK, TRAJECTORIES
+from flywheel_assets.lib.tables import MODEL_REGISTRY, SESSION_FEEDBACK, TRAJECTORIES
 
 T0 = datetime(2026, 11, 20, tzinfo=timezone.utc)
 
@@ -47,7 +47,16 @@ def test_a_regressing_champion_is_rolled_back(home, config, lake):
     set_now(config, T0 + timedelta(days=1, hours=6))
     assert "waiting for data" in tick().skip_message
     _land(lake, _sessions("bad", 0.5, 100, T0 + timedelta(days=1, hours=3)))
-    assert "rolled back bad" in tick().skip_message
+    registry_version = lake.version(MODEL_REGISTRY)
+    request = tick()
+    # the tick decides and writes nothing; the run it requests rolls back, with the reason in its tags
+    assert lake.version(MODEL_REGISTRY) == registry_version and ModelRegistry(lake).champion()["version"] == "bad"
+    assert request.tags["flywheel/decision"] == "ROLLBACK" and "bad quality 0.500" in request.tags["flywheel/reason"]
+    result = regression_rollback_job.execute_in_process(run_config=request.run_config, resources=resources,
+                                                        tags=request.tags)
+    assert result.success
+    changes = [m for m in result.get_asset_materialization_events() if m.asset_key.to_user_string() == "model_registry"]
+    assert len(changes) == 1 and "bad | rolled_back" in changes[0].materialization.metadata["changes"].value
     latest = {r["version"]: r["status"] for r in ModelRegistry(lake).current()}
     assert latest == {"base": "champion", "bad": "rolled_back"}
     reasons = [r["reason"] for r in ModelRegistry(lake).history()]

@@ -54,9 +54,31 @@ daily_refresh = dg.ScheduleDefinition(
 )
 
 
-@dg.sensor(minimum_interval_seconds=300, default_status=dg.DefaultSensorStatus.RUNNING,
-           description="Rolls back to the previous champion when the new one's online quality drops past the "
-                       "degradation threshold after a promotion.")
+class RollbackConfig(dg.Config):
+    version: str
+    reason: str
+
+
+@dg.op(description="Rolls the champion back to its predecessor, as regression_watch decided; refuses when the "
+                   "version is no longer the champion.")
+def roll_back_champion(context: dg.OpExecutionContext, config: RollbackConfig, flywheel: FlywheelResource) -> None:
+    registry = flywheel.registry(context)  # the change is a model_registry materialization of this run
+    champion = registry.champion()
+    if champion is None or champion["version"] != config.version:
+        context.log.warning(f"{config.version} is no longer the champion; nothing rolled back")
+        return
+    registry.rollback(config.version, reason=f"regression: {config.reason}", actor="regression_watch")
+    context.log.info(f"rolled back {config.version}: {config.reason}")
+
+
+@dg.job(description="The rollback regression_watch decided: the champion back to its predecessor.")
+def regression_rollback_job():
+    roll_back_champion()
+
+
+@dg.sensor(job=regression_rollback_job, minimum_interval_seconds=300, default_status=dg.DefaultSensorStatus.RUNNING,
+           description="Requests a rollback to the previous champion when the new one's online quality drops past "
+                       "the degradation threshold after a promotion.")
 def regression_watch(context: dg.SensorEvaluationContext, flywheel: FlywheelResource):
     config = flywheel.config()
     registry = flywheel.registry()
@@ -68,21 +90,29 @@ def regression_watch(context: dg.SensorEvaluationContext, flywheel: FlywheelReso
     context.log.info(f"regression_watch: {verdict.reason}")
     if not verdict.rollback:
         return dg.SkipReason(verdict.reason)
-    registry.rollback(champion["version"], reason=f"regression: {verdict.reason}", actor="regression_watch")
-    return dg.SkipReason(f"rolled back {champion['version']}: {verdict.reason}")
+    # the tick decides; the run acts (and shows in the UI with its reason)
+    return dg.RunRequest(
+        run_key=f"rollback-{champion['version']}-{champion['event_id']}",
+        run_config={"ops": {"roll_back_champion": {"config": {"version": champion["version"],
+                                                              "reason": verdict.reason}}}},
+        tags={"flywheel/decision": "ROLLBACK", "flywheel/reason": verdict.reason[:200],
+              "flywheel/version": champion["version"]})
 
 
 @dg.sensor(job=ab_report_job, minimum_interval_seconds=120, default_status=dg.DefaultSensorStatus.RUNNING,
-           description="Moves gated candidates through canary (1%) and the A/B test (9%) to champion, or rolls "
-                       "them back; re-analyses the running test at every evaluation and refreshes its report.")
+           description="Decides each gated candidate's next move through canary (1%) and the A/B test (9%) to "
+                       "champion, or back, and requests the run that makes it (rollout_step) with the reason.")
 def ab_monitor(context: dg.SensorEvaluationContext, flywheel: FlywheelResource):
     waiting: list[str] = []
-    rows = advance(flywheel.config(), flywheel.lake(), flywheel.registry(), flywheel.now(), waiting)
+    # the tick decides and writes nothing; the run it requests (rollout_step) looks again and acts
+    rows = advance(flywheel.config(), flywheel.lake(), flywheel.registry(), flywheel.now(), waiting, apply=False)
     for row in rows:
         # a mismatch means the assignment is broken: a person must look, not just the run log
         log = context.log.warning if row["rule"] == "srm" else context.log.info
         log(f"{row['treatment']} [{row['stage']}] {row['outcome']}: {row['reason']}")
     if not rows:
         return dg.SkipReason("; ".join(waiting) or "no candidate to move: none gated, in canary or in an A/B test")
-    return [dg.RunRequest(partition_key=row["cycle"], run_key=f"ab-report-{row['cycle']}-{row['looked_at'].isoformat()}")
+    return [dg.RunRequest(partition_key=row["cycle"], run_key=f"rollout-{row['cycle']}-{row['looked_at'].isoformat()}",
+                          tags={"flywheel/decision": f"{row['stage']} {row['outcome']}",
+                                "flywheel/reason": row["reason"][:200], "flywheel/version": row["treatment"]})
             for row in {r["cycle"]: r for r in rows if r["cycle"]}.values()]

@@ -6,12 +6,35 @@ import dagster as dg
 
 from flywheel_assets.defs.partitions import cycle_partitions
 from flywheel_assets.defs.resources import FlywheelResource, chart_metadata
+from flywheel_assets.defs.records import record_in_run
+from flywheel_assets.lib.experiments.rollout import advance
 from flywheel_assets.lib.tables import AB_RESULTS
 from flywheel_assets.lib.experiments.report import ab_markdown, ab_chart
 
 
 @dg.asset(group_name="experiments", kinds={"delta", "python"}, partitions_def=cycle_partitions,
           deps=["offline_eval"])
+def rollout_step(context: dg.AssetExecutionContext, flywheel: FlywheelResource) -> dg.MaterializeResult:
+    """One look at the cycle's candidate, requested by ab_monitor: gate → canary → A/B → champion, or rolled back."""
+    cycle = context.partition_key
+    rows = advance(flywheel.config(), flywheel.lake(), flywheel.registry(context), flywheel.now(), cycle=cycle)
+    decided = context.run.tags.get("flywheel/decision", "none (launched by hand)")
+    for row in rows:
+        (context.log.warning if row["rule"] == "srm" else context.log.info)(
+            f"{row['treatment']} [{row['stage']}] {row['outcome']}: {row['reason']}")
+    if rows:
+        record_in_run(context, AB_RESULTS, cycle=cycle, looks=len(rows), outcome=rows[-1]["outcome"])
+    latest = rows[-1] if rows else None
+    return dg.MaterializeResult(metadata={
+        "stage": latest["stage"] if latest else "nothing to do",
+        "outcome": latest["outcome"] if latest else "none",
+        "reason": latest["reason"] if latest else "no live candidate of this cycle moved",
+        "sensor_decision": decided,
+    })
+
+
+@dg.asset(group_name="experiments", kinds={"delta", "python"}, partitions_def=cycle_partitions,
+          deps=["offline_eval", "rollout_step"])
 def ab_report(context: dg.AssetExecutionContext, flywheel: FlywheelResource) -> dg.MaterializeResult:
     """Staged rollout and A/B test of the cycle's candidate: decision, reason, effect with its interval."""
     config = flywheel.config()
@@ -40,6 +63,8 @@ def ab_report(context: dg.AssetExecutionContext, flywheel: FlywheelResource) -> 
 
 
 ab_report_job = dg.define_asset_job(
-    "ab_report_job", selection=dg.AssetSelection.assets("ab_report", "flywheel_velocity", "loop_health"),
+    "ab_report_job",
+    selection=dg.AssetSelection.assets("rollout_step", "ab_report", "flywheel_velocity", "loop_health"),
     partitions_def=cycle_partitions,
-    description="Refresh a cycle's A/B report after a look, and the flywheel's velocity and loop health with it.")
+    description="A look at a cycle's candidate (the move ab_monitor decided), its A/B report, and the flywheel's "
+                "velocity and loop health with it.")

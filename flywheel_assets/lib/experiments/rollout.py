@@ -76,9 +76,13 @@ def champion_plan(config: FlywheelConfig, lake: Lake, champion: str, now: dateti
 
 
 def advance(config: FlywheelConfig, lake: Lake, registry: ModelRegistry, now: datetime,
-            waiting: list[str] | None = None) -> list[dict]:
-    """One look at every live candidate; returns the ab_results rows written. Why a live
-    candidate moved nothing (a canary short of users) is appended to `waiting`."""
+            waiting: list[str] | None = None, apply: bool = True, cycle: str | None = None) -> list[dict]:
+    """One look at every live candidate (or only `cycle`'s); returns the ab_results rows
+    written. Why a live candidate moved nothing (a canary short of users) is appended to
+    `waiting`. With apply=False nothing is written: the rows are what a look would decide
+    (ab_monitor decides so; the run it requests looks again and acts)."""
+    if not apply:
+        registry = _DryRun(registry)
     current = registry.current()
     champion = next((r for r in current if r["status"] == "champion"), None)
     if champion is None:
@@ -91,6 +95,8 @@ def advance(config: FlywheelConfig, lake: Lake, registry: ModelRegistry, now: da
         prune=f"version IN ({', '.join(sql_literal(v) for v in candidates)})").to_pylist()} if candidates else {}
     for version in current:
         name, status = version["version"], version["status"]
+        if cycle is not None and version["cycle"] != cycle:
+            continue
         if status == "candidate" and name in gates:
             rows.append(_after_gate(config, registry, version, champion, gates[name], now))
         elif status == "canary":
@@ -98,9 +104,21 @@ def advance(config: FlywheelConfig, lake: Lake, registry: ModelRegistry, now: da
         elif status == "treatment":
             rows.append(_treatment(config, lake, registry, version, champion, now))
     rows = [r for r in rows if r]
-    if rows:
+    if rows and apply:
         lake.append(AB_RESULTS, pa.Table.from_pylist(rows, schema=AB_RESULTS.schema))
     return rows
+
+
+class _DryRun:
+    """The registry as advance reads it, with every change left unwritten."""
+
+    def __init__(self, registry: ModelRegistry):
+        self._registry = registry
+
+    def __getattr__(self, name):
+        if name in ("transition", "rollback", "register"):
+            return lambda *args, **kwargs: None
+        return getattr(self._registry, name)
 
 
 def _row(version: dict, champion: dict, stage: str, now: datetime, outcome: str, rule: str, reason: str,
