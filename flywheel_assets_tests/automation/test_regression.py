@@ -5,7 +5,8 @@ from datetime import datetime, timedelta, timezone
 import dagster as dg
 import pyarrow as pa
 
-from flywheel_assets.defs.automation.sensors import regression_rollback_job, regression_watch
+from flywheel_assets.defs.automation.jobs import regression_rollback_job
+from flywheel_assets.defs.automation.sensors import regression_watch
 from flywheel_assets.defs.resources import FlywheelResource
 from flywheel_assets.lib.clock import set_now
 from flywheel_assets.lib.experiments.registry import ModelRegistry

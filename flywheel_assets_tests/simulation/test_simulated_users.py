@@ -12,7 +12,8 @@ import pytest
 from flywheel_assets.defs.ingest.assets import bronze_ingest
 from flywheel_assets.defs.resources import FlywheelResource
 from flywheel_assets.defs.simulation.assets import simulated_usage
-from flywheel_assets.defs.simulation.sensors import simulated_usage_job, simulated_users
+from flywheel_assets.defs.simulation.jobs import simulated_usage_job
+from flywheel_assets.defs.simulation.sensors import simulated_users
 from flywheel_assets.lib.clock import now, set_now
 from flywheel_assets.lib.config import load_config
 from flywheel_assets.lib.lake import conform

@@ -2,9 +2,9 @@
 
 import dagster as dg
 
-from flywheel_assets.defs.curation.jobs import cycle_job
-from flywheel_assets.defs.experiments.assets import ab_report_job
-from flywheel_assets.defs.ingest.sensors import ingest_job
+from flywheel_assets.defs.automation.jobs import daily_refresh_job, regression_rollback_job
+from flywheel_assets.defs.experiments.jobs import ab_report_job
+from flywheel_assets.defs.training.jobs import cycle_job
 from flywheel_assets.defs.partitions import cycle_partitions
 from flywheel_assets.defs.resources import FlywheelResource
 from flywheel_assets.lib.automation.regression import check_regression
@@ -41,39 +41,12 @@ def training_trigger(context: dg.SensorEvaluationContext, flywheel: FlywheelReso
     )
 
 
-daily_refresh_job = dg.define_asset_job(
-    "daily_refresh_job", selection=ingest_job.selection | dg.AssetSelection.groups("observability"),
-    description="ingest_job's assets, then the flywheel's velocity and loop health with their charts.",
-)
-
 daily_refresh = dg.ScheduleDefinition(
     name="daily_refresh", job=daily_refresh_job, cron_schedule="0 2 * * *",
     default_status=dg.DefaultScheduleStatus.RUNNING,
     description="The seed's daily pipeline: ingest what landed, re-score feedback and judges, re-curate, and "
                 "refresh velocity and loop health.",
 )
-
-
-class RollbackConfig(dg.Config):
-    version: str
-    reason: str
-
-
-@dg.op(description="Rolls the champion back to its predecessor, as regression_watch decided; refuses when the "
-                   "version is no longer the champion.")
-def roll_back_champion(context: dg.OpExecutionContext, config: RollbackConfig, flywheel: FlywheelResource) -> None:
-    registry = flywheel.registry(context)  # the change is a model_registry materialization of this run
-    champion = registry.champion()
-    if champion is None or champion["version"] != config.version:
-        context.log.warning(f"{config.version} is no longer the champion; nothing rolled back")
-        return
-    registry.rollback(config.version, reason=f"regression: {config.reason}", actor="regression_watch")
-    context.log.info(f"rolled back {config.version}: {config.reason}")
-
-
-@dg.job(description="The rollback regression_watch decided: the champion back to its predecessor.")
-def regression_rollback_job():
-    roll_back_champion()
 
 
 @dg.sensor(job=regression_rollback_job, minimum_interval_seconds=300, default_status=dg.DefaultSensorStatus.RUNNING,

@@ -60,11 +60,3 @@ def ab_report(context: dg.AssetExecutionContext, flywheel: FlywheelResource) -> 
         metadata["chart"] = chart_metadata(chart, f"A/B effect of {latest['treatment']} over time")
         metadata["chart_file"] = dg.MetadataValue.path(str(chart))
     return dg.MaterializeResult(metadata=metadata)
-
-
-ab_report_job = dg.define_asset_job(
-    "ab_report_job",
-    selection=dg.AssetSelection.assets("rollout_step", "ab_report", "flywheel_velocity", "loop_health"),
-    partitions_def=cycle_partitions,
-    description="A look at a cycle's candidate (the move ab_monitor decided), its A/B report, and the flywheel's "
-                "velocity and loop health with it.")

@@ -8,17 +8,10 @@ from datetime import datetime, timedelta, timezone
 import dagster as dg
 
 from flywheel_assets.defs.resources import FlywheelResource
-from flywheel_assets.defs.simulation.sensors import simulated_usage_job
+from flywheel_assets.defs.ingest.jobs import ingest_job
+from flywheel_assets.defs.simulation.jobs import simulated_usage_job
 from flywheel_assets.lib.ingest.landing import list_landing
 from flywheel_assets.lib.ingest.pipeline import pending_files
-
-# Ingest, then refresh everything scored from the bronze tables (not the per-cycle dataset).
-ingest_job = dg.define_asset_job(
-    "ingest_job",
-    selection=dg.AssetSelection.groups("ingest", "feedback") | dg.AssetSelection.assets("curated_trajectories"),
-    description="Landing files → bronze → feedback scores → curated trajectories.",
-)
-
 
 @dg.sensor(job=ingest_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
            description="Starts ingest_job when ready files appear in the landing zone (in demo mode, once the "

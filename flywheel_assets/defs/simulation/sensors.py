@@ -5,16 +5,12 @@ import time
 
 import dagster as dg
 
-from flywheel_assets.defs.curation.jobs import base_model_job
+from flywheel_assets.defs.simulation.jobs import simulated_usage_job
+from flywheel_assets.defs.training.jobs import base_model_job
 from flywheel_assets.defs.resources import FlywheelResource
 from flywheel_assets.defs.simulation.assets import SimulatedDay
 from flywheel_assets.lib.simulation.daily import simulated_day
 from flywheel_assets.lib.tables import TRAJECTORIES
-
-simulated_usage_job = dg.define_asset_job(
-    "simulated_usage_job", selection=dg.AssetSelection.assets("simulated_usage"),
-    description="One simulated day of usage into the landing zone (demo mode); the flywheel clock moves past it.",
-)
 
 # A run in any of these holds the next day back: queued ones included, so ticks never pile up.
 IN_FLIGHT = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
