@@ -7,6 +7,7 @@ from pathlib import Path
 
 import dagster as dg
 import pyarrow as pa
+from pydantic import Field, PrivateAttr
 
 from flywheel_assets.lib import clock
 from flywheel_assets.lib.config import FlywheelConfig, load_config
@@ -22,16 +23,32 @@ def get_env() -> str:
 
 
 class FlywheelResource(dg.ConfigurableResource):
-    """Where Flywheel keeps its state and how it is tuned (see README: Configuration)."""
+    """Where Flywheel keeps its state and how it is tuned (see README: Configuration). Every
+    field is shown on the UI's resource page; secrets come from environment variables
+    (dg.EnvVar, never their values)."""
 
-    home: str | None = None
-    config_path: str | None = None
+    home: str | None = Field(default=None, description="FLYWHEEL_HOME (default ./data/home)")
+    config_path: str | None = Field(default=None, description="the profile, FLYWHEEL_CONFIG (JSON)")
+    lake_uri: str | None = Field(default=None, description="the lake's root, FLYWHEEL_LAKE_URI (e.g. s3://bucket/flywheel)")
+    storage_options: str | None = Field(default=None, description="object-store credentials as a JSON object, "
+                                                                   "FLYWHEEL_STORAGE_OPTIONS")
+    llm_judge_api_key: str | None = Field(default=None, description="the LLM judge's key, FLYWHEEL_LLM_JUDGE_API_KEY")
+    _parsed: FlywheelConfig | None = PrivateAttr(default=None)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self._parsed = self._load()  # once per run: every step of the run reads the same settings
+
+    def _load(self) -> FlywheelConfig:
+        config = load_config(self.home, self.config_path)
+        if self.llm_judge_api_key:
+            config.llm_judge.api_key = self.llm_judge_api_key
+        return config
 
     def config(self) -> FlywheelConfig:
-        return load_config(self.home, self.config_path)
+        return self._parsed if self._parsed is not None else self._load()
 
     def lake(self) -> Lake:
-        return Lake(self.config())
+        return Lake(self.config(), root=self.lake_uri, storage_options=self.storage_options)
 
     def now(self) -> datetime:
         return clock.now(self.config())
@@ -42,7 +59,7 @@ class FlywheelResource(dg.ConfigurableResource):
         from flywheel_assets.defs.records import registry_changed
 
         on_change = None if context is None else (lambda rows: context.log_event(registry_changed(rows)))
-        return ModelRegistry(Lake(config), clock=lambda: clock.now(config), on_change=on_change)
+        return ModelRegistry(self.lake(), clock=lambda: clock.now(config), on_change=on_change)
 
 
 def table_metadata(table: Table, data: pa.Table | None = None, **extra) -> dict:
@@ -78,6 +95,11 @@ def resources() -> dg.Definitions:
 
     from flywheel_assets.lib.catalog import CATALOG_NAME
 
+    # Settings that come from the environment are EnvVars, so the UI names the variable, not
+    # its value; one left unset keeps the default (EnvVar of an unset variable is an error).
+    from_env = {field: dg.EnvVar(variable) for field, variable in (
+        ("lake_uri", "FLYWHEEL_LAKE_URI"), ("storage_options", "FLYWHEEL_STORAGE_OPTIONS"),
+        ("llm_judge_api_key", "FLYWHEEL_LLM_JUDGE_API_KEY")) if os.environ.get(variable)}
     # The catalog's path is FLYWHEEL_HOME's at load time: where `make dev` and the demo keep it.
-    return dg.Definitions(resources={"flywheel": FlywheelResource(),
+    return dg.Definitions(resources={"flywheel": FlywheelResource(**from_env),
                                      "catalog": DuckDBResource(database=str(load_config().home / CATALOG_NAME))})

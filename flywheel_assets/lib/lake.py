@@ -32,10 +32,12 @@ SMALL_FILE_BYTES = 32 << 20
 
 
 class Lake:
-    def __init__(self, config: FlywheelConfig):
+    def __init__(self, config: FlywheelConfig, root: str | None = None, storage_options: str | None = None):
+        """`root` and `storage_options` (a JSON object) as the Dagster resource passes them;
+        without them, FLYWHEEL_LAKE_URI and FLYWHEEL_STORAGE_OPTIONS (the CLI, notebooks)."""
         self.config = config
-        self.root = os.environ.get("FLYWHEEL_LAKE_URI") or str(config.lake.resolve())
-        options = os.environ.get("FLYWHEEL_STORAGE_OPTIONS")
+        self.root = root or os.environ.get("FLYWHEEL_LAKE_URI") or str(config.lake.resolve())
+        options = storage_options or os.environ.get("FLYWHEEL_STORAGE_OPTIONS")
         self.storage_options: dict[str, str] | None = json.loads(options) if options else None
 
     def uri(self, table: Table) -> str:
