@@ -14,7 +14,8 @@ evaluates each sensor the way the tests and `make flywheel` do, through
 The first tick of each is timed on its own (the first Delta log and DuckDB work of the
 process); the median of the next --ticks is the figure compared with the target. Every
 tick's decision is recorded, so a faster sensor can be checked to decide the same.
-ab_monitor writes its look into ab_results at every tick, as it does in production.
+ab_monitor looks at every tick and writes nothing (the run it requests, rollout_step,
+acts): the figure is the decision's cost; its last results predate that change.
 Prints a results table and writes benchmarks/results/bench_sensors-latest.json.
 
     .venv/bin/python benchmarks/bench_sensors.py [--home DIR] [--fresh] [--ticks 5]
