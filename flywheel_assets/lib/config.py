@@ -300,7 +300,7 @@ class ABConfig(BaseModel):
     # A user's sessions beyond this count weigh as this many (their mean is kept): one heavy
     # user cannot decide a test, and the delta method's no-dominant-user assumption holds.
     max_sessions_per_user: int = Field(20, ge=1)
-    heavy_user_share: float = Field(0.01, gt=0, le=1)  # one user above this share of an arm's sessions: flagged
+    heavy_user_share: float = Field(0.05, gt=0, le=1)  # one user above this share of an arm's sessions: flagged (1% is routine in a 100-user arm)
     # Per-user σ never taken below this: an arm of identical values gets a width, not [x, x].
     sigma_floor: float = Field(0.05, ge=0)
     cuped: bool = True  # each user's pre-experiment mean quality as covariate (CUPED)
