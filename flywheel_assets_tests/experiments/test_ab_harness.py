@@ -52,8 +52,8 @@ def test_the_plan_covers_the_split_the_effect_and_every_guardrail(plan):
 
 
 def test_no_false_ship_under_daily_peeking_at_the_defaults(plan, config):
-    outcome = run_setting(Setting("A/A", 0.0, SPLIT), config, plan.planned_users, 40, SEED + 1)
-    print(f"\nA/A at the defaults, {plan.planned_users:,} users, 40 experiments: false SHIP {outcome.ship:.1%}")
+    outcome = run_setting(Setting("A/A", 0.0, SPLIT), config, plan.planned_users, 32, SEED + 1)
+    print(f"\nA/A at the defaults, {plan.planned_users:,} users, 32 experiments: false SHIP {outcome.ship:.1%}")
     assert outcome.ship <= 0.05
     assert outcome.rollback + outcome.ship == 1.0  # every test ends by max_days
 
@@ -69,8 +69,8 @@ def test_power_for_the_minimum_effect_at_the_defaults_with_guardrails(plan, conf
 
 def test_a_heavy_user_does_not_make_a_false_ship(plan, config):
     setting = Setting("A/A heavy user", 0.0, SPLIT, heavy_users=1)
-    outcome = run_setting(setting, config, plan.planned_users, 40, SEED + 3)
-    print(f"\nA/A with one heavy user, 40 experiments: false SHIP {outcome.ship:.1%}, flagged {outcome.heavy_flagged:.0%}")
+    outcome = run_setting(setting, config, plan.planned_users, 24, SEED + 3)
+    print(f"\nA/A with one heavy user, 24 experiments: false SHIP {outcome.ship:.1%}, flagged {outcome.heavy_flagged:.0%}")
     assert outcome.ship <= 0.05
     assert outcome.heavy_flagged == 1.0
 
