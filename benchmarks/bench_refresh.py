@@ -222,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     daily_s, full_s = sum(daily["seconds"].values()), sum(recompute["seconds"].values())
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} (2 cores; above 2, neighbours shared them)")
     equal = all(d["differing"] == 0 for d in differing.values())
     rows = [("step", "daily refresh (s)", "full recompute (s)", "rows written daily", "rows in table")]
     for name in daily["seconds"]:
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
           f"full recompute {full_s:.2f} s, peak RSS {recompute['peak_rss_mb']:.0f} MB: "
           f"{full_s / daily_s:.1f}× the refresh's time")
     print(f"refreshed = recomputed: {mark(equal)} ({json.dumps({k: v['differing'] for k, v in differing.items()})})")
-    result = {"machine": machine(), "data": made, "build_s": round(build_s, 1), "first_full": first,
+    result = {"machine": machine(), "load_average_at_end": os.getloadavg(), "data": made, "build_s": round(build_s, 1), "first_full": first,
               "daily": daily, "recompute": recompute, "differing": differing, "equal": equal,
               "daily_s": daily_s, "full_s": full_s, "targets": {"seconds": TARGET_S, "peak_rss_mb": TARGET_MB},
               "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
