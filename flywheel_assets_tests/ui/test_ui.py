@@ -62,7 +62,9 @@ def finished_ab_test(home: Path) -> list[dict]:
         rows += advance(scratch, lake, registry, clock["now"])
         if rows and rows[-1]["outcome"] == "SHIP":
             break
-        _traffic(lake, registry, T0 + timedelta(days=day + 1), 300, {"base": 0.3, CANDIDATE: 0.37}, seed=day)
+        # 1,500 users a day: the guardrails' σ floor (ab.sigma_floor) needs that many to show a
+        # zero-variance metric within its margin
+        _traffic(lake, registry, T0 + timedelta(days=day + 1), 1500, {"base": 0.3, CANDIDATE: 0.37}, seed=day)
     Lake(load_config(home)).append(AB_RESULTS, pa.Table.from_pylist(rows, schema=AB_RESULTS.schema))
     return rows
 
@@ -195,7 +197,7 @@ def test_ab_report_page_shows_the_decision_and_the_chart(ui, screenshots):
     browser.wait_for_text(["Latest materialization", "decision", "SHIP"])
     assert _metadata_value(browser, "decision") == "SHIP"
     assert _metadata_value(browser, "reason").startswith("Treatment is better")
-    assert _metadata_value(browser, "looks") == "6"  # gate, canary, four looks at the A/B test
+    assert _metadata_value(browser, "looks") == "3"  # gate, canary, the A/B look that shipped
     browser.screenshot(screenshots / "ab-report.png")
 
     # A chart is too long to show inline; the row links to it, and the dialog renders the PNG.
