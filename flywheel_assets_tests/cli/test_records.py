@@ -40,3 +40,10 @@ def test_a_promotion_by_hand_and_a_cli_ingest_show_in_the_catalog(registry, inst
 def test_the_tables_a_step_writes_beside_its_asset_are_assets_too():
     keys = {key.to_user_string() for key in defs().get_repository_def().asset_graph.get_all_asset_keys()}
     assert {"model_registry", "ab_results", "offline_evaluations", "dataset_manifests"} <= keys
+
+
+def test_without_an_instance_the_change_still_happens(registry, monkeypatch, tmp_path):  # noqa: F811
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "not-made-yet"))  # what make exports on a fresh clone
+    result = CliRunner().invoke(app, ["promote", "cycle-0001-lora", "--to", "canary", "--reason", "try it"])
+    assert result.exit_code == 0, result.output
+    assert registry.get("cycle-0001-lora")["status"] == "canary"
