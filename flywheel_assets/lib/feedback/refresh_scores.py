@@ -74,9 +74,7 @@ def _keyed(con: duckdb.DuckDBPyConnection, lake: Lake, table: Table, column: str
            columns: str = "*", version: int | None = None) -> pa.Table:
     """The rows of `table` (at `version`) whose `column` is in the view `keys` (one column named key)."""
     lake.register(con, table, f"_{table.name}", version=version)
-    # `|| ''` keeps DuckDB from pushing the join's key range into the arrow scan as a filter:
-    # it builds the bounds as string_view scalars, which Arrow cannot compare with a string column
-    return con.execute(f"SELECT {columns} FROM _{table.name} WHERE {column} || '' IN (SELECT key FROM {keys})"
+    return con.execute(f"SELECT {columns} FROM _{table.name} WHERE {column} IN (SELECT key FROM {keys})"
                        ).to_arrow_table()
 
 
@@ -187,7 +185,7 @@ def refresh_trajectory_scores(lake: Lake, config: FlywheelConfig, calibration=No
             SELECT trajectory_id AS key FROM new_ids UNION SELECT trajectory_id FROM new_events
             UNION SELECT trajectory_id FROM new_labels UNION SELECT trajectory_id FROM judged
             UNION SELECT final_trajectory_id FROM sessions WHERE final_trajectory_id IS NOT NULL
-            UNION SELECT trajectory_id FROM stored WHERE final_of_session || '' IN (SELECT session_id FROM sessions)""")
+            UNION SELECT trajectory_id FROM stored WHERE final_of_session IN (SELECT session_id FROM sessions)""")
         con.register("old", old := _keyed(con, lake, TRAJECTORY_SCORES, "trajectory_id", "affected"))
         # a trajectory new to the table: what was said of it before it was logged (events or
         # labels ingested earlier) is read back from the history, once
