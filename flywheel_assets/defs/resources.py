@@ -10,7 +10,7 @@ import pyarrow as pa
 from pydantic import Field, PrivateAttr
 
 from flywheel_assets.lib import clock
-from flywheel_assets.lib.config import FlywheelConfig, load_config
+from flywheel_assets.lib.config import ENVIRONMENT, FlywheelConfig, load_config
 from flywheel_assets.lib.experiments.registry import ModelRegistry
 from flywheel_assets.lib.lake import Lake
 from flywheel_assets.lib.tables import Table
@@ -22,17 +22,47 @@ def get_env() -> str:
     return "CLUSTER" if os.environ.get("DAGSTER_DEPLOYMENT", "local").lower() in ("cluster", "prod") else "LOCAL"
 
 
+class LakeResource(dg.ConfigurableResource):
+    """The lake: where every Delta table lives (FLYWHEEL_HOME/lake unless `uri` names another root)."""
+
+    uri: str | None = Field(default=None, description="the lake's root, FLYWHEEL_LAKE_URI "
+                                                      "(e.g. s3://bucket/flywheel; default FLYWHEEL_HOME/lake)")
+    storage_options: str | None = Field(default=None, description="object-store credentials as a JSON object, "
+                                                                  "FLYWHEEL_STORAGE_OPTIONS")
+
+    def lake(self, config: FlywheelConfig) -> Lake:
+        return Lake(config, root=self.uri, storage_options=self.storage_options)
+
+
+class ModelStoreResource(dg.ConfigurableResource):
+    """The model store: the base model and every trained adapter, by version."""
+
+    root: str | None = Field(default=None, description="FLYWHEEL_MODELS_DIR (default FLYWHEEL_HOME/models)")
+
+
+class EndpointResource(dg.ConfigurableResource):
+    """An OpenAI-compatible endpoint: the LLM judge, or the teacher of the cold start and the corrections."""
+
+    url: str | None = Field(default=None, description="the base URL, e.g. https://api.openai.com/v1")
+    model: str | None = Field(default=None, description="the model name it is asked for")
+    api_key: str | None = Field(default=None, description="the key (an environment variable, never shown)")
+
+    def settings(self) -> dict:
+        return {key: value for key, value in (("url", self.url), ("model", self.model),
+                                              ("api_key", self.api_key)) if value}
+
+
 class FlywheelResource(dg.ConfigurableResource):
-    """Where Flywheel keeps its state and how it is tuned (see README: Configuration). Every
-    field is shown on the UI's resource page; secrets come from environment variables
-    (dg.EnvVar, never their values)."""
+    """The profile (README: Configuration) and the stores it works on: the lake, the model store,
+    the LLM judge's and the teacher's endpoints, each its own resource on the UI's resource page
+    (secrets come from environment variables as dg.EnvVar, never their values). Parsed once per run."""
 
     home: str | None = Field(default=None, description="FLYWHEEL_HOME (default ./data/home)")
     config_path: str | None = Field(default=None, description="the profile, FLYWHEEL_CONFIG (JSON)")
-    lake_uri: str | None = Field(default=None, description="the lake's root, FLYWHEEL_LAKE_URI (e.g. s3://bucket/flywheel)")
-    storage_options: str | None = Field(default=None, description="object-store credentials as a JSON object, "
-                                                                   "FLYWHEEL_STORAGE_OPTIONS")
-    llm_judge_api_key: str | None = Field(default=None, description="the LLM judge's key, FLYWHEEL_LLM_JUDGE_API_KEY")
+    lake_store: LakeResource | None = None
+    model_store: ModelStoreResource | None = None
+    llm_judge: EndpointResource | None = None
+    teacher: EndpointResource | None = None
     _parsed: FlywheelConfig | None = PrivateAttr(default=None)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
@@ -40,21 +70,25 @@ class FlywheelResource(dg.ConfigurableResource):
 
     def _load(self) -> FlywheelConfig:
         config = load_config(self.home, self.config_path)
-        if self.llm_judge_api_key:
-            config.llm_judge.api_key = self.llm_judge_api_key
+        for section, endpoint in (("llm_judge", self.llm_judge), ("teacher", self.teacher)):
+            if endpoint is not None and endpoint.settings():
+                setattr(config, section, getattr(config, section).model_copy(update=endpoint.settings()))
+        if self.model_store is not None and self.model_store.root:
+            config.models_root = Path(self.model_store.root)
         return config
 
     def config(self) -> FlywheelConfig:
         return self._parsed if self._parsed is not None else self._load()
 
     def lake(self) -> Lake:
-        return Lake(self.config(), root=self.lake_uri, storage_options=self.storage_options)
+        return (self.lake_store or LakeResource()).lake(self.config())
 
     def now(self) -> datetime:
         return clock.now(self.config())
 
     def registry(self, context=None) -> ModelRegistry:
-        """With a run's `context`, every change is also a materialization of model_registry in that run."""
+        """The model registry (a table in the lake). With a run's `context`, every change is also a
+        materialization of model_registry in that run."""
         config = self.config()
         from flywheel_assets.defs.records import registry_changed
 
@@ -89,17 +123,30 @@ def chart_metadata(path: Path, title: str) -> dg.MetadataValue:
     return dg.MetadataValue.md(f"![{title}](data:image/png;base64,{encoded})")
 
 
+# The one place the environment configures the resources: each field's variable. Nothing set is
+# the local default (everything under FLYWHEEL_HOME); FLYWHEEL_LAKE_URI + FLYWHEEL_STORAGE_OPTIONS
+# is the object-store profile. The profile's own variables are lib/config.py's ENVIRONMENT.
+RESOURCE_ENVIRONMENT: dict[str, tuple[type[dg.ConfigurableResource], dict[str, str]]] = {
+    "lake": (LakeResource, {"uri": "FLYWHEEL_LAKE_URI", "storage_options": "FLYWHEEL_STORAGE_OPTIONS"}),
+    "model_store": (ModelStoreResource, {"root": "FLYWHEEL_MODELS_DIR"}),
+    **{section: (EndpointResource, {key: variable for s, key, variable in ENVIRONMENT if s == section})
+       for section in ("llm_judge", "teacher")},
+}
+
+
 @dg.definitions
 def resources() -> dg.Definitions:
     from dagster_duckdb import DuckDBResource
 
     from flywheel_assets.lib.catalog import CATALOG_NAME
 
-    # Settings that come from the environment are EnvVars, so the UI names the variable, not
-    # its value; one left unset keeps the default (EnvVar of an unset variable is an error).
-    from_env = {field: dg.EnvVar(variable) for field, variable in (
-        ("lake_uri", "FLYWHEEL_LAKE_URI"), ("storage_options", "FLYWHEEL_STORAGE_OPTIONS"),
-        ("llm_judge_api_key", "FLYWHEEL_LLM_JUDGE_API_KEY")) if os.environ.get(variable)}
+    # EnvVar: the UI names the variable, not its value, and reads it when a run starts; a variable
+    # left unset keeps the default (an EnvVar of an unset variable is an error).
+    stores = {key: kind(**{field: dg.EnvVar(variable) for field, variable in fields.items()
+                           if os.environ.get(variable)})
+              for key, (kind, fields) in RESOURCE_ENVIRONMENT.items()}
+    flywheel = FlywheelResource(lake_store=stores["lake"], model_store=stores["model_store"],
+                                llm_judge=stores["llm_judge"], teacher=stores["teacher"])
     # The catalog's path is FLYWHEEL_HOME's at load time: where `make dev` and the demo keep it.
-    return dg.Definitions(resources={"flywheel": FlywheelResource(**from_env),
+    return dg.Definitions(resources={"flywheel": flywheel, **stores,
                                      "catalog": DuckDBResource(database=str(load_config().home / CATALOG_NAME))})

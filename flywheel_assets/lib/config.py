@@ -155,6 +155,15 @@ class IngestConfig(BaseModel):
     stale_after_s: float = 3600.0
 
 
+class TeacherEndpointConfig(BaseModel):
+    """The teacher's OpenAI-compatible endpoint, used when cold_start.teacher is "openai"
+    (FLYWHEEL_TEACHER_URL / _MODEL / _API_KEY)."""
+
+    url: str | None = None
+    model: str = "gpt-4o"
+    api_key: str | None = None
+
+
 class LLMJudgeConfig(BaseModel):
     """Off unless FLYWHEEL_LLM_JUDGE_URL is set (any OpenAI-compatible endpoint)."""
 
@@ -418,6 +427,7 @@ class GatewayConfig(BaseModel):
 
 class FlywheelConfig(BaseModel):
     home: Path = Path(DEFAULT_HOME)
+    models_root: Path | None = None  # the model store (base, adapters); None: FLYWHEEL_HOME/models
     scoring: ScoringWeights = Field(default_factory=ScoringWeights)
     tiers: TierConfig = Field(default_factory=TierConfig)
     fusion: FusionConfig = Field(default_factory=FusionConfig)
@@ -425,6 +435,7 @@ class FlywheelConfig(BaseModel):
     curation: CurationConfig = Field(default_factory=CurationConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     llm_judge: LLMJudgeConfig = Field(default_factory=LLMJudgeConfig)
+    teacher: TeacherEndpointConfig = Field(default_factory=TeacherEndpointConfig)
     cold_start: ColdStartConfig = Field(default_factory=ColdStartConfig)
     corrections: CorrectionsConfig = Field(default_factory=CorrectionsConfig)
     base_model: BaseModelConfig = Field(default_factory=BaseModelConfig)
@@ -462,22 +473,32 @@ class FlywheelConfig(BaseModel):
 
     @property
     def models(self) -> Path:
-        return self.home / "models"
+        return self.models_root or self.home / "models"
 
     @property
     def reports(self) -> Path:
         return self.home / "reports"
 
 
-def load_config(home: str | os.PathLike | None = None, config_path: str | None = None) -> FlywheelConfig:
-    """Read FLYWHEEL_CONFIG (JSON) and FLYWHEEL_HOME; explicit arguments win."""
-    path = config_path or os.environ.get("FLYWHEEL_CONFIG")
-    raw: dict = json.loads(Path(path).read_text()) if path else {}
-    raw["home"] = str(home or raw.get("home") or os.environ.get("FLYWHEEL_HOME") or DEFAULT_HOME)
-    judge = raw.setdefault("llm_judge", {})
-    for key, env in (("url", "FLYWHEEL_LLM_JUDGE_URL"), ("model", "FLYWHEEL_LLM_JUDGE_MODEL"),
-                     ("api_key", "FLYWHEEL_LLM_JUDGE_API_KEY")):
-        if os.environ.get(env):
-            judge[key] = os.environ[env]
-    return FlywheelConfig.model_validate(raw)
+# The settings an environment variable may set, in one place: load_config reads them (the CLI,
+# notebooks), the Dagster resources name them as dg.EnvVar (the UI shows the name, not the value).
+# (section, field, variable); the lake's root and credentials are Lake's (lib/lake.py).
+ENVIRONMENT = (
+    ("llm_judge", "url", "FLYWHEEL_LLM_JUDGE_URL"), ("llm_judge", "model", "FLYWHEEL_LLM_JUDGE_MODEL"),
+    ("llm_judge", "api_key", "FLYWHEEL_LLM_JUDGE_API_KEY"),
+    ("teacher", "url", "FLYWHEEL_TEACHER_URL"), ("teacher", "model", "FLYWHEEL_TEACHER_MODEL"),
+    ("teacher", "api_key", "FLYWHEEL_TEACHER_API_KEY"), (None, "models_root", "FLYWHEEL_MODELS_DIR"),
+)
 
+
+def load_config(home: str | os.PathLike | None = None, config_path: str | None = None,
+                environ=None) -> FlywheelConfig:
+    """Read FLYWHEEL_CONFIG (JSON), FLYWHEEL_HOME and the ENVIRONMENT settings; explicit arguments win."""
+    environ = os.environ if environ is None else environ
+    path = config_path or environ.get("FLYWHEEL_CONFIG")
+    raw: dict = json.loads(Path(path).read_text()) if path else {}
+    raw["home"] = str(home or raw.get("home") or environ.get("FLYWHEEL_HOME") or DEFAULT_HOME)
+    for section, key, variable in ENVIRONMENT:
+        if environ.get(variable):
+            (raw.setdefault(section, {}) if section else raw)[key] = environ[variable]
+    return FlywheelConfig.model_validate(raw)

@@ -1,11 +1,14 @@
-"""The resource: settings parsed once per run, the lake's root and credentials and the LLM
-judge's key as resource fields (from environment variables, named in the UI, never shown)."""
+"""The resources: the profile parsed once per run; the lake, the model store and the LLM judge's
+and teacher's endpoints as typed resources whose settings come from environment variables
+(named in the UI, never shown) and reach the stores."""
 
 import dagster as dg
 
 from flywheel_assets.defs import resources as resources_module
 from flywheel_assets.defs.feedback.assets import judge_scores, session_feedback
-from flywheel_assets.defs.resources import FlywheelResource, resources
+from flywheel_assets.defs.resources import (
+    EndpointResource, FlywheelResource, LakeResource, ModelStoreResource, resources,
+)
 
 
 def test_the_settings_are_parsed_once_per_run(home, monkeypatch):
@@ -16,12 +19,36 @@ def test_the_settings_are_parsed_once_per_run(home, monkeypatch):
     assert result.success and len(calls) == 1
 
 
-def test_settings_from_the_environment_are_env_vars_and_reach_the_lake(home, monkeypatch, tmp_path):
+def test_each_store_is_its_own_resource_with_its_variables_as_env_vars(home, monkeypatch, tmp_path):
     monkeypatch.setenv("FLYWHEEL_LLM_JUDGE_API_KEY", "sk-secret")
+    monkeypatch.setenv("FLYWHEEL_TEACHER_URL", "http://teacher.example/v1")
     monkeypatch.setenv("FLYWHEEL_LAKE_URI", str(tmp_path / "elsewhere"))
-    flywheel = resources().resources["flywheel"]
-    assert isinstance(flywheel.llm_judge_api_key, dg.EnvVar) and flywheel.llm_judge_api_key.env_var_name == \
-        "FLYWHEEL_LLM_JUDGE_API_KEY"
-    configured = FlywheelResource(home=str(home), lake_uri=str(tmp_path / "lake2"), llm_judge_api_key="sk-x")
-    assert configured.lake().root == str(tmp_path / "lake2")  # the field wins over the environment
-    assert configured.config().llm_judge.api_key == "sk-x"
+    defined = resources().resources
+    assert {"flywheel", "lake", "model_store", "llm_judge", "teacher", "catalog"} <= set(defined)
+    for resource, field, variable in ((defined["llm_judge"], "api_key", "FLYWHEEL_LLM_JUDGE_API_KEY"),
+                                      (defined["teacher"], "url", "FLYWHEEL_TEACHER_URL"),
+                                      (defined["lake"], "uri", "FLYWHEEL_LAKE_URI")):
+        value = getattr(resource, field)
+        assert isinstance(value, dg.EnvVar) and value.env_var_name == variable
+    assert defined["model_store"].root is None and defined["llm_judge"].url is None  # unset: the default
+    assert defined["flywheel"].lake_store is defined["lake"]  # one instance: the profile's stores
+
+
+def test_a_run_reads_the_variables_when_it_starts_and_the_fields_reach_the_stores(home, monkeypatch, tmp_path):
+    monkeypatch.setenv("FLYWHEEL_LAKE_URI", str(tmp_path / "elsewhere"))
+    defined = resources().resources
+    result = dg.materialize([session_feedback], resources={key: defined[key] for key in ("flywheel", "lake")})
+    assert result.success and (tmp_path / "elsewhere" / "silver" / "session_feedback" / "_delta_log").is_dir()
+    assert not (home / "lake" / "silver" / "session_feedback").exists()
+
+    monkeypatch.delenv("FLYWHEEL_LAKE_URI")
+    configured = FlywheelResource(
+        home=str(home), lake_store=LakeResource(uri=str(tmp_path / "lake2")),
+        model_store=ModelStoreResource(root=str(tmp_path / "models2")),
+        llm_judge=EndpointResource(api_key="sk-x"), teacher=EndpointResource(url="http://t/v1", model="qwen"))
+    assert configured.lake().root == str(tmp_path / "lake2")
+    config = configured.config()
+    assert config.llm_judge.api_key == "sk-x" and config.llm_judge.model == "gpt-4o-mini"  # the rest kept
+    assert (config.teacher.url, config.teacher.model) == ("http://t/v1", "qwen")
+    assert config.models == tmp_path / "models2"
+    assert FlywheelResource(home=str(home)).config().models == home / "models"

@@ -10,6 +10,7 @@ import pytest
 
 from flywheel_assets_tests.helpers import completion, openai_stand_in
 
+from flywheel_assets.lib.config import load_config
 from flywheel_assets.lib.ingest.trajectories import parse_trajectory
 from flywheel_assets.lib.simulation.hermes import HERMES_SYSTEM
 from flywheel_assets.lib.simulation.tasks import Task, expert_messages, generate_tasks, is_eval_prompt, verify
@@ -17,6 +18,7 @@ from flywheel_assets.lib.simulation.tools import run_tool
 from flywheel_assets.lib.simulation.teachers import (
     OpenAITeacher, ScriptedTeacher, TeacherError, cold_start_lines, import_public_file,
 )
+from flywheel_assets.lib.simulation.teachers import make_teacher as configured_teacher
 
 SUM = Task("calculator-t-0", "calculator", "What is 663 + 859?", 0, (("calculator", '{"expression": "663 + 859"}'),),
            "663 + 859 = 1522.", ("1522",))
@@ -150,10 +152,13 @@ def test_cold_start_through_the_openai_teacher(server):
     assert [line["trajectory_id"] for line in lines] == [f"teacher-m1-{t.task_id}" for t in tasks]
 
 
-def test_from_env():
-    assert OpenAITeacher.from_env({}) is None
-    teacher = OpenAITeacher.from_env({"FLYWHEEL_TEACHER_URL": "http://localhost:8000/v1",
-                                      "FLYWHEEL_TEACHER_MODEL": "qwen", "FLYWHEEL_TEACHER_API_KEY": "k"})
+def test_the_teacher_endpoint_comes_from_the_environment_through_the_config(tmp_path):
+    assert OpenAITeacher.from_config(load_config(tmp_path, environ={}).teacher) is None
+    with pytest.raises(ValueError, match="no endpoint"):
+        configured_teacher("openai", 0, endpoint=load_config(tmp_path, environ={}).teacher)
+    config = load_config(tmp_path, environ={"FLYWHEEL_TEACHER_URL": "http://localhost:8000/v1",
+                                            "FLYWHEEL_TEACHER_MODEL": "qwen", "FLYWHEEL_TEACHER_API_KEY": "k"})
+    teacher = configured_teacher("openai", 0, endpoint=config.teacher)
     assert (teacher.endpoint, teacher.model, teacher.api_key) == ("http://localhost:8000/v1/chat/completions", "qwen", "k")
 
 

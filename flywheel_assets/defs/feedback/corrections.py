@@ -26,7 +26,7 @@ def teacher_corrections(context: dg.AssetExecutionContext, flywheel: FlywheelRes
         return dg.MaterializeResult(metadata={"corrected": 0, "skipped_because": reason})
     failures = failed_requests(lake, config, settings.daily_budget)
     domain = load_domain(config.domain)
-    teacher = make_teacher(config.cold_start.teacher, settings.seed + day.toordinal(), domain)
+    teacher = make_teacher(config.cold_start.teacher, settings.seed + day.toordinal(), domain, config.teacher)
     lines, skipped = correction_lines(failures, teacher, day, domain)
     if lines:
         write_landing_file(target, to_jsonl(lines))

@@ -32,7 +32,7 @@ def write_cold_start(config: FlywheelConfig) -> dict:
     golden_file = Path(settings.golden_file) if settings.golden_file else \
         (GOLDEN if config.domain.name == "builtin" else None)
     golden = _copy(golden_file, folder / "cold-start-golden.jsonl") if golden_file else False
-    teacher = make_teacher(settings.teacher, settings.seed, domain)
+    teacher = make_teacher(settings.teacher, settings.seed, domain, config.teacher)
     name = settings.teacher if config.domain.name == "builtin" else f"{config.domain.name}-{settings.teacher}"
     target = folder / f"cold-start-synthetic-{name}-{settings.seed}-{settings.synthetic_trajectories}.jsonl"
     synthetic = 0

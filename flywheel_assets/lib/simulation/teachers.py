@@ -13,7 +13,6 @@ the domain's tools in context, as a model would, and the checker grounds its cal
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections import Counter
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from random import Random
 
+from flywheel_assets.lib.config import TeacherEndpointConfig
 from flywheel_assets.lib.domains import Domain
 from flywheel_assets.lib.domains.builtin import BuiltinDomain
 from flywheel_assets.lib.openai_compat import EndpointError, post_json, reply_json
@@ -153,12 +153,11 @@ class OpenAITeacher:
         self.domain, self.max_turns = domain or BuiltinDomain(), max_turns
 
     @classmethod
-    def from_env(cls, environ=None, domain: Domain | None = None) -> OpenAITeacher | None:
-        environ = os.environ if environ is None else environ
-        if not environ.get("FLYWHEEL_TEACHER_URL"):
+    def from_config(cls, endpoint: TeacherEndpointConfig, domain: Domain | None = None) -> OpenAITeacher | None:
+        """The configured endpoint (config.teacher: FLYWHEEL_TEACHER_URL / _MODEL / _API_KEY); None without a URL."""
+        if not endpoint.url:
             return None
-        return cls(environ["FLYWHEEL_TEACHER_URL"], environ.get("FLYWHEEL_TEACHER_MODEL") or "gpt-4o",
-                   environ.get("FLYWHEEL_TEACHER_API_KEY") or None, domain=domain)
+        return cls(endpoint.url, endpoint.model, endpoint.api_key or None, domain=domain)
 
     @property
     def rejected(self) -> int:
@@ -233,15 +232,16 @@ def _function_call(call: dict) -> dict:
                          "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments)}}
 
 
-def make_teacher(kind: str, seed: int, domain: Domain | None = None):
+def make_teacher(kind: str, seed: int, domain: Domain | None = None,
+                 endpoint: TeacherEndpointConfig | None = None):
     """The configured teacher: "scripted" (offline: the domain's oracle) or "openai"
-    (FLYWHEEL_TEACHER_URL / _MODEL / _API_KEY)."""
+    (the `endpoint`: config.teacher, from FLYWHEEL_TEACHER_URL / _MODEL / _API_KEY)."""
     if kind in ("scripted", "oracle"):
         return OracleTeacher(seed, domain)
     if kind != "openai":
         raise ValueError(f"unknown teacher {kind!r}: use 'scripted' (alias 'oracle') or 'openai'")
-    if (teacher := OpenAITeacher.from_env(domain=domain)) is None:
-        raise ValueError("the teacher is 'openai' but FLYWHEEL_TEACHER_URL is not set")
+    if endpoint is None or (teacher := OpenAITeacher.from_config(endpoint, domain)) is None:
+        raise ValueError("the teacher is 'openai' but no endpoint is set (teacher.url, FLYWHEEL_TEACHER_URL)")
     return teacher
 
 
