@@ -2,11 +2,15 @@
 
 import base64
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
 import dagster as dg
+import duckdb
 import pyarrow as pa
+from dagster_duckdb import DuckDBResource
 from pydantic import Field, PrivateAttr
 
 from flywheel_assets.lib import clock
@@ -63,6 +67,7 @@ class FlywheelResource(dg.ConfigurableResource):
     model_store: ModelStoreResource | None = None
     llm_judge: EndpointResource | None = None
     teacher: EndpointResource | None = None
+    engine: DuckDBResource | None = None
     _parsed: FlywheelConfig | None = PrivateAttr(default=None)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
@@ -85,6 +90,13 @@ class FlywheelResource(dg.ConfigurableResource):
 
     def now(self) -> datetime:
         return clock.now(self.config())
+
+    @contextmanager
+    def sql(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A DuckDB connection from the `duckdb` resource (in memory: the tables are registered
+        into it from the lake) with its settings; closed after."""
+        with (self.engine or DuckDBResource(database=":memory:")).get_connection() as con:
+            yield con
 
     def registry(self, context=None) -> ModelRegistry:
         """The model registry (a table in the lake). With a run's `context`, every change is also a
@@ -136,8 +148,6 @@ RESOURCE_ENVIRONMENT: dict[str, tuple[type[dg.ConfigurableResource], dict[str, s
 
 @dg.definitions
 def resources() -> dg.Definitions:
-    from dagster_duckdb import DuckDBResource
-
     from flywheel_assets.lib.catalog import CATALOG_NAME
 
     # EnvVar: the UI names the variable, not its value, and reads it when a run starts; a variable
@@ -145,8 +155,11 @@ def resources() -> dg.Definitions:
     stores = {key: kind(**{field: dg.EnvVar(variable) for field, variable in fields.items()
                            if os.environ.get(variable)})
               for key, (kind, fields) in RESOURCE_ENVIRONMENT.items()}
+    # the SQL engine of the assets: an in-memory DuckDB per use, the tables registered from the
+    # lake; connection_config takes DuckDB's settings (threads, memory_limit, temp_directory)
+    stores["duckdb"] = DuckDBResource(database=":memory:")
     flywheel = FlywheelResource(lake_store=stores["lake"], model_store=stores["model_store"],
-                                llm_judge=stores["llm_judge"], teacher=stores["teacher"])
+                                llm_judge=stores["llm_judge"], teacher=stores["teacher"], engine=stores["duckdb"])
     # The catalog's path is FLYWHEEL_HOME's at load time: where `make dev` and the demo keep it.
     return dg.Definitions(resources={"flywheel": flywheel, **stores,
                                      "catalog": DuckDBResource(database=str(load_config().home / CATALOG_NAME))})

@@ -3,6 +3,9 @@ and teacher's endpoints as typed resources whose settings come from environment 
 (named in the UI, never shown) and reach the stores."""
 
 import dagster as dg
+import duckdb
+import pytest
+from dagster_duckdb import DuckDBResource
 
 from flywheel_assets.defs import resources as resources_module
 from flywheel_assets.defs.feedback.assets import judge_scores, session_feedback
@@ -24,7 +27,7 @@ def test_each_store_is_its_own_resource_with_its_variables_as_env_vars(home, mon
     monkeypatch.setenv("FLYWHEEL_TEACHER_URL", "http://teacher.example/v1")
     monkeypatch.setenv("FLYWHEEL_LAKE_URI", str(tmp_path / "elsewhere"))
     defined = resources().resources
-    assert {"flywheel", "lake", "model_store", "llm_judge", "teacher", "catalog"} <= set(defined)
+    assert {"flywheel", "lake", "model_store", "llm_judge", "teacher", "duckdb", "catalog"} <= set(defined)
     for resource, field, variable in ((defined["llm_judge"], "api_key", "FLYWHEEL_LLM_JUDGE_API_KEY"),
                                       (defined["teacher"], "url", "FLYWHEEL_TEACHER_URL"),
                                       (defined["lake"], "uri", "FLYWHEEL_LAKE_URI")):
@@ -32,6 +35,16 @@ def test_each_store_is_its_own_resource_with_its_variables_as_env_vars(home, mon
         assert isinstance(value, dg.EnvVar) and value.env_var_name == variable
     assert defined["model_store"].root is None and defined["llm_judge"].url is None  # unset: the default
     assert defined["flywheel"].lake_store is defined["lake"]  # one instance: the profile's stores
+    assert defined["flywheel"].engine is defined["duckdb"] and defined["duckdb"].database == ":memory:"
+
+
+def test_the_assets_sql_runs_on_the_duckdb_resource_with_its_settings(home):
+    flywheel = FlywheelResource(home=str(home), engine=DuckDBResource(database=":memory:",
+                                                                      connection_config={"threads": 1}))
+    with flywheel.sql() as con:
+        assert con.sql("SELECT current_setting('threads')").fetchone() == (1,)
+    with pytest.raises(duckdb.ConnectionException):
+        con.sql("SELECT 1")  # closed after
 
 
 def test_a_run_reads_the_variables_when_it_starts_and_the_fields_reach_the_stores(home, monkeypatch, tmp_path):

@@ -3,7 +3,6 @@
 import json
 
 import dagster as dg
-import duckdb
 
 from flywheel_assets.defs.partitions import cycle_partitions
 from flywheel_assets.defs.resources import FlywheelResource
@@ -27,16 +26,16 @@ def no_pii_in_training_set(context: dg.AssetCheckExecutionContext, flywheel: Fly
                 description="No trajectory, and no prompt, of the held-out evaluation split is in the training set.")
 def no_holdout_leakage(context: dg.AssetCheckExecutionContext, flywheel: FlywheelResource) -> dg.AssetCheckResult:
     lake = flywheel.lake()
-    con = duckdb.connect()
-    lake.register(con, TRAINING_DATASET)
-    lake.register(con, CURATED_TRAJECTORIES)
-    overlap, prompt_overlap = con.execute("""
-        WITH train AS (SELECT d.trajectory_id, c.prompt_key FROM training_dataset d
-                       JOIN curated_trajectories c USING (trajectory_id) WHERE d.cycle = $cycle),
-             holdout AS (SELECT trajectory_id, prompt_key FROM curated_trajectories WHERE split = 'holdout')
-        SELECT (SELECT count(*) FROM train WHERE trajectory_id IN (SELECT trajectory_id FROM holdout)),
-               (SELECT count(*) FROM train WHERE prompt_key IN (SELECT prompt_key FROM holdout))
-    """, {"cycle": context.partition_key}).fetchone()
+    with flywheel.sql() as con:
+        lake.register(con, TRAINING_DATASET)
+        lake.register(con, CURATED_TRAJECTORIES)
+        overlap, prompt_overlap = con.execute("""
+            WITH train AS (SELECT d.trajectory_id, c.prompt_key FROM training_dataset d
+                           JOIN curated_trajectories c USING (trajectory_id) WHERE d.cycle = $cycle),
+                 holdout AS (SELECT trajectory_id, prompt_key FROM curated_trajectories WHERE split = 'holdout')
+            SELECT (SELECT count(*) FROM train WHERE trajectory_id IN (SELECT trajectory_id FROM holdout)),
+                   (SELECT count(*) FROM train WHERE prompt_key IN (SELECT prompt_key FROM holdout))
+        """, {"cycle": context.partition_key}).fetchone()
     return dg.AssetCheckResult(passed=overlap == 0 and prompt_overlap == 0, metadata={
         "trajectories_in_both": overlap, "prompts_in_both": prompt_overlap})
 

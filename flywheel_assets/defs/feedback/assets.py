@@ -1,7 +1,6 @@
 """Silver and gold scores: implicit feedback, judges, and their fusion into tiers."""
 
 import dagster as dg
-import duckdb
 import polars as pl
 import pyarrow as pa
 
@@ -23,12 +22,13 @@ class RefreshConfig(dg.Config):
     full: bool = False
 
 
-def _refresh_metadata(table, outcome, con_sql: str, lake) -> dict:
+def _refresh_metadata(table, outcome, con_sql: str, flywheel: FlywheelResource) -> dict:
     """What the refresh read and wrote, and aggregates of the whole table (`con_sql` over view t)."""
-    con = duckdb.connect()
-    lake.register(con, table, "t")
-    cursor = con.execute(con_sql)
-    whole = dict(zip([column[0] for column in cursor.description], cursor.fetchone()))
+    lake = flywheel.lake()
+    with flywheel.sql() as con:
+        lake.register(con, table, "t")
+        cursor = con.execute(con_sql)
+        whole = dict(zip([column[0] for column in cursor.description], cursor.fetchone()))
     return table_metadata(table, delta_version=outcome.version, refresh="full" if outcome.full else "incremental",
                           refresh_reason=outcome.reason, rows_written=outcome.rows.num_rows,
                           new_input_rows=dg.MetadataValue.json(outcome.new_rows), **whole) \
@@ -43,7 +43,7 @@ def session_feedback(config: RefreshConfig, flywheel: FlywheelResource) -> dg.Ma
     outcome = refresh_session_feedback(lake, flywheel.config(), full=config.full)
     return dg.MaterializeResult(metadata=_refresh_metadata(
         SESSION_FEEDBACK, outcome, "SELECT coalesce(avg(quality_score), 0) AS mean_quality, "
-        "coalesce(avg(task_accepted::INT), 0) AS accepted_rate FROM t", lake))
+        "coalesce(avg(task_accepted::INT), 0) AS accepted_rate FROM t", flywheel))
 
 
 @dg.asset(group_name="feedback", kinds={"delta"}, deps=["trajectories"], metadata=table_metadata(LLM_JUDGMENTS))
@@ -84,7 +84,7 @@ def judge_scores(config: RefreshConfig, flywheel: FlywheelResource) -> dg.Materi
         .str.split(",").explode().value_counts()
     counts = {row["failed_judges"]: row["count"] for row in failing.to_dicts()}
     return dg.MaterializeResult(metadata=_refresh_metadata(
-        JUDGE_SCORES, outcome, "SELECT count(llm_score) AS llm_graded FROM t", lake) | {
+        JUDGE_SCORES, outcome, "SELECT count(llm_score) AS llm_graded FROM t", flywheel) | {
         "llm_judge_enabled": settings.llm_judge.enabled,
         "failures_by_judge": markdown_counts(counts, "judge", "trajectories written"),
     })
@@ -100,14 +100,14 @@ def trajectory_scores(config: RefreshConfig, flywheel: FlywheelResource) -> dg.M
     calibration = fitted_fusion(latest)
     outcome = refresh_trajectory_scores(lake, settings, calibration, str(latest and latest.get("calibrated_at")),
                                         full=config.full)
-    con = duckdb.connect()
-    lake.register(con, TRAJECTORY_SCORES, "t")
-    tiers = dict(con.execute("SELECT tier, count(*) FROM t GROUP BY tier").fetchall())
-    sources = dict(con.execute("SELECT score_source, count(*) FROM t GROUP BY ALL ORDER BY 1").fetchall())
+    with flywheel.sql() as con:
+        lake.register(con, TRAJECTORY_SCORES, "t")
+        tiers = dict(con.execute("SELECT tier, count(*) FROM t GROUP BY tier").fetchall())
+        sources = dict(con.execute("SELECT score_source, count(*) FROM t GROUP BY ALL ORDER BY 1").fetchall())
     threshold = settings.curation.high_quality_threshold
     return dg.MaterializeResult(metadata=_refresh_metadata(
         TRAJECTORY_SCORES, outcome,
-        f"SELECT coalesce(avg((combined_score >= {threshold})::INT), 0) AS high_quality_rate FROM t", lake) | {
+        f"SELECT coalesce(avg((combined_score >= {threshold})::INT), 0) AS high_quality_rate FROM t", flywheel) | {
         "tier_mix": markdown_counts({name: tiers.get(name, 0) for name in settings.tiers.names}, "tier", "trajectories"),
         "by_source": markdown_counts(sources, "source", "trajectories"), "fusion": _fusion_used(settings, latest),
     })

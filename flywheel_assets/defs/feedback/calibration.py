@@ -2,7 +2,6 @@
 human labels, and their fusion fitted to them."""
 
 import dagster as dg
-import duckdb
 import polars as pl
 import pyarrow as pa
 
@@ -28,11 +27,11 @@ def score_calibration(context: dg.AssetExecutionContext, flywheel: FlywheelResou
     """Each score source's agreement (AUC) with the human labels, and their fusion fitted to them (logistic,
     L2, judged out of fold); trajectory_scores uses the fit when fusion.calibrated."""
     config, lake = flywheel.config(), flywheel.lake()
-    con = duckdb.connect()
-    for table in (TRAJECTORIES, SESSION_EVENTS, SESSION_FEEDBACK, JUDGE_SCORES, ANNOTATIONS):
-        lake.register(con, table)
-    result = calibrate(pl.from_arrow(labelled_sources(con, config)), config.calibration,
-                       use_explicit=config.fusion.explicit_weight > 0)
+    with flywheel.sql() as con:
+        for table in (TRAJECTORIES, SESSION_EVENTS, SESSION_FEEDBACK, JUDGE_SCORES, ANNOTATIONS):
+            lake.register(con, table)
+        labelled = pl.from_arrow(labelled_sources(con, config))
+    result = calibrate(labelled, config.calibration, use_explicit=config.fusion.explicit_weight > 0)
     chart_path = config.reports / "score_calibration.png"
     latest = latest_calibration(lake)
     # a row (and a chart) per change of the labels or their scores, not per ingest run
