@@ -41,6 +41,14 @@ def training_trigger(context: dg.SensorEvaluationContext, flywheel: FlywheelReso
     )
 
 
+# The observability assets' AutomationCondition (defs/observability/assets.py) is evaluated here,
+# running from the start like the other sensors (Dagster's default one starts stopped).
+observability_automation = dg.AutomationConditionSensorDefinition(
+    "observability_automation", target=dg.AssetSelection.groups("observability"), minimum_interval_seconds=60,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Refreshes velocity, loop health and the DuckDB catalog after their upstream tables change.")
+
+
 daily_refresh = dg.ScheduleDefinition(
     name="daily_refresh", job=daily_refresh_job, cron_schedule="0 2 * * *",
     default_status=dg.DefaultScheduleStatus.RUNNING,

@@ -12,6 +12,13 @@ UPSTREAM = ["trajectories", "session_events", "session_feedback", "judge_scores"
             "training_dataset", "lora_adapter", "offline_eval", "ab_report"]
 
 
+# Declarative automation, simpler here than a sensor of our own: refresh once after any upstream
+# table changes (each ingest, each cycle's step), not while one is being written. eager() without its
+# "no dependency missing" clause: a rolled-back cycle leaves partitions that are never materialized.
+AFTER_UPSTREAM = dg.AutomationCondition.eager().without(~dg.AutomationCondition.any_deps_missing()) \
+    .with_label("after any upstream change")
+
+
 def _number(value) -> dg.MetadataValue:
     return dg.MetadataValue.float(float(value)) if value is not None else dg.MetadataValue.text("n/a")
 
@@ -25,7 +32,8 @@ def _charts(charts: dict) -> dict:
     return metadata
 
 
-@dg.asset(group_name="observability", kinds={"duckdb", "polars", "python"}, deps=UPSTREAM)
+@dg.asset(group_name="observability", kinds={"duckdb", "polars", "python"}, deps=UPSTREAM,
+          automation_condition=AFTER_UPSTREAM)
 def flywheel_velocity(flywheel: FlywheelResource) -> dg.MaterializeResult:
     """Throughput and latency per step, cycle time, data yield, the velocity score and the seed's bottleneck."""
     config = flywheel.config()
@@ -50,7 +58,8 @@ def flywheel_velocity(flywheel: FlywheelResource) -> dg.MaterializeResult:
     })
 
 
-@dg.asset(group_name="observability", kinds={"duckdb", "polars", "python"}, deps=UPSTREAM, check_specs=[
+@dg.asset(group_name="observability", kinds={"duckdb", "polars", "python"}, deps=UPSTREAM,
+          automation_condition=AFTER_UPSTREAM, check_specs=[
     dg.AssetCheckSpec("no_negative_feedback_loop", asset="loop_health",
                       description="No loop-health check is in alert (warnings pass; reasons in the description).")])
 def loop_health(flywheel: FlywheelResource) -> dg.MaterializeResult:

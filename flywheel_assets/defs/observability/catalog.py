@@ -4,6 +4,7 @@ import dagster as dg
 import duckdb
 from dagster_duckdb import DuckDBResource
 
+from flywheel_assets.defs.observability.assets import AFTER_UPSTREAM
 from flywheel_assets.defs.resources import FlywheelResource
 from flywheel_assets.lib.catalog import refresh_catalog
 
@@ -11,7 +12,7 @@ TABLE_ASSETS = ["session_events", "trajectories", "annotations", "session_feedba
                 "trajectory_scores", "score_calibration", "curated_trajectories", "training_dataset"]
 
 
-@dg.asset(group_name="observability", kinds={"duckdb"}, deps=TABLE_ASSETS)
+@dg.asset(group_name="observability", kinds={"duckdb"}, deps=TABLE_ASSETS, automation_condition=AFTER_UPSTREAM)
 def duckdb_catalog(context: dg.AssetExecutionContext, flywheel: FlywheelResource,
                    catalog: DuckDBResource) -> dg.MaterializeResult:
     """FLYWHEEL_HOME/flywheel.duckdb: a view per Delta table that reads its current version at query time."""
