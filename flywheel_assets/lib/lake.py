@@ -134,28 +134,44 @@ class Lake:
 
     def upsert(self, table: Table, data: pa.Table, partitions: set[str] | None = None,
                marks: dict[str, int] | None = None, replace: bool = False) -> int | None:
-        """Insert or replace rows by the table's key in one MERGE commit that also records `marks`
+        """Insert or replace rows by the table's key in one commit that also records `marks`
         (Delta app transactions: see lib/feedback/refresh.py). `partitions` are the values of the
-        table's partition column the rows are in now or were in before: only those are rewritten.
-        `replace` overwrites the whole table instead. None when nothing was written."""
+        table's partition column the rows are in now or were in before: only those are rewritten
+        (all of an unpartitioned table, or without `partitions`). `replace` overwrites the whole
+        table instead. None when nothing was written.
+
+        Not a Delta MERGE: delta-rs writes a MERGE's files with Arrow's string_view types, and a
+        pyarrow dataset mixing them with plain string files fails every filter on a string column
+        ("no kernel matching input types (string, string_view)"). The partitions' rows are read,
+        those the data replaces are dropped, and the partitions are overwritten in one commit."""
         data = conform(data, table)
         commit = CommitProperties(app_transactions=[Transaction(app, version) for app, version in (marks or {}).items()])
         dt = self.delta(table)
+        partition_by = list(table.partition_by) or None
         if replace or dt is None:
             write_deltalake(self.uri(table), data, mode="overwrite", schema_mode="overwrite",
-                            storage_options=self.storage_options, partition_by=list(table.partition_by) or None,
+                            storage_options=self.storage_options, partition_by=partition_by,
                             commit_properties=commit)
             return self.version(table)
         if data.num_rows == 0:
             return None
-        on = " AND ".join(f"t.{key} = s.{key}" for key in table.key)
+        predicate, selected = None, None
         if table.partition_by and partitions is not None:
-            column = f"t.{table.partition_by[0]}"
-            values = ", ".join(sql_literal(p) for p in sorted(p for p in partitions if p is not None))
-            either = ([f"{column} IN ({values})"] if values else []) + ([f"{column} IS NULL"] if None in partitions else [])
-            on += f" AND ({' OR '.join(either) or 'false'})"
-        (dt.merge(data, on, source_alias="s", target_alias="t", commit_properties=commit)
-         .when_matched_update_all().when_not_matched_insert_all().execute())
+            column = table.partition_by[0]
+            values = sorted(p for p in partitions if p is not None)
+            clauses = ([f"{column} IN ({', '.join(sql_literal(v) for v in values)})"] if values else []) + \
+                ([f"{column} IS NULL"] if None in partitions else [])
+            predicate = " OR ".join(clauses) or "false"
+            field = pa.compute.field(column)
+            selected = field.isin(values) if values else None
+            if None in partitions:
+                selected = field.is_null() if selected is None else selected | field.is_null()
+        old = self._dataset(dt, table, None).to_table(filter=selected) if selected is not None or predicate is None \
+            else table.schema.empty_table()
+        kept = old.filter(pa.compute.invert(pa.compute.is_in(_key(old, table), value_set=_key(data, table))))
+        write_deltalake(self.uri(table), pa.concat_tables([conform(kept, table), data]), mode="overwrite",
+                        predicate=predicate, storage_options=self.storage_options, partition_by=partition_by,
+                        commit_properties=commit)
         return self.version(table)
 
     def marks(self, table: Table, *apps: str, version: int | None = None) -> dict[str, int | None]:
@@ -165,6 +181,14 @@ class Lake:
 
     def versions(self, *tables: Table) -> dict[str, int | None]:
         return {t.name: self.version(t) for t in tables}
+
+
+def _key(rows: pa.Table, table: Table) -> pa.Array:
+    """The table's key of each row as one value (a composite key joined by a separator no key holds)."""
+    if len(table.key) == 1:
+        return rows.column(table.key[0]).combine_chunks()
+    parts = [pa.compute.cast(rows.column(name), pa.string()) for name in table.key]
+    return pa.compute.binary_join_element_wise(*parts, "\x1f").combine_chunks()
 
 
 def compact_small_files(dt: DeltaTable, at: int | None = None) -> bool:

@@ -96,3 +96,29 @@ def test_a_few_rows_looked_up_by_key_from_a_stored_table(lake, config):
     con = duckdb.connect()
     con.register("keys", pa.table({"key": pa.array(ids, pa.string())}))
     assert sorted(_keyed(con, lake, JUDGE_SCORES, "trajectory_id", "keys").column("trajectory_id").to_pylist()) == ids
+
+
+def test_refreshed_tables_answer_filters_on_string_columns(lake, config):
+    """A Delta MERGE wrote its files with string_view types; mixed with plain string files, every
+    filter DuckDB pushed into the scan of a string column failed (the trigger, after day 4 of the
+    demo). The refresh now overwrites its partitions with plain types, and the filters answer."""
+    import duckdb
+    import pyarrow.parquet as pq
+
+    from flywheel_assets.lib.tables import JUDGE_SCORES
+    from flywheel_assets_tests.feedback.test_refresh import _world
+
+    world = _world(2)
+    for batch in range(3):
+        _ingest(lake, world, batch)
+        _refresh_all(lake, config)
+    con = duckdb.connect()
+    for table, column in ((TRAJECTORY_SCORES, "origin"), (JUDGE_SCORES, "trajectory_id"),
+                          (SESSION_FEEDBACK, "session_id")):
+        dt = lake.delta(table)
+        assert dt.version() >= 2  # written more than once
+        types = {str(pq.read_schema(uri).field(column).type) for uri in dt.file_uris()}
+        assert types == {"string"}, table.name
+        lake.register(con, table)
+        expected = sum(1 for row in lake.read(table, columns=[column]).to_pylist() if row[column] >= "a")
+        assert con.execute(f"SELECT count(*) FROM {table.name} WHERE {column} >= 'a'").fetchone()[0] == expected

@@ -191,3 +191,17 @@ def test_import_an_openai_json_array_file(tmp_path):
     assert target.name == "imported-agent-traces.jsonl" and len(lines) == 2
     assert [(r["origin"], r["is_synthetic"]) for r in lines] == [("imported", True), ("imported", False)]
     assert verify(SUM, _ingested(lines[0])["final_response"])
+
+
+def test_the_cold_start_is_made_on_the_flywheel_clock(config):
+    """The demo's day 0, not the machine's date: the rows' day partitions and every "since" window
+    must not depend on the day the demo runs."""
+    from flywheel_assets.lib.clock import set_now
+    from flywheel_assets.lib.simulation.seed import write_cold_start
+
+    config.cold_start.synthetic_trajectories = 5
+    set_now(config, datetime(2026, 11, 1, 0, 30, tzinfo=timezone.utc))
+    write_cold_start(config)
+    [synthetic] = (config.landing / "trajectories").glob("cold-start-synthetic-*.jsonl")
+    stamps = {json.loads(line)["created_at"] for line in synthetic.read_text().splitlines()}
+    assert stamps == {"2026-11-01T00:30:00Z"}

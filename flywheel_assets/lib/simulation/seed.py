@@ -14,6 +14,7 @@ import json
 import shutil
 from pathlib import Path
 
+from flywheel_assets.lib import clock
 from flywheel_assets.lib.config import FlywheelConfig, load_config
 from flywheel_assets.lib.domains import load_domain
 from flywheel_assets.lib.simulation.teachers import cold_start_lines, make_teacher
@@ -38,6 +39,10 @@ def write_cold_start(config: FlywheelConfig) -> dict:
     synthetic = 0
     if not target.exists():
         lines = cold_start_lines(settings.synthetic_trajectories, settings.seed, teacher=teacher, domain=domain)
+        # made now on the flywheel's clock (the demo's simulated day 0), not the machine's: the
+        # rows' day partitions and every "since" window then do not depend on the day it runs
+        made = clock.now(config).strftime("%Y-%m-%dT%H:%M:%SZ")
+        lines = [{**line, "created_at": made} for line in lines]
         write_landing_file(target, "".join(json.dumps(line) + "\n" for line in lines))
         synthetic = len(lines)
     return {"golden_files": int(golden), "synthetic_trajectories": synthetic,
