@@ -26,6 +26,12 @@ def get_env() -> str:
     return "CLUSTER" if os.environ.get("DAGSTER_DEPLOYMENT", "local").lower() in ("cluster", "prod") else "LOCAL"
 
 
+def _value(field):
+    """A field's value. In a run Dagster has resolved every EnvVar already; the CLI and the demo
+    driver also use the resources outside a run, where an EnvVar is still the variable's name."""
+    return field.get_value() if isinstance(field, dg.EnvVar) else field
+
+
 class LakeResource(dg.ConfigurableResource):
     """The lake: where every Delta table lives (FLYWHEEL_HOME/lake unless `uri` names another root)."""
 
@@ -35,7 +41,7 @@ class LakeResource(dg.ConfigurableResource):
                                                                   "FLYWHEEL_STORAGE_OPTIONS")
 
     def lake(self, config: FlywheelConfig) -> Lake:
-        return Lake(config, root=self.uri, storage_options=self.storage_options)
+        return Lake(config, root=_value(self.uri), storage_options=_value(self.storage_options))
 
 
 class ModelStoreResource(dg.ConfigurableResource):
@@ -52,8 +58,8 @@ class EndpointResource(dg.ConfigurableResource):
     api_key: str | None = Field(default=None, description="the key (an environment variable, never shown)")
 
     def settings(self) -> dict:
-        return {key: value for key, value in (("url", self.url), ("model", self.model),
-                                              ("api_key", self.api_key)) if value}
+        return {key: value for key, value in (("url", _value(self.url)), ("model", _value(self.model)),
+                                              ("api_key", _value(self.api_key))) if value}
 
 
 class FlywheelResource(dg.ConfigurableResource):
@@ -78,8 +84,8 @@ class FlywheelResource(dg.ConfigurableResource):
         for section, endpoint in (("llm_judge", self.llm_judge), ("teacher", self.teacher)):
             if endpoint is not None and endpoint.settings():
                 setattr(config, section, getattr(config, section).model_copy(update=endpoint.settings()))
-        if self.model_store is not None and self.model_store.root:
-            config.models_root = Path(self.model_store.root)
+        if self.model_store is not None and _value(self.model_store.root):
+            config.models_root = Path(_value(self.model_store.root))
         return config
 
     def config(self) -> FlywheelConfig:

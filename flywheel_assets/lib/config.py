@@ -399,7 +399,12 @@ class FlywheelConfig(BaseModel):
 
     @property
     def models(self) -> Path:
-        return self.models_root or self.home / "models"
+        return self.models_root.resolve() if self.models_root else self.home / "models"
+
+    def stored_path(self, path: Path) -> str:
+        """A path as the registry keeps it: relative to home when under it (a home moves whole),
+        absolute otherwise (a model store elsewhere); readers join it to home either way."""
+        return str(path.relative_to(self.home)) if path.is_relative_to(self.home) else str(path.resolve())
 
     @property
     def reports(self) -> Path:

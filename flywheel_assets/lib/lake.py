@@ -168,10 +168,14 @@ class Lake:
                 selected = field.is_null() if selected is None else selected | field.is_null()
         old = self._dataset(dt, table, None).to_table(filter=selected) if selected is not None or predicate is None \
             else table.schema.empty_table()
+        old = conform(old, table)
         kept = old.filter(pa.compute.invert(pa.compute.is_in(_key(old, table), value_set=_key(data, table))))
-        write_deltalake(self.uri(table), pa.concat_tables([conform(kept, table), data]), mode="overwrite",
-                        predicate=predicate, storage_options=self.storage_options, partition_by=partition_by,
-                        commit_properties=commit)
+        # Written over the snapshot read (`dt`): a commit in between makes this one fail, never lost.
+        if kept.num_rows == old.num_rows:  # only new keys: an append, nothing rewritten
+            write_deltalake(dt, data, mode="append", partition_by=partition_by, commit_properties=commit)
+        else:
+            write_deltalake(dt, pa.concat_tables([kept, data]), mode="overwrite", predicate=predicate,
+                            partition_by=partition_by, commit_properties=commit)
         return self.version(table)
 
     def marks(self, table: Table, *apps: str, version: int | None = None) -> dict[str, int | None]:

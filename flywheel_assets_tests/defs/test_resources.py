@@ -65,3 +65,23 @@ def test_a_run_reads_the_variables_when_it_starts_and_the_fields_reach_the_store
     assert (config.teacher.url, config.teacher.model) == ("http://t/v1", "qwen")
     assert config.models == tmp_path / "models2"
     assert FlywheelResource(home=str(home)).config().models == home / "models"
+
+
+def test_outside_a_run_the_variables_are_read_too(home, monkeypatch, tmp_path):
+    """The demo driver and the CLI use the resources outside a run, where Dagster has not resolved
+    the EnvVars: the values must still be the variables', not their names."""
+    monkeypatch.setenv("FLYWHEEL_LAKE_URI", str(tmp_path / "elsewhere"))
+    monkeypatch.setenv("FLYWHEEL_LLM_JUDGE_URL", "http://judge.example/v1")
+    monkeypatch.setenv("FLYWHEEL_MODELS_DIR", str(tmp_path / "store"))
+    flywheel = resources().resources["flywheel"]
+    assert flywheel.lake().root == str(tmp_path / "elsewhere")
+    config = flywheel.config()
+    assert config.llm_judge.url == "http://judge.example/v1" and config.models == tmp_path / "store"
+
+
+def test_a_model_store_outside_home_is_kept_as_absolute_paths(home, tmp_path_factory):
+    store = tmp_path_factory.mktemp("store")  # beside home, not in it
+    config = FlywheelResource(home=str(home), model_store=ModelStoreResource(root=str(store))).config()
+    outside, inside = config.models / "base-v0", home / "models" / "base-v0"
+    assert config.stored_path(outside) == str(outside) and config.home / config.stored_path(outside) == outside
+    assert config.stored_path(inside) == "models/base-v0"

@@ -122,3 +122,52 @@ def test_refreshed_tables_answer_filters_on_string_columns(lake, config):
         lake.register(con, table)
         expected = sum(1 for row in lake.read(table, columns=[column]).to_pylist() if row[column] >= "a")
         assert con.execute(f"SELECT count(*) FROM {table.name} WHERE {column} >= 'a'").fetchone()[0] == expected
+
+
+def test_a_lake_written_the_old_way_is_recomputed_in_full_once(lake, config, monkeypatch):
+    """WRITE_FORMAT is part of every fingerprint: a lake whose score tables hold a MERGE's
+    string_view files is rewritten whole by its next refresh, then folds incrementally again."""
+    from flywheel_assets.lib.feedback import refresh
+    from flywheel_assets.lib.feedback.refresh_scores import refresh_session_feedback
+    from flywheel_assets_tests.feedback.test_refresh import _world
+
+    world = _world(3)
+    _ingest(lake, world, 0)
+    monkeypatch.setattr(refresh, "WRITE_FORMAT", 1)
+    assert refresh_session_feedback(lake, config).full
+    monkeypatch.setattr(refresh, "WRITE_FORMAT", 2)
+    _ingest(lake, world, 1)
+    outcome = refresh_session_feedback(lake, config)
+    assert outcome.full and outcome.reason == "settings changed"
+    _ingest(lake, world, 2)
+    assert not refresh_session_feedback(lake, config).full
+
+
+def test_an_upsert_over_a_table_changed_since_it_read_fails_and_loses_nothing(lake, config):
+    """The partitions are read, then overwritten: a commit in between must make the write fail
+    (Delta's conflict check on the snapshot read), not be overwritten."""
+    import pyarrow as pa
+    import pytest
+    from deltalake.exceptions import DeltaError
+
+    from flywheel_assets.lib.lake import Lake, conform
+
+    def row(session, day, quality):
+        return {"session_id": session, "first_day": day, "quality_score": quality}
+
+    lake.upsert(SESSION_FEEDBACK, conform(pa.Table.from_pylist([row("s1", "2026-11-01", 0.1)]), SESSION_FEEDBACK),
+                {"2026-11-01"})
+
+    class Racing(Lake):
+        raced = False
+
+        def _dataset(self, dt, table, prune):
+            if not self.raced:  # another writer commits between this upsert's read and its write
+                self.raced = True
+                Lake(config).append(table, conform(pa.Table.from_pylist([row("s2", "2026-11-01", 0.2)]), table))
+            return super()._dataset(dt, table, prune)
+
+    with pytest.raises(DeltaError):
+        Racing(config).upsert(SESSION_FEEDBACK, conform(pa.Table.from_pylist([row("s1", "2026-11-01", 0.9)]),
+                                                        SESSION_FEEDBACK), {"2026-11-01"})
+    assert sorted(lake.read(SESSION_FEEDBACK).column("session_id").to_pylist()) == ["s1", "s2"]

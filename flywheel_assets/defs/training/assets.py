@@ -41,7 +41,7 @@ def base_model(context: dg.AssetExecutionContext, flywheel: FlywheelResource) ->
         context.log.info(f"saving {gguf.name} as {folder} (dequantized to float32)")
         save_gguf_as_base(gguf, folder)
         if registry.get(version) is None:
-            registry.register(version, base=version, base_path=str(folder.relative_to(config.home)),
+            registry.register(version, base=version, base_path=config.stored_path(folder),
                               reason=f"configured base model {SMOLLM2_ID}", actor="base_model")
         return dg.MaterializeResult(metadata={"version": version, "source": str(gguf), "path": str(folder)})
     if settings.model_id:
@@ -64,7 +64,7 @@ def base_model(context: dg.AssetExecutionContext, flywheel: FlywheelResource) ->
         staging.replace(out_dir)  # a failed run leaves no half-saved model under the version's name
     card = json.loads((out_dir / "training_card.json").read_text())
     if registry.get(version) is None:
-        registry.register(version, base=version, base_path=str(out_dir.relative_to(config.home)),
+        registry.register(version, base=version, base_path=config.stored_path(out_dir),
                           reason=f"pretrained on {len(cold)} cold-start trajectories", actor="base_model",
                           metadata={"parameters": card["parameters"]})
     return dg.MaterializeResult(metadata={
@@ -108,8 +108,8 @@ def lora_adapter(context: dg.AssetExecutionContext, flywheel: FlywheelResource) 
     (staging / "trajectory_ids.json").write_text(json.dumps(manifest[0]["trajectory_ids"]))
     shutil.rmtree(out_dir, ignore_errors=True)
     staging.replace(out_dir)
-    registry.register(version, base=champion["base"], base_path=str(base_dir.relative_to(config.home)),
-                      adapter_path=str(out_dir.relative_to(config.home)), parent=champion["version"], cycle=cycle,
+    registry.register(version, base=champion["base"], base_path=config.stored_path(base_dir),
+                      adapter_path=config.stored_path(out_dir), parent=champion["version"], cycle=cycle,
                       reason=f"trained on {len(rows)} rows of {cycle}", actor="lora_adapter",
                       metadata={"final_loss": card["loss_curve"][-1][1]})
     return dg.MaterializeResult(metadata={

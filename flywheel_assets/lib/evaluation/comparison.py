@@ -60,7 +60,7 @@ def compare(config: FlywheelConfig, lake: Lake, registry, *, train_arms: bool = 
             log(f"arm {name}: {len(cycles)} cycle(s) of {config.lora.steps} steps over the base")
             folder = arm_data.train_arm(config, base_dir, cycles, makers[name], config.models / "arms" / name,
                                         log=log, name=name)
-            version = {"version": name, "adapter_path": None, "base_path": str(folder.relative_to(config.home))}
+            version = {"version": name, "adapter_path": None, "base_path": config.stored_path(folder)}
             arms.append(Arm(name, f"{arm_data.LABELS[name]}, {len(cycles)} cycle(s)", measured(version)))
     arms.append(Arm("champion", f"**champion** `{champion['version']}` (the full loop, "
                                 f"{len(chain)} cycle(s))", measured(champion)))

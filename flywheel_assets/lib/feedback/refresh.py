@@ -1,4 +1,4 @@
-"""Refreshes that follow new data: fold in what arrived since the last run, MERGE what changed.
+"""Refreshes that follow new data: fold in what arrived since the last run, upsert what changed.
 
 Each input is read from a watermark: the bronze tables by ingested_at (the ingest's wall
 clock; ingests hold the ingest lock, so it grows in commit order), llm_judgments by
@@ -9,7 +9,8 @@ checkpoints and compaction), so rows and watermarks move in one commit: a run ki
 before it commits is redone whole, never half.
 
 A full recompute (the same code from an empty state) happens when the output is missing
-or has no marks; the fingerprint changed (weights, fusion, tiers, a new calibration); an
+or has no marks; the fingerprint changed (weights, fusion, tiers, a new calibration, the
+output's columns, or WRITE_FORMAT: how its files are written); an
 append-only input's row count is not what was folded plus what is new (rows deleted or
 rewritten, or appended without the watermark column); an upstream silver table was
 recomputed in full since (its generation changed); or the caller asks (full=True).
@@ -31,6 +32,10 @@ from flywheel_assets.lib.tables import Table
 
 GENERATION = "generation"  # µs time of the output's last full recompute: what readers of it compare
 _FINGERPRINT = "fingerprint"
+# Part of every fingerprint: raised when the way the outputs' files are written changes, so an
+# existing lake is recomputed (rewritten) in full once. 2: plain string types (Lake.upsert),
+# replacing a MERGE's string_view files, which failed filters when mixed with plain ones.
+WRITE_FORMAT = 2
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
@@ -73,6 +78,7 @@ class Refresh:
 
     @classmethod
     def plan(cls, lake: Lake, output: Table, feeds: tuple[Feed, ...], settings: int, full: bool = False) -> Refresh:
+        settings = fingerprint(settings, WRITE_FORMAT, output.schema.to_string())
         refresh = cls(lake, output, feeds, settings)
         apps = [_FINGERPRINT, GENERATION] + [app for feed in feeds for app in _apps(feed)]
         stored = lake.marks(output, *apps)

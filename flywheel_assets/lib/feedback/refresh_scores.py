@@ -1,7 +1,7 @@
 """session_feedback, judge_scores and trajectory_scores refreshed from what is new.
 
 Each refresh folds the new rows of its inputs (lib/feedback/refresh.py) into the stored
-state of the rows they touch and MERGEs those rows; a full recompute is the same code
+state of the rows they touch and upserts those rows (Lake.upsert); a full recompute is the same code
 from an empty state, so both give the same table (flywheel_assets_tests/feedback/
 test_refresh.py and benchmarks/bench_refresh.py compare them).
 """
@@ -52,7 +52,7 @@ class Outcome:
 
 def _run(lake: Lake, output: Table, feeds: tuple[Feed, ...], settings: int, full: bool,
          body: Callable[[Refresh, duckdb.DuckDBPyConnection], tuple[pa.Table, set]]) -> Outcome:
-    # Two refreshes of one table side by side would both fold the same new rows in (and MERGE
+    # Two refreshes of one table side by side would both fold the same new rows in (and upsert
     # inserts of one key twice): one at a time, by a lock beside the ingest's.
     with ingest_lock(lake.config.landing, lake.config.ingest.lock_timeout_s, owner=f"refresh {output.name}",
                      name=f".refresh-{output.name}.lock"):
