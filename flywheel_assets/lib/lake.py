@@ -187,6 +187,13 @@ class Lake:
         return {t.name: self.version(t) for t in tables}
 
 
+def rows_where(rows: pa.Table, condition: str) -> pa.Table:
+    """The rows of an arrow table that a SQL condition holds for (DuckDB over the table, no copy in)."""
+    con = duckdb.connect()
+    con.register("rows", rows)
+    return con.execute(f"SELECT * FROM rows WHERE {condition}").to_arrow_table()
+
+
 def _key(rows: pa.Table, table: Table) -> pa.Array:
     """The table's key of each row as one value (a composite key joined by a separator no key holds)."""
     if len(table.key) == 1:

@@ -39,7 +39,7 @@ from flywheel_assets.lib.curation.curate import prompt_key
 from flywheel_assets.lib.curation.select import select_training_rows
 from flywheel_assets.lib.domains import Domain
 from flywheel_assets.lib.domains import prompt_key as request_key
-from flywheel_assets.lib.lake import Lake
+from flywheel_assets.lib.lake import Lake, rows_where
 from flywheel_assets.lib.tables import CURATED_TRAJECTORIES, DATASET_MANIFESTS, TRAJECTORIES
 from flywheel_assets.lib.training.pipeline import load_for_inference, train_adapter
 
@@ -88,9 +88,7 @@ def cycle_data(lake: Lake, cycle: str) -> CycleData:
 
 
 def _where(data: CycleData, condition: str) -> pa.Table:
-    con = duckdb.connect()
-    con.register("rows", data.curated)
-    return con.execute(f"SELECT * FROM rows WHERE {condition}").to_arrow_table()
+    return rows_where(data.curated, condition)
 
 
 def control_rows(data: CycleData, config: FlywheelConfig) -> list[dict]:

@@ -23,11 +23,10 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
-import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from flywheel_assets.lib.lake import Lake, sql_literal
+from flywheel_assets.lib.lake import Lake, rows_where, sql_literal
 from flywheel_assets.lib.tables import Table
 
 GENERATION = "generation"  # µs time of the output's last full recompute: what readers of it compare
@@ -143,7 +142,7 @@ class Refresh:
             self.marks[f"{name}.generation"] = self.lake.marks(feed.table, GENERATION, version=self.versions.get(name))[GENERATION] or 0
         self.new_rows[name] = rows.num_rows
         if where is not None and rows.num_rows:
-            rows = _where(rows, where)
+            rows = rows_where(rows, where)
         return rows.select([c for c in wanted if columns is None or c in columns])
 
     def commit(self, rows: pa.Table, partitions: set[str] | None, now: datetime) -> int | None:
@@ -155,12 +154,6 @@ class Refresh:
 
 class StaleWatermark(RuntimeError):
     """An append-only input does not add up: the caller recomputes in full instead."""
-
-
-def _where(rows: pa.Table, condition: str) -> pa.Table:
-    con = duckdb.connect()
-    con.register("rows", rows)
-    return con.execute(f"SELECT * FROM rows WHERE {condition}").to_arrow_table()
 
 
 def _apps(feed: Feed) -> tuple[str, str, str, str]:
