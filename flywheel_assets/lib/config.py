@@ -10,6 +10,8 @@ import json
 import os
 from pathlib import Path
 
+from typing import Literal
+
 from pydantic import BaseModel, Field, model_validator
 
 # the release settings (trigger, A/B test, rollout) live in their own module; re-exported here
@@ -118,6 +120,31 @@ class CalibrationConfig(BaseModel):
         if self.min_per_class < self.folds:
             raise ValueError("calibration.min_per_class must be at least calibration.folds")
         return self
+
+
+class TenancyConfig(BaseModel):
+    """Per-tenant data policy (README: Tenancy). `pooled`: the tenant's data trains the shared
+    model; `opt_out`: served and analysed (scored, judged, in every table), never trained on and
+    never sent to the teacher. Per-tenant adapters (`isolated`, `hybrid`) are not built yet."""
+
+    default: Literal["pooled", "opt_out"] = "pooled"  # tenants policies does not name
+    policies: dict[str, Literal["pooled", "opt_out"]] = Field(default_factory=dict)
+
+    def trains_on(self, tenant: str | None) -> bool:
+        return self.policies.get(tenant or "default", self.default) == "pooled"
+
+    def trainable_sql(self, column: str = "tenant_id") -> str:
+        """A SQL condition: the row's tenant may be trained on (a missing tenant is 'default')."""
+        tenant = f"coalesce({column}, 'default')"
+        if self.default == "pooled":
+            names = [t for t, policy in self.policies.items() if policy == "opt_out"]
+            return f"{tenant} NOT IN ({_sql_list(names)})" if names else "true"
+        names = [t for t, policy in self.policies.items() if policy == "pooled"]
+        return f"{tenant} IN ({_sql_list(names)})" if names else "false"
+
+
+def _sql_list(values: list[str]) -> str:
+    return ", ".join("'" + value.replace("'", "''") + "'" for value in sorted(values))
 
 
 class CurationConfig(BaseModel):
@@ -359,6 +386,7 @@ class FlywheelConfig(BaseModel):
     fusion: FusionConfig = Field(default_factory=FusionConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     curation: CurationConfig = Field(default_factory=CurationConfig)
+    tenancy: TenancyConfig = Field(default_factory=TenancyConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     llm_judge: LLMJudgeConfig = Field(default_factory=LLMJudgeConfig)
     teacher: TeacherEndpointConfig = Field(default_factory=TeacherEndpointConfig)

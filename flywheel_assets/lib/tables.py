@@ -293,6 +293,7 @@ CURATED_TRAJECTORIES = Table(
     _cols(
         ("trajectory_id", pa.string(), "trajectory"),
         ("session_id", pa.string(), "session"),
+        ("tenant_id", pa.string(), "tenant (its policy decides whether it may be trained on)"),
         ("task_type", pa.string(), "task type"),
         ("tier", pa.string(), "tier"),
         ("weight", pa.float64(), "tier weight"),
@@ -305,7 +306,8 @@ CURATED_TRAJECTORIES = Table(
         ("pii_kinds", pa.string(), "kinds replaced, comma-separated"),
         ("dedup_status", pa.string(), "kept, exact_duplicate or near_duplicate"),
         ("duplicate_of", pa.string(), "trajectory kept in its place"),
-        ("split", pa.string(), "train or holdout (by hash of the session, so a session never straddles)"),
+        ("split", pa.string(), "train or holdout (by hash of the session, so a session never straddles), or "
+                               "opt_out: its tenant's policy (tenancy) forbids training on it"),
         ("origin", pa.string(), "usage, golden, synthetic, imported or correction (a teacher's answer to a failed request)"),
     ),
     key=("trajectory_id",),

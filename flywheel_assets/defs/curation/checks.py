@@ -8,7 +8,7 @@ from flywheel_assets.defs.partitions import cycle_partitions
 from flywheel_assets.defs.resources import FlywheelResource
 from flywheel_assets.lib.curation.scrub import find_pii
 from flywheel_assets.lib.domains import load_domain, prompt_key
-from flywheel_assets.lib.tables import CURATED_TRAJECTORIES, TRAINING_DATASET
+from flywheel_assets.lib.tables import CURATED_TRAJECTORIES, TRAINING_DATASET, TRAJECTORIES
 
 
 @dg.asset_check(asset="training_dataset", partitions_def=cycle_partitions, blocking=True,
@@ -53,6 +53,26 @@ def no_evaluation_task_in_training_set(context: dg.AssetCheckExecutionContext,
     return dg.AssetCheckResult(passed=not leaked, metadata={
         "domain": config.domain.name, "heldout_tasks": len(heldout), "rows_checked": len(rows),
         "rows_asking_a_heldout_task": len(leaked), "examples": ", ".join(leaked[:5]) or "none"})
+
+
+@dg.asset_check(asset="training_dataset", partitions_def=cycle_partitions, blocking=True,
+                description="No row of a tenant whose policy forbids training on its data (tenancy: opt_out) is in "
+                            "the cycle's training set; each row's tenant read from bronze trajectories.")
+def no_opted_out_tenant_in_training_set(context: dg.AssetCheckExecutionContext,
+                                        flywheel: FlywheelResource) -> dg.AssetCheckResult:
+    config, lake = flywheel.config(), flywheel.lake()
+    with flywheel.sql() as con:
+        lake.register(con, TRAINING_DATASET)
+        lake.register(con, TRAJECTORIES)
+        rows, forbidden, tenants = con.execute(f"""
+            SELECT count(*), count(*) FILTER (WHERE NOT ({config.tenancy.trainable_sql("t.tenant_id")})),
+                   string_agg(DISTINCT coalesce(t.tenant_id, 'default'), ', ' ORDER BY coalesce(t.tenant_id, 'default'))
+                       FILTER (WHERE NOT ({config.tenancy.trainable_sql("t.tenant_id")}))
+            FROM training_dataset d LEFT JOIN trajectories t USING (trajectory_id) WHERE d.cycle = $cycle
+        """, {"cycle": context.partition_key}).fetchone()
+    return dg.AssetCheckResult(passed=forbidden == 0, metadata={
+        "rows_checked": rows, "rows_of_opted_out_tenants": forbidden, "tenants": tenants or "none",
+        "policy": dg.MetadataValue.json(config.tenancy.model_dump())})
 
 
 def _asks_any(messages_json: str, keys: frozenset[str]) -> bool:

@@ -87,7 +87,7 @@ def curate(scores: pa.Table, trajectories: pa.Table, config: FlywheelConfig,
     con.register("scores", scores)
     con.register("trajectories", trajectories)
     joined = con.execute("""
-        SELECT s.trajectory_id, s.session_id, s.task_type, s.tier, s.weight, s.combined_score,
+        SELECT s.trajectory_id, s.session_id, s.tenant_id, s.task_type, s.tier, s.weight, s.combined_score,
                s.human_verified, s.origin, t.turns, t.tool_calls, t.tools_json, t.user_prompt
         FROM scores s JOIN trajectories t USING (trajectory_id) ORDER BY s.trajectory_id
     """).to_arrow_table().to_pylist()
@@ -99,18 +99,23 @@ def curate(scores: pa.Table, trajectories: pa.Table, config: FlywheelConfig,
         # golden and synthetic data is never held out: it is not a sample of live usage
         unit = row["session_id"] or row["trajectory_id"]
         holdout = row["origin"] == "usage" and in_holdout(unit, config.curation.holdout_fraction)
+        split = "holdout" if holdout else "train"
+        if not config.tenancy.trains_on(row["tenant_id"]):
+            split = "opt_out"  # never trained on; not held out either (the held-out set stays the pooled users')
         rows.append({
             "trajectory_id": row["trajectory_id"], "session_id": row["session_id"], "task_type": row["task_type"],
             "tier": row["tier"], "weight": row["weight"], "combined_score": row["combined_score"],
             "messages_json": json.dumps(messages, ensure_ascii=False), "tools_json": row["tools_json"],
             "prompt_key": prompt_key(row["user_prompt"]), "pii_replacements": sum(found.values()),
-            "pii_kinds": ",".join(sorted(found)), "split": "holdout" if holdout else "train",
+            "pii_kinds": ",".join(sorted(found)), "split": split, "tenant_id": row["tenant_id"],
             "user_edited": user_edited, "origin": row["origin"],
         })
     statuses = find_duplicates(
         [r["trajectory_id"] for r in rows],
         [_dedup_text(r["messages_json"]) for r in rows],
-        [r["combined_score"] + (2.0 if j["human_verified"] else 0.0) for r, j in zip(rows, joined)],
+        # a copy that may be trained on is kept before an opted-out tenant's, whatever their scores
+        [r["combined_score"] + (2.0 if j["human_verified"] else 0.0) - (10.0 if r["split"] == "opt_out" else 0.0)
+         for r, j in zip(rows, joined)],
         near_threshold=config.curation.near_duplicate_jaccard,
         seed=config.curation.seed,
     )

@@ -39,17 +39,19 @@ def failed_requests(lake: Lake, config: FlywheelConfig, limit: int) -> list[dict
     con = duckdb.connect()
     con.register("scores", lake.read(TRAJECTORY_SCORES, columns=["trajectory_id", "session_id", "tier"]))
     con.register("trajectories", lake.read(
-        TRAJECTORIES, columns=["trajectory_id", "session_id", "task_type", "origin", "user_prompt", "created_at"]))
+        TRAJECTORIES, columns=["trajectory_id", "session_id", "tenant_id", "task_type", "origin", "user_prompt",
+                               "created_at"]))
     con.register("edited", lake.read(SESSION_EVENTS, columns=["trajectory_id"], filter_sql="event_type = 'output_edited'"))
     return con.execute("""
         WITH usage AS (
-            SELECT t.trajectory_id, t.session_id, t.task_type, t.user_prompt, t.created_at, s.tier,
+            SELECT t.trajectory_id, t.session_id, t.tenant_id, t.task_type, t.user_prompt, t.created_at, s.tier,
                    t.trajectory_id IN (SELECT trajectory_id FROM edited) AS edited
             FROM trajectories t JOIN scores s USING (trajectory_id)
-            WHERE t.origin = 'usage' AND t.user_prompt IS NOT NULL
+            -- an opted-out tenant's prompts are never sent to the teacher (tenancy)
+            WHERE t.origin = 'usage' AND t.user_prompt IS NOT NULL AND {trainable}
         ), failed AS (
             SELECT session_id, user_prompt, arg_max(trajectory_id, created_at) AS trajectory_id,
-                   any_value(task_type) AS task_type, max(created_at) AS created_at,
+                   any_value(tenant_id) AS tenant_id, any_value(task_type) AS task_type, max(created_at) AS created_at,
                    bool_and(tier = $lowest) AS abandoned
             FROM usage GROUP BY session_id, user_prompt
             HAVING bool_and(tier = $lowest) OR bool_or(edited)
@@ -63,10 +65,11 @@ def failed_requests(lake: Lake, config: FlywheelConfig, limit: int) -> list[dict
                                          trajectory_id) AS type_rank
             FROM fresh
         )
-        SELECT trajectory_id, task_type, user_prompt, created_at, abandoned FROM ranked
+        SELECT trajectory_id, tenant_id, task_type, user_prompt, created_at, abandoned FROM ranked
         QUALIFY row_number() OVER (ORDER BY type_rank, task_type) <= $limit
         ORDER BY abandoned DESC, created_at DESC, trajectory_id
-    """, {"origin": ORIGIN, "limit": limit, "lowest": config.tiers.names[-1]}).to_arrow_table().to_pylist()
+    """.replace("{trainable}", config.tenancy.trainable_sql("t.tenant_id")),
+        {"origin": ORIGIN, "limit": limit, "lowest": config.tiers.names[-1]}).to_arrow_table().to_pylist()
 
 
 def correction_lines(failures: list[dict], teacher, now: datetime, domain=None) -> tuple[list[dict], Counter]:
@@ -85,6 +88,7 @@ def correction_lines(failures: list[dict], teacher, now: datetime, domain=None) 
             skipped["teacher_rejected"] += 1
             continue
         line.update(trajectory_id=f"correction-{failure['trajectory_id']}", origin=ORIGIN,
+                    tenant_id=failure.get("tenant_id") or "default",
                     corrects=failure["trajectory_id"], created_at=now.strftime("%Y-%m-%dT%H:%M:%SZ"))
         lines.append(line)
     return lines, skipped
