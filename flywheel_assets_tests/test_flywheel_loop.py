@@ -11,7 +11,9 @@ from flywheel_assets.lib.experiments.registry import ModelRegistry
 from flywheel_assets.lib.lake import Lake
 from flywheel_assets.lib.tables import AB_RESULTS, OFFLINE_EVALUATIONS, TRAJECTORIES
 
-SMALL_LOOP = {  # the embedded model as make demo builds it; one cycle, a smaller population and held-out set
+SMALL_LOOP = {  # the embedded model as make demo builds it, pretrained half as long; one cycle, a smaller
+    # population and held-out set (the suite's longest test: ~6.5 min with the demo's 400 pretraining steps)
+    "base_model": {"pretrain_steps": 200},
     "evaluation": {"tasks": 200},
     "corrections": {"daily_budget": 200},
     "ab": {"min_users_per_arm": 60, "planned_users": 200, "max_days": 6},
