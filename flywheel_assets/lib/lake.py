@@ -170,7 +170,9 @@ class Lake:
             else table.schema.empty_table()
         old = conform(old, table)
         kept = old.filter(pa.compute.invert(pa.compute.is_in(_key(old, table), value_set=_key(data, table))))
-        # Written over the snapshot read (`dt`): a commit in between makes this one fail, never lost.
+        # Both write over the snapshot read (`dt`). An overwrite fails if a commit came in between
+        # (nothing is lost); an append of keys that snapshot lacked does not conflict with one, so a
+        # second writer of the same keys is kept out by the refresh lock (one refresh per table).
         if kept.num_rows == old.num_rows:  # only new keys: an append, nothing rewritten
             write_deltalake(dt, data, mode="append", partition_by=partition_by, commit_properties=commit)
         else:
