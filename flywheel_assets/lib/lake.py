@@ -92,9 +92,6 @@ class Lake:
         """Expose a table to DuckDB as a view (a lazy arrow dataset: no copy); `prune` as in read:
         the view then holds only the files it keeps, so the queries must filter at least as much."""
         dt = self.delta(table, version)
-        # DuckDB pushes a join's key range into an arrow scan as string_view scalars, which Arrow
-        # cannot compare with a string column (on a day-partitioned table it failed every join)
-        con.execute("SET disabled_optimizers = 'join_filter_pushdown'")
         con.register(name or table.name, self._dataset(dt, table, prune)
                      if dt is not None else table.schema.empty_table())
 

@@ -131,14 +131,30 @@ def test_a_lake_written_the_old_way_is_recomputed_in_full_once(lake, config, mon
     from flywheel_assets.lib.feedback.refresh_scores import refresh_session_feedback
     from flywheel_assets_tests.feedback.test_refresh import _world
 
+    import duckdb
+    import pyarrow.parquet as pq
+
+    def file_types():
+        return {str(pq.read_schema(uri).field("session_id").type) for uri in lake.delta(SESSION_FEEDBACK).file_uris()}
+
     world = _world(3)
     _ingest(lake, world, 0)
     monkeypatch.setattr(refresh, "WRITE_FORMAT", 1)
     assert refresh_session_feedback(lake, config).full
+    # what the MERGE of WRITE_FORMAT 1 left: its rows merged onto themselves, string_view files
+    dt = lake.delta(SESSION_FEEDBACK)
+    dt.merge(lake.read(SESSION_FEEDBACK), "t.session_id = s.session_id", source_alias="s", target_alias="t") \
+        .when_matched_update_all().when_not_matched_insert_all().execute()
+    assert "string_view" in file_types()
     monkeypatch.setattr(refresh, "WRITE_FORMAT", 2)
     _ingest(lake, world, 1)
     outcome = refresh_session_feedback(lake, config)
     assert outcome.full and outcome.reason == "settings changed"
+    assert file_types() == {"string"}  # rewritten whole: filters on string columns answer again
+    con = duckdb.connect()
+    lake.register(con, SESSION_FEEDBACK)
+    assert con.execute("SELECT count(*) FROM session_feedback WHERE session_id >= ''").fetchone()[0] == \
+        lake.row_count(SESSION_FEEDBACK) > 0
     _ingest(lake, world, 2)
     assert not refresh_session_feedback(lake, config).full
 
