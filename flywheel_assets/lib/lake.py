@@ -82,10 +82,7 @@ class Lake:
         dataset = self._dataset(dt, table, prune)
         if filter_sql is None:
             return dataset.to_table(columns=columns)
-        con = duckdb.connect()
-        con.register("t", dataset)
-        cols = ", ".join(f'"{c}"' for c in columns) if columns else "*"
-        return con.sql(f"SELECT {cols} FROM t WHERE {filter_sql}").to_arrow_table()
+        return rows_where(dataset, filter_sql, columns)
 
     def register(self, con: duckdb.DuckDBPyConnection, table: Table, name: str | None = None,
                  prune: str | None = None, version: int | None = None) -> None:
@@ -186,11 +183,13 @@ class Lake:
         return {t.name: self.version(t) for t in tables}
 
 
-def rows_where(rows: pa.Table, condition: str) -> pa.Table:
-    """The rows of an arrow table that a SQL condition holds for (DuckDB over the table, no copy in)."""
+def rows_where(rows, condition: str, columns: list[str] | None = None) -> pa.Table:
+    """The rows (the `columns`) of an arrow table or dataset that a SQL condition holds for
+    (DuckDB over it, no copy in; the condition is pushed into a dataset's scan)."""
     con = duckdb.connect()
     con.register("rows", rows)
-    return con.execute(f"SELECT * FROM rows WHERE {condition}").to_arrow_table()
+    selected = ", ".join(f'"{c}"' for c in columns) if columns else "*"
+    return con.execute(f"SELECT {selected} FROM rows WHERE {condition}").to_arrow_table()
 
 
 def _key(rows: pa.Table, table: Table) -> pa.Array:

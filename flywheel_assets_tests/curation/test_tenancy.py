@@ -36,7 +36,7 @@ def test_the_policy_as_a_rule_and_as_sql():
         TenancyConfig(policies={"acme": "isolated"})  # per-tenant adapters are not built
 
 
-def test_an_opted_out_tenant_is_analysed_but_never_trained_on_nor_sent_to_the_teacher(home, tmp_path):
+def test_an_opted_out_tenant_is_analysed_but_never_trained_on_nor_sent_to_the_teacher(home):
     (home / "config.json").write_text(json.dumps({"tenancy": {"policies": {"globex": "opt_out"}},
                                                   "cold_start": {"synthetic_trajectories": 100}}))
     config = load_config(home, str(home / "config.json"))

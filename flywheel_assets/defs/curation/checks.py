@@ -61,13 +61,14 @@ def no_evaluation_task_in_training_set(context: dg.AssetCheckExecutionContext,
 def no_opted_out_tenant_in_training_set(context: dg.AssetCheckExecutionContext,
                                         flywheel: FlywheelResource) -> dg.AssetCheckResult:
     config, lake = flywheel.config(), flywheel.lake()
+    forbidden_row = f"NOT ({config.tenancy.trainable_sql('t.tenant_id')})"
     with flywheel.sql() as con:
         lake.register(con, TRAINING_DATASET)
         lake.register(con, TRAJECTORIES)
         rows, forbidden, tenants = con.execute(f"""
-            SELECT count(*), count(*) FILTER (WHERE NOT ({config.tenancy.trainable_sql("t.tenant_id")})),
+            SELECT count(*), count(*) FILTER (WHERE {forbidden_row}),
                    string_agg(DISTINCT coalesce(t.tenant_id, 'default'), ', ' ORDER BY coalesce(t.tenant_id, 'default'))
-                       FILTER (WHERE NOT ({config.tenancy.trainable_sql("t.tenant_id")}))
+                       FILTER (WHERE {forbidden_row})
             FROM training_dataset d LEFT JOIN trajectories t USING (trajectory_id) WHERE d.cycle = $cycle
         """, {"cycle": context.partition_key}).fetchone()
     return dg.AssetCheckResult(passed=forbidden == 0, metadata={

@@ -22,13 +22,15 @@ class RefreshConfig(dg.Config):
     full: bool = False
 
 
-def _refresh_metadata(table, outcome, con_sql: str, flywheel: FlywheelResource) -> dict:
-    """What the refresh read and wrote, and aggregates of the whole table (`con_sql` over view t)."""
+def _refresh_metadata(table, outcome, con_sql: str, flywheel: FlywheelResource, more=None) -> dict:
+    """What the refresh read and wrote, and aggregates of the whole table (`con_sql` over view t;
+    `more(con)`: further metadata from the same view)."""
     lake = flywheel.lake()
     with flywheel.sql() as con:
         lake.register(con, table, "t")
         cursor = con.execute(con_sql)
         whole = dict(zip([column[0] for column in cursor.description], cursor.fetchone()))
+        whole |= more(con) if more else {}
     return table_metadata(table, delta_version=outcome.version, refresh="full" if outcome.full else "incremental",
                           refresh_reason=outcome.reason, rows_written=outcome.rows.num_rows,
                           new_input_rows=dg.MetadataValue.json(outcome.new_rows), **whole) \
@@ -100,17 +102,19 @@ def trajectory_scores(config: RefreshConfig, flywheel: FlywheelResource) -> dg.M
     calibration = fitted_fusion(latest)
     outcome = refresh_trajectory_scores(lake, settings, calibration, str(latest and latest.get("calibrated_at")),
                                         full=config.full)
-    with flywheel.sql() as con:
-        lake.register(con, TRAJECTORY_SCORES, "t")
+
+    def mixes(con) -> dict:
         tiers = dict(con.execute("SELECT tier, count(*) FROM t GROUP BY tier").fetchall())
         sources = dict(con.execute("SELECT score_source, count(*) FROM t GROUP BY ALL ORDER BY 1").fetchall())
+        return {"tier_mix": markdown_counts({name: tiers.get(name, 0) for name in settings.tiers.names}, "tier",
+                                            "trajectories"),
+                "by_source": markdown_counts(sources, "source", "trajectories")}
+
     threshold = settings.curation.high_quality_threshold
     return dg.MaterializeResult(metadata=_refresh_metadata(
         TRAJECTORY_SCORES, outcome,
-        f"SELECT coalesce(avg((combined_score >= {threshold})::INT), 0) AS high_quality_rate FROM t", flywheel) | {
-        "tier_mix": markdown_counts({name: tiers.get(name, 0) for name in settings.tiers.names}, "tier", "trajectories"),
-        "by_source": markdown_counts(sources, "source", "trajectories"), "fusion": _fusion_used(settings, latest),
-    })
+        f"SELECT coalesce(avg((combined_score >= {threshold})::INT), 0) AS high_quality_rate FROM t", flywheel,
+        more=mixes) | {"fusion": _fusion_used(settings, latest)})
 
 
 def _fusion_used(config, latest: dict | None) -> str:

@@ -42,13 +42,13 @@ def failed_requests(lake: Lake, config: FlywheelConfig, limit: int) -> list[dict
         TRAJECTORIES, columns=["trajectory_id", "session_id", "tenant_id", "task_type", "origin", "user_prompt",
                                "created_at"]))
     con.register("edited", lake.read(SESSION_EVENTS, columns=["trajectory_id"], filter_sql="event_type = 'output_edited'"))
-    return con.execute("""
+    return con.execute(f"""
         WITH usage AS (
             SELECT t.trajectory_id, t.session_id, t.tenant_id, t.task_type, t.user_prompt, t.created_at, s.tier,
                    t.trajectory_id IN (SELECT trajectory_id FROM edited) AS edited
             FROM trajectories t JOIN scores s USING (trajectory_id)
             -- an opted-out tenant's prompts are never sent to the teacher (tenancy)
-            WHERE t.origin = 'usage' AND t.user_prompt IS NOT NULL AND {trainable}
+            WHERE t.origin = 'usage' AND t.user_prompt IS NOT NULL AND {config.tenancy.trainable_sql("t.tenant_id")}
         ), failed AS (
             SELECT session_id, user_prompt, arg_max(trajectory_id, created_at) AS trajectory_id,
                    any_value(tenant_id) AS tenant_id, any_value(task_type) AS task_type, max(created_at) AS created_at,
@@ -68,8 +68,7 @@ def failed_requests(lake: Lake, config: FlywheelConfig, limit: int) -> list[dict
         SELECT trajectory_id, tenant_id, task_type, user_prompt, created_at, abandoned FROM ranked
         QUALIFY row_number() OVER (ORDER BY type_rank, task_type) <= $limit
         ORDER BY abandoned DESC, created_at DESC, trajectory_id
-    """.replace("{trainable}", config.tenancy.trainable_sql("t.tenant_id")),
-        {"origin": ORIGIN, "limit": limit, "lowest": config.tiers.names[-1]}).to_arrow_table().to_pylist()
+    """, {"origin": ORIGIN, "limit": limit, "lowest": config.tiers.names[-1]}).to_arrow_table().to_pylist()
 
 
 def correction_lines(failures: list[dict], teacher, now: datetime, domain=None) -> tuple[list[dict], Counter]:
