@@ -7,6 +7,7 @@
     flywheel promote VERSION --reason R [--to champion|treatment|canary]
     flywheel rollback VERSION --reason R
     flywheel export CYCLE [-o PATH]          the cycle's training set as chat JSONL
+    flywheel forget --user U [--tenant T]    delete a user's data everywhere; withdraw models trained on it
     flywheel serve / flywheel keys …         the OpenAI-compatible gateway (gateway_cli.py)
 
 Everything goes through the lib/ code the Dagster assets and sensors use, so a manual
@@ -411,7 +412,7 @@ def _change(session: Session, version: str, reason: str, change) -> None:
 
 
 # the gateway's commands (serve, keys) and export live in their own modules, registered on this app
-from flywheel_assets import export_cli, gateway_cli  # noqa: E402,F401
+from flywheel_assets import export_cli, forget_cli, gateway_cli  # noqa: E402,F401
 
 if __name__ == "__main__":  # `python -m flywheel_assets.cli`: the module's app, where gateway_cli registered
     from flywheel_assets.cli import app as registered

@@ -4,15 +4,18 @@ recorded as a materialization: inside the run that made it, or as a runless even
 
 import dagster as dg
 
-from flywheel_assets.lib.tables import AB_RESULTS, DATASET_MANIFESTS, MODEL_REGISTRY, OFFLINE_EVALUATIONS, Table
+from flywheel_assets.lib.tables import (
+    AB_RESULTS, DATASET_MANIFESTS, FORGET_REQUESTS, MODEL_REGISTRY, OFFLINE_EVALUATIONS, Table,
+)
 
 RECORDS = {
     MODEL_REGISTRY.name: ("experiments", ["base_model", "lora_adapter", "offline_eval"]),
     AB_RESULTS.name: ("experiments", ["offline_eval"]),
     OFFLINE_EVALUATIONS.name: ("evaluation", ["lora_adapter"]),
     DATASET_MANIFESTS.name: ("curation", ["curated_trajectories"]),
+    FORGET_REQUESTS.name: ("privacy", []),  # written by forget_job and `flywheel forget`
 }
-TABLES = {t.name: t for t in (MODEL_REGISTRY, AB_RESULTS, OFFLINE_EVALUATIONS, DATASET_MANIFESTS)}
+TABLES = {t.name: t for t in (MODEL_REGISTRY, AB_RESULTS, OFFLINE_EVALUATIONS, DATASET_MANIFESTS, FORGET_REQUESTS)}
 
 record_specs = [
     dg.AssetSpec(name, group_name=group, deps=deps, kinds={"delta"},

@@ -145,6 +145,14 @@ class TenancyConfig(BaseModel):
         return f"{tenant} IN ({_sql_list(names)})" if names else "false"
 
 
+class PrivacyConfig(BaseModel):
+    """What `flywheel forget` does with the model versions trained on a forgotten user's data
+    (README: Privacy). Both take them out of service and put the newest clean champion back;
+    `retrain` also starts a new cycle on the data as it now is (gate, canary and A/B as usual)."""
+
+    on_forget: Literal["retire", "retrain"] = "retire"
+
+
 def _sql_list(values: list[str]) -> str:
     return ", ".join("'" + value.replace("'", "''") + "'" for value in sorted(values))
 
@@ -355,6 +363,7 @@ class FlywheelConfig(BaseModel):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     curation: CurationConfig = Field(default_factory=CurationConfig)
     tenancy: TenancyConfig = Field(default_factory=TenancyConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     llm_judge: LLMJudgeConfig = Field(default_factory=LLMJudgeConfig)
     teacher: TeacherEndpointConfig = Field(default_factory=TeacherEndpointConfig)

@@ -29,6 +29,7 @@ from flywheel_assets.lib.tables import Table
 # append that made it so also compacts them (a second commit; the rows do not change).
 COMPACT_AT = 64
 SMALL_FILE_BYTES = 32 << 20
+LOG_RETENTION, DEFAULT_LOG_RETENTION = "delta.logRetentionDuration", "interval 30 days"
 
 
 class Lake:
@@ -173,6 +174,30 @@ class Lake:
             write_deltalake(dt, pa.concat_tables([kept, data]), mode="overwrite", predicate=predicate,
                             partition_by=partition_by, commit_properties=commit)
         return self.version(table)
+
+    def delete_where(self, table: Table, predicate: str) -> int:
+        """Delete the rows a Delta predicate holds for, in one commit that rewrites only the files
+        holding them (an overwrite with that predicate: delta-rs's DELETE writes string_view files,
+        see upsert). The rows deleted."""
+        before = self.row_count(table)
+        if before:
+            self._write(table, table.schema.empty_table(), mode="overwrite", predicate=predicate)
+        return before - self.row_count(table)
+
+    def purge_history(self, table: Table) -> None:
+        """Make the current version the only one: every file it does not read is deleted (vacuum
+        with no retention, untracked files included) and the log before a new checkpoint is removed,
+        so no earlier version can be read back (time travel ends here). The log's retention is
+        lowered for the cleanup and set back to Delta's default after it."""
+        dt = self.delta(table)
+        if dt is None:
+            return
+        dt.vacuum(retention_hours=0, enforce_retention_duration=False, dry_run=False, full=True)
+        dt.alter.set_table_properties({LOG_RETENTION: "interval 0 seconds"})
+        dt = self.delta(table)
+        dt.create_checkpoint()
+        dt.cleanup_metadata()
+        dt.alter.set_table_properties({LOG_RETENTION: DEFAULT_LOG_RETENTION})
 
     def marks(self, table: Table, *apps: str, version: int | None = None) -> dict[str, int | None]:
         """The app transaction versions upsert recorded (None: never, or the table is missing)."""

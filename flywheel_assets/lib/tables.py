@@ -422,10 +422,34 @@ AB_RESULTS = Table(
     key=("test_id", "looked_at"),
 )
 
+FORGET_REQUESTS = Table(
+    "audit", "forget_requests",
+    "Every `flywheel forget` carried out, append-only: who asked, when, and how much went; never an identifier or content.",
+    _cols(
+        ("request_id", pa.string(), "forget-<random hex>"),
+        ("requested_by", pa.string(), "who asked (--by; the CLI's default is cli:<user>)"),
+        ("requested_at", UTC_TS, "when (the flywheel clock)"),
+        ("subject_sha256", pa.string(), "sha256 of tenant (or *) and user id: proves a request covered a user without naming them"),
+        ("tenant_scoped", pa.bool_(), "the request named a tenant"),
+        ("policy", pa.string(), "retire or retrain (privacy.on_forget, or --policy)"),
+        ("rows_deleted", pa.int64(), "rows deleted over every table"),
+        ("rows_by_table_json", pa.string(), "rows deleted per table (JSON object)"),
+        ("files_rewritten", pa.int64(), "landing and gateway journal files with lines blanked"),
+        ("lines_blanked", pa.int64(), "lines blanked in those files"),
+        ("cycles_tainted", pa.list_(pa.string()), "cycles whose training set held the user's trajectories"),
+        ("versions_withdrawn", pa.list_(pa.string()), "model versions trained through one of those cycles"),
+        ("champion_after", pa.string(), "the champion after the request"),
+        ("retrain_requested", pa.bool_(), "a new cycle was asked of the training trigger"),
+        ("passes", pa.int64(), "delete-and-check passes it took (more than 1: a writer brought rows back)"),
+    ),
+    key=("request_id",),
+)
+
 ALL_TABLES: tuple[Table, ...] = (
     SESSION_EVENTS, TRAJECTORIES, ANNOTATIONS, QUARANTINE, INGESTED_FILES,
     SESSION_FEEDBACK, LLM_JUDGMENTS, JUDGE_SCORES, TRAJECTORY_SCORES, SCORE_CALIBRATIONS, CURATED_TRAJECTORIES,
     TRAINING_DATASET, DATASET_MANIFESTS, OFFLINE_EVALUATIONS, MODEL_REGISTRY, AB_RESULTS,
+    FORGET_REQUESTS,
 )
 
 

@@ -9,7 +9,7 @@ from flywheel_assets.defs.partitions import cycle_partitions
 from flywheel_assets.defs.resources import FlywheelResource
 from flywheel_assets.lib.automation.regression import check_regression
 from flywheel_assets.lib.automation.state import trigger_state
-from flywheel_assets.lib.automation.trigger import blocked_by, should_train
+from flywheel_assets.lib.automation.trigger import blocked_by, retrain_requested, should_train
 from flywheel_assets.lib.experiments.rollout import advance
 
 
@@ -30,6 +30,8 @@ def training_trigger(context: dg.SensorEvaluationContext, flywheel: FlywheelReso
     champion = next(row for row in current if row["status"] == "champion")
     state = trigger_state(config, flywheel.lake(), flywheel.now(), champion["version"], champion["changed_at"])
     train, reason, phase = should_train(state, config.trigger)
+    if not train and (retrain := retrain_requested(champion, state.last_training)):
+        train, reason = True, retrain
     context.log.info(f"phase {phase}: {'TRAIN' if train else 'wait'}: {reason}")
     if not train:
         return dg.SkipReason(f"phase {phase}: {reason}")

@@ -9,6 +9,7 @@ trajectories) trains weekly on small batches, phase 2 is the seed's defaults.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -52,6 +53,15 @@ def should_train(state: TriggerState, phases: PhaseConfig) -> tuple[bool, str, i
         return True, f"{state.new_scored} new trajectories ({rate:.1%} high quality)", current
     return False, (f"not yet: {state.new_scored} new (need {config.min_new_trajectories}), "
                    f"{rate:.1%} high quality (need {config.min_high_quality_rate:.0%})"), current
+
+
+def retrain_requested(champion: dict, last_training: datetime | None) -> str | None:
+    """Why a cycle must start now, whatever the rules say: the champion was put back by `flywheel
+    forget` with the policy retrain (registry metadata retrain_after) and no cycle was made since."""
+    after = json.loads(champion.get("metadata_json") or "{}").get("retrain_after")
+    if after is None or (last_training is not None and last_training >= datetime.fromisoformat(after)):
+        return None
+    return f"retrain requested: {champion['version']} was put back after a forget request; retraining without the data"
 
 
 def performance_change(daily_quality: list[tuple[datetime, float, int]], now: datetime, recent_days: float = 1,

@@ -140,6 +140,32 @@ class ModelRegistry:
         self._append(rows)
         return rows[0]
 
+    def withdraw(self, versions: set[str], *, clean: Callable[[dict], bool], reason: str, actor: str,
+                 metadata: dict, retrain_after: datetime | None = None) -> list[dict]:
+        """Take versions out of service in one commit (lib/privacy/forget.py): a live or candidate
+        version is rolled back; a retired or rolled-back one keeps its status and gains `metadata`.
+        A withdrawn champion is replaced by the newest retired champion that is `clean`; with `retrain_after`, that version asks the training trigger for a new cycle."""
+        history = self._history()
+        latest = _latest(history)
+        at = self._now(history)
+        rows = [_next(latest[v], latest[v]["status"] if latest[v]["status"] in FINAL else "rolled_back",
+                      0.0, reason, actor, at, metadata) for v in sorted(versions) if v in latest]
+        champion = _champion(latest)
+        if champion is not None and champion["version"] in versions:
+            replacement = next((latest[r["version"]] for r in reversed(history) if r["status"] == "champion"
+                                and r["version"] not in versions and latest[r["version"]]["status"] == "retired"
+                                and clean(latest[r["version"]])), None)
+            if replacement is None:
+                raise RegistryError(f"cannot withdraw champion {champion['version']}: no clean version was ever champion")
+            remaining = sum(r["traffic_share"] for v, r in latest.items()
+                            if v not in versions and r["status"] in ("canary", "treatment"))
+            extra = {"retrain_after": retrain_after.isoformat()} if retrain_after else None
+            rows.append(_next(replacement, "champion", max(0.0, 1.0 - remaining),
+                              f"reinstated: {champion['version']} withdrawn ({reason})", actor, at, extra))
+        if rows:
+            self._append(rows)
+        return rows
+
     def current(self) -> list[dict]:
         """The latest row of every version, ordered by changed_at."""
         return sorted(_latest(self._history()).values(), key=_order)

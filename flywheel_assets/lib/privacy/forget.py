@@ -1,0 +1,299 @@
+"""The right to be forgotten: one user's data out of every table and file, and out of service.
+
+`forget(config, lake, user)` holds the ingest lock and every refresh lock (nothing lands or is
+re-scored meanwhile) and, in order:
+
+1. finds the subject: the user's sessions (from events and trajectories), every trajectory of
+   those sessions or of the user, and the teacher's corrections of them (`correction-<id>`);
+2. finds what was trained on them: the cycles whose training set holds one of those
+   trajectories, and every registered version with such a cycle in its lineage (an adapter
+   trained over a tainted one is tainted too);
+3. deletes their rows from every table that can hold them (SUBJECT_TABLES), drops their ids
+   from the dataset manifests and the adapters' id lists and rewrites those cycles' exports;
+4. blanks their lines in the landing files and the gateway's journal (lib/privacy/files.py);
+5. purges every table's history (vacuum, log cleanup): no earlier Delta version, which would
+   still hold the rows, can be read back;
+6. checks again, and repeats from 3 if a writer outside the locks (a curation run) brought a
+   row back, up to MAX_PASSES;
+7. takes the tainted versions out of service in the registry (lib/experiments/registry.py
+   `withdraw`): a tainted champion is replaced by the newest clean version that was champion
+   before (at worst the base, which is trained on cold-start data only). With the policy
+   `retrain` that version asks the training trigger for a new cycle, which trains on the data
+   as it now is and goes through the gate, the canary and the A/B test like any other;
+8. appends one row to audit/forget_requests: who asked, when, a sha256 of the subject, and how
+   many rows, lines and files went — never an identifier or a byte of content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+
+import duckdb
+import pyarrow as pa
+
+from flywheel_assets.lib.config import FlywheelConfig
+from flywheel_assets.lib.curation.select import export_chat_jsonl
+from flywheel_assets.lib.experiments.registry import ModelRegistry
+from flywheel_assets.lib.ingest.lock import ingest_lock
+from flywheel_assets.lib.lake import Lake, sql_literal
+from flywheel_assets.lib.privacy.files import Matcher, Rewritten, scrub_folder, write_json
+from flywheel_assets.lib.tables import (
+    ANNOTATIONS, CURATED_TRAJECTORIES, DATASET_MANIFESTS, FORGET_REQUESTS, INGESTED_FILES, JUDGE_SCORES,
+    LLM_JUDGMENTS, QUARANTINE, SESSION_EVENTS, SESSION_FEEDBACK, TRAINING_DATASET, TRAJECTORIES, TRAJECTORY_SCORES,
+    Table,
+)
+
+MAX_PASSES = 3
+POLICIES = ("retire", "retrain")
+REFRESHED = (SESSION_FEEDBACK, JUDGE_SCORES, TRAJECTORY_SCORES)  # the tables lib/feedback/refresh_scores.py locks
+
+
+@dataclass(frozen=True)
+class Subject:
+    user_id: str
+    tenant_id: str | None
+    sessions: frozenset[str]
+    trajectories: frozenset[str]  # the user's and their sessions' trajectories, and the corrections of them
+
+    def matcher(self) -> Matcher:
+        return Matcher.build(self.user_id, self.tenant_id, self.sessions | self.trajectories)
+
+    def sha256(self) -> str:
+        return hashlib.sha256(f"{self.tenant_id or '*'}\x1f{self.user_id}".encode()).hexdigest()
+
+    def _user(self) -> str:
+        tenant = "" if self.tenant_id is None else f" AND coalesce(tenant_id, 'default') = {sql_literal(self.tenant_id)}"
+        return f"(user_id = {sql_literal(self.user_id)}{tenant})"
+
+    def condition(self, table: Table) -> str | None:
+        """A SQL condition (DuckDB and Delta predicates alike) for the table's rows of the subject."""
+        names = set(table.schema.names)
+        clauses = [self._user()] if "user_id" in names else []
+        if "session_id" in names and self.sessions:
+            clauses.append(f"session_id IN ({_in(self.sessions)})")
+        if "trajectory_id" in names and self.trajectories:
+            clauses.append(f"trajectory_id IN ({_in(self.trajectories)})")
+        return " OR ".join(clauses) or None
+
+
+def _in(values) -> str:
+    return ", ".join(sql_literal(v) for v in sorted(values))
+
+
+# Every table a subject's rows can be in (quarantine is matched on its raw line instead; the
+# manifests' id lists are rewritten, not deleted). model_registry, ab_results,
+# offline_evaluations, score_calibrations and ingested_files hold no row of a user.
+SUBJECT_TABLES = (SESSION_EVENTS, TRAJECTORIES, ANNOTATIONS, SESSION_FEEDBACK, LLM_JUDGMENTS, JUDGE_SCORES,
+                  TRAJECTORY_SCORES, CURATED_TRAJECTORIES, TRAINING_DATASET)
+PURGED = SUBJECT_TABLES + (QUARANTINE, DATASET_MANIFESTS, INGESTED_FILES)
+
+
+@dataclass
+class ForgetReport:
+    request_id: str
+    dry_run: bool
+    rows: dict[str, int] = field(default_factory=dict)  # per table: rows of the subject (deleted unless dry run)
+    lines: dict[str, int] = field(default_factory=dict)  # per file, relative to FLYWHEEL_HOME: lines blanked
+    cycles: list[str] = field(default_factory=list)  # training sets that held the subject's trajectories
+    versions: list[str] = field(default_factory=list)  # registered versions trained through one of them
+    champion: str | None = None  # the champion afterwards
+    retrain: bool = False
+    passes: int = 0
+
+    @property
+    def total_rows(self) -> int:
+        return sum(self.rows.values())
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"total_rows": self.total_rows}
+
+
+def find_subject(lake: Lake, user_id: str, tenant_id: str | None = None) -> Subject:
+    con = duckdb.connect()
+    for table in (SESSION_EVENTS, TRAJECTORIES):
+        lake.register(con, table)
+    user = Subject(user_id, tenant_id, frozenset(), frozenset())._user()
+    sessions = {r[0] for r in con.execute(f"""
+        SELECT session_id FROM session_events WHERE {user} AND session_id IS NOT NULL
+        UNION SELECT session_id FROM trajectories WHERE {user} AND session_id IS NOT NULL""").fetchall()}
+    con.register("sessions", pa.table({"session_id": pa.array(sorted(sessions), pa.string())}))
+    own = {r[0] for r in con.execute(f"""
+        SELECT trajectory_id FROM trajectories WHERE {user} OR session_id IN (SELECT session_id FROM sessions)
+        UNION SELECT trajectory_id FROM session_events
+        WHERE ({user} OR session_id IN (SELECT session_id FROM sessions)) AND trajectory_id IS NOT NULL""").fetchall()}
+    return Subject(user_id, tenant_id, frozenset(sessions), frozenset(own | {f"correction-{t}" for t in own}))
+
+
+def tainted_cycles(lake: Lake, subject: Subject) -> list[str]:
+    """The cycles whose training set holds one of the subject's trajectories."""
+    if not subject.trajectories:
+        return []
+    rows = lake.read(TRAINING_DATASET, columns=["cycle"], filter_sql=subject.condition(TRAINING_DATASET))
+    return sorted(set(rows.column("cycle").to_pylist()))
+
+
+def lineage_taint(latest: dict[str, dict], cycles: set[str]) -> tuple[list[str], Callable[[dict], bool]]:
+    """(the versions trained through one of `cycles`, a test of whether a version is clean: nothing in
+    its lineage was trained on those cycles or marked tainted by an earlier request)."""
+
+    def chain(row: dict | None):
+        while row is not None:
+            yield row
+            row = latest.get(row["parent"]) if row.get("parent") else None
+
+    def clean(row: dict) -> bool:
+        return not any(r.get("cycle") in cycles or json.loads(r.get("metadata_json") or "{}").get("tainted_by")
+                       for r in chain(row))
+
+    return sorted(v for v, row in latest.items() if any(r.get("cycle") in cycles for r in chain(row))), clean
+
+
+class ForgetIncomplete(RuntimeError):
+    """Rows of the subject were still found after MAX_PASSES: a writer outside the locks keeps
+    bringing them back. Nothing is half-done in a way a second `forget` does not finish."""
+
+
+def forget(config: FlywheelConfig, lake: Lake, user_id: str, tenant_id: str | None = None, *,
+           requested_by: str, now: datetime, policy: str | None = None, dry_run: bool = False,
+           registry: ModelRegistry | None = None, log: Callable[[str], None] = lambda message: None) -> ForgetReport:
+    """Forget one user (of one tenant, or of all): see the module docstring. A dry run changes
+    nothing and reports what would go."""
+    policy = policy or config.privacy.on_forget
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    report = ForgetReport(request_id=f"forget-{uuid.uuid4().hex[:16]}", dry_run=dry_run)
+    registry = registry or ModelRegistry(lake, clock=lambda: now)
+    timeout = config.ingest.lock_timeout_s
+    with ExitStack() as locks:
+        locks.enter_context(ingest_lock(config.landing, timeout, owner=report.request_id, log=log))
+        for table in REFRESHED:
+            locks.enter_context(ingest_lock(config.landing, timeout, owner=report.request_id, log=log,
+                                            name=f".refresh-{table.name}.lock"))
+        subject = find_subject(lake, user_id, tenant_id)
+        matcher = subject.matcher()
+        report.cycles = tainted_cycles(lake, subject)
+        latest = {row["version"]: row for row in registry.current()}
+        report.versions, clean = lineage_taint(latest, set(report.cycles))
+        log(f"{len(subject.sessions)} sessions, {len(subject.trajectories)} trajectory ids (corrections included); "
+            f"trained on in {report.cycles or 'no cycle'}; versions {report.versions or 'none'}")
+        if dry_run:
+            report.rows = subject_rows(lake, subject, matcher)
+            for root in _scrubbed_folders(config):
+                report.lines |= {_relative(config, r.path): r.lines for r in scrub_folder(root, matcher, dry_run=True)}
+            report.champion = (registry.champion() or {}).get("version")
+            return report
+        for report.passes in range(1, MAX_PASSES + 1):
+            for name, count in _delete_rows(config, lake, subject, matcher, report.cycles).items():
+                report.rows[name] = report.rows.get(name, 0) + count
+            for root in _scrubbed_folders(config):
+                rewritten = scrub_folder(root, matcher)
+                _follow_in_ledger(config, lake, rewritten)
+                for r in rewritten:
+                    report.lines[_relative(config, r.path)] = report.lines.get(_relative(config, r.path), 0) + r.lines
+            for table in PURGED:
+                lake.purge_history(table)
+            left = {name: n for name, n in subject_rows(lake, subject, matcher).items() if n}
+            log(f"pass {report.passes}: {report.total_rows} rows deleted, {sum(report.lines.values())} lines blanked; "
+                f"left: {left or 'none'}")
+            if not left:
+                break
+        else:
+            raise ForgetIncomplete(f"{report.request_id}: rows still found after {MAX_PASSES} passes: {left}")
+    withdrawn = registry.withdraw(set(report.versions), clean=clean, actor=requested_by,
+                                  reason=f"trained on data deleted by {report.request_id}",
+                                  metadata={"tainted_by": report.request_id},
+                                  retrain_after=now if policy == "retrain" else None) if report.versions else []
+    report.champion = (registry.champion() or {}).get("version")
+    report.retrain = policy == "retrain" and any(r["status"] == "champion" for r in withdrawn)
+    lake.append(FORGET_REQUESTS, pa.Table.from_pylist([{
+        "request_id": report.request_id, "requested_by": requested_by, "requested_at": now,
+        "subject_sha256": subject.sha256(), "tenant_scoped": tenant_id is not None, "policy": policy,
+        "rows_deleted": report.total_rows, "rows_by_table_json": json.dumps(report.rows, sort_keys=True),
+        "files_rewritten": len(report.lines), "lines_blanked": sum(report.lines.values()),
+        "cycles_tainted": report.cycles, "versions_withdrawn": report.versions,
+        "champion_after": report.champion, "retrain_requested": report.retrain, "passes": report.passes,
+    }], schema=FORGET_REQUESTS.schema))
+    return report
+
+
+def subject_rows(lake: Lake, subject: Subject, matcher: Matcher) -> dict[str, int]:
+    """The subject's rows per table (quarantine: lines matched on their raw text)."""
+    counts = {}
+    for table in SUBJECT_TABLES:
+        if (condition := subject.condition(table)) is not None:
+            counts[table.name] = lake.read(table, columns=[table.key[-1]], filter_sql=condition).num_rows
+    counts[QUARANTINE.name] = len(_quarantined(lake, matcher))
+    return counts
+
+
+def _quarantined(lake: Lake, matcher: Matcher) -> list[str]:
+    rows = lake.read(QUARANTINE, columns=["quarantine_id", "raw"]).to_pylist()
+    return [r["quarantine_id"] for r in rows if matcher.text(r["raw"])]
+
+
+def _delete_rows(config: FlywheelConfig, lake: Lake, subject: Subject, matcher: Matcher,
+                 cycles: list[str]) -> dict[str, int]:
+    deleted = {}
+    for table in SUBJECT_TABLES:
+        if (condition := subject.condition(table)) is not None:
+            deleted[table.name] = lake.delete_where(table, condition)
+    if ids := _quarantined(lake, matcher):
+        deleted[QUARANTINE.name] = lake.delete_where(QUARANTINE, f"quarantine_id IN ({_in(ids)})")
+    _rewrite_datasets(config, lake, subject, cycles)
+    return deleted
+
+
+def _rewrite_datasets(config: FlywheelConfig, lake: Lake, subject: Subject, cycles: list[str]) -> None:
+    """The tainted cycles' manifests, exports and adapters' id lists without the subject's ids."""
+    from flywheel_assets.lib.curation.select import count_by
+
+    if not cycles:
+        return
+    manifests = lake.read(DATASET_MANIFESTS, filter_sql=f"cycle IN ({_in(cycles)})").to_pylist()
+    for manifest in manifests:
+        ids = [t for t in manifest["trajectory_ids"] if t not in subject.trajectories]
+        rows = lake.read(TRAINING_DATASET, filter_sql=f"cycle = {sql_literal(manifest['cycle'])}")
+        order = {t: rank for rank, t in enumerate(ids)}
+        kept = rows.column("trajectory_id").to_pylist()
+        rows = rows.take(sorted(range(rows.num_rows), key=lambda i: order.get(kept[i], len(order))))
+        export = config.home / manifest["export_path"]
+        manifest.update(trajectory_ids=ids, n_rows=rows.num_rows, content_sha256=export_chat_jsonl(rows, export),
+                        tier_counts_json=json.dumps(count_by(rows, "tier")),
+                        task_type_counts_json=json.dumps(count_by(rows, "task_type")))
+        if (card := export.parent / "manifest.json").exists():
+            write_json(card, manifest)
+    if manifests:
+        lake.overwrite(DATASET_MANIFESTS, pa.Table.from_pylist(manifests, schema=DATASET_MANIFESTS.schema),
+                       predicate=f"cycle IN ({_in(m['cycle'] for m in manifests)})")
+    for path in config.models.glob("*/trajectory_ids.json"):
+        listed = json.loads(path.read_text())
+        if any(t in subject.trajectories for t in listed):
+            write_json(path, [t for t in listed if t not in subject.trajectories])
+
+
+def _scrubbed_folders(config: FlywheelConfig):
+    return [config.landing, config.home / "gateway"]
+
+
+def _follow_in_ledger(config: FlywheelConfig, lake: Lake, rewritten: list[Rewritten]) -> None:
+    """A recompressed landing file's ledger row takes its new size (its mtime was kept), so it is
+    not taken for a new file."""
+    for r in rewritten:
+        if r.size_after == r.size_before or not r.path.is_relative_to(config.landing):
+            continue
+        where = f"source_file = {sql_literal(r.path.relative_to(config.landing).as_posix())}"
+        rows = lake.read(INGESTED_FILES, filter_sql=where).to_pylist()  # every row of the path (the predicate's)
+        if any(row["size_bytes"] == r.size_before for row in rows):
+            for row in rows:
+                row["size_bytes"] = r.size_after if row["size_bytes"] == r.size_before else row["size_bytes"]
+            lake.overwrite(INGESTED_FILES, pa.Table.from_pylist(rows, schema=INGESTED_FILES.schema), predicate=where)
+
+
+def _relative(config: FlywheelConfig, path) -> str:
+    return path.relative_to(config.home).as_posix() if path.is_relative_to(config.home) else str(path)
