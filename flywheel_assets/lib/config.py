@@ -297,6 +297,12 @@ class DomainConfig(BaseModel):
     options: dict = Field(default_factory=dict)  # passed to a plug-in's factory
 
 
+class MaintenanceConfig(BaseModel):
+    """lake_maintenance (README: Storage upkeep): compaction and vacuum of every table."""
+
+    vacuum_retention_hours: float = Field(24.0, ge=0)  # files out of the log this long are deleted (unless pinned)
+
+
 class VelocityConfig(BaseModel):
     """flywheel_velocity: how much history the score, the bottleneck and the throughputs cover."""
 
@@ -364,6 +370,7 @@ class FlywheelConfig(BaseModel):
     curation: CurationConfig = Field(default_factory=CurationConfig)
     tenancy: TenancyConfig = Field(default_factory=TenancyConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    maintenance: MaintenanceConfig = Field(default_factory=MaintenanceConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     llm_judge: LLMJudgeConfig = Field(default_factory=LLMJudgeConfig)
     teacher: TeacherEndpointConfig = Field(default_factory=TeacherEndpointConfig)

@@ -1,0 +1,56 @@
+"""Lake upkeep: compaction and vacuum shrink what is stored, change no row, and keep every version a
+dataset manifest pinned readable (the comparison arms time-travel to them)."""
+
+import json
+
+import pyarrow as pa
+import pytest
+
+from flywheel_assets.lib.lake import conform
+from flywheel_assets.lib.storage.maintenance import footprint, maintain
+from flywheel_assets.lib.tables import CURATED_TRAJECTORIES, DATASET_MANIFESTS, MODEL_REGISTRY
+
+
+def _curated(n: int, tag: str) -> pa.Table:
+    return conform(pa.Table.from_pylist([{"trajectory_id": f"t{i}", "messages_json": f"{tag}-{i}" * 50,
+                                          "split": "train"} for i in range(n)]), CURATED_TRAJECTORIES)
+
+
+def test_maintenance_shrinks_the_lake_and_keeps_pinned_versions(config, lake):
+    for rewrite in range(6):  # a table rewritten by every ingest, as curation does
+        lake.overwrite(CURATED_TRAJECTORIES, _curated(200, f"v{rewrite}"))
+        if rewrite == 2:
+            pinned = lake.version(CURATED_TRAJECTORIES)
+            lake.append(DATASET_MANIFESTS, conform(pa.Table.from_pylist([{
+                "cycle": "c1", "input_versions_json": json.dumps({CURATED_TRAJECTORIES.name: pinned})}]),
+                DATASET_MANIFESTS))
+    for i in range(20):  # small appends, as the registry gets
+        lake.append(MODEL_REGISTRY, conform(pa.Table.from_pylist([{"event_id": str(i), "version": "v"}]), MODEL_REGISTRY))
+    current = lake.read(CURATED_TRAJECTORIES).sort_by("trajectory_id")
+    at_pin = lake.read(CURATED_TRAJECTORIES, version=pinned).sort_by("trajectory_id")
+    files, size = footprint(lake, CURATED_TRAJECTORIES)
+    assert files == 6
+
+    done = {u.table: u for u in maintain(config, lake, retention_hours=0)}
+
+    curated = done["gold/curated_trajectories"]
+    assert (curated.files_before, curated.files_after, curated.pinned) == (6, 2, [pinned])  # current + pinned
+    assert curated.bytes_after < size / 2 and curated.vacuumed == 4
+    assert lake.read(CURATED_TRAJECTORIES).sort_by("trajectory_id").equals(current)  # no row changed
+    assert lake.read(CURATED_TRAJECTORIES, version=pinned).sort_by("trajectory_id").equals(at_pin)
+    with pytest.raises(Exception):  # an unpinned old version's files are gone
+        lake.read(CURATED_TRAJECTORIES, version=pinned + 1)
+    registry = done["gold/model_registry"]
+    assert registry.files_after == 1 and registry.compacted == 20 and lake.row_count(MODEL_REGISTRY) == 20
+
+
+def test_lake_maintenance_job_runs_under_dagster(home, lake):
+    from flywheel_assets.defs.resources import FlywheelResource
+    from flywheel_assets.defs.storage.jobs import lake_maintenance_job
+
+    lake.overwrite(CURATED_TRAJECTORIES, _curated(10, "a"))
+    lake.overwrite(CURATED_TRAJECTORIES, _curated(10, "b"))
+    result = lake_maintenance_job.execute_in_process(
+        run_config={"ops": {"maintain_lake": {"config": {"retention_hours": 0}}}},
+        resources={"flywheel": FlywheelResource(home=str(home))})
+    assert result.success and footprint(lake, CURATED_TRAJECTORIES)[0] == 1
