@@ -30,6 +30,7 @@ from flywheel_assets.lib.tables import Table
 COMPACT_AT = 64
 SMALL_FILE_BYTES = 32 << 20
 LOG_RETENTION, DEFAULT_LOG_RETENTION = "delta.logRetentionDuration", "interval 30 days"
+ORPHAN_HOURS = 1  # purge_history: untracked files older than this are deleted
 
 
 class Lake:
@@ -185,19 +186,23 @@ class Lake:
         return before - self.row_count(table)
 
     def purge_history(self, table: Table) -> None:
-        """Make the current version the only one: every file it does not read is deleted (vacuum
-        with no retention, untracked files included) and the log before a new checkpoint is removed,
-        so no earlier version can be read back (time travel ends here). The log's retention is
-        lowered for the cleanup and set back to Delta's default after it."""
+        """Make the current version the only one: the files earlier versions read are deleted
+        (vacuum with no retention) and the log before a new checkpoint is removed, so no earlier
+        version can be read back (time travel starts here). Files no commit ever named (a write
+        that failed, or one still under way) are deleted once ORPHAN_HOURS old: sooner would take a
+        running writer's files before its commit. The log's retention is lowered for the cleanup
+        and set back to what it was."""
         dt = self.delta(table)
         if dt is None:
             return
-        dt.vacuum(retention_hours=0, enforce_retention_duration=False, dry_run=False, full=True)
+        dt.vacuum(retention_hours=0, enforce_retention_duration=False, dry_run=False)
+        dt.vacuum(retention_hours=ORPHAN_HOURS, enforce_retention_duration=False, dry_run=False, full=True)
+        retention = dt.metadata().configuration.get(LOG_RETENTION, DEFAULT_LOG_RETENTION)
         dt.alter.set_table_properties({LOG_RETENTION: "interval 0 seconds"})
         dt = self.delta(table)
         dt.create_checkpoint()
         dt.cleanup_metadata()
-        dt.alter.set_table_properties({LOG_RETENTION: DEFAULT_LOG_RETENTION})
+        dt.alter.set_table_properties({LOG_RETENTION: retention})
 
     def marks(self, table: Table, *apps: str, version: int | None = None) -> dict[str, int | None]:
         """The app transaction versions upsert recorded (None: never, or the table is missing)."""

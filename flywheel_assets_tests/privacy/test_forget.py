@@ -224,8 +224,13 @@ def test_a_line_is_matched_by_its_ids_as_json_strings_and_blanked_in_place(tmp_p
 
     match = Matcher.build("u-1", "acme", ["s-9"])
     assert match(b'{"user_id": "u-1", "tenant_id": "acme"}') and match(b'{"session_id":"s-9"} broken')
+    assert match(b'{"event_type": "x", "data": {"trajectory_id": "s-9"}}')  # at any depth
     assert not match(b'{"user_id": "u-1", "tenant_id": "globex"}')  # another tenant's user of that id
     assert not match(b'{"user_id": "u-10", "tenant_id": "acme"}') and not match(b'{"session_id": "s-99"}')
+    assert not match(b'{"user_id": "bob", "tenant_id": "acme", "final_response": "u-1"}')  # content is not an id
+    default = Matcher.build("u-1", "default", [])
+    assert default(b'{"user_id": "u-1"}') and not default(b'{"user_id": "u-1", "tenant_id": "acme"}')
+    assert Matcher.build("ren\u00e9e", None, [])('{"user_id": "renée", broken'.encode())  # UTF-8, unparsed
     plain = tmp_path / "a.jsonl"
     plain.write_bytes(b'{"session_id": "s-9"}\n{"session_id": "s-1"}\n')
     mtime = plain.stat().st_mtime_ns
@@ -233,3 +238,15 @@ def test_a_line_is_matched_by_its_ids_as_json_strings_and_blanked_in_place(tmp_p
     assert (done.lines, done.size_before, done.size_after) == (1, 44, 44)
     assert plain.read_bytes() == b" " * 21 + b'\n{"session_id": "s-1"}\n' and plain.stat().st_mtime_ns == mtime
     assert scrub_file(plain, match) is None  # nothing left to blank
+
+
+def test_a_running_gateways_journal_is_left_to_it(tmp_path):
+    from flywheel_assets.lib.gateway.journal import Journal
+    from flywheel_assets.lib.privacy.files import journal_held
+
+    journal = Journal(tmp_path / "gateway" / "journal", tmp_path)
+    with journal_held(tmp_path / "gateway") as held:
+        assert not held  # the gateway appends to its open segment: not rewritten under it
+    journal.close()
+    with journal_held(tmp_path / "gateway") as held:
+        assert held

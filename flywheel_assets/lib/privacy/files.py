@@ -12,11 +12,12 @@ size. The mtime is kept, so a file is never ingested twice. The ingest skips bla
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import json
 import os
-import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,40 +26,69 @@ from flywheel_assets.lib.ingest.landing import walk
 LOCK_PREFIXES = (".ingest.lock", ".refresh-")  # lock files hold who holds them, never data
 
 
+ID_FIELDS = ("session_id", "trajectory_id", "corrects")
+
+
 @dataclass(frozen=True)
 class Matcher:
-    """Does a line belong to the subject? Any of `tokens` (session and trajectory ids) as a JSON
-    string, or the user id as a JSON string together with the tenant's (when scoped to a tenant
-    other than 'default', which a line may leave out)."""
+    """Does a line belong to the subject? A line that parses as JSON is compared field by field, at
+    any depth (an event's data.trajectory_id, a journal record's nested conversation): an object
+    whose user_id is the user's (and whose tenant_id, 'default' when absent, is the tenant asked
+    for), or whose session_id, trajectory_id or corrects is one of the subject's. Content is never
+    compared: another user's answer that happens to say the id is not theirs. A line that does not
+    parse (quarantined) is matched on the ids as JSON strings in its bytes, UTF-8 and escaped."""
 
-    tokens: re.Pattern | None
-    user: bytes
-    tenant: bytes | None
+    user: str
+    tenant: str | None
+    ids: frozenset[str]
 
     @classmethod
     def build(cls, user_id: str, tenant_id: str | None, ids: Iterable[str]) -> Matcher:
-        quoted = sorted({_quoted(value) for value in ids if value}, key=len, reverse=True)
-        pattern = re.compile(b"|".join(re.escape(token) for token in quoted)) if quoted else None
-        tenant = None if tenant_id in (None, "default") else _quoted(tenant_id)
-        return cls(pattern, _quoted(user_id), tenant)
+        return cls(user_id, tenant_id, frozenset(value for value in ids if value))
 
     def __call__(self, line: bytes) -> bool:
-        if self.tokens is not None and self.tokens.search(line):
+        try:
+            value = json.loads(line)
+        except ValueError:  # not JSON (or not UTF-8): the bytes
+            return self._bytes(line)
+        return self._value(value)
+
+    def _bytes(self, line: bytes) -> bool:
+        if any(token in line for value in self.ids for token in _quoted(value)):
             return True
-        return self.user in line and (self.tenant is None or self.tenant in line)
+        if not any(token in line for token in _quoted(self.user)):
+            return False
+        if self.tenant is None:
+            return True
+        if self.tenant == "default":  # a line naming no tenant is the default tenant's
+            return b'"tenant_id"' not in line or any(token in line for token in _quoted("default"))
+        return any(token in line for token in _quoted(self.tenant))
+
+    def _value(self, value) -> bool:
+        if isinstance(value, list):
+            return any(self._value(item) for item in value)
+        if not isinstance(value, dict):
+            return False
+        tenant_ok = self.tenant is None or (value.get("tenant_id") or "default") == self.tenant
+        if tenant_ok and value.get("user_id") == self.user:
+            return True
+        if any(isinstance(value.get(name), str) and value[name] in self.ids for name in ID_FIELDS):
+            return True
+        return any(self._value(item) for item in value.values() if isinstance(item, (dict, list)))
 
     def text(self, value: str | None) -> bool:
         return value is not None and self(value.encode("utf-8", "surrogateescape"))
 
 
-def _quoted(value: str) -> bytes:
-    return json.dumps(value).encode()
+def _quoted(value: str) -> set[bytes]:
+    return {json.dumps(value).encode(), json.dumps(value, ensure_ascii=False).encode("utf-8", "surrogateescape")}
 
 
 @dataclass
 class Rewritten:
     path: Path
     lines: int  # lines blanked
+    numbers: list[int]  # their 1-based numbers (rows' source_line)
     size_before: int
     size_after: int
 
@@ -83,13 +113,13 @@ def scrub_file(path: Path, matcher: Matcher, dry_run: bool = False) -> Rewritten
     with (gzip.open if compressed else open)(path, "rb") as handle:
         data = handle.read()
     lines = data.split(b"\n")
-    blanked = 0
+    numbers = []
     for index, line in enumerate(lines):
         if line.strip() and matcher(line):
             lines[index] = b"" if compressed else b" " * len(line)
-            blanked += 1
-    if not blanked or dry_run:
-        return Rewritten(path, blanked, info.st_size, info.st_size) if blanked else None
+            numbers.append(index + 1)
+    if not numbers or dry_run:
+        return Rewritten(path, len(numbers), numbers, info.st_size, info.st_size) if numbers else None
     temporary = path.with_name(f".{path.name}.forget-tmp")
     with open(temporary, "wb") as raw:
         if compressed:
@@ -99,10 +129,32 @@ def scrub_file(path: Path, matcher: Matcher, dry_run: bool = False) -> Rewritten
             raw.write(b"\n".join(lines))
         raw.flush()
         os.fsync(raw.fileno())
+    os.chmod(temporary, info.st_mode & 0o7777)
     os.utime(temporary, ns=(info.st_atime_ns, info.st_mtime_ns))
     os.replace(temporary, path)
     _fsync_dir(path.parent)
-    return Rewritten(path, blanked, info.st_size, path.stat().st_size)
+    return Rewritten(path, len(numbers), numbers, info.st_size, path.stat().st_size)
+
+
+@contextmanager
+def journal_held(folder: Path) -> Iterator[bool]:
+    """Hold the gateway journal's lock (lib/gateway/journal.py) while its files are rewritten: True
+    when taken (or there is no journal), False when a running gateway holds it — it appends to the
+    open segment, and rewriting that file under it would lose what it acknowledges next."""
+    path = folder / "journal" / "lock"
+    if not path.exists():
+        yield True
+        return
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _is_gzip(path: Path) -> bool:

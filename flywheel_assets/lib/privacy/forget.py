@@ -42,7 +42,7 @@ from flywheel_assets.lib.curation.select import export_chat_jsonl
 from flywheel_assets.lib.experiments.registry import ModelRegistry
 from flywheel_assets.lib.ingest.lock import ingest_lock
 from flywheel_assets.lib.lake import Lake, sql_literal
-from flywheel_assets.lib.privacy.files import Matcher, Rewritten, scrub_folder, write_json
+from flywheel_assets.lib.privacy.files import Matcher, Rewritten, journal_held, scrub_folder, write_json
 from flywheel_assets.lib.tables import (
     ANNOTATIONS, CURATED_TRAJECTORIES, DATASET_MANIFESTS, FORGET_REQUESTS, INGESTED_FILES, JUDGE_SCORES,
     LLM_JUDGMENTS, QUARANTINE, SESSION_EVENTS, SESSION_FEEDBACK, TRAINING_DATASET, TRAJECTORIES, TRAJECTORY_SCORES,
@@ -50,6 +50,7 @@ from flywheel_assets.lib.tables import (
 )
 
 MAX_PASSES = 3
+CHUNK = 1000  # ids per delete predicate
 POLICIES = ("retire", "retrain")
 REFRESHED = (SESSION_FEEDBACK, JUDGE_SCORES, TRAJECTORY_SCORES)  # the tables lib/feedback/refresh_scores.py locks
 
@@ -67,19 +68,29 @@ class Subject:
     def sha256(self) -> str:
         return hashlib.sha256(f"{self.tenant_id or '*'}\x1f{self.user_id}".encode()).hexdigest()
 
+    def _tenant(self) -> str:
+        return "" if self.tenant_id is None else f" AND coalesce(tenant_id, 'default') = {sql_literal(self.tenant_id)}"
+
     def _user(self) -> str:
-        tenant = "" if self.tenant_id is None else f" AND coalesce(tenant_id, 'default') = {sql_literal(self.tenant_id)}"
-        return f"(user_id = {sql_literal(self.user_id)}{tenant})"
+        return f"(user_id = {sql_literal(self.user_id)}{self._tenant()})"
+
+    def conditions(self, table: Table) -> list[str]:
+        """SQL conditions (DuckDB and Delta predicates alike) that together select the table's rows of
+        the subject, at most CHUNK ids each: one predicate with tens of thousands of literals crashed
+        delta-rs. A table with a tenant column is also held to the tenant asked for (a session id
+        another tenant happens to use too is not theirs)."""
+        names = set(table.schema.names)
+        tenant = self._tenant() if "tenant_id" in names else ""
+        found = [self._user()] if "user_id" in names else []
+        for column, ids in (("session_id", self.sessions), ("trajectory_id", self.trajectories)):
+            if column in names:
+                ordered = sorted(ids)
+                found += [f"({column} IN ({_in(ordered[i:i + CHUNK])}){tenant})" for i in range(0, len(ordered), CHUNK)]
+        return found
 
     def condition(self, table: Table) -> str | None:
-        """A SQL condition (DuckDB and Delta predicates alike) for the table's rows of the subject."""
-        names = set(table.schema.names)
-        clauses = [self._user()] if "user_id" in names else []
-        if "session_id" in names and self.sessions:
-            clauses.append(f"session_id IN ({_in(self.sessions)})")
-        if "trajectory_id" in names and self.trajectories:
-            clauses.append(f"trajectory_id IN ({_in(self.trajectories)})")
-        return " OR ".join(clauses) or None
+        """All of `conditions` as one (for reads: DuckDB takes long lists)."""
+        return " OR ".join(self.conditions(table)) or None
 
 
 def _in(values) -> str:
@@ -105,6 +116,7 @@ class ForgetReport:
     champion: str | None = None  # the champion afterwards
     retrain: bool = False
     passes: int = 0
+    journal_skipped: bool = False  # a running gateway held its journal: its open conversations land later
 
     @property
     def total_rows(self) -> int:
@@ -118,15 +130,16 @@ def find_subject(lake: Lake, user_id: str, tenant_id: str | None = None) -> Subj
     con = duckdb.connect()
     for table in (SESSION_EVENTS, TRAJECTORIES):
         lake.register(con, table)
-    user = Subject(user_id, tenant_id, frozenset(), frozenset())._user()
+    scoped = Subject(user_id, tenant_id, frozenset(), frozenset())
+    user, tenant = scoped._user(), scoped._tenant()
     sessions = {r[0] for r in con.execute(f"""
         SELECT session_id FROM session_events WHERE {user} AND session_id IS NOT NULL
         UNION SELECT session_id FROM trajectories WHERE {user} AND session_id IS NOT NULL""").fetchall()}
     con.register("sessions", pa.table({"session_id": pa.array(sorted(sessions), pa.string())}))
+    of_user = f"({user} OR (session_id IN (SELECT session_id FROM sessions){tenant}))"
     own = {r[0] for r in con.execute(f"""
-        SELECT trajectory_id FROM trajectories WHERE {user} OR session_id IN (SELECT session_id FROM sessions)
-        UNION SELECT trajectory_id FROM session_events
-        WHERE ({user} OR session_id IN (SELECT session_id FROM sessions)) AND trajectory_id IS NOT NULL""").fetchall()}
+        SELECT trajectory_id FROM trajectories WHERE {of_user}
+        UNION SELECT trajectory_id FROM session_events WHERE {of_user} AND trajectory_id IS NOT NULL""").fetchall()}
     return Subject(user_id, tenant_id, frozenset(sessions), frozenset(own | {f"correction-{t}" for t in own}))
 
 
@@ -176,26 +189,30 @@ def forget(config: FlywheelConfig, lake: Lake, user_id: str, tenant_id: str | No
             locks.enter_context(ingest_lock(config.landing, timeout, owner=report.request_id, log=log,
                                             name=f".refresh-{table.name}.lock"))
         subject = find_subject(lake, user_id, tenant_id)
-        matcher = subject.matcher()
-        report.cycles = tainted_cycles(lake, subject)
+        pending = config.home / "privacy" / f"pending-{subject.sha256()}.json"
+        subject, cycles, versions = _resume(pending, subject, tainted_cycles(lake, subject))
         latest = {row["version"]: row for row in registry.current()}
-        report.versions, clean = lineage_taint(latest, set(report.cycles))
+        tainted, clean = lineage_taint(latest, set(cycles))
+        report.cycles, report.versions = cycles, sorted(set(tainted) | versions)
+        matcher = subject.matcher()
         log(f"{len(subject.sessions)} sessions, {len(subject.trajectories)} trajectory ids (corrections included); "
             f"trained on in {report.cycles or 'no cycle'}; versions {report.versions or 'none'}")
         if dry_run:
             report.rows = subject_rows(lake, subject, matcher)
-            for root in _scrubbed_folders(config):
+            for root in (config.landing, config.home / "gateway"):
                 report.lines |= {_relative(config, r.path): r.lines for r in scrub_folder(root, matcher, dry_run=True)}
             report.champion = (registry.champion() or {}).get("version")
             return report
+        # what the rows no longer tell once deleted, kept until the request is done: a failed run
+        # (a full disk, a crash) is finished by running it again
+        pending.parent.mkdir(parents=True, exist_ok=True)
+        write_json(pending, {"user_id": user_id, "tenant_id": tenant_id, "sessions": sorted(subject.sessions),
+                             "trajectories": sorted(subject.trajectories), "cycles": cycles,
+                             "versions": report.versions})
         for report.passes in range(1, MAX_PASSES + 1):
-            for name, count in _delete_rows(config, lake, subject, matcher, report.cycles).items():
+            blanked = _scrub_files(config, lake, matcher, report)
+            for name, count in _delete_rows(config, lake, subject, matcher, report.cycles, blanked).items():
                 report.rows[name] = report.rows.get(name, 0) + count
-            for root in _scrubbed_folders(config):
-                rewritten = scrub_folder(root, matcher)
-                _follow_in_ledger(config, lake, rewritten)
-                for r in rewritten:
-                    report.lines[_relative(config, r.path)] = report.lines.get(_relative(config, r.path), 0) + r.lines
             for table in PURGED:
                 lake.purge_history(table)
             left = {name: n for name, n in subject_rows(lake, subject, matcher).items() if n}
@@ -219,7 +236,36 @@ def forget(config: FlywheelConfig, lake: Lake, user_id: str, tenant_id: str | No
         "cycles_tainted": report.cycles, "versions_withdrawn": report.versions,
         "champion_after": report.champion, "retrain_requested": report.retrain, "passes": report.passes,
     }], schema=FORGET_REQUESTS.schema))
+    pending.unlink(missing_ok=True)
     return report
+
+
+def _resume(pending, subject: Subject, cycles: list[str]) -> tuple[Subject, list[str], set[str]]:
+    """The subject, tainted cycles and versions, joined with those of an earlier run for the same
+    subject that did not finish (its rows may be gone already)."""
+    if not pending.exists():
+        return subject, cycles, set()
+    earlier = json.loads(pending.read_text())
+    subject = Subject(subject.user_id, subject.tenant_id, subject.sessions | set(earlier["sessions"]),
+                      subject.trajectories | set(earlier["trajectories"]))
+    return subject, sorted(set(cycles) | set(earlier["cycles"])), set(earlier["versions"])
+
+
+def _scrub_files(config: FlywheelConfig, lake: Lake, matcher: Matcher, report: ForgetReport) -> dict[str, set[int]]:
+    """Blank the subject's lines in the landing zone and the gateway's journal (unless a running
+    gateway holds it: then its records land later, and the next forget takes them). Returns the
+    landing lines blanked, by path relative to the landing zone."""
+    rewritten = scrub_folder(config.landing, matcher)
+    with journal_held(config.home / "gateway") as held:
+        if held:
+            rewritten += scrub_folder(config.home / "gateway", matcher)
+        else:
+            report.journal_skipped = True
+    _follow_in_ledger(config, lake, rewritten)
+    for r in rewritten:
+        report.lines[_relative(config, r.path)] = report.lines.get(_relative(config, r.path), 0) + r.lines
+    return {r.path.relative_to(config.landing).as_posix(): set(r.numbers)
+            for r in rewritten if r.path.is_relative_to(config.landing)}
 
 
 def subject_rows(lake: Lake, subject: Subject, matcher: Matcher) -> dict[str, int]:
@@ -232,19 +278,22 @@ def subject_rows(lake: Lake, subject: Subject, matcher: Matcher) -> dict[str, in
     return counts
 
 
-def _quarantined(lake: Lake, matcher: Matcher) -> list[str]:
-    rows = lake.read(QUARANTINE, columns=["quarantine_id", "raw"]).to_pylist()
-    return [r["quarantine_id"] for r in rows if matcher.text(r["raw"])]
+def _quarantined(lake: Lake, matcher: Matcher, blanked: dict[str, set[int]] | None = None) -> list[str]:
+    """Quarantine rows of the subject: their raw line matches, or it is a landing line just blanked
+    (a line cut at the size limit may have lost the ids the matcher looks for)."""
+    rows = lake.read(QUARANTINE, columns=["quarantine_id", "raw", "source_file", "source_line"]).to_pylist()
+    return [r["quarantine_id"] for r in rows if matcher.text(r["raw"])
+            or r["source_line"] in (blanked or {}).get(r["source_file"], ())]
 
 
 def _delete_rows(config: FlywheelConfig, lake: Lake, subject: Subject, matcher: Matcher,
-                 cycles: list[str]) -> dict[str, int]:
+                 cycles: list[str], blanked: dict[str, set[int]]) -> dict[str, int]:
     deleted = {}
     for table in SUBJECT_TABLES:
-        if (condition := subject.condition(table)) is not None:
-            deleted[table.name] = lake.delete_where(table, condition)
-    if ids := _quarantined(lake, matcher):
-        deleted[QUARANTINE.name] = lake.delete_where(QUARANTINE, f"quarantine_id IN ({_in(ids)})")
+        deleted[table.name] = sum(lake.delete_where(table, condition) for condition in subject.conditions(table))
+    ids = _quarantined(lake, matcher, blanked)
+    deleted[QUARANTINE.name] = sum(lake.delete_where(QUARANTINE, f"quarantine_id IN ({_in(ids[i:i + CHUNK])})")
+                                   for i in range(0, len(ids), CHUNK))
     _rewrite_datasets(config, lake, subject, cycles)
     return deleted
 
@@ -275,10 +324,6 @@ def _rewrite_datasets(config: FlywheelConfig, lake: Lake, subject: Subject, cycl
         listed = json.loads(path.read_text())
         if any(t in subject.trajectories for t in listed):
             write_json(path, [t for t in listed if t not in subject.trajectories])
-
-
-def _scrubbed_folders(config: FlywheelConfig):
-    return [config.landing, config.home / "gateway"]
 
 
 def _follow_in_ledger(config: FlywheelConfig, lake: Lake, rewritten: list[Rewritten]) -> None:
