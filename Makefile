@@ -9,7 +9,7 @@ export DAGSTER_HOME ?= $(FLYWHEEL_HOME)/dagster
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
-.PHONY: dev demo demo-seeds real-model test test-faults bench bench-ab ab-harness bench-refresh bench-training bench-gateway bench-sensors seed clean
+.PHONY: dev demo demo-seeds real-model test test-faults test-scaleout bench bench-ab ab-harness bench-refresh bench-training bench-gateway bench-sensors seed clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -79,6 +79,19 @@ test: $(STAMP)
 ## test-faults: the long fault-injection suite: ROUNDS (default 100) randomized rounds of kill -9, failed writes and concurrent ingests
 test-faults: $(STAMP)
 	FLYWHEEL_FAULT_ROUNDS=$${ROUNDS:-100} $(BIN)/pytest -q flywheel_assets_tests/ingest/test_faults.py
+
+## test-scaleout: one whole cycle with the Dagster instance on PostgreSQL (Debian's postgresql, installed when
+## missing, started in a temporary folder and stopped) and the lake on S3 (moto's server), then the storage tests
+SCALEOUT_STAMP := $(VENV)/.scaleout
+$(SCALEOUT_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev,scaleout]'
+	touch $@
+POSTGRES_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql
+test-scaleout: $(SCALEOUT_STAMP)
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && { $(POSTGRES_INSTALL) || { apt-get update -qq && $(POSTGRES_INSTALL); }; }; } || \
+	  { echo "postgresql is missing and could not be installed (apt-get as root)"; exit 1; }
+	FLYWHEEL_SCALEOUT=1 $(BIN)/pytest -q flywheel_assets_tests/scaleout flywheel_assets_tests/storage
 
 ## bench: the data-half benchmark (10M events; EVENTS=... to change): scoring against the seed's query per session, on the lake and on SQLite indexed on session_id
 bench: $(STAMP)

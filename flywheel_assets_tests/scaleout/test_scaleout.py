@@ -1,0 +1,106 @@
+"""The loop on production engines, each started here and stopped after: the Dagster instance
+(runs, event log, schedules) on PostgreSQL and the lake on S3-compatible object storage (moto's
+server). One whole cycle — simulated users, ingest, scoring, curation, training, gate, canary,
+A/B test, promotion — then the same checks as the local loop test.
+
+`make test-scaleout` installs what it needs (Debian's postgresql, dagster-postgres) and runs
+this module; `make test` skips it (FLYWHEEL_SCALEOUT unset)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(not os.environ.get("FLYWHEEL_SCALEOUT"),
+                                reason="scale-out engines: run `make test-scaleout`")
+
+
+def _binary(name: str) -> str:
+    found = shutil.which(name) or next((str(p) for p in sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))), None)
+    if found is None:
+        pytest.fail(f"{name} not found: `make test-scaleout` installs Debian's postgresql")
+    return found
+
+
+def _as_postgres(args: list[str]) -> list[str]:
+    """Postgres refuses to run as root: as root, run it as the postgres user Debian's package made."""
+    return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else args
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    # not under pytest's tmp folder: as root that is mode 700, and the server runs as postgres
+    data = Path(tempfile.mkdtemp(prefix="flywheel-pg-"))
+    data.chmod(0o755)
+    if os.geteuid() == 0:
+        shutil.chown(data, "postgres")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    subprocess.run(_as_postgres([_binary("initdb"), "-D", str(data / "db"), "-A", "trust", "-U", "flywheel"]),
+                   check=True, capture_output=True)
+    subprocess.run(_as_postgres([_binary("pg_ctl"), "-D", str(data / "db"), "-l", str(data / "log"), "-w", "start",
+                                 "-o", f"-p {port} -k {data} -c listen_addresses=127.0.0.1"]),
+                   check=True, capture_output=True)
+    try:
+        # psycopg2 named: SQLAlchemy 2.1 takes postgresql:// for psycopg 3, and dagster-postgres ships psycopg2
+        yield f"postgresql+psycopg2://flywheel@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run(_as_postgres([_binary("pg_ctl"), "-D", str(data / "db"), "-m", "fast", "-w", "stop"]),
+                       capture_output=True)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+from flywheel_assets_tests.storage.test_object_store import BUCKET, s3  # noqa: E402,F401  (the moto fixture)
+
+
+def test_one_cycle_on_postgres_and_object_storage(postgres, s3, tmp_path, monkeypatch, capsys):
+    import dagster as dg
+
+    from flywheel_assets import flywheel
+    from flywheel_assets.lib.config import load_config
+    from flywheel_assets.lib.experiments.registry import ModelRegistry
+    from flywheel_assets.lib.lake import Lake
+    from flywheel_assets.lib.tables import AB_RESULTS, TRAJECTORIES
+    from flywheel_assets_tests.test_flywheel_loop import SMALL_LOOP
+
+    client, options = s3
+    dagster_home = tmp_path / "dagster"
+    dagster_home.mkdir()
+    (dagster_home / "dagster.yaml").write_text(
+        f"storage:\n  postgres:\n    postgres_url: {postgres}\ntelemetry:\n  enabled: false\n")
+    (tmp_path / "config.json").write_text(json.dumps(SMALL_LOOP))
+    monkeypatch.setenv("DAGSTER_HOME", str(dagster_home))
+    monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("FLYWHEEL_CONFIG", str(tmp_path / "config.json"))
+    monkeypatch.setenv("FLYWHEEL_LAKE_URI", f"s3://{BUCKET}/scaleout")
+    monkeypatch.setenv("FLYWHEEL_STORAGE_OPTIONS", options)
+    started = time.monotonic()
+    assert flywheel.main(["--days", "8", "--users", "200", "--cycles", "1", "--no-arms"]) == 0
+    print(f"one cycle on Postgres + S3: {time.monotonic() - started:.0f} s")
+
+    lake = Lake(load_config())
+    assert lake.root.startswith("s3://") and not (tmp_path / "home" / "lake").exists()
+    shipped = [r for r in lake.read(AB_RESULTS).to_pylist() if r["stage"] == "treatment" and r["outcome"] == "SHIP"]
+    assert shipped and ModelRegistry(lake).champion()["version"] == shipped[0]["treatment"]
+    assert lake.row_count(TRAJECTORIES) > 0
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="scaleout/bronze/trajectories/")["Contents"]]
+    assert any(k.endswith(".parquet") for k in keys)
+
+    # every run, its events and the cycle partitions are in Postgres: a new instance over the same
+    # database (another process, another host) sees them
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+        runs = instance.get_runs()
+        assert len(runs) >= 5 and all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs
+                                      if r.job_name == "cycle_job")
+        assert instance.get_dynamic_partitions("cycle") == ["cycle-0001"]
+        assert instance.get_latest_materialization_event(dg.AssetKey("lora_adapter")) is not None
