@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from flywheel_assets.cli import EXIT_BUSY, EXIT_USAGE, EXIT_WRITE_FAILED, Session, actor, app, fail
+from flywheel_assets.cli import EXIT_BUSY, EXIT_REFUSED, EXIT_USAGE, EXIT_WRITE_FAILED, Session, actor, app, fail
 
 
 class Policy(str, Enum):
@@ -38,6 +38,9 @@ def forget(ctx: typer.Context,
     rolled back; a tainted champion is replaced by the newest clean one (retrain: and a new cycle
     starts). One row in audit/forget_requests records the request, without the user id.
     """
+    from deltalake.exceptions import DeltaError
+
+    from flywheel_assets.lib.experiments.registry import RegistryError
     from flywheel_assets.lib.ingest.lock import IngestBusy
     from flywheel_assets.lib.privacy.forget import ForgetIncomplete
     from flywheel_assets.lib.privacy.forget import forget as forget_user
@@ -53,7 +56,9 @@ def forget(ctx: typer.Context,
                              registry=session.registry(), log=say)
     except IngestBusy as error:
         fail(str(error), EXIT_BUSY)
-    except (ForgetIncomplete, OSError) as error:
+    except RegistryError as error:  # the data is gone; the versions could not be withdrawn
+        fail(f"{error} (the data is deleted, the versions are not withdrawn: run the same command again once there is a clean version)", EXIT_REFUSED)
+    except (ForgetIncomplete, OSError, DeltaError) as error:
         fail(f"{error} (run the same command again: what was deleted stays deleted)", EXIT_WRITE_FAILED)
     if not dry_run:  # the audit row as a runless materialization in the Dagster instance, when there is one
         from flywheel_assets.defs.records import materialization, report_runless
