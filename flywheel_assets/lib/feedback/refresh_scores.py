@@ -21,7 +21,7 @@ from flywheel_assets.lib.feedback.refresh import Feed, Refresh, StaleWatermark, 
 from flywheel_assets.lib.feedback.scoring import (
     _EXPLICIT, _SCORED, feedback_partials_sql, finish_sessions, fold_feedback_sql, session_partials, trajectory_scores,
 )
-from flywheel_assets.lib.ingest.lock import ingest_lock
+from flywheel_assets.lib.ingest.lock import ingest_lock, refresh_lock_name
 from flywheel_assets.lib.lake import Lake, conform, sql_literal, utcnow
 from flywheel_assets.lib.tables import (
     ANNOTATIONS, JUDGE_SCORES, LLM_JUDGMENTS, SESSION_EVENTS, SESSION_FEEDBACK, TRAJECTORIES, TRAJECTORY_SCORES, Table,
@@ -55,7 +55,7 @@ def _run(lake: Lake, output: Table, feeds: tuple[Feed, ...], settings: int, full
     # Two refreshes of one table side by side would both fold the same new rows in (and upsert
     # inserts of one key twice): one at a time, by a lock beside the ingest's.
     with ingest_lock(lake.config.landing, lake.config.ingest.lock_timeout_s, owner=f"refresh {output.name}",
-                     name=f".refresh-{output.name}.lock"):
+                     name=refresh_lock_name(output.name)):
         refresh = Refresh.plan(lake, output, feeds, settings, full)
         try:
             rows, partitions = body(refresh, duckdb.connect())

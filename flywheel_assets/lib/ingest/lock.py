@@ -19,6 +19,7 @@ and still call ingest_landing, which takes it again.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -59,6 +60,26 @@ def describe(info: dict | None) -> str:
         return "another process"
     return (f"pid {info.get('pid')} on {info.get('host')} ({info.get('owner')}), "
             f"holding it since {info.get('since')}")
+
+
+REFRESH_PREFIX = ".refresh-"
+# the tables lib/feedback/refresh_scores.py refreshes, one run each at a time
+REFRESHED_TABLES = ("session_feedback", "judge_scores", "trajectory_scores")
+
+
+def refresh_lock_name(table: str) -> str:
+    return f"{REFRESH_PREFIX}{table}.lock"
+
+
+@contextmanager
+def every_lock(landing: Path, timeout_s: float, owner: str, log: Callable[[str], None] | None = None) -> Iterator[None]:
+    """The ingest lock and every refresh lock, in one order: nothing lands or is re-scored while
+    they are held (lib/privacy/forget.py, lib/storage/maintenance.py)."""
+    with ingest_lock(landing, timeout_s, owner=owner, log=log):
+        with contextlib.ExitStack() as held:
+            for table in REFRESHED_TABLES:
+                held.enter_context(ingest_lock(landing, timeout_s, owner=owner, log=log, name=refresh_lock_name(table)))
+            yield
 
 
 @contextmanager

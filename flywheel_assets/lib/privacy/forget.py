@@ -1,7 +1,8 @@
 """The right to be forgotten: one user's data out of every table and file, and out of service.
 
 `forget(config, lake, user)` holds the ingest lock and every refresh lock (nothing lands or is
-re-scored meanwhile) and, in order:
+re-scored meanwhile) and, in order (each pass of 3–6 blanks the files before it deletes rows, so the
+quarantine rows of the lines blanked go too):
 
 1. finds the subject: the user's sessions (from events and trajectories), every trajectory of
    those sessions or of the user, and the teacher's corrections of them (`correction-<id>`);
@@ -30,7 +31,6 @@ import hashlib
 import json
 import uuid
 from collections.abc import Callable
-from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 
@@ -40,7 +40,7 @@ import pyarrow as pa
 from flywheel_assets.lib.config import FlywheelConfig
 from flywheel_assets.lib.curation.select import export_chat_jsonl
 from flywheel_assets.lib.experiments.registry import ModelRegistry
-from flywheel_assets.lib.ingest.lock import ingest_lock
+from flywheel_assets.lib.ingest.lock import every_lock
 from flywheel_assets.lib.lake import Lake, sql_literal
 from flywheel_assets.lib.privacy.files import Matcher, Rewritten, journal_held, scrub_folder, write_json
 from flywheel_assets.lib.tables import (
@@ -52,7 +52,6 @@ from flywheel_assets.lib.tables import (
 MAX_PASSES = 3
 CHUNK = 1000  # ids per delete predicate
 POLICIES = ("retire", "retrain")
-REFRESHED = (SESSION_FEEDBACK, JUDGE_SCORES, TRAJECTORY_SCORES)  # the tables lib/feedback/refresh_scores.py locks
 
 
 @dataclass(frozen=True)
@@ -182,12 +181,7 @@ def forget(config: FlywheelConfig, lake: Lake, user_id: str, tenant_id: str | No
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     report = ForgetReport(request_id=f"forget-{uuid.uuid4().hex[:16]}", dry_run=dry_run)
     registry = registry or ModelRegistry(lake, clock=lambda: now)
-    timeout = config.ingest.lock_timeout_s
-    with ExitStack() as locks:
-        locks.enter_context(ingest_lock(config.landing, timeout, owner=report.request_id, log=log))
-        for table in REFRESHED:
-            locks.enter_context(ingest_lock(config.landing, timeout, owner=report.request_id, log=log,
-                                            name=f".refresh-{table.name}.lock"))
+    with every_lock(config.landing, config.ingest.lock_timeout_s, owner=report.request_id, log=log):
         subject = find_subject(lake, user_id, tenant_id)
         pending = config.home / "privacy" / f"pending-{subject.sha256()}.json"
         subject, cycles, versions = _resume(pending, subject, tainted_cycles(lake, subject))

@@ -20,19 +20,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 from deltalake.exceptions import DeltaError
 
 from flywheel_assets.lib.config import FlywheelConfig
-from flywheel_assets.lib.ingest.lock import ingest_lock
+from flywheel_assets.lib.ingest.lock import every_lock
 from flywheel_assets.lib.lake import SMALL_FILE_BYTES, Lake
 from flywheel_assets.lib.tables import ALL_TABLES, DATASET_MANIFESTS, Table
-
-REFRESH_LOCKS = (".refresh-session_feedback.lock", ".refresh-judge_scores.lock", ".refresh-trajectory_scores.lock")
-
 
 @dataclass
 class TableUpkeep:
@@ -60,12 +56,8 @@ def pinned_versions(lake: Lake) -> dict[str, set[int]]:
 def maintain(config: FlywheelConfig, lake: Lake, retention_hours: float | None = None,
              log: Callable[[str], None] = lambda message: None) -> list[TableUpkeep]:
     hours = config.maintenance.vacuum_retention_hours if retention_hours is None else retention_hours
-    timeout = config.ingest.lock_timeout_s
     done = []
-    with ExitStack() as locks:
-        locks.enter_context(ingest_lock(config.landing, timeout, owner="lake maintenance", log=log))
-        for name in REFRESH_LOCKS:
-            locks.enter_context(ingest_lock(config.landing, timeout, owner="lake maintenance", log=log, name=name))
+    with every_lock(config.landing, config.ingest.lock_timeout_s, owner="lake maintenance", log=log):
         pinned = pinned_versions(lake)
         for table in ALL_TABLES:
             if (upkeep := _maintain_table(lake, table, sorted(pinned.get(table.name, ())), hours)) is not None:
