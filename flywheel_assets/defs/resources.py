@@ -16,6 +16,7 @@ from pydantic import Field, PrivateAttr
 from flywheel_assets.lib import clock
 from flywheel_assets.lib.config import ENVIRONMENT, FlywheelConfig, load_config
 from flywheel_assets.lib.experiments.registry import ModelRegistry
+from flywheel_assets.lib.ingest.lock import writing
 from flywheel_assets.lib.lake import Lake
 from flywheel_assets.lib.tables import Table
 
@@ -103,6 +104,16 @@ class FlywheelResource(dg.ConfigurableResource):
         into it from the lake) with its settings; closed after."""
         with (self.engine or DuckDBResource(database=":memory:")).get_connection() as con:
             yield con
+
+    @contextmanager
+    def writing(self, step: str, context=None) -> Iterator[None]:
+        """Held by a step that writes what it derived from the lake: it waits while a `flywheel forget`
+        runs, and a forget waits for it (lib/ingest/lock.py `writing`)."""
+        config = self.config()
+        run = f"run {context.run_id[:8]} " if context is not None else ""
+        with writing(config.landing, config.privacy.lock_timeout_s, owner=f"{run}{step}",
+                     log=context.log.info if context is not None else None):
+            yield
 
     def registry(self, context=None) -> ModelRegistry:
         """The model registry (a table in the lake). With a run's `context`, every change is also a

@@ -151,6 +151,9 @@ class PrivacyConfig(BaseModel):
     `retrain` also starts a new cycle on the data as it now is (gate, canary and A/B as usual)."""
 
     on_forget: Literal["retire", "retrain"] = "retire"
+    # A forget waits this long for the runs that write what they derived from the lake (a training
+    # run, curation) to finish, and those runs wait this long for a forget (README: Privacy)
+    lock_timeout_s: float = 3600.0
 
 
 def _sql_list(values: list[str]) -> str:

@@ -20,56 +20,58 @@ from flywheel_assets.lib.tables import (
 def curated_trajectories(flywheel: FlywheelResource) -> dg.MaterializeResult:
     """Every scored trajectory as chat messages (an edited answer replaced by the user's edit), PII scrubbed,
     duplicates marked, split train/holdout."""
-    config, lake = flywheel.config(), flywheel.lake()
-    edits = user_edits(lake.read(SESSION_EVENTS, columns=["trajectory_id", "event_type", "data_json", "ts"],
-                                 filter_sql="event_type = 'output_edited'"))
-    curated = curate(lake.read(TRAJECTORY_SCORES), lake.read(TRAJECTORIES), config, edits)
-    version = lake.overwrite(CURATED_TRAJECTORIES, curated)
-    frame = pl.from_arrow(curated)
-    return dg.MaterializeResult(metadata=table_metadata(
-        CURATED_TRAJECTORIES, curated, delta_version=version,
-        dedup=markdown_counts(count_by(curated, "dedup_status"), "status", "trajectories"),
-        split=markdown_counts(count_by(curated, "split"), "split", "trajectories"),
-        trajectories_with_pii=int((frame["pii_replacements"] > 0).sum()) if frame.height else 0,
-        pii_spans_replaced=int(frame["pii_replacements"].sum()) if frame.height else 0,
-        answers_replaced_by_user_edits=int(frame["user_edited"].sum()) if frame.height else 0,
-    ))
+    with flywheel.writing("curated_trajectories"):
+        config, lake = flywheel.config(), flywheel.lake()
+        edits = user_edits(lake.read(SESSION_EVENTS, columns=["trajectory_id", "event_type", "data_json", "ts"],
+                                     filter_sql="event_type = 'output_edited'"))
+        curated = curate(lake.read(TRAJECTORY_SCORES), lake.read(TRAJECTORIES), config, edits)
+        version = lake.overwrite(CURATED_TRAJECTORIES, curated)
+        frame = pl.from_arrow(curated)
+        return dg.MaterializeResult(metadata=table_metadata(
+            CURATED_TRAJECTORIES, curated, delta_version=version,
+            dedup=markdown_counts(count_by(curated, "dedup_status"), "status", "trajectories"),
+            split=markdown_counts(count_by(curated, "split"), "split", "trajectories"),
+            trajectories_with_pii=int((frame["pii_replacements"] > 0).sum()) if frame.height else 0,
+            pii_spans_replaced=int(frame["pii_replacements"].sum()) if frame.height else 0,
+            answers_replaced_by_user_edits=int(frame["user_edited"].sum()) if frame.height else 0,
+        ))
 
 
 @dg.asset(group_name="curation", kinds={"duckdb", "delta"}, deps=["curated_trajectories"],
           partitions_def=cycle_partitions, metadata=table_metadata(TRAINING_DATASET))
 def training_dataset(context: dg.AssetExecutionContext, flywheel: FlywheelResource) -> dg.MaterializeResult:
     """The cycle's training set: the seed's tier budgets, balanced across task types, exported as chat JSONL."""
-    config, lake = flywheel.config(), flywheel.lake()
-    cycle = context.partition_key
-    existing = lake.read(DATASET_MANIFESTS, filter_sql=f"cycle = '{cycle}'")
-    if existing.num_rows:
-        # A cycle's dataset is immutable: the adapter trained on it must stay traceable.
-        manifest = existing.to_pylist()[0]
-        context.log.warning(f"cycle {cycle} already has a dataset ({manifest['n_rows']} rows); kept unchanged")
-        return dg.MaterializeResult(metadata=_dataset_metadata(manifest, unchanged=True))
-    inputs = lake.versions(CURATED_TRAJECTORIES, TRAJECTORY_SCORES, TRAJECTORIES, SESSION_EVENTS)
-    rows = select_training_rows(lake.read(CURATED_TRAJECTORIES), cycle, config)
-    if rows.num_rows == 0:
-        raise dg.Failure(f"no trajectory is eligible for cycle {cycle}: ingest and score data first")
-    export = config.datasets / cycle / "train.jsonl"
-    sha = export_chat_jsonl(rows, export)
-    manifest = {
-        "cycle": cycle, "created_at": flywheel.now(), "seed": config.curation.seed,
-        "target_size": config.curation.target_size, "n_rows": rows.num_rows,
-        "tier_counts_json": json.dumps(count_by(rows, "tier")),
-        "task_type_counts_json": json.dumps(count_by(rows, "task_type")),
-        "input_versions_json": json.dumps(inputs), "trajectory_ids": rows.column("trajectory_id").to_pylist(),
-        "export_path": str(export.relative_to(config.home)), "content_sha256": sha,
-    }
-    (export.parent / "manifest.json").write_text(json.dumps(manifest, default=str, indent=2))
-    # Rows first, then the manifest that makes the cycle "done": a crash in between
-    # leaves no manifest, and the retry replaces the partial partition.
-    lake.overwrite(TRAINING_DATASET, rows, predicate=f"cycle = '{cycle}'")
-    lake.append(DATASET_MANIFESTS, _manifest_table(manifest))
-    record_in_run(context, DATASET_MANIFESTS, cycle=cycle, n_rows=rows.num_rows, content_sha256=sha)
-    context.log.info(f"cycle {cycle}: {rows.num_rows} rows, tiers {manifest['tier_counts_json']}")
-    return dg.MaterializeResult(metadata=_dataset_metadata(manifest, unchanged=False))
+    with flywheel.writing("training_dataset", context):
+        config, lake = flywheel.config(), flywheel.lake()
+        cycle = context.partition_key
+        existing = lake.read(DATASET_MANIFESTS, filter_sql=f"cycle = '{cycle}'")
+        if existing.num_rows:
+            # A cycle's dataset is immutable: the adapter trained on it must stay traceable.
+            manifest = existing.to_pylist()[0]
+            context.log.warning(f"cycle {cycle} already has a dataset ({manifest['n_rows']} rows); kept unchanged")
+            return dg.MaterializeResult(metadata=_dataset_metadata(manifest, unchanged=True))
+        inputs = lake.versions(CURATED_TRAJECTORIES, TRAJECTORY_SCORES, TRAJECTORIES, SESSION_EVENTS)
+        rows = select_training_rows(lake.read(CURATED_TRAJECTORIES), cycle, config)
+        if rows.num_rows == 0:
+            raise dg.Failure(f"no trajectory is eligible for cycle {cycle}: ingest and score data first")
+        export = config.datasets / cycle / "train.jsonl"
+        sha = export_chat_jsonl(rows, export)
+        manifest = {
+            "cycle": cycle, "created_at": flywheel.now(), "seed": config.curation.seed,
+            "target_size": config.curation.target_size, "n_rows": rows.num_rows,
+            "tier_counts_json": json.dumps(count_by(rows, "tier")),
+            "task_type_counts_json": json.dumps(count_by(rows, "task_type")),
+            "input_versions_json": json.dumps(inputs), "trajectory_ids": rows.column("trajectory_id").to_pylist(),
+            "export_path": str(export.relative_to(config.home)), "content_sha256": sha,
+        }
+        (export.parent / "manifest.json").write_text(json.dumps(manifest, default=str, indent=2))
+        # Rows first, then the manifest that makes the cycle "done": a crash in between
+        # leaves no manifest, and the retry replaces the partial partition.
+        lake.overwrite(TRAINING_DATASET, rows, predicate=f"cycle = '{cycle}'")
+        lake.append(DATASET_MANIFESTS, _manifest_table(manifest))
+        record_in_run(context, DATASET_MANIFESTS, cycle=cycle, n_rows=rows.num_rows, content_sha256=sha)
+        context.log.info(f"cycle {cycle}: {rows.num_rows} rows, tiers {manifest['tier_counts_json']}")
+        return dg.MaterializeResult(metadata=_dataset_metadata(manifest, unchanged=False))
 
 
 def _manifest_table(manifest: dict):

@@ -16,21 +16,22 @@ from flywheel_assets.lib.experiments.report import ab_markdown, ab_chart
           deps=["offline_eval"])
 def rollout_step(context: dg.AssetExecutionContext, flywheel: FlywheelResource) -> dg.MaterializeResult:
     """One look at the cycle's candidate, requested by ab_monitor: gate → canary → A/B → champion, or rolled back."""
-    cycle = context.partition_key
-    rows = advance(flywheel.config(), flywheel.lake(), flywheel.registry(context), flywheel.now(), cycle=cycle)
-    decided = context.run.tags.get("flywheel/decision", "none (launched by hand)")
-    for row in rows:
-        (context.log.warning if row["rule"] == "srm" else context.log.info)(
-            f"{row['treatment']} [{row['stage']}] {row['outcome']}: {row['reason']}")
-    if rows:
-        record_in_run(context, AB_RESULTS, cycle=cycle, looks=len(rows), outcome=rows[-1]["outcome"])
-    latest = rows[-1] if rows else None
-    return dg.MaterializeResult(metadata={
-        "stage": latest["stage"] if latest else "nothing to do",
-        "outcome": latest["outcome"] if latest else "none",
-        "reason": latest["reason"] if latest else "no live candidate of this cycle moved",
-        "sensor_decision": decided,
-    })
+    with flywheel.writing("rollout_step", context):
+        cycle = context.partition_key
+        rows = advance(flywheel.config(), flywheel.lake(), flywheel.registry(context), flywheel.now(), cycle=cycle)
+        decided = context.run.tags.get("flywheel/decision", "none (launched by hand)")
+        for row in rows:
+            (context.log.warning if row["rule"] == "srm" else context.log.info)(
+                f"{row['treatment']} [{row['stage']}] {row['outcome']}: {row['reason']}")
+        if rows:
+            record_in_run(context, AB_RESULTS, cycle=cycle, looks=len(rows), outcome=rows[-1]["outcome"])
+        latest = rows[-1] if rows else None
+        return dg.MaterializeResult(metadata={
+            "stage": latest["stage"] if latest else "nothing to do",
+            "outcome": latest["outcome"] if latest else "none",
+            "reason": latest["reason"] if latest else "no live candidate of this cycle moved",
+            "sensor_decision": decided,
+        })
 
 
 @dg.asset(group_name="experiments", kinds={"delta", "python"}, partitions_def=cycle_partitions,

@@ -52,28 +52,29 @@ def session_feedback(config: RefreshConfig, flywheel: FlywheelResource) -> dg.Ma
 def llm_judgments(context: dg.AssetExecutionContext, flywheel: FlywheelResource) -> dg.MaterializeResult:
     """The LLM judge's grade of each trajectory, once (newest first, llm_judge.max_trajectories_per_run a run,
     on scrubbed text); nothing when FLYWHEEL_LLM_JUDGE_URL is unset."""
-    config, lake = flywheel.config(), flywheel.lake()
-    if not config.llm_judge.enabled:
-        return dg.MaterializeResult(metadata={"llm_judge_enabled": False, "judged_this_run": 0,
-                                              "dagster/row_count": lake.row_count(LLM_JUDGMENTS)})
-    model = config.llm_judge.model
-    judged = set(lake.read(LLM_JUDGMENTS, columns=["trajectory_id"],
-                           filter_sql=f"model = {sql_literal(model)}").column("trajectory_id").to_pylist())
-    trajectories = lake.read(TRAJECTORIES, columns=["trajectory_id", "created_at", "turns", "tool_calls"])
-    ids = trajectories.column("trajectory_id").to_pylist()
-    waiting = sum(1 for trajectory_id in ids if trajectory_id not in judged)
-    rows, failures = judge_new(LLMJudge(config.llm_judge), trajectories.to_pylist(), judged,
-                               config.llm_judge.max_trajectories_per_run, utcnow())
-    context.log.info(f"LLM judge ({model}) graded {len(rows)} of {waiting} trajectories waiting; "
-                     f"{len(failures)} failed and wait for the next run")
-    version = lake.append(LLM_JUDGMENTS, pa.Table.from_pylist(rows, schema=LLM_JUDGMENTS.schema))
-    return dg.MaterializeResult(metadata=table_metadata(
-        LLM_JUDGMENTS, delta_version=version, llm_judge_enabled=True, judged_this_run=len(rows),
-        failed_this_run=len(failures), still_waiting=waiting - len(rows),
-        pii_redacted=sum(r["pii_redacted"] for r in rows),
-        first_failures=dg.MetadataValue.md("\n".join(f"- {f['trajectory_id']}: {f['error']}" for f in failures[:5])
-                                           or "none"),
-    ) | {"dagster/row_count": lake.row_count(LLM_JUDGMENTS)})
+    with flywheel.writing("llm_judgments", context):
+        config, lake = flywheel.config(), flywheel.lake()
+        if not config.llm_judge.enabled:
+            return dg.MaterializeResult(metadata={"llm_judge_enabled": False, "judged_this_run": 0,
+                                                  "dagster/row_count": lake.row_count(LLM_JUDGMENTS)})
+        model = config.llm_judge.model
+        judged = set(lake.read(LLM_JUDGMENTS, columns=["trajectory_id"],
+                               filter_sql=f"model = {sql_literal(model)}").column("trajectory_id").to_pylist())
+        trajectories = lake.read(TRAJECTORIES, columns=["trajectory_id", "created_at", "turns", "tool_calls"])
+        ids = trajectories.column("trajectory_id").to_pylist()
+        waiting = sum(1 for trajectory_id in ids if trajectory_id not in judged)
+        rows, failures = judge_new(LLMJudge(config.llm_judge), trajectories.to_pylist(), judged,
+                                   config.llm_judge.max_trajectories_per_run, utcnow())
+        context.log.info(f"LLM judge ({model}) graded {len(rows)} of {waiting} trajectories waiting; "
+                         f"{len(failures)} failed and wait for the next run")
+        version = lake.append(LLM_JUDGMENTS, pa.Table.from_pylist(rows, schema=LLM_JUDGMENTS.schema))
+        return dg.MaterializeResult(metadata=table_metadata(
+            LLM_JUDGMENTS, delta_version=version, llm_judge_enabled=True, judged_this_run=len(rows),
+            failed_this_run=len(failures), still_waiting=waiting - len(rows),
+            pii_redacted=sum(r["pii_redacted"] for r in rows),
+            first_failures=dg.MetadataValue.md("\n".join(f"- {f['trajectory_id']}: {f['error']}" for f in failures[:5])
+                                               or "none"),
+        ) | {"dagster/row_count": lake.row_count(LLM_JUDGMENTS)})
 
 
 @dg.asset(group_name="feedback", kinds={"polars", "delta"}, deps=["trajectories", "llm_judgments"],

@@ -81,46 +81,48 @@ def base_model(context: dg.AssetExecutionContext, flywheel: FlywheelResource) ->
           partitions_def=cycle_partitions)
 def lora_adapter(context: dg.AssetExecutionContext, flywheel: FlywheelResource) -> dg.MaterializeResult:
     """LoRA adapter trained on the cycle's dataset over the current champion; registered as a candidate."""
-    config, lake = flywheel.config(), flywheel.lake()
-    registry = flywheel.registry(context)
-    cycle = context.partition_key
-    version = f"{cycle}-lora"
-    champion = registry.champion()
-    if champion is None:
-        raise dg.Failure("no champion in the registry: materialize base_model first")
-    if registry.get(version) is not None:
-        context.log.warning(f"{version} already exists; adapters are immutable, keeping it")
-        return dg.MaterializeResult(metadata={"version": version, "unchanged": True})
-    base_dir = _base_weights(config, champion)
-    rows = lake.read(TRAINING_DATASET, filter_sql=f"cycle = '{cycle}'").to_pylist()
-    manifest = lake.read(DATASET_MANIFESTS, filter_sql=f"cycle = '{cycle}'").to_pylist()
-    if not rows or not manifest:
-        raise dg.Failure(f"cycle {cycle} has no training dataset")
-    set_threads()
-    out_dir = config.models / version
-    staging = config.models / f".{version}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    context.log.info(f"training {version} on {len(rows)} rows over {champion['version']}")
-    card = train_adapter(config, base_dir, rows, staging, log=_progress(context))
-    card.update(cycle=cycle, parent=champion["version"], dataset={
-        k: manifest[0][k] for k in ("export_path", "content_sha256", "n_rows", "input_versions_json", "tier_counts_json")})
-    (staging / "training_card.json").write_text(json.dumps(card, indent=2))
-    (staging / "trajectory_ids.json").write_text(json.dumps(manifest[0]["trajectory_ids"]))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    staging.replace(out_dir)
-    registry.register(version, base=champion["base"], base_path=config.stored_path(base_dir),
-                      adapter_path=config.stored_path(out_dir), parent=champion["version"], cycle=cycle,
-                      reason=f"trained on {len(rows)} rows of {cycle}", actor="lora_adapter",
-                      metadata={"final_loss": card["loss_curve"][-1][1]})
-    return dg.MaterializeResult(metadata={
-        "version": version, "parent": champion["version"], "path": str(out_dir), "examples": card["examples"],
-        "preference_pairs": card["preference_pairs"], "trainable_parameters": card["trainable_parameters"],
-        "tokens_per_second": card["tokens_per_second"], "train_seconds": card["seconds"],
-        "final_loss": card["loss_curve"][-1][1], "loss_curve": _loss_chart(card["loss_curve"]),
-        "device": card["device"], "examples_skipped": dg.MetadataValue.json(card.get("examples_skipped", {})),
-        "preference_sides_skipped": dg.MetadataValue.json(card.get("preference_sides_skipped", {})),
-        "max_length": card.get("max_length", 0),
-    })
+    with flywheel.writing("lora_adapter", context):
+        config, lake = flywheel.config(), flywheel.lake()
+        registry = flywheel.registry(context)
+        cycle = context.partition_key
+        version = f"{cycle}-lora"
+        champion = registry.champion()
+        if champion is None:
+            raise dg.Failure("no champion in the registry: materialize base_model first")
+        if registry.get(version) is not None:
+            context.log.warning(f"{version} already exists; adapters are immutable, keeping it")
+            return dg.MaterializeResult(metadata={"version": version, "unchanged": True})
+        base_dir = _base_weights(config, champion)
+        rows = lake.read(TRAINING_DATASET, filter_sql=f"cycle = '{cycle}'").to_pylist()
+        manifest = lake.read(DATASET_MANIFESTS, filter_sql=f"cycle = '{cycle}'").to_pylist()
+        if not rows or not manifest:
+            raise dg.Failure(f"cycle {cycle} has no training dataset")
+        set_threads()
+        out_dir = config.models / version
+        staging = config.models / f".{version}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        context.log.info(f"training {version} on {len(rows)} rows over {champion['version']}")
+        card = train_adapter(config, base_dir, rows, staging, log=_progress(context))
+        card.update(cycle=cycle, parent=champion["version"], dataset={
+            k: manifest[0][k]
+            for k in ("export_path", "content_sha256", "n_rows", "input_versions_json", "tier_counts_json")})
+        (staging / "training_card.json").write_text(json.dumps(card, indent=2))
+        (staging / "trajectory_ids.json").write_text(json.dumps(manifest[0]["trajectory_ids"]))
+        shutil.rmtree(out_dir, ignore_errors=True)
+        staging.replace(out_dir)
+        registry.register(version, base=champion["base"], base_path=config.stored_path(base_dir),
+                          adapter_path=config.stored_path(out_dir), parent=champion["version"], cycle=cycle,
+                          reason=f"trained on {len(rows)} rows of {cycle}", actor="lora_adapter",
+                          metadata={"final_loss": card["loss_curve"][-1][1]})
+        return dg.MaterializeResult(metadata={
+            "version": version, "parent": champion["version"], "path": str(out_dir), "examples": card["examples"],
+            "preference_pairs": card["preference_pairs"], "trainable_parameters": card["trainable_parameters"],
+            "tokens_per_second": card["tokens_per_second"], "train_seconds": card["seconds"],
+            "final_loss": card["loss_curve"][-1][1], "loss_curve": _loss_chart(card["loss_curve"]),
+            "device": card["device"], "examples_skipped": dg.MetadataValue.json(card.get("examples_skipped", {})),
+            "preference_sides_skipped": dg.MetadataValue.json(card.get("preference_sides_skipped", {})),
+            "max_length": card.get("max_length", 0),
+        })
 
 
 def _base_weights(config, champion: dict):

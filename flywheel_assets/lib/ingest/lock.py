@@ -82,11 +82,40 @@ def every_lock(landing: Path, timeout_s: float, owner: str, log: Callable[[str],
             yield
 
 
+# Runs that write what they derived from the lake outside the ingest and refresh locks (curation,
+# datasets, training, the teacher's corrections, the LLM judge, evaluation, the rollout) hold
+# WRITERS shared; `flywheel forget` holds it exclusive, so none of them can read a user's rows
+# before a forget and write them back after it. A writer passes the GATE first (held a moment,
+# never while it works), and forget holds the gate while it waits: new writers queue behind a
+# waiting forget instead of starving it.
+WRITERS_LOCK = ".writers.lock"
+WRITERS_GATE = ".writers-gate.lock"
+
+
+@contextmanager
+def writing(landing: Path, timeout_s: float, owner: str, log: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Held by a run that writes what it derived from the lake: waits while a forget runs."""
+    with contextlib.ExitStack() as held:
+        with ingest_lock(landing, timeout_s, owner=owner, log=log, name=WRITERS_GATE):
+            held.enter_context(ingest_lock(landing, timeout_s, owner=owner, log=log, name=WRITERS_LOCK, shared=True))
+        yield
+
+
+@contextmanager
+def no_writers(landing: Path, timeout_s: float, owner: str, log: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Held by a forget: new writers wait at the gate, running ones are waited for (timeout_s)."""
+    with ingest_lock(landing, timeout_s, owner=owner, log=log, name=WRITERS_GATE):
+        with ingest_lock(landing, timeout_s, owner=owner, log=log, name=WRITERS_LOCK):
+            yield
+
+
 @contextmanager
 def ingest_lock(landing: Path, timeout_s: float, owner: str = "ingest",
-                log: Callable[[str], None] | None = None, poll_s: float = 0.2, name: str = LOCK_NAME) -> Iterator[None]:
+                log: Callable[[str], None] | None = None, poll_s: float = 0.2, name: str = LOCK_NAME,
+                shared: bool = False) -> Iterator[None]:
     """Hold the landing zone's ingest lock; wait up to timeout_s for it, then raise IngestBusy.
-    Another `name` is another lock beside it (lib/feedback/refresh.py: one refresh of a table at a time)."""
+    Another `name` is another lock beside it (lib/feedback/refresh.py: one refresh of a table at a time);
+    `shared` holds it beside other shared holders (WRITERS_LOCK)."""
     path = lock_path(landing, name)
     key = str(path.resolve())
     me = threading.get_ident()
@@ -101,15 +130,17 @@ def ingest_lock(landing: Path, timeout_s: float, owner: str = "ingest",
     except PermissionError:  # another user's lock file: flock works on a read-only descriptor too
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        _acquire(fd, landing, name, timeout_s, log, poll_s)
+        _acquire(fd, landing, name, timeout_s, log, poll_s, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         _write_holder(fd, owner)
-        with _held_guard:
-            _held[key] = me
+        if not shared:  # a shared lock beside another shared holder is no conflict: nothing to re-enter
+            with _held_guard:
+                _held[key] = me
         try:
             yield
         finally:
-            with _held_guard:
-                _held.pop(key, None)
+            if not shared:
+                with _held_guard:
+                    _held.pop(key, None)
     finally:
         os.close(fd)  # releases the flock
 
@@ -126,19 +157,21 @@ def _write_holder(fd: int, owner: str) -> None:
 
 
 def _acquire(fd: int, landing: Path, name: str, timeout_s: float, log: Callable[[str], None] | None,
-             poll_s: float) -> None:
+             poll_s: float, mode: int) -> None:
     deadline = time.monotonic() + timeout_s
     said = False
     while True:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
             return
         except BlockingIOError:
             pass
         who = describe(holder(landing, name))
         if time.monotonic() >= deadline:
-            what = f"another ingest is running over {landing}" if name == LOCK_NAME else \
-                f"another run holds {lock_path(landing, name)}"
+            what = {LOCK_NAME: f"another ingest is running over {landing}",
+                    WRITERS_GATE: "a `flywheel forget` is running or waiting for the runs that write",
+                    WRITERS_LOCK: "runs that write what they derived from the lake are still running"}.get(
+                name, f"another run holds {lock_path(landing, name)}")
             raise IngestBusy(f"{what} ({who}); waited {timeout_s:g} s. "
                              "Nothing was read: run again when it has finished "
                              "(ingest.lock_timeout_s sets how long to wait)")

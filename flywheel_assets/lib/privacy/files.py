@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flywheel_assets.lib.ingest.landing import walk
-from flywheel_assets.lib.ingest.lock import LOCK_NAME, REFRESH_PREFIX
+from flywheel_assets.lib.ingest.lock import LOCK_NAME, REFRESH_PREFIX, WRITERS_GATE, WRITERS_LOCK
 
-LOCK_PREFIXES = (LOCK_NAME, REFRESH_PREFIX)  # lock files hold who holds them, never data
+LOCK_PREFIXES = (LOCK_NAME, REFRESH_PREFIX, WRITERS_LOCK, WRITERS_GATE)  # lock files hold who holds them, never data
 
 
 ID_FIELDS = ("session_id", "trajectory_id", "corrects")

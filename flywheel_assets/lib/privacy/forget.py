@@ -1,8 +1,10 @@
 """The right to be forgotten: one user's data out of every table and file, and out of service.
 
-`forget(config, lake, user)` holds the ingest lock and every refresh lock (nothing lands or is
-re-scored meanwhile) and, in order (each pass of 3–6 blanks the files before it deletes rows, so the
-quarantine rows of the lines blanked go too):
+`forget(config, lake, user)` holds the ingest lock, every refresh lock and the writers' lock
+exclusive (lib/ingest/lock.py `no_writers`: nothing lands, is re-scored, curated, trained,
+judged or rolled out meanwhile; it waits for such runs to end, up to
+privacy.lock_timeout_s, and they wait for it) and, in order (each pass of 3–6 blanks the files
+before it deletes rows, so the quarantine rows of the lines blanked go too):
 
 1. finds the subject: the user's sessions (from events and trajectories), every trajectory of
    those sessions or of the user, and the teacher's corrections of them (`correction-<id>`);
@@ -14,8 +16,8 @@ quarantine rows of the lines blanked go too):
 4. blanks their lines in the landing files and the gateway's journal (lib/privacy/files.py);
 5. purges every table's history (vacuum, log cleanup): no earlier Delta version, which would
    still hold the rows, can be read back;
-6. checks again, and repeats from 3 if a writer outside the locks (a curation run) brought a
-   row back, up to MAX_PASSES;
+6. checks again, and repeats from 3 if a row came back (a writer that takes none of the locks:
+   a run of an older deployment), up to MAX_PASSES;
 7. takes the tainted versions out of service in the registry (lib/experiments/registry.py
    `withdraw`): a tainted champion is replaced by the newest clean version that was champion
    before (at worst the base, which is trained on cold-start data only). With the policy
@@ -40,7 +42,7 @@ import pyarrow as pa
 from flywheel_assets.lib.config import FlywheelConfig
 from flywheel_assets.lib.curation.select import export_chat_jsonl
 from flywheel_assets.lib.experiments.registry import ModelRegistry
-from flywheel_assets.lib.ingest.lock import every_lock
+from flywheel_assets.lib.ingest.lock import every_lock, no_writers
 from flywheel_assets.lib.lake import Lake, sql_literal
 from flywheel_assets.lib.privacy.files import Matcher, Rewritten, journal_held, scrub_folder, write_json
 from flywheel_assets.lib.tables import (
@@ -181,41 +183,50 @@ def forget(config: FlywheelConfig, lake: Lake, user_id: str, tenant_id: str | No
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     report = ForgetReport(request_id=f"forget-{uuid.uuid4().hex[:16]}", dry_run=dry_run)
     registry = registry or ModelRegistry(lake, clock=lambda: now)
-    with every_lock(config.landing, config.ingest.lock_timeout_s, owner=report.request_id, log=log):
-        subject = find_subject(lake, user_id, tenant_id)
-        pending = config.home / "privacy" / f"pending-{subject.sha256()}.json"
-        subject, cycles, versions = _resume(pending, subject, tainted_cycles(lake, subject))
-        latest = {row["version"]: row for row in registry.current()}
-        tainted, clean = lineage_taint(latest, set(cycles))
-        report.cycles, report.versions = cycles, sorted(set(tainted) | versions)
-        matcher = subject.matcher()
-        log(f"{len(subject.sessions)} sessions, {len(subject.trajectories)} trajectory ids (corrections included); "
-            f"trained on in {report.cycles or 'no cycle'}; versions {report.versions or 'none'}")
-        if dry_run:
-            report.rows = subject_rows(lake, subject, matcher)
-            for root in (config.landing, config.home / "gateway"):
-                report.lines |= {_relative(config, r.path): r.lines for r in scrub_folder(root, matcher, dry_run=True)}
-            report.champion = (registry.champion() or {}).get("version")
-            return report
-        # what the rows no longer tell once deleted, kept until the request is done: a failed run
-        # (a full disk, a crash) is finished by running it again
-        pending.parent.mkdir(parents=True, exist_ok=True)
-        write_json(pending, {"user_id": user_id, "tenant_id": tenant_id, "sessions": sorted(subject.sessions),
-                             "trajectories": sorted(subject.trajectories), "cycles": cycles,
-                             "versions": report.versions})
-        for report.passes in range(1, MAX_PASSES + 1):
-            blanked = _scrub_files(config, lake, matcher, report)
-            for name, count in _delete_rows(config, lake, subject, matcher, report.cycles, blanked).items():
-                report.rows[name] = report.rows.get(name, 0) + count
-            for table in PURGED:
-                lake.purge_history(table)
-            left = {name: n for name, n in subject_rows(lake, subject, matcher).items() if n}
-            log(f"pass {report.passes}: {report.total_rows} rows deleted, {sum(report.lines.values())} lines blanked; "
-                f"left: {left or 'none'}")
-            if not left:
-                break
-        else:
-            raise ForgetIncomplete(f"{report.request_id}: rows still found after {MAX_PASSES} passes: {left}")
+    with every_lock(config.landing, config.ingest.lock_timeout_s, owner=report.request_id, log=log), \
+            no_writers(config.landing, config.privacy.lock_timeout_s, owner=report.request_id, log=log):
+        return _forget(config, lake, registry, user_id, tenant_id, report, requested_by=requested_by, now=now,
+                       policy=policy, dry_run=dry_run, log=log)
+
+
+def _forget(config: FlywheelConfig, lake: Lake, registry: ModelRegistry, user_id: str, tenant_id: str | None,
+            report: ForgetReport, *, requested_by: str, now: datetime, policy: str, dry_run: bool,
+            log: Callable[[str], None]) -> ForgetReport:
+    """forget() under its locks: nothing lands, is re-scored, curated, trained or evaluated meanwhile."""
+    subject = find_subject(lake, user_id, tenant_id)
+    pending = config.home / "privacy" / f"pending-{subject.sha256()}.json"
+    subject, cycles, versions = _resume(pending, subject, tainted_cycles(lake, subject))
+    latest = {row["version"]: row for row in registry.current()}
+    tainted, clean = lineage_taint(latest, set(cycles))
+    report.cycles, report.versions = cycles, sorted(set(tainted) | versions)
+    matcher = subject.matcher()
+    log(f"{len(subject.sessions)} sessions, {len(subject.trajectories)} trajectory ids (corrections included); "
+        f"trained on in {report.cycles or 'no cycle'}; versions {report.versions or 'none'}")
+    if dry_run:
+        report.rows = subject_rows(lake, subject, matcher)
+        for root in (config.landing, config.home / "gateway"):
+            report.lines |= {_relative(config, r.path): r.lines for r in scrub_folder(root, matcher, dry_run=True)}
+        report.champion = (registry.champion() or {}).get("version")
+        return report
+    # what the rows no longer tell once deleted, kept until the request is done: a failed run
+    # (a full disk, a crash) is finished by running it again
+    pending.parent.mkdir(parents=True, exist_ok=True)
+    write_json(pending, {"user_id": user_id, "tenant_id": tenant_id, "sessions": sorted(subject.sessions),
+                         "trajectories": sorted(subject.trajectories), "cycles": cycles,
+                         "versions": report.versions})
+    for report.passes in range(1, MAX_PASSES + 1):
+        blanked = _scrub_files(config, lake, matcher, report)
+        for name, count in _delete_rows(config, lake, subject, matcher, report.cycles, blanked).items():
+            report.rows[name] = report.rows.get(name, 0) + count
+        for table in PURGED:
+            lake.purge_history(table)
+        left = {name: n for name, n in subject_rows(lake, subject, matcher).items() if n}
+        log(f"pass {report.passes}: {report.total_rows} rows deleted, {sum(report.lines.values())} lines blanked; "
+            f"left: {left or 'none'}")
+        if not left:
+            break
+    else:
+        raise ForgetIncomplete(f"{report.request_id}: rows still found after {MAX_PASSES} passes: {left}")
     withdrawn = registry.withdraw(set(report.versions), clean=clean, actor=requested_by,
                                   reason=f"trained on data deleted by {report.request_id}",
                                   metadata={"tainted_by": report.request_id},
