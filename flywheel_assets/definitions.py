@@ -4,14 +4,17 @@ from pathlib import Path
 
 import dagster as dg
 
-from flywheel_assets.defs.resources import get_env
+from flywheel_assets.defs.resources import executor
 
 
 @dg.definitions
 def defs() -> dg.Definitions:
     loaded = dg.load_from_defs_folder(path_within_project=Path(__file__).parent)
-    if get_env() == "LOCAL":
-        # Two cores: one step at a time keeps training and DuckDB from fighting for them, and in
-        # the run's own process: a process per step cost 8-10 s of start-up for ~1 s of work.
-        return dg.Definitions.merge(loaded, dg.Definitions(executor=dg.in_process_executor))
-    return loaded
+    chosen = executor()
+    return dg.Definitions.merge(loaded, dg.Definitions(executor=chosen)) if chosen is not None else loaded
+
+
+def job(name: str) -> dg.JobDefinition:
+    """One job by name, for a run whose steps execute in other processes or hosts (dg.execute_job
+    rebuilds it there from this module: flywheel.run_job under FLYWHEEL_EXECUTOR=dask)."""
+    return defs().resolve_job_def(name)

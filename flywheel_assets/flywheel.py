@@ -28,6 +28,7 @@ import dagster as dg
 import duckdb
 
 from flywheel_assets.defs.partitions import cycle_partitions
+from flywheel_assets.defs.resources import executor_name
 from flywheel_assets.lib.clock import set_now
 from flywheel_assets.lib.config import FlywheelConfig, load_config
 from flywheel_assets.lib.lake import Lake
@@ -57,9 +58,15 @@ QUIET_RUN = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
 
 def run_job(defs: dg.Definitions, instance: dg.DagsterInstance, name: str, *, allow_failure: bool = False,
-            **kwargs) -> dg.ExecuteInProcessResult:
+            **kwargs) -> dg.ExecuteInProcessResult | dg.JobExecutionResult:
     kwargs.setdefault("run_config", QUIET_RUN)
-    result = defs.resolve_job_def(name).execute_in_process(instance=instance, raise_on_error=False, **kwargs)
+    if executor_name() == "in_process":
+        result = defs.resolve_job_def(name).execute_in_process(instance=instance, raise_on_error=False, **kwargs)
+    else:  # the job's own executor (README: Scaling out): its steps are rebuilt in their processes
+        tags = {**kwargs.get("tags", {}),
+                **({"dagster/partition": kwargs["partition_key"]} if "partition_key" in kwargs else {})}
+        result = dg.execute_job(dg.build_reconstructable_job("flywheel_assets.definitions", "job", (name,)),
+                                instance, run_config=kwargs["run_config"], tags=tags, raise_on_error=False)
     label = f"{name}[{kwargs['partition_key']}]" if "partition_key" in kwargs else name
     print(f"    {label} run {result.run_id[:8]}: {'success' if result.success else 'FAILED'}", flush=True)
     if not result.success and not allow_failure:

@@ -27,6 +27,39 @@ def get_env() -> str:
     return "CLUSTER" if os.environ.get("DAGSTER_DEPLOYMENT", "local").lower() in ("cluster", "prod") else "LOCAL"
 
 
+EXECUTORS = ("in_process", "multiprocess", "dask")
+
+
+def executor_name() -> str:
+    """FLYWHEEL_EXECUTOR, else in_process on a laptop and multiprocess in a cluster."""
+    name = os.environ.get("FLYWHEEL_EXECUTOR") or ("in_process" if get_env() == "LOCAL" else "multiprocess")
+    if name not in EXECUTORS:
+        raise ValueError(f"FLYWHEEL_EXECUTOR must be one of {', '.join(EXECUTORS)}, got {name!r}")
+    return name
+
+
+def executor() -> dg.ExecutorDefinition | None:
+    """The executor every job runs its steps with (README: Scaling out).
+
+    in_process: two cores, one step at a time keeps training and DuckDB from fighting for them, in the
+    run's own process (a process per step cost 8-10 s of start-up for ~1 s of work). multiprocess:
+    Dagster's default, a process per step. dask: each step a task on the Dask cluster whose scheduler
+    FLYWHEEL_DASK_SCHEDULER names (tcp://host:8786): workers on other hosts, a GPU pool for the steps
+    tagged to need one (training, evaluation: `dagster-dask/resource_requirements`); needs the
+    `scaleout` extra and a persistent instance (DAGSTER_HOME)."""
+    name = executor_name()
+    if name == "in_process":
+        return dg.in_process_executor
+    if name == "multiprocess":
+        return None  # Dagster's default
+    address = os.environ.get("FLYWHEEL_DASK_SCHEDULER")
+    if not address:
+        raise ValueError("FLYWHEEL_EXECUTOR=dask needs FLYWHEEL_DASK_SCHEDULER (the scheduler's tcp://host:port)")
+    from dagster_dask import dask_executor
+
+    return dask_executor.configured({"cluster": {"existing": {"address": address}}}, name="dask")
+
+
 def _value(field):
     """A field's value. In a run Dagster has resolved every EnvVar already; the CLI and the demo
     driver also use the resources outside a run, where an EnvVar is still the variable's name."""

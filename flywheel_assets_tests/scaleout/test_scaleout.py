@@ -1,10 +1,11 @@
 """The loop on production engines, each started here and stopped after: the Dagster instance
-(runs, event log, schedules) on PostgreSQL and the lake on S3-compatible object storage (moto's
-server). One whole cycle — simulated users, ingest, scoring, curation, training, gate, canary,
-A/B test, promotion — then the same checks as the local loop test.
+(runs, event log, schedules) on PostgreSQL, the lake on S3-compatible object storage (moto's
+server) and every step of every run on a Dask cluster (a scheduler and two worker processes).
+One whole cycle — simulated users, ingest, scoring, curation, training, gate, canary, A/B test,
+promotion — then the same checks as the local loop test.
 
-`make test-scaleout` installs what it needs (Debian's postgresql, dagster-postgres) and runs
-this module; `make test` skips it (FLYWHEEL_SCALEOUT unset)."""
+`make test-scaleout` installs what it needs (Debian's postgresql, the `scaleout` extra:
+dagster-postgres, dagster-dask) and runs this module; `make test` skips it (FLYWHEEL_SCALEOUT unset)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -35,6 +39,12 @@ def _as_postgres(args: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else args
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def postgres():
     # not under pytest's tmp folder: as root that is mode 700, and the server runs as postgres
@@ -42,9 +52,7 @@ def postgres():
     data.chmod(0o755)
     if os.geteuid() == 0:
         shutil.chown(data, "postgres")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = _free_port()
     subprocess.run(_as_postgres([_binary("initdb"), "-D", str(data / "db"), "-A", "trust", "-U", "flywheel"]),
                    check=True, capture_output=True)
     subprocess.run(_as_postgres([_binary("pg_ctl"), "-D", str(data / "db"), "-l", str(data / "log"), "-w", "start",
@@ -59,10 +67,36 @@ def postgres():
         shutil.rmtree(data, ignore_errors=True)
 
 
+@contextmanager
+def dask_cluster(logs: Path, workers: int = 2) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A Dask scheduler and `workers` worker processes (one thread each), as a deployment runs them
+    (`dask scheduler`, `dask worker`), with this process's environment: FLYWHEEL_* and DAGSTER_HOME."""
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    dask = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
+    scheduler = subprocess.Popen([*dask, "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1],
+                                  "--no-dashboard"], stdout=(logs / "scheduler.log").open("w"), stderr=subprocess.STDOUT)
+    worker = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nworkers", str(workers),
+                               "--nthreads", "1", "--memory-limit", "0", "--no-dashboard"],
+                              stdout=(logs / "workers.log").open("w"), stderr=subprocess.STDOUT)
+    try:
+        from distributed import Client
+
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(workers, timeout=120)
+        yield address, worker
+    finally:
+        for process in (worker, scheduler):
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
 from flywheel_assets_tests.storage.test_object_store import BUCKET, s3  # noqa: E402,F401  (the moto fixture)
 
 
-def test_one_cycle_on_postgres_and_object_storage(postgres, s3, tmp_path, monkeypatch, capsys):
+def test_one_cycle_on_postgres_object_storage_and_dask(postgres, s3, tmp_path, monkeypatch, capsys):
     import dagster as dg
 
     from flywheel_assets import flywheel
@@ -83,9 +117,15 @@ def test_one_cycle_on_postgres_and_object_storage(postgres, s3, tmp_path, monkey
     monkeypatch.setenv("FLYWHEEL_CONFIG", str(tmp_path / "config.json"))
     monkeypatch.setenv("FLYWHEEL_LAKE_URI", f"s3://{BUCKET}/scaleout")
     monkeypatch.setenv("FLYWHEEL_STORAGE_OPTIONS", options)
-    started = time.monotonic()
-    assert flywheel.main(["--days", "8", "--users", "200", "--cycles", "1", "--no-arms"]) == 0
-    print(f"one cycle on Postgres + S3: {time.monotonic() - started:.0f} s")
+    monkeypatch.setenv("FLYWHEEL_EXECUTOR", "dask")
+    with dask_cluster(tmp_path) as (address, workers):
+        monkeypatch.setenv("FLYWHEEL_DASK_SCHEDULER", address)
+        started = time.monotonic()
+        assert flywheel.main(["--days", "8", "--users", "200", "--cycles", "1", "--no-arms"]) == 0
+        print(f"one cycle on Postgres + S3 + Dask: {time.monotonic() - started:.0f} s")
+        import psutil
+
+        worker_pids = {p.pid for p in psutil.Process(workers.pid).children(recursive=True)}
 
     lake = Lake(load_config())
     assert lake.root.startswith("s3://") and not (tmp_path / "home" / "lake").exists()
@@ -104,3 +144,10 @@ def test_one_cycle_on_postgres_and_object_storage(postgres, s3, tmp_path, monkey
                                       if r.job_name == "cycle_job")
         assert instance.get_dynamic_partitions("cycle") == ["cycle-0001"]
         assert instance.get_latest_materialization_event(dg.AssetKey("lora_adapter")) is not None
+        # every step of every run executed on a Dask worker, none in this (the orchestrating) process
+        step_pids = {event.dagster_event.pid for run in runs for event in instance.all_logs(
+            run.run_id, of_type=dg.DagsterEventType.STEP_START)}
+        trained = next(r for r in runs if r.job_name == "cycle_job")
+        assert step_pids and step_pids <= worker_pids and os.getpid() not in step_pids
+        assert any(e.step_key == "lora_adapter" for e in instance.all_logs(
+            trained.run_id, of_type=dg.DagsterEventType.STEP_SUCCESS))
