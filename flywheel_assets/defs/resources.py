@@ -1,6 +1,7 @@
 """Resources and the metadata helpers every stage uses."""
 
 import base64
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +37,22 @@ def executor_name() -> str:
     if name not in EXECUTORS:
         raise ValueError(f"FLYWHEEL_EXECUTOR must be one of {', '.join(EXECUTORS)}, got {name!r}")
     return name
+
+
+def training_run_tags() -> dict[str, str]:
+    """FLYWHEEL_TRAINING_RUN_TAGS, a JSON object: tags every run of the jobs that train carries (base_model_job,
+    cycle_job) — on Kubernetes, `dagster-k8s/config` puts those runs' pods on a GPU node pool (docs/scaling-out.md).
+    A value that is not a string is passed as its JSON."""
+    text = os.environ.get("FLYWHEEL_TRAINING_RUN_TAGS")
+    if not text:
+        return {}
+    try:
+        tags = json.loads(text)
+    except ValueError as error:
+        raise ValueError(f"FLYWHEEL_TRAINING_RUN_TAGS is not JSON: {error}") from None
+    if not isinstance(tags, dict):
+        raise ValueError("FLYWHEEL_TRAINING_RUN_TAGS must be a JSON object of tag: value")
+    return {key: value if isinstance(value, str) else json.dumps(value) for key, value in tags.items()}
 
 
 def executor() -> dg.ExecutorDefinition | None:

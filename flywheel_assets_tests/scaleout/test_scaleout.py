@@ -68,10 +68,10 @@ def postgres():
 
 
 @contextmanager
-def dask_cluster(logs: Path, workers: int = 2) -> Iterator[tuple[str, subprocess.Popen]]:
-    """A Dask scheduler and `workers` worker processes (one thread each), as a deployment runs them
-    (`dask scheduler`, `dask worker`), with this process's environment: FLYWHEEL_* and DAGSTER_HOME."""
-    address = f"tcp://127.0.0.1:{_free_port()}"
+def dask_cluster(address: str, logs: Path, workers: int = 2) -> Iterator[subprocess.Popen]:
+    """A Dask scheduler at `address` and `workers` worker processes (one thread each), as a deployment
+    runs them (`dask scheduler`, `dask worker`), with this process's environment: FLYWHEEL_* (the
+    executor's settings included: a worker rebuilds the job) and DAGSTER_HOME."""
     dask = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
     scheduler = subprocess.Popen([*dask, "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1],
                                   "--no-dashboard"], stdout=(logs / "scheduler.log").open("w"), stderr=subprocess.STDOUT)
@@ -83,7 +83,7 @@ def dask_cluster(logs: Path, workers: int = 2) -> Iterator[tuple[str, subprocess
 
         with Client(address, timeout=60) as client:
             client.wait_for_workers(workers, timeout=120)
-        yield address, worker
+        yield worker
     finally:
         for process in (worker, scheduler):
             process.terminate()
@@ -118,8 +118,8 @@ def test_one_cycle_on_postgres_object_storage_and_dask(postgres, s3, tmp_path, m
     monkeypatch.setenv("FLYWHEEL_LAKE_URI", f"s3://{BUCKET}/scaleout")
     monkeypatch.setenv("FLYWHEEL_STORAGE_OPTIONS", options)
     monkeypatch.setenv("FLYWHEEL_EXECUTOR", "dask")
-    with dask_cluster(tmp_path) as (address, workers):
-        monkeypatch.setenv("FLYWHEEL_DASK_SCHEDULER", address)
+    monkeypatch.setenv("FLYWHEEL_DASK_SCHEDULER", f"tcp://127.0.0.1:{_free_port()}")
+    with dask_cluster(os.environ["FLYWHEEL_DASK_SCHEDULER"], tmp_path) as workers:
         started = time.monotonic()
         assert flywheel.main(["--days", "8", "--users", "200", "--cycles", "1", "--no-arms"]) == 0
         print(f"one cycle on Postgres + S3 + Dask: {time.monotonic() - started:.0f} s")
