@@ -72,9 +72,9 @@ def executor() -> dg.ExecutorDefinition | None:
     address = os.environ.get("FLYWHEEL_DASK_SCHEDULER")
     if not address:
         raise ValueError("FLYWHEEL_EXECUTOR=dask needs FLYWHEEL_DASK_SCHEDULER (the scheduler's tcp://host:port)")
-    from dagster_dask import dask_executor
+    from flywheel_assets.dask_executor import dask_executor
 
-    return dask_executor.configured({"cluster": {"existing": {"address": address}}}, name="dask")
+    return dask_executor.configured({"address": address}, name="dask")
 
 
 def _value(field):
