@@ -9,7 +9,7 @@ export DAGSTER_HOME ?= $(FLYWHEEL_HOME)/dagster
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
-.PHONY: dev demo demo-seeds real-model test test-faults test-scaleout bench bench-ab ab-harness bench-refresh bench-training bench-gateway bench-sensors seed clean
+.PHONY: dev demo demo-seeds real-model test test-faults test-scaleout bench bench-ab ab-harness bench-refresh bench-storage bench-training bench-gateway bench-sensors seed clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -81,7 +81,8 @@ test-faults: $(STAMP)
 	FLYWHEEL_FAULT_ROUNDS=$${ROUNDS:-100} $(BIN)/pytest -q flywheel_assets_tests/ingest/test_faults.py
 
 ## test-scaleout: one whole cycle with the Dagster instance on PostgreSQL (Debian's postgresql, installed when
-## missing, started in a temporary folder and stopped) and the lake on S3 (moto's server), then the storage tests
+## missing, started in a temporary folder and stopped), the lake on S3 (moto's server) and every step on a Dask
+## scheduler and two workers (started and stopped by the test), then the storage tests
 SCALEOUT_STAMP := $(VENV)/.scaleout
 $(SCALEOUT_STAMP): $(STAMP)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev,scaleout]'
@@ -110,6 +111,11 @@ ab-harness: $(STAMP)
 ## history plus 1M new, against a full recompute it must equal (EVENTS=... NEW_EVENTS=... to change)
 bench-refresh: $(STAMP)
 	$(BIN)/python benchmarks/bench_refresh.py $(if $(EVENTS),--events $(EVENTS),) $(if $(NEW_EVENTS),--new-events $(NEW_EVENTS),)
+
+## bench-storage: the lake's footprint over 30 simulated days (100 users a day), as it grows and after
+## lake_maintenance (DAYS=... USERS=... to change) -> benchmarks/results/bench_storage-latest.json
+bench-storage: $(STAMP)
+	$(BIN)/python benchmarks/bench_storage.py $(if $(DAYS),--days $(DAYS),) $(if $(USERS),--users $(USERS),)
 
 ## bench-training: our LoRA step against a plain-torch loop, and batched generation
 bench-training: $(STAMP)

@@ -25,11 +25,12 @@ from dagster._core.execution.retries import RetryMode
 # dagster-dask, distributed and cloudpickle come with the `scaleout` extra: imported when a run uses them
 
 
-def run_step(dependencies: list, payload: bytes) -> list[dg.DagsterEvent]:
-    """On a worker: the step's events (dagster-dask's function; `dependencies` unused)."""
+def run_step(dependencies: list, payload: bytes) -> bytes:
+    """On a worker: the step's events (dagster-dask's function; `dependencies` unused), pickled: Dask's
+    sizeof cannot measure Dagster records and warned three times a step (dagster-io/dagster#33771)."""
     from dagster_dask.executor import query_on_dask_worker
 
-    return query_on_dask_worker(dependencies, *pickle.loads(payload))
+    return pickle.dumps(list(query_on_dask_worker(dependencies, *pickle.loads(payload))))
 
 
 class DaskExecutor(dg.Executor):
@@ -66,7 +67,8 @@ class DaskExecutor(dg.Executor):
                                           resources=get_dask_resource_requirements(step.tags), pure=False)] = step.key
                 # a level at a time: a step starts only once every step it depends on succeeded, as in
                 # process (a failed blocking check keeps lora_adapter from training on what it caught)
-                for future, events in as_completed(list(futures), with_results=True):
+                for future, result in as_completed(list(futures), with_results=True):
+                    events = pickle.loads(result)
                     if not any(event.event_type_value == "STEP_SUCCESS" for event in events):
                         stopped[futures[future]] = "failed"
                     yield from events
