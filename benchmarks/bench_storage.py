@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import dagster as dg
 
-    from flywheel_assets.flywheel import START, _registry, ingest_landed, load_defs, quiet_libraries, run_job
+    from flywheel_assets.definitions import defs as load_defs
+    from flywheel_assets.flywheel import START, _registry, ingest_landed, quiet_libraries, run_job
     from flywheel_assets.lib.clock import set_now
     from flywheel_assets.lib.config import load_config
     from flywheel_assets.lib.lake import Lake
