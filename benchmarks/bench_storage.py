@@ -9,7 +9,7 @@ lake_maintenance (lib/storage/maintenance.py) on the copy, and measures that. Th
 pass in minutes, so the copy is vacuumed with no retention: what a nightly run with its 24-hour
 retention leaves once the day's files have aged.
 
-    .venv/bin/python benchmarks/bench_storage.py [--days 30] [--users 100] [--every 5] [--quick]
+    .venv/bin/python benchmarks/bench_storage.py [--days 30] [--users 300] [--every 5] [--quick]
 
 Writes benchmarks/results/bench_storage-latest.json (--quick: 2 days, to /tmp).
 """
@@ -62,7 +62,7 @@ def total(sizes: dict[str, tuple[int, int]]) -> tuple[int, int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--days", type=int, default=30)
-    parser.add_argument("--users", type=int, default=100, help="simulated users a day")
+    parser.add_argument("--users", type=int, default=300, help="simulated users a day (the demo's)")
     parser.add_argument("--every", type=int, default=5, help="measure the maintained copy every N days")
     parser.add_argument("--quick", action="store_true", help="2 days, results to /tmp")
     args = parser.parse_args(argv)
@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     (work / "profile.json").write_text(json.dumps({"simulation": {"users_per_tick": args.users}}))
     os.environ.update(FLYWHEEL_HOME=str(work / "home"), FLYWHEEL_CONFIG=str(work / "profile.json"))
     os.environ.pop("DAGSTER_HOME", None)
+    os.environ["FLYWHEEL_EXECUTOR"] = "in_process"  # an ephemeral instance: the runs stay in this process
 
     import dagster as dg
 

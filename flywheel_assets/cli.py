@@ -118,6 +118,16 @@ class Session:
         # a change by hand is a runless materialization of model_registry in the Dagster instance
         return ModelRegistry(self.lake(), clock=self.now, on_change=lambda rows: report_runless(registry_changed(rows)))
 
+    @contextmanager
+    def writing(self):
+        """The writers' lock, shared (lib/ingest/lock.py): waits while a `flywheel forget` runs; exit 5 past
+        privacy.lock_timeout_s."""
+        from flywheel_assets.lib.ingest.lock import writing
+
+        with _ingest_errors(), writing(self.config.landing, self.config.privacy.lock_timeout_s, owner=f"cli {actor()}",
+                                       log=_say):
+            yield
+
     def require_home(self) -> None:
         if not self.config.home.is_dir():
             fail(f"FLYWHEEL_HOME {self.config.home} does not exist (set FLYWHEEL_HOME or pass --home)",
@@ -329,17 +339,20 @@ def annotate(ctx: typer.Context,
     if score is not None and not -1.0 <= score <= 1.0:
         fail(f"--score must be within [-1, 1], got {score}", EXIT_USAGE)
     config, lake = session.config, session.lake()
-    found = lake.read(TRAJECTORIES, columns=["trajectory_id"], filter_sql="trajectory_id = " + _sql_text(trajectory_id))
-    if found.num_rows == 0:
-        fail(f"unknown trajectory {trajectory_id!r}: not in bronze/trajectories (ingest it first)", EXIT_NOT_FOUND)
-    line = {"trajectory_id": trajectory_id, "score": score if score is not None else (1.0 if label == Label.good else -1.0),
-            "annotator": annotator or actor(), "note": note, "annotated_at": iso(session.now())}
-    folder = config.landing / "annotations"
-    folder.mkdir(parents=True, exist_ok=True)
-    name = f"cli-{session.now().strftime('%Y%m%dT%H%M%S%fZ')}-{uuid.uuid4().hex[:8]}.jsonl"
-    temporary, target = folder / f"{STAGING_PREFIX}{name}", folder / name
-    temporary.write_text(json.dumps(line, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(temporary, target)
+    with session.writing():  # a forget between the check and the write would see the label land after it
+        found = lake.read(TRAJECTORIES, columns=["trajectory_id"],
+                          filter_sql="trajectory_id = " + _sql_text(trajectory_id))
+        if found.num_rows == 0:
+            fail(f"unknown trajectory {trajectory_id!r}: not in bronze/trajectories (ingest it first)", EXIT_NOT_FOUND)
+        line = {"trajectory_id": trajectory_id,
+                "score": score if score is not None else (1.0 if label == Label.good else -1.0),
+                "annotator": annotator or actor(), "note": note, "annotated_at": iso(session.now())}
+        folder = config.landing / "annotations"
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"cli-{session.now().strftime('%Y%m%dT%H%M%S%fZ')}-{uuid.uuid4().hex[:8]}.jsonl"
+        temporary, target = folder / f"{STAGING_PREFIX}{name}", folder / name
+        temporary.write_text(json.dumps(line, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(temporary, target)
     typer.echo(f"{trajectory_id}: score {line['score']:+g} by {line['annotator']} -> {target}")
     if ingest_now:
         files = [f for f in list_landing(config.landing) if f.path == target]
@@ -401,7 +414,8 @@ def _change(session: Session, version: str, reason: str, change) -> None:
         known = ", ".join(sorted(before)) or "none registered"
         fail(f"unknown version {version!r} (known: {known})", EXIT_NOT_FOUND)
     try:
-        change(registry, actor())
+        with session.writing():  # not between a forget's withdrawal and its read of the registry
+            change(registry, actor())
     except RegistryError as error:
         fail(str(error), EXIT_REFUSED)
     for row in registry.current():

@@ -9,6 +9,10 @@ ours instead:
 - each task's key carries the run id: dagster-dask names it `<job>.<step>`, so two runs of one job
   at the same time share a key and the second is answered with the first's result
   (dagster-io/dagster#21418);
+- a task that fails as a task (a worker killed, the job not loadable there) fails the run at once
+  and cancels the others, with the reason; Dask does not run it again (retries=0, though the
+  scheduler re-runs a task whose worker died under it, `distributed.scheduler.allowed-failures`:
+  set it to 0 for a cluster of flywheel steps);
 - a step is submitted only once the steps it depends on succeeded: dagster-dask submits them all
   at once, and a step whose upstream failed then ran anyway — lora_adapter trained although the
   blocking PII check on its dataset had failed.
@@ -63,11 +67,15 @@ class DaskExecutor(dg.Executor):
                         plan_context.log.warning(f"step {step.key} not run: {stopped[step.key]}")
                         continue
                     payload = cloudpickle.dumps((*shared, [step.key], instance_ref, execution_plan.known_state))
-                    futures[client.submit(run_step, [], payload, key=f"{run.run_id}.{step.key}",
+                    futures[client.submit(run_step, [], payload, key=f"{run.run_id}.{step.key}", retries=0,
                                           resources=get_dask_resource_requirements(step.tags), pure=False)] = step.key
                 # a level at a time: a step starts only once every step it depends on succeeded, as in
                 # process (a failed blocking check keeps lora_adapter from training on what it caught)
-                for future, result in as_completed(list(futures), with_results=True):
+                for future, result in as_completed(list(futures), with_results=True, raise_errors=False):
+                    if future.status != "finished":  # the task itself failed: a worker died, the job did not load
+                        client.cancel(list(futures))
+                        raise RuntimeError(
+                            f"step {futures[future]} could not run on the Dask cluster: {result!r}") from None
                     events = pickle.loads(result)
                     if not any(event.event_type_value == "STEP_SUCCESS" for event in events):
                         stopped[futures[future]] = "failed"

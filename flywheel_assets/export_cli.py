@@ -25,27 +25,28 @@ def export(ctx: typer.Context,
 
     session: Session = ctx.obj
     session.require_home()
-    lake = session.lake()
-    manifests = {row["cycle"]: row for row in lake.read(DATASET_MANIFESTS).to_pylist()}
-    if cycle not in manifests:
-        fail(f"unknown cycle {cycle!r}: no dataset manifest (known: {', '.join(sorted(manifests)) or 'none'})",
-             EXIT_NOT_FOUND)
-    manifest = manifests[cycle]
-    rows = lake.read(TRAINING_DATASET, filter_sql="cycle = " + _sql_text(cycle))
-    order = {trajectory_id: rank for rank, trajectory_id in enumerate(manifest["trajectory_ids"])}
-    ids = rows.column("trajectory_id").to_pylist()
-    rows = rows.take(sorted(range(rows.num_rows), key=lambda i: order.get(ids[i], len(order))))
-    if output is None:
-        stream = typer.get_binary_stream("stdout")
-        digest = hashlib.sha256()
-        for line in chat_jsonl_lines(rows):
-            data = line.encode("utf-8")
-            digest.update(data)
-            stream.write(data)
-        stream.flush()
-        sha = digest.hexdigest()
-    else:
-        sha = export_chat_jsonl(rows, output)
+    with session.writing():  # a forget rewrites the exports: not while this one reads them
+        lake = session.lake()
+        manifests = {row["cycle"]: row for row in lake.read(DATASET_MANIFESTS).to_pylist()}
+        if cycle not in manifests:
+            fail(f"unknown cycle {cycle!r}: no dataset manifest (known: {', '.join(sorted(manifests)) or 'none'})",
+                 EXIT_NOT_FOUND)
+        manifest = manifests[cycle]
+        rows = lake.read(TRAINING_DATASET, filter_sql="cycle = " + _sql_text(cycle))
+        order = {trajectory_id: rank for rank, trajectory_id in enumerate(manifest["trajectory_ids"])}
+        ids = rows.column("trajectory_id").to_pylist()
+        rows = rows.take(sorted(range(rows.num_rows), key=lambda i: order.get(ids[i], len(order))))
+        if output is None:
+            stream = typer.get_binary_stream("stdout")
+            digest = hashlib.sha256()
+            for line in chat_jsonl_lines(rows):
+                data = line.encode("utf-8")
+                digest.update(data)
+                stream.write(data)
+            stream.flush()
+            sha = digest.hexdigest()
+        else:
+            sha = export_chat_jsonl(rows, output)
     matches = "matches the manifest" if sha == manifest["content_sha256"] else \
         f"differs from the manifest's {manifest['content_sha256']}"
     typer.echo(f"{cycle}: {rows.num_rows} rows{' to ' + str(output) if output else ''}; sha256 {sha} {matches}",

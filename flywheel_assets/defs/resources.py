@@ -61,9 +61,8 @@ def executor() -> dg.ExecutorDefinition | None:
     in_process: two cores, one step at a time keeps training and DuckDB from fighting for them, in the
     run's own process (a process per step cost 8-10 s of start-up for ~1 s of work). multiprocess:
     Dagster's default, a process per step. dask: each step a task on the Dask cluster whose scheduler
-    FLYWHEEL_DASK_SCHEDULER names (tcp://host:8786): workers on other hosts, a GPU pool for the steps
-    tagged to need one (training, evaluation: `dagster-dask/resource_requirements`); needs the
-    `scaleout` extra and a persistent instance (DAGSTER_HOME)."""
+    FLYWHEEL_DASK_SCHEDULER names (tcp://host:8786), workers on any host (flywheel_assets/dask_executor.py);
+    needs the `scaleout` extra and a persistent instance (DAGSTER_HOME)."""
     name = executor_name()
     if name == "in_process":
         return dg.in_process_executor

@@ -19,13 +19,14 @@ class RollbackConfig(dg.Config):
 @dg.op(description="Rolls the champion back to its predecessor, as regression_watch decided; refuses when the "
                    "version is no longer the champion.")
 def roll_back_champion(context: dg.OpExecutionContext, config: RollbackConfig, flywheel: FlywheelResource) -> None:
-    registry = flywheel.registry(context)  # the change is a model_registry materialization of this run
-    champion = registry.champion()
-    if champion is None or champion["version"] != config.version:
-        context.log.warning(f"{config.version} is no longer the champion; nothing rolled back")
-        return
-    registry.rollback(config.version, reason=f"regression: {config.reason}", actor="regression_watch")
-    context.log.info(f"rolled back {config.version}: {config.reason}")
+    with flywheel.writing("roll_back_champion", context):
+        registry = flywheel.registry(context)  # the change is a model_registry materialization of this run
+        champion = registry.champion()
+        if champion is None or champion["version"] != config.version:
+            context.log.warning(f"{config.version} is no longer the champion; nothing rolled back")
+            return
+        registry.rollback(config.version, reason=f"regression: {config.reason}", actor="regression_watch")
+        context.log.info(f"rolled back {config.version}: {config.reason}")
 
 
 @dg.job(description="The rollback regression_watch decided: the champion back to its predecessor.")

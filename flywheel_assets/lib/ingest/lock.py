@@ -83,8 +83,10 @@ def every_lock(landing: Path, timeout_s: float, owner: str, log: Callable[[str],
 
 
 # Runs that write what they derived from the lake outside the ingest and refresh locks (curation,
-# datasets, training, the teacher's corrections, the LLM judge, evaluation, the rollout) hold
-# WRITERS shared; `flywheel forget` holds it exclusive, so none of them can read a user's rows
+# datasets, training, the teacher's corrections, the LLM judge, the rollout and rollbacks, the
+# CLI's annotate, export, promote and rollback) hold
+# WRITERS shared (none of them takes the ingest or a refresh lock while it does); `flywheel forget`
+# holds it exclusive, so none of them can read a user's rows
 # before a forget and write them back after it. A writer passes the GATE first (held a moment,
 # never while it works), and forget holds the gate while it waits: new writers queue behind a
 # waiting forget instead of starving it.
@@ -174,7 +176,8 @@ def _acquire(fd: int, landing: Path, name: str, timeout_s: float, log: Callable[
                 name, f"another run holds {lock_path(landing, name)}")
             raise IngestBusy(f"{what} ({who}); waited {timeout_s:g} s. "
                              "Nothing was read: run again when it has finished "
-                             "(ingest.lock_timeout_s sets how long to wait)")
+                             f"({'privacy' if name in (WRITERS_LOCK, WRITERS_GATE) else 'ingest'}.lock_timeout_s "
+                             "sets how long to wait)")
         if log is not None and not said:
             log(f"waiting for the lock {lock_path(landing, name)}: held by {who}")
             said = True

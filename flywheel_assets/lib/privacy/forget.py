@@ -29,6 +29,7 @@ before it deletes rows, so the quarantine rows of the lines blanked go too):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import uuid
@@ -183,8 +184,13 @@ def forget(config: FlywheelConfig, lake: Lake, user_id: str, tenant_id: str | No
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     report = ForgetReport(request_id=f"forget-{uuid.uuid4().hex[:16]}", dry_run=dry_run)
     registry = registry or ModelRegistry(lake, clock=lambda: now)
-    with every_lock(config.landing, config.ingest.lock_timeout_s, owner=report.request_id, log=log), \
-            no_writers(config.landing, config.privacy.lock_timeout_s, owner=report.request_id, log=log):
+    with contextlib.ExitStack() as held:
+        # the writers first (a training run may hold them for long: ingests go on meanwhile), then the
+        # ingest and refresh locks; no writer takes those, so the order cannot deadlock. A dry run reads only.
+        if not dry_run:
+            held.enter_context(no_writers(config.landing, config.privacy.lock_timeout_s, owner=report.request_id,
+                                          log=log))
+        held.enter_context(every_lock(config.landing, config.ingest.lock_timeout_s, owner=report.request_id, log=log))
         return _forget(config, lake, registry, user_id, tenant_id, report, requested_by=requested_by, now=now,
                        policy=policy, dry_run=dry_run, log=log)
 
