@@ -1,4 +1,5 @@
-"""The one place where tables are named, laid out and documented.
+"""The one place where tables are named, laid out and documented (the operational record's
+tables are declared in lib/tables_ops.py and re-exported here).
 
 Each table is a Delta table under FLYWHEEL_HOME/lake/<layer>/<name>. The column
 descriptions are shown in the Dagster UI and generate README's table reference.
@@ -6,11 +7,10 @@ descriptions are shown in the Dagster UI and generate README's table reference.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pyarrow as pa
 
-UTC_TS = pa.timestamp("us", tz="UTC")
+from flywheel_assets.lib.table_schema import UTC_TS, Table, cols
+from flywheel_assets.lib.tables_ops import AB_RESULTS, FORGET_REQUESTS, MODEL_REGISTRY, OFFLINE_EVALUATIONS
 
 TOOL_CALL = pa.struct(
     [
@@ -25,28 +25,6 @@ TOOL_CALL = pa.struct(
 TURN = pa.struct([("role", pa.string()), ("content", pa.string())])
 
 
-@dataclass(frozen=True)
-class Table:
-    layer: str
-    name: str
-    description: str
-    columns: tuple[tuple[str, pa.DataType, str], ...]
-    key: tuple[str, ...] = ()
-    partition_by: tuple[str, ...] = ()
-
-    @property
-    def schema(self) -> pa.Schema:
-        return pa.schema([pa.field(name, dtype) for name, dtype, _ in self.columns])
-
-    @property
-    def column_docs(self) -> dict[str, str]:
-        return {name: doc for name, _, doc in self.columns}
-
-
-def _cols(*columns: tuple[str, pa.DataType, str]) -> tuple[tuple[str, pa.DataType, str], ...]:
-    return columns
-
-
 _SOURCE = (
     ("source_file", pa.string(), "landing file the row came from, relative to FLYWHEEL_HOME/landing"),
     ("source_line", pa.int64(), "1-based line number in that file"),
@@ -56,7 +34,7 @@ _SOURCE = (
 SESSION_EVENTS = Table(
     "bronze", "session_events",
     "Every valid user-behaviour event, append-only, one row per event_id.",
-    _cols(
+    cols(
         ("event_id", pa.string(), "given by the agent, or the md5 of the event's content"),
         ("session_id", pa.string(), "session the event belongs to"),
         ("trajectory_id", pa.string(), "trajectory the event refers to (top level or data.trajectory_id); null if none"),
@@ -74,7 +52,7 @@ SESSION_EVENTS = Table(
 TRAJECTORIES = Table(
     "bronze", "trajectories",
     "Agent runs from hermes/ShareGPT or OpenAI chat files in one canonical schema.",
-    _cols(
+    cols(
         ("trajectory_id", pa.string(), "given, or the md5 of the conversation"),
         ("session_id", pa.string(), "session it was produced in (null for offline data)"),
         ("user_id", pa.string(), "user it served (null for offline data)"),
@@ -104,7 +82,7 @@ TRAJECTORIES = Table(
 ANNOTATIONS = Table(
     "bronze", "annotations",
     "Human labels; the latest per trajectory overrides every automatic score.",
-    _cols(
+    cols(
         ("annotation_id", pa.string(), "md5 of the label's content (trajectory_id, annotator, score, note, annotated_at as written): the same label dropped twice is one row"),
         ("trajectory_id", pa.string(), "trajectory labelled"),
         ("score", pa.float64(), "human score in [-1, 1]"),
@@ -119,7 +97,7 @@ ANNOTATIONS = Table(
 QUARANTINE = Table(
     "bronze", "quarantine",
     "Every input line that could not be ingested, with the reason. Nothing is dropped.",
-    _cols(
+    cols(
         ("quarantine_id", pa.string(), "md5 of file and line number"),
         ("kind", pa.string(), "events, trajectories or annotations"),
         ("reason_code", pa.string(), "malformed_json, not_an_object, missing_key, wrong_type, invalid_value, unknown_format, not_utf8, oversized, too_deep, unparseable, unreadable_file (a whole file or its unread rest; source_line 0)"),
@@ -134,7 +112,7 @@ QUARANTINE = Table(
 INGESTED_FILES = Table(
     "bronze", "ingested_files",
     "Ledger of landing files already ingested; a file is never read twice.",
-    _cols(
+    cols(
         ("source_file", pa.string(), "path relative to FLYWHEEL_HOME/landing"),
         ("kind", pa.string(), "events, trajectories or annotations"),
         ("size_bytes", pa.int64(), "file size when ingested"),
@@ -151,7 +129,7 @@ INGESTED_FILES = Table(
 SESSION_FEEDBACK = Table(
     "silver", "session_feedback",
     "The seed's five implicit signals and quality_score, one row per session.",
-    _cols(
+    cols(
         ("session_id", pa.string(), "session"),
         ("user_id", pa.string(), "the session's user (the smallest id should its events name several)"),
         ("tenant_id", pa.string(), "tenant (likewise)"),
@@ -182,7 +160,7 @@ SESSION_FEEDBACK = Table(
 JUDGE_SCORES = Table(
     "silver", "judge_scores",
     "Heuristic judges of trajectory content (and the LLM judge when enabled).",
-    _cols(
+    cols(
         ("trajectory_id", pa.string(), "trajectory judged"),
         ("task_type", pa.string(), "its task type (length_ok compares within it)"),
         ("total_chars", pa.int64(), "characters of its messages' content (length_ok's input)"),
@@ -206,7 +184,7 @@ LLM_JUDGMENTS = Table(
     "silver", "llm_judgments",
     "The LLM judge's grade of each trajectory, made once per judge model (new trajectories first, "
     "a budget per run) on scrubbed text, and kept across runs; judge_scores reads it.",
-    _cols(
+    cols(
         ("trajectory_id", pa.string(), "trajectory judged"),
         ("model", pa.string(), "the judge model (llm_judge.model)"),
         ("llm_score", pa.float64(), "the grade 1-10 mapped to [-1, 1]"),
@@ -220,7 +198,7 @@ LLM_JUDGMENTS = Table(
 TRAJECTORY_SCORES = Table(
     "gold", "trajectory_scores",
     "One combined score and tier per trajectory: implicit feedback fused with judges, human labels override.",
-    _cols(
+    cols(
         ("trajectory_id", pa.string(), "trajectory"),
         ("session_id", pa.string(), "session"),
         ("tenant_id", pa.string(), "tenant"),
@@ -269,7 +247,7 @@ SCORE_CALIBRATIONS = Table(
     "The score sources' agreement with the human labels and their fusion fitted to them (a logistic "
     "regression of good = label > 0), one row each time the labels or their scores change; "
     "trajectory_scores applies the latest fit when fusion.calibrated.",
-    _cols(
+    cols(
         ("calibrated_at", UTC_TS, "when (the flywheel clock)"),
         ("inputs_sha256", pa.string(), "hash of the labels, their sources and the calibration settings"),
         ("labels", pa.int64(), "labelled trajectories with a verdict (label ≠ 0)"),
@@ -290,7 +268,7 @@ SCORE_CALIBRATIONS = Table(
 CURATED_TRAJECTORIES = Table(
     "gold", "curated_trajectories",
     "Scored trajectories after PII scrubbing and duplicate removal, as chat messages.",
-    _cols(
+    cols(
         ("trajectory_id", pa.string(), "trajectory"),
         ("session_id", pa.string(), "session"),
         ("tenant_id", pa.string(), "tenant (its policy decides whether it may be trained on)"),
@@ -316,7 +294,7 @@ CURATED_TRAJECTORIES = Table(
 TRAINING_DATASET = Table(
     "gold", "training_dataset",
     "Immutable per-cycle training sets (one Delta partition per cycle).",
-    _cols(
+    cols(
         ("cycle", pa.string(), "training cycle (the Dagster partition key)"),
         ("trajectory_id", pa.string(), "trajectory used"),
         ("session_id", pa.string(), "its session (pairs a retried trajectory with the accepted one)"),
@@ -335,7 +313,7 @@ TRAINING_DATASET = Table(
 DATASET_MANIFESTS = Table(
     "gold", "dataset_manifests",
     "How each cycle's dataset was made: inputs' Delta versions, settings, ids used.",
-    _cols(
+    cols(
         ("cycle", pa.string(), "training cycle"),
         ("created_at", UTC_TS, "when"),
         ("seed", pa.int64(), "selection seed"),
@@ -349,100 +327,6 @@ DATASET_MANIFESTS = Table(
         ("content_sha256", pa.string(), "sha256 of the exported JSONL"),
     ),
     key=("cycle",),
-)
-
-MODEL_REGISTRY = Table(
-    "gold", "model_registry",
-    "Every model version and every change of its status, append-only: the latest row per version is its state.",
-    _cols(
-        ("event_id", pa.string(), "uuid4 hex of the change"),
-        ("version", pa.string(), "model version, e.g. base-v0 or cycle-0001-lora"),
-        ("parent", pa.string(), "version it was trained from; null for a base model"),
-        ("base", pa.string(), "base model version it sits on (itself for a base model)"),
-        ("base_path", pa.string(), "base model directory, relative to FLYWHEEL_HOME"),
-        ("adapter_path", pa.string(), "LoRA adapter directory, relative to FLYWHEEL_HOME; null for a base model"),
-        ("cycle", pa.string(), "training cycle that produced it; null for a base model"),
-        ("status", pa.string(), "candidate, canary, treatment, champion, retired or rolled_back"),
-        ("traffic_share", pa.float64(), "share of traffic after this change (the champion serves what the other arms leave)"),
-        ("reason", pa.string(), "why the change happened"),
-        ("actor", pa.string(), "who or what made it: a sensor name, `cli:<user>`, `demo`"),
-        ("changed_at", UTC_TS, "when (UTC); one order for the whole history"),
-        ("metadata_json", pa.string(), "the version's metadata so far (metrics, report paths) as a JSON object"),
-    ),
-    key=("event_id",),
-)
-
-OFFLINE_EVALUATIONS = Table(
-    "gold", "offline_evaluations",
-    "Held-out results per cycle: the candidate and the champion on the same tasks, overall and per task type.",
-    _cols(
-        ("cycle", pa.string(), "training cycle"),
-        ("version", pa.string(), "model version evaluated"),
-        ("role", pa.string(), "candidate or champion"),
-        ("scope", pa.string(), "'overall' or a task type"),
-        ("n", pa.int64(), "tasks"),
-        ("success", pa.float64(), "share of tasks whose final answer the verifier accepts"),
-        ("success_low", pa.float64(), "95% Wilson interval, lower end"),
-        ("success_high", pa.float64(), "95% Wilson interval, upper end"),
-        ("tool_name_accuracy", pa.float64(), "share calling exactly the right tools in order"),
-        ("argument_accuracy", pa.float64(), "share with the right tools and arguments"),
-        ("difference", pa.float64(), "candidate − champion success on the same tasks (overall rows of the candidate)"),
-        ("difference_low", pa.float64(), "95% paired interval, lower end"),
-        ("difference_high", pa.float64(), "95% paired interval, upper end"),
-        ("gate_passed", pa.bool_(), "the promotion gate's verdict (candidate rows)"),
-        ("gate_reason", pa.string(), "why"),
-        ("evaluated_at", UTC_TS, "when"),
-    ),
-    key=("cycle", "version", "scope"),
-    partition_by=("cycle",),
-)
-
-AB_RESULTS = Table(
-    "gold", "ab_results",
-    "Every look at every A/B test and staged-rollout step, with the decision and its reason.",
-    _cols(
-        ("test_id", pa.string(), "ab-<treatment version>"),
-        ("cycle", pa.string(), "cycle of the treatment"),
-        ("treatment", pa.string(), "version under test"),
-        ("control", pa.string(), "champion it is compared with"),
-        ("stage", pa.string(), "gate, canary or treatment"),
-        ("looked_at", UTC_TS, "when (the flywheel clock)"),
-        ("outcome", pa.string(), "SHIP, ROLLBACK or CONTINUE (canary: PROCEED, ROLLBACK or CONTINUE)"),
-        ("rule", pa.string(), "the rule that decided: srm, min_users, negative, guardrail, ship, max_duration, inconclusive, ..."),
-        ("reason", pa.string(), "the decision in a sentence"),
-        ("effect", pa.float64(), "treatment − control mean session quality"),
-        ("effect_low", pa.float64(), "anytime-valid interval, lower end"),
-        ("effect_high", pa.float64(), "anytime-valid interval, upper end"),
-        ("p_value", pa.float64(), "fixed-horizon Welch p-value (information only)"),
-        ("srm_p", pa.float64(), "sample-ratio-mismatch χ² p-value"),
-        ("users_control", pa.int64(), "users in the control arm"),
-        ("users_treatment", pa.int64(), "users in the treatment arm"),
-        ("decision_json", pa.string(), "the whole decision, guardrails included"),
-    ),
-    key=("test_id", "looked_at"),
-)
-
-FORGET_REQUESTS = Table(
-    "audit", "forget_requests",
-    "Every `flywheel forget` carried out, append-only: who asked, when, and how much went; never an identifier or content.",
-    _cols(
-        ("request_id", pa.string(), "forget-<random hex>"),
-        ("requested_by", pa.string(), "who asked (--by; the CLI's default is cli:<user>)"),
-        ("requested_at", UTC_TS, "when (the flywheel clock)"),
-        ("subject_sha256", pa.string(), "sha256 of tenant (or *) and user id: proves a request covered a user without naming them"),
-        ("tenant_scoped", pa.bool_(), "the request named a tenant"),
-        ("policy", pa.string(), "retire or retrain (privacy.on_forget, or --policy)"),
-        ("rows_deleted", pa.int64(), "rows deleted over every table"),
-        ("rows_by_table_json", pa.string(), "rows deleted per table (JSON object)"),
-        ("files_rewritten", pa.int64(), "landing and gateway journal files with lines blanked"),
-        ("lines_blanked", pa.int64(), "lines blanked in those files"),
-        ("cycles_tainted", pa.list_(pa.string()), "cycles whose training set held the user's trajectories"),
-        ("versions_withdrawn", pa.list_(pa.string()), "model versions trained through one of those cycles"),
-        ("champion_after", pa.string(), "the champion after the request"),
-        ("retrain_requested", pa.bool_(), "a new cycle was asked of the training trigger"),
-        ("passes", pa.int64(), "delete-and-check passes it took (more than 1: a writer brought rows back)"),
-    ),
-    key=("request_id",),
 )
 
 ALL_TABLES: tuple[Table, ...] = (

@@ -1,0 +1,32 @@
+"""How a table is declared: its layer, name, documented columns, key and partitions (lib/tables.py
+declares the lake's data tables with it, lib/tables_ops.py the operational record)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+UTC_TS = pa.timestamp("us", tz="UTC")
+
+
+@dataclass(frozen=True)
+class Table:
+    layer: str
+    name: str
+    description: str
+    columns: tuple[tuple[str, pa.DataType, str], ...]
+    key: tuple[str, ...] = ()
+    partition_by: tuple[str, ...] = ()
+
+    @property
+    def schema(self) -> pa.Schema:
+        return pa.schema([pa.field(name, dtype) for name, dtype, _ in self.columns])
+
+    @property
+    def column_docs(self) -> dict[str, str]:
+        return {name: doc for name, _, doc in self.columns}
+
+
+def cols(*columns: tuple[str, pa.DataType, str]) -> tuple[tuple[str, pa.DataType, str], ...]:
+    return columns
