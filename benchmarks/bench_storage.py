@@ -33,7 +33,7 @@ RESULTS = REPO / "benchmarks" / "results" / "bench_storage-latest.json"
 QUICK_RESULTS = Path(tempfile.gettempdir()) / "bench_storage-quick.json"
 
 
-def footprints(config, lake) -> dict[str, tuple[int, int]]:
+def footprints(lake) -> dict[str, tuple[int, int]]:
     from flywheel_assets.lib.storage.maintenance import footprint
     from flywheel_assets.lib.tables import ALL_TABLES
 
@@ -52,7 +52,7 @@ def maintained(config, scratch: Path) -> tuple[dict[str, tuple[int, int]], float
     lake = Lake(copy)
     started = time.monotonic()
     maintain(copy, lake, retention_hours=0)
-    return footprints(copy, lake), time.monotonic() - started
+    return footprints(lake), time.monotonic() - started
 
 
 def total(sizes: dict[str, tuple[int, int]]) -> tuple[int, int]:
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     for day in range(1, args.days + 1):
         counts = simulate_day(config, _registry(defs), START + timedelta(days=day))
         ingest_landed(defs, instance, ticks=1)
-        raw = footprints(config, lake)
+        raw = footprints(lake)
         row = {"day": day, "sessions": counts["sessions"], "raw": raw, "raw_total": total(raw)}
         if day % args.every == 0 or day == args.days:
             kept, seconds = maintained(config, work / "maintained")

@@ -14,7 +14,7 @@ import pytest
 from flywheel_assets.defs.curation.assets import curated_trajectories
 from flywheel_assets.defs.resources import FlywheelResource
 from flywheel_assets.lib.config import load_config
-from flywheel_assets.lib.ingest.lock import IngestBusy, no_writers, writing
+from flywheel_assets.lib.ingest.lock import WRITERS_GATE, IngestBusy, holder, no_writers, writing
 from flywheel_assets.lib.lake import Lake
 from flywheel_assets.lib.privacy.forget import forget
 from flywheel_assets.lib.tables import FORGET_REQUESTS
@@ -54,7 +54,7 @@ def test_writers_share_a_forget_waits_for_them_and_new_writers_queue_behind_it(t
     order: list[str] = []
     forgetting = threading.Thread(target=lambda: _hold_forget(landing, order), daemon=True)
     forgetting.start()
-    time.sleep(0.5)  # the forget now holds the gate and waits for `first`
+    _wait_for_holder(landing, WRITERS_GATE, "forget")  # the forget holds the gate and waits for `first`
     with pytest.raises(IngestBusy, match="forget"):  # a new writer queues at the gate instead of starving it
         with writing(landing, 0.3, owner="late writer"):
             pass
@@ -66,6 +66,13 @@ def test_writers_share_a_forget_waits_for_them_and_new_writers_queue_behind_it(t
     forgetting.join(10)
     late.join(10)
     assert order == ["first writer done", "forget", "late writer"]
+
+
+def _wait_for_holder(landing, name, owner, timeout_s=10.0):
+    deadline = time.monotonic() + timeout_s
+    while (holder(landing, name) or {}).get("owner") != owner:
+        assert time.monotonic() < deadline, f"{owner} never took {name}"
+        time.sleep(0.02)
 
 
 def _hold_forget(landing, order):

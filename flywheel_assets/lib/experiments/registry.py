@@ -144,7 +144,8 @@ class ModelRegistry:
                  metadata: dict, retrain_after: datetime | None = None) -> list[dict]:
         """Take versions out of service in one commit (lib/privacy/forget.py): a live or candidate
         version is rolled back; a retired or rolled-back one keeps its status and gains `metadata`.
-        A withdrawn champion is replaced by the newest retired champion that is `clean`; with `retrain_after`, that version asks the training trigger for a new cycle."""
+        A withdrawn champion is replaced by the newest retired champion that is `clean`; with
+        `retrain_after`, that version asks the training trigger for a new cycle."""
         history = self._history()
         latest = _latest(history)
         at = self._now(history)
