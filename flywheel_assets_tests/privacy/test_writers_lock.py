@@ -54,7 +54,8 @@ def test_writers_share_a_forget_waits_for_them_and_new_writers_queue_behind_it(t
     order: list[str] = []
     forgetting = threading.Thread(target=lambda: _hold_forget(landing, order), daemon=True)
     forgetting.start()
-    _wait_for_holder(landing, WRITERS_GATE, "forget")  # the forget holds the gate and waits for `first`
+    # the lock file names its last holder: the forget above wrote "forget" there, this one "waiting forget"
+    _wait_for_holder(landing, WRITERS_GATE, "waiting forget")  # it holds the gate and waits for `first`
     with pytest.raises(IngestBusy, match="forget"):  # a new writer queues at the gate instead of starving it
         with writing(landing, 0.3, owner="late writer"):
             pass
@@ -76,7 +77,7 @@ def _wait_for_holder(landing, name, owner, timeout_s=10.0):
 
 
 def _hold_forget(landing, order):
-    with no_writers(landing, 10, owner="forget"):
+    with no_writers(landing, 10, owner="waiting forget"):
         time.sleep(0.3)
         order.append("forget")
 
