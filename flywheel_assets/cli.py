@@ -116,7 +116,8 @@ class Session:
         from flywheel_assets.defs.records import registry_changed, report_runless
 
         # a change by hand is a runless materialization of model_registry in the Dagster instance
-        return ModelRegistry(self.lake(), clock=self.now, on_change=lambda rows: report_runless(registry_changed(rows)))
+        return ModelRegistry(self.lake(), clock=self.now, on_change=lambda rows: report_runless(registry_changed(rows)),
+                             tenancy=self.config.tenancy)
 
     @contextmanager
     def writing(self):

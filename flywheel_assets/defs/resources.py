@@ -171,7 +171,8 @@ class FlywheelResource(dg.ConfigurableResource):
         from flywheel_assets.defs.records import registry_changed
 
         on_change = None if context is None else (lambda rows: context.log_event(registry_changed(rows)))
-        return ModelRegistry(self.lake(), clock=lambda: clock.now(config), on_change=on_change)
+        return ModelRegistry(self.lake(), clock=lambda: clock.now(config), on_change=on_change,
+                             tenancy=config.tenancy)
 
 
 def table_metadata(table: Table, data: pa.Table | None = None, **extra) -> dict:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field, model_validator
 # re-exported here
 from flywheel_assets.lib.config_release import ABConfig, PhaseConfig, RolloutConfig, TriggerConfig  # noqa: F401
 from flywheel_assets.lib.config_serving import GatewayConfig, UpstreamConfig  # noqa: F401
+from flywheel_assets.lib.tenancy import TenancyConfig  # noqa: F401
 
 DEFAULT_HOME = "data/home"
 
@@ -124,27 +125,6 @@ class CalibrationConfig(BaseModel):
         return self
 
 
-class TenancyConfig(BaseModel):
-    """Per-tenant data policy (README: Tenancy). `pooled`: the tenant's data trains the shared
-    model; `opt_out`: served and analysed (scored, judged, in every table), never trained on and
-    never sent to the teacher. Per-tenant adapters (`isolated`, `hybrid`) are not built yet."""
-
-    default: Literal["pooled", "opt_out"] = "pooled"  # tenants policies does not name
-    policies: dict[str, Literal["pooled", "opt_out"]] = Field(default_factory=dict)
-
-    def trains_on(self, tenant: str | None) -> bool:
-        return self.policies.get(tenant or "default", self.default) == "pooled"
-
-    def trainable_sql(self, column: str = "tenant_id") -> str:
-        """A SQL condition: the row's tenant may be trained on (a missing tenant is 'default')."""
-        tenant = f"coalesce({column}, 'default')"
-        if self.default == "pooled":
-            names = [t for t, policy in self.policies.items() if policy == "opt_out"]
-            return f"{tenant} NOT IN ({_sql_list(names)})" if names else "true"
-        names = [t for t, policy in self.policies.items() if policy == "pooled"]
-        return f"{tenant} IN ({_sql_list(names)})" if names else "false"
-
-
 class PrivacyConfig(BaseModel):
     """What `flywheel forget` does with the model versions trained on a forgotten user's data
     (README: Privacy). Both take them out of service and put the newest clean champion back;
@@ -154,10 +134,6 @@ class PrivacyConfig(BaseModel):
     # A forget waits this long for the runs that write what they derived from the lake (a training
     # run, curation) to finish, and those runs wait this long for a forget (README: Privacy)
     lock_timeout_s: float = 3600.0
-
-
-def _sql_list(values: list[str]) -> str:
-    return ", ".join("'" + value.replace("'", "''") + "'" for value in sorted(values))
 
 
 class CurationConfig(BaseModel):

@@ -5,7 +5,8 @@ from datetime import datetime, timedelta, timezone
 import dagster as dg
 import pyarrow as pa
 
-from flywheel_assets.defs.automation.sensors import next_cycle, training_trigger
+from flywheel_assets.defs.automation.sensors import training_trigger
+from flywheel_assets.lib.tenancy import next_cycle
 from flywheel_assets.defs.resources import FlywheelResource
 from flywheel_assets.lib.clock import set_now
 from flywheel_assets.lib.experiments.registry import ModelRegistry

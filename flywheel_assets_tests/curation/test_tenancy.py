@@ -1,5 +1,6 @@
 """Tenancy policies: an opted-out tenant is served and analysed (scored, judged, curated) but never
-trained on and never sent to the teacher; a blocking check stops a training set that holds its rows."""
+trained on and never sent to the teacher; a blocking check stops a training set that holds its rows.
+Isolated and hybrid tenants' lanes: test_lanes.py and defs/test_tenant_lanes.py."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pyarrow as pa
 import pytest
 
 from flywheel_assets.defs.curation.assets import curated_trajectories, training_dataset
-from flywheel_assets.defs.curation.checks import no_opted_out_tenant_in_training_set
+from flywheel_assets.defs.curation.checks import training_set_tenancy
 from flywheel_assets.defs.feedback.assets import judge_scores, session_feedback, trajectory_scores
 from flywheel_assets.defs.ingest.assets import bronze_ingest
 from flywheel_assets.defs.resources import FlywheelResource
@@ -32,8 +33,13 @@ def test_the_policy_as_a_rule_and_as_sql():
     assert allow_list.trains_on("acme") and not allow_list.trains_on("globex") and not allow_list.trains_on(None)
     assert allow_list.trainable_sql("t") == "coalesce(t, 'default') IN ('acme', 'o''brien')"
     assert TenancyConfig(default="opt_out").trainable_sql() == "false" and TenancyConfig().trainable_sql() == "true"
-    with pytest.raises(ValueError):
-        TenancyConfig(policies={"acme": "isolated"})  # per-tenant adapters are not built
+    # isolated and hybrid tenants are trained on, each in its own lane (test_lanes.py)
+    lanes = TenancyConfig(policies={"acme": "isolated", "globex": "hybrid", "initech": "opt_out"})
+    assert lanes.trainable_sql("t") == "coalesce(t, 'default') NOT IN ('initech')"
+    assert lanes.lane_sql("") == "coalesce(tenant_id, 'default') NOT IN ('acme', 'globex', 'initech')"
+    assert lanes.lane_sql("acme", "t") == "coalesce(t, 'default') = 'acme'" and lanes.lane_sql("initech") == "false"
+    with pytest.raises(ValueError, match="its name must be"):
+        TenancyConfig(policies={"acme corp": "isolated"})  # a lane's name is in paths and partition keys
 
 
 def test_an_opted_out_tenant_is_analysed_but_never_trained_on_nor_sent_to_the_teacher(home):
@@ -55,10 +61,10 @@ def test_an_opted_out_tenant_is_analysed_but_never_trained_on_nor_sent_to_the_te
     assert {"train", "holdout"} <= {r["split"] for r in curated if r["tenant_id"] == "acme"}
 
     instance.add_dynamic_partitions("cycle", ["c1"])
-    cycle = dg.materialize([training_dataset, no_opted_out_tenant_in_training_set], partition_key="c1",
+    cycle = dg.materialize([training_dataset, training_set_tenancy], partition_key="c1",
                            resources=resources, instance=instance, selection=[training_dataset])
     [check] = cycle.get_asset_check_evaluations()
-    assert check.passed and check.metadata["rows_of_opted_out_tenants"].value == 0
+    assert check.passed and check.metadata["rows_of_other_tenants"].value == 0
     tenants = {r["trajectory_id"]: r["tenant_id"] for r in lake.read(TRAJECTORIES, columns=["trajectory_id", "tenant_id"]).to_pylist()}
     trained = lake.read(TRAINING_DATASET, columns=["trajectory_id"]).column("trajectory_id").to_pylist()
     assert trained and not [t for t in trained if tenants[t] == "globex"]
@@ -77,7 +83,7 @@ def test_an_opted_out_tenant_is_analysed_but_never_trained_on_nor_sent_to_the_te
         "cycle": "c2", "n_rows": 1, "tier_counts_json": "{}", "task_type_counts_json": "{}", "input_versions_json": "{}",
         "export_path": "datasets/c2/train.jsonl", "content_sha256": ""}]), DATASET_MANIFESTS))
     instance.add_dynamic_partitions("cycle", ["c2"])
-    checked = dg.materialize([training_dataset, no_opted_out_tenant_in_training_set], partition_key="c2",
+    checked = dg.materialize([training_dataset, training_set_tenancy], partition_key="c2",
                              resources=resources, instance=instance, selection=[training_dataset], raise_on_error=False)
     [check] = checked.get_asset_check_evaluations()
     assert not check.passed and check.metadata["tenants"].value == "globex"

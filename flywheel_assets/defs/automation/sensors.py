@@ -11,36 +11,42 @@ from flywheel_assets.lib.automation.regression import check_regression
 from flywheel_assets.lib.automation.state import trigger_state
 from flywheel_assets.lib.automation.trigger import blocked_by, retrain_requested, should_train
 from flywheel_assets.lib.experiments.rollout import advance
-
-
-def next_cycle(existing: list[str]) -> str:
-    numbers = [int(key.split("-")[1]) for key in existing if key.startswith("cycle-") and key[6:].isdigit()]
-    return f"cycle-{max(numbers, default=0) + 1:04d}"
+from flywheel_assets.lib.tenancy import SHARED, next_cycle
 
 
 @dg.sensor(job=cycle_job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING,
            description="Starts a training cycle (dataset → adapter → evaluation) when the seed's trigger rules say "
-                       "so; every evaluation logs its decision and reason.")
+                       "so, in every lane (the shared one, and each isolated or hybrid tenant's); every evaluation "
+                       "logs its decision and reason.")
 def training_trigger(context: dg.SensorEvaluationContext, flywheel: FlywheelResource):
     config = flywheel.config()
-    current = flywheel.registry().current()  # one read of the registry for every question below
+    registry = flywheel.registry()
+    current = registry.current()  # one read of the registry for every question below
     existing = context.instance.get_dynamic_partitions(cycle_partitions.name)
-    if blocked := blocked_by(current, existing, config.simulation_off()):
-        return dg.SkipReason(blocked)
-    champion = next(row for row in current if row["status"] == "champion")
-    state = trigger_state(config, flywheel.lake(), flywheel.now(), champion["version"], champion["changed_at"])
-    train, reason, phase = should_train(state, config.trigger)
-    if not train and (retrain := retrain_requested(champion, state.last_training)):
-        train, reason = True, retrain
-    context.log.info(f"phase {phase}: {'TRAIN' if train else 'wait'}: {reason}")
-    if not train:
-        return dg.SkipReason(f"phase {phase}: {reason}")
-    cycle = next_cycle(existing)
-    return dg.SensorResult(
-        run_requests=[dg.RunRequest(partition_key=cycle, run_key=cycle,
-                                    tags={"flywheel/trigger": reason, "flywheel/phase": str(phase)})],
-        dynamic_partitions_requests=[cycle_partitions.build_add_request([cycle])],
-    )
+    requests, waits = [], []
+    for lane in config.tenancy.lanes():
+        name = f"lane {lane}: " if lane != SHARED else ""
+        if blocked := blocked_by(current, existing, config.simulation_off(), lane):
+            waits.append(name + blocked)
+            continue
+        champion = registry.lane_champion(lane, current)
+        state = trigger_state(config, flywheel.lake(), flywheel.now(), champion["version"], champion["changed_at"],
+                              lane)
+        train, reason, phase = should_train(state, config.trigger)
+        if not train and (retrain := retrain_requested(champion, state.last_training)):
+            train, reason = True, retrain
+        context.log.info(f"{name}phase {phase}: {'TRAIN' if train else 'wait'}: {reason}")
+        if not train:
+            waits.append(f"{name}phase {phase}: {reason}")
+            continue
+        cycle = next_cycle(existing, lane)
+        requests.append(dg.RunRequest(partition_key=cycle, run_key=cycle,
+                                      tags={"flywheel/trigger": reason, "flywheel/phase": str(phase),
+                                            "flywheel/lane": lane or "shared"}))
+    if not requests:
+        return dg.SkipReason("; ".join(waits))
+    return dg.SensorResult(run_requests=requests, dynamic_partitions_requests=[
+        cycle_partitions.build_add_request([r.partition_key for r in requests])])
 
 
 # The observability assets' AutomationCondition (defs/observability/assets.py) is evaluated here,

@@ -9,6 +9,7 @@ from flywheel_assets.defs.resources import FlywheelResource
 from flywheel_assets.lib.curation.scrub import find_pii
 from flywheel_assets.lib.domains import load_domain, prompt_key
 from flywheel_assets.lib.tables import CURATED_TRAJECTORIES, TRAINING_DATASET, TRAJECTORIES
+from flywheel_assets.lib.tenancy import lane_of_cycle
 
 
 @dg.asset_check(asset="training_dataset", partitions_def=cycle_partitions, blocking=True,
@@ -56,12 +57,13 @@ def no_evaluation_task_in_training_set(context: dg.AssetCheckExecutionContext,
 
 
 @dg.asset_check(asset="training_dataset", partitions_def=cycle_partitions, blocking=True,
-                description="No row of a tenant whose policy forbids training on its data (tenancy: opt_out) is in "
-                            "the cycle's training set; each row's tenant read from bronze trajectories.")
-def no_opted_out_tenant_in_training_set(context: dg.AssetCheckExecutionContext,
-                                        flywheel: FlywheelResource) -> dg.AssetCheckResult:
+                description="Every row of the cycle's training set is of a tenant its lane may train on (tenancy: "
+                            "the shared lane's pooled tenants, or an isolated or hybrid tenant's own lane); "
+                            "each row's tenant read from bronze trajectories.")
+def training_set_tenancy(context: dg.AssetCheckExecutionContext, flywheel: FlywheelResource) -> dg.AssetCheckResult:
     config, lake = flywheel.config(), flywheel.lake()
-    forbidden_row = f"NOT ({config.tenancy.trainable_sql('t.tenant_id')})"
+    lane = lane_of_cycle(context.partition_key)
+    forbidden_row = f"NOT ({config.tenancy.lane_sql(lane, 't.tenant_id')})"
     with flywheel.sql() as con:
         lake.register(con, TRAINING_DATASET)
         lake.register(con, TRAJECTORIES)
@@ -72,8 +74,8 @@ def no_opted_out_tenant_in_training_set(context: dg.AssetCheckExecutionContext,
             FROM training_dataset d LEFT JOIN trajectories t USING (trajectory_id) WHERE d.cycle = $cycle
         """, {"cycle": context.partition_key}).fetchone()
     return dg.AssetCheckResult(passed=forbidden == 0, metadata={
-        "rows_checked": rows, "rows_of_opted_out_tenants": forbidden, "tenants": tenants or "none",
-        "policy": dg.MetadataValue.json(config.tenancy.model_dump())})
+        "lane": lane or "shared", "rows_checked": rows, "rows_of_other_tenants": forbidden,
+        "tenants": tenants or "none", "policy": dg.MetadataValue.json(config.tenancy.model_dump())})
 
 
 def _asks_any(messages_json: str, keys: frozenset[str]) -> bool:

@@ -1,5 +1,7 @@
 """Offline evaluation of each cycle's candidate against the champion, and the promotion gate."""
 
+import json
+
 import dagster as dg
 import pyarrow as pa
 
@@ -20,7 +22,9 @@ def offline_eval(context: dg.AssetExecutionContext, flywheel: FlywheelResource) 
     candidate = registry.get(f"{cycle}-lora")
     if candidate is None:
         raise dg.Failure(f"no candidate for {cycle}: materialize lora_adapter first")
-    champion = registry.get(candidate["parent"])
+    # the version serving the candidate's lane when it was trained (a hybrid lane's own champion, not
+    # the shared one it was trained over); its parent for versions registered before lanes
+    champion = registry.get(json.loads(candidate["metadata_json"] or "{}").get("reference") or candidate["parent"])
     set_threads()
     report = evaluate_versions(config, candidate, champion, log=context.log.info)
     now = flywheel.now()

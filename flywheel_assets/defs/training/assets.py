@@ -13,6 +13,7 @@ from flywheel_assets.lib.training.pipeline import (
 )
 from flywheel_assets.lib.training.real_model import SMOLLM2_ID, find_smollm2, save_gguf_as_base
 from flywheel_assets.lib.tables import DATASET_MANIFESTS, TRAINING_DATASET, TRAJECTORIES
+from flywheel_assets.lib.tenancy import SHARED, lane_of_cycle
 
 
 def _progress(context):
@@ -86,9 +87,14 @@ def lora_adapter(context: dg.AssetExecutionContext, flywheel: FlywheelResource) 
         registry = flywheel.registry(context)
         cycle = context.partition_key
         version = f"{cycle}-lora"
-        champion = registry.champion()
+        lane = lane_of_cycle(cycle)
+        if lane != SHARED and lane not in config.tenancy.private_lanes():
+            raise dg.Failure(f"cycle {cycle} is tenant {lane}'s lane, but tenancy.policies does not make {lane} "
+                             "isolated or hybrid (any more): its adapter would serve no one")
+        champion = registry.training_parent(lane)  # what it is trained over (lib/tenancy.py)
         if champion is None:
             raise dg.Failure("no champion in the registry: materialize base_model first")
+        reference = registry.lane_champion(lane)  # what serves the lane's users now: the gate's reference
         if registry.get(version) is not None:
             context.log.warning(f"{version} already exists; adapters are immutable, keeping it")
             return dg.MaterializeResult(metadata={"version": version, "unchanged": True})
@@ -113,9 +119,11 @@ def lora_adapter(context: dg.AssetExecutionContext, flywheel: FlywheelResource) 
         registry.register(version, base=champion["base"], base_path=config.stored_path(base_dir),
                           adapter_path=config.stored_path(out_dir), parent=champion["version"], cycle=cycle,
                           reason=f"trained on {len(rows)} rows of {cycle}", actor="lora_adapter",
-                          metadata={"final_loss": card["loss_curve"][-1][1]})
+                          metadata={"final_loss": card["loss_curve"][-1][1], "lane": lane or "shared",
+                                    "reference": reference["version"]})
         return dg.MaterializeResult(metadata={
-            "version": version, "parent": champion["version"], "path": str(out_dir), "examples": card["examples"],
+            "version": version, "parent": champion["version"], "lane": lane or "shared",
+            "compared_with": reference["version"], "path": str(out_dir), "examples": card["examples"],
             "preference_pairs": card["preference_pairs"], "trainable_parameters": card["trainable_parameters"],
             "tokens_per_second": card["tokens_per_second"], "train_seconds": card["seconds"],
             "final_loss": card["loss_curve"][-1][1], "loss_curve": _loss_chart(card["loss_curve"]),

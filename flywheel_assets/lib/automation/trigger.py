@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from flywheel_assets.lib.config import PhaseConfig
+from flywheel_assets.lib.tenancy import SHARED, lane_of, lane_of_cycle
 
 
 @dataclass(frozen=True)
@@ -81,18 +82,22 @@ def performance_change(daily_quality: list[tuple[datetime, float, int]], now: da
     return None if baseline == 0 else (mean(recent) - baseline) / abs(baseline)
 
 
-def blocked_by(current: Sequence[dict], cycles: Sequence[str], simulation_off: str | None) -> str | None:
-    """Why no cycle may start whatever the rules say, or None: training_trigger's checks before them.
+def blocked_by(current: Sequence[dict], cycles: Sequence[str], simulation_off: str | None,
+               lane: str = SHARED) -> str | None:
+    """Why no cycle of `lane` may start whatever the rules say, or None: training_trigger's checks
+    before them.
 
     current: the registry's latest row per version; cycles: the cycles made so far, oldest first;
-    simulation_off: the configuration's reason simulated users are off (None in demo mode)."""
-    if not any(row["status"] == "champion" for row in current):
+    simulation_off: the configuration's reason simulated users are off (None in demo mode). One
+    cycle at a time per lane (lib/tenancy.py): lanes train side by side."""
+    if not any(row["status"] == "champion" and lane_of(row) == SHARED for row in current):
         return "no champion yet: " + ("materialize base_model first" if simulation_off
                                       else "simulated_users trains base_model once the cold start is ingested")
     registered = {row["version"] for row in current}
-    if in_flight := [cycle for cycle in cycles if f"{cycle}-lora" not in registered]:
+    if in_flight := [cycle for cycle in cycles if lane_of_cycle(cycle) == lane and f"{cycle}-lora" not in registered]:
         return f"cycle {in_flight[-1]} has no adapter yet; one cycle at a time"
-    if testing := [row["version"] for row in current if row["status"] in ("candidate", "canary", "treatment")]:
+    if testing := [row["version"] for row in current
+                   if row["status"] in ("candidate", "canary", "treatment") and lane_of(row) == lane]:
         return (f"{testing[0]} is still being evaluated or A/B tested; one cycle at a time, so the next one "
                 "trains over the winner")
     return None

@@ -101,7 +101,7 @@ def curate(scores: pa.Table, trajectories: pa.Table, config: FlywheelConfig,
         holdout = row["origin"] == "usage" and in_holdout(unit, config.curation.holdout_fraction)
         split = "holdout" if holdout else "train"
         if not config.tenancy.trains_on(row["tenant_id"]):
-            split = "opt_out"  # never trained on; not held out either (the held-out set stays the pooled users')
+            split = "opt_out"  # never trained on; not held out either (the held-out set stays the trained users')
         rows.append({
             "trajectory_id": row["trajectory_id"], "session_id": row["session_id"], "task_type": row["task_type"],
             "tier": row["tier"], "weight": row["weight"], "combined_score": row["combined_score"],
@@ -110,17 +110,23 @@ def curate(scores: pa.Table, trajectories: pa.Table, config: FlywheelConfig,
             "pii_kinds": ",".join(sorted(found)), "split": split, "tenant_id": row["tenant_id"],
             "user_edited": user_edited, "origin": row["origin"],
         })
-    statuses = find_duplicates(
-        [r["trajectory_id"] for r in rows],
-        [_dedup_text(r["messages_json"]) for r in rows],
-        # a copy that may be trained on is kept before an opted-out tenant's, whatever their scores
-        [r["combined_score"] + (2.0 if j["human_verified"] else 0.0) - (10.0 if r["split"] == "opt_out" else 0.0)
-         for r, j in zip(rows, joined)],
-        near_threshold=config.curation.near_duplicate_jaccard,
-        seed=config.curation.seed,
-    )
-    for row, (status, duplicate_of) in zip(rows, statuses):
-        row["dedup_status"], row["duplicate_of"] = status, duplicate_of
+    # De-duplicated within each lane (lib/tenancy.py): a private tenant's copy never hides a pooled
+    # one from the shared lane's datasets, nor the reverse.
+    lanes: dict[str, list[int]] = {}
+    for index, row in enumerate(rows):
+        lanes.setdefault(config.tenancy.lane(row["tenant_id"]), []).append(index)
+    for members in lanes.values():
+        statuses = find_duplicates(
+            [rows[i]["trajectory_id"] for i in members],
+            [_dedup_text(rows[i]["messages_json"]) for i in members],
+            # a copy that may be trained on is kept before an opted-out tenant's, whatever their scores
+            [rows[i]["combined_score"] + (2.0 if joined[i]["human_verified"] else 0.0)
+             - (10.0 if rows[i]["split"] == "opt_out" else 0.0) for i in members],
+            near_threshold=config.curation.near_duplicate_jaccard,
+            seed=config.curation.seed,
+        )
+        for i, (status, duplicate_of) in zip(members, statuses):
+            rows[i]["dedup_status"], rows[i]["duplicate_of"] = status, duplicate_of
     return conform(pa.Table.from_pylist(rows) if rows else CURATED_TRAJECTORIES.schema.empty_table(),
                    CURATED_TRAJECTORIES)
 

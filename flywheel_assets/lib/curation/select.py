@@ -18,6 +18,7 @@ import duckdb
 import pyarrow as pa
 
 from flywheel_assets.lib.config import FlywheelConfig
+from flywheel_assets.lib.tenancy import lane_of_cycle
 
 
 _CANDIDATES = """
@@ -25,7 +26,7 @@ _CANDIDATES = """
     candidates AS (
         SELECT *, md5($seed || ':' || trajectory_id) AS shuffle
         FROM curated
-        WHERE split = 'train' AND dedup_status = 'kept'
+        WHERE split = 'train' AND dedup_status = 'kept' AND ($lane)
           AND prompt_key NOT IN (SELECT prompt_key FROM holdout_prompts)
     )"""
 
@@ -48,18 +49,21 @@ def tier_budgets(config: FlywheelConfig, available: dict[str, int]) -> dict[str,
 
 
 def select_training_rows(curated: pa.Table, cycle: str, config: FlywheelConfig, salt: str = "") -> pa.Table:
-    """Candidates: kept (not duplicate), in the train split, whose prompt is not a held-out prompt.
-    A `salt` (the comparison arms give their cycle) draws another selection from the same rows."""
+    """Candidates: kept (not duplicate), in the train split, of a tenant the cycle's lane trains on
+    (lib/tenancy.py: the shared lane's pooled tenants, or a private lane's own), whose prompt is not
+    a held-out prompt. A `salt` (the comparison arms give their cycle) draws another selection
+    from the same rows."""
     if "origin" not in curated.column_names:  # a table curated before the column existed
         curated = curated.append_column("origin", pa.nulls(curated.num_rows, pa.string()))
     con = duckdb.connect()
     con.register("curated", curated)
+    candidates = _CANDIDATES.replace("$lane", config.tenancy.lane_sql(lane_of_cycle(cycle)))
     seed = f"{config.curation.seed}:{salt}" if salt else str(config.curation.seed)
-    available = dict(con.execute(_CANDIDATES + " SELECT tier, count(*) FROM candidates GROUP BY tier",
+    available = dict(con.execute(candidates + " SELECT tier, count(*) FROM candidates GROUP BY tier",
                                  {"seed": seed}).fetchall())
     budgets = tier_budgets(config, available)
     con.register("budgets", pa.table({"tier": list(budgets), "budget": list(budgets.values())}))
-    return con.execute(_CANDIDATES + """, by_type AS (
+    return con.execute(candidates + """, by_type AS (
             SELECT *, row_number() OVER (PARTITION BY tier, first, task_type ORDER BY shuffle) AS type_rank
             FROM (SELECT *, coalesce(origin = 'correction' AND $corrections_first, false) AS first FROM candidates)
         ), ranked AS (

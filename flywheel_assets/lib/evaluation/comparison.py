@@ -15,6 +15,7 @@ from flywheel_assets.lib.config import FlywheelConfig
 from flywheel_assets.lib.evaluation import arms as arm_data
 from flywheel_assets.lib.evaluation.offline import evaluate_version, paired_difference, summarise
 from flywheel_assets.lib.lake import Lake
+from flywheel_assets.lib.tenancy import SHARED, lane_of
 
 HEADLINE_OVER_BEST = 0.05  # the targets: ≥ +5 points over the best other arm,
 HEADLINE_OVER_BASE = 0.20  # ≥ +20 over the base, both more than 3 standard errors
@@ -66,7 +67,8 @@ def compare(config: FlywheelConfig, lake: Lake, registry, *, train_arms: bool = 
                                 f"{len(chain)} cycle(s))", measured(champion)))
     # the latest adapter, when it is not the champion: what the cycles trained, beside what the
     # online test let through
-    adapters = [r for r in registry.current() if r["adapter_path"] and r["version"] != champion["version"]]
+    adapters = [r for r in registry.current()
+                if r["adapter_path"] and r["version"] != champion["version"] and lane_of(r) == SHARED]
     latest = max(adapters, key=lambda r: r["changed_at"]) if adapters else None
     if latest is not None and (champion["adapter_path"] is None or latest["cycle"] > champion["cycle"]):
         arms.append(Arm("latest", f"latest adapter `{latest['version']}` ({latest['status']})", measured(latest)))

@@ -11,6 +11,12 @@ user's stable hash u in [0, 1) sends u < canary_share to the canary, u ≥ 1 −
 treatment_share to the treatment, the rest to the champion. Canaries grow from 0 and
 treatments from 1, so a canary that starts or ends during an A/B test moves none of the
 treatment's users and puts no control user into the treatment: the test's arms stay sticky.
+
+Every version belongs to a lane (lib/tenancy.py): the shared lane, or an isolated or hybrid
+tenant's own, named in its cycle. Champion, arms and shares are per lane: a promotion retires
+the lane's champion only, and a tenant's users are routed over its lane's layout. A private
+lane without a champion of its own serves the base model (isolated) or the shared champion
+(hybrid) to its users, neither trained on any tenant's private data.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import pyarrow as pa
 
 from flywheel_assets.lib.lake import Lake, utcnow
 from flywheel_assets.lib.tables import MODEL_REGISTRY
+from flywheel_assets.lib.tenancy import SHARED, TenancyConfig, lane_of
 
 STATUSES = ("candidate", "canary", "treatment", "champion", "retired", "rolled_back")
 LIVE = ("champion", "treatment", "canary")
@@ -85,9 +92,10 @@ def _order(row: dict) -> tuple:
 
 class ModelRegistry:
     def __init__(self, lake: Lake, clock: Callable[[], datetime] = utcnow,
-                 on_change: Callable[[list[dict]], None] | None = None):
+                 on_change: Callable[[list[dict]], None] | None = None, tenancy: TenancyConfig | None = None):
         self.lake = lake
         self.clock = clock
+        self.tenancy = tenancy or TenancyConfig()  # which tenants are routed in a lane of their own
         self.on_change = on_change  # told the rows of every change once they are committed (defs/records.py)
 
     def register(self, version: str, *, base: str, base_path: str, adapter_path: str | None = None,
@@ -131,12 +139,15 @@ class ModelRegistry:
         at = self._now(history)
         rows = [_next(current, "rolled_back", 0.0, reason, actor, at, metadata)]
         if current["status"] == "champion":
+            lane = lane_of(current)
             previous = next((r["version"] for r in reversed(history) if r["status"] == "champion"
-                             and r["version"] != version and latest[r["version"]]["status"] == "retired"), None)
-            if previous is None:
+                             and r["version"] != version and lane_of(r) == lane
+                             and latest[r["version"]]["status"] == "retired"), None)
+            if previous is None and lane == SHARED:
                 raise RegistryError(f"cannot roll back champion {version}: no retired champion to reinstate")
-            rows.append(_next(latest[previous], "champion", max(0.0, 1.0 - _arm_total(latest, version)),
-                              f"reinstated after rollback of {version}: {reason}", actor, at, None))
+            if previous is not None:  # else the private lane serves its fallback again (module docstring)
+                rows.append(_next(latest[previous], "champion", max(0.0, 1.0 - _arm_total(latest, version, lane)),
+                                  f"reinstated after rollback of {version}: {reason}", actor, at, None))
         self._append(rows)
         return rows[0]
 
@@ -151,15 +162,19 @@ class ModelRegistry:
         at = self._now(history)
         rows = [_next(latest[v], latest[v]["status"] if latest[v]["status"] in FINAL else "rolled_back",
                       0.0, reason, actor, at, metadata) for v in sorted(versions) if v in latest]
-        champion = _champion(latest)
-        if champion is not None and champion["version"] in versions:
+        for lane in sorted({lane_of(r) for r in latest.values()}):
+            champion = _champion(latest, lane)
+            if champion is None or champion["version"] not in versions:
+                continue
             replacement = next((latest[r["version"]] for r in reversed(history) if r["status"] == "champion"
-                                and r["version"] not in versions and latest[r["version"]]["status"] == "retired"
-                                and clean(latest[r["version"]])), None)
-            if replacement is None:
+                                and r["version"] not in versions and lane_of(r) == lane
+                                and latest[r["version"]]["status"] == "retired" and clean(latest[r["version"]])), None)
+            if replacement is None and lane == SHARED:
                 raise RegistryError(f"cannot withdraw champion {champion['version']}: no clean version was ever champion")
+            if replacement is None:
+                continue  # the private lane serves its fallback (module docstring)
             remaining = sum(r["traffic_share"] for v, r in latest.items()
-                            if v not in versions and r["status"] in ("canary", "treatment"))
+                            if v not in versions and r["status"] in ("canary", "treatment") and lane_of(r) == lane)
             extra = {"retrain_after": retrain_after.isoformat()} if retrain_after else None
             rows.append(_next(replacement, "champion", max(0.0, 1.0 - remaining),
                               f"reinstated: {champion['version']} withdrawn ({reason})", actor, at, extra))
@@ -174,36 +189,65 @@ class ModelRegistry:
     def get(self, version: str) -> dict | None:
         return _latest(self._history()).get(version)
 
-    def champion(self) -> dict | None:
-        return _champion(_latest(self._history()))
+    def champion(self, lane: str = SHARED) -> dict | None:
+        """The lane's own champion (None for a private lane that has none yet)."""
+        return _champion(_latest(self._history()), lane)
+
+    def lane_champion(self, lane: str = SHARED, current: list[dict] | None = None) -> dict | None:
+        """The version serving the lane's users outside its canary and treatment arms: its own
+        champion, else (a private lane) the base the shared champion sits on when the lane is
+        isolated, the shared champion itself when it is hybrid; None without a shared champion."""
+        latest = {r["version"]: r for r in (self.current() if current is None else current)}
+        own = _champion(latest, lane)
+        if own is not None or lane == SHARED:
+            return own
+        shared = _champion(latest, SHARED)
+        if shared is None or self.tenancy.policy(lane) == "hybrid":
+            return shared
+        return latest.get(shared["base"], shared)
 
     def history(self, version: str | None = None) -> list[dict]:
         """Every change (of one version, or of all), oldest first."""
         return [r for r in self._history() if version is None or r["version"] == version]
 
-    def serving(self, current: list[dict] | None = None) -> dict[str, list[dict]]:
-        """The versions that serve traffic, by status: champion, treatment, canary (of
+    def training_parent(self, lane: str = SHARED) -> dict | None:
+        """The version a lane's next adapter is trained over: the lane's champion (an isolated
+        lane's first, the base), except a hybrid lane's, always over the shared champion of
+        the day, so its tenant gets the shared model's progress with its own on top."""
+        if lane != SHARED and self.tenancy.policy(lane) == "hybrid":
+            return self.champion(SHARED)
+        return self.lane_champion(lane)
+
+    def serving(self, current: list[dict] | None = None, lane: str = SHARED) -> dict[str, list[dict]]:
+        """The lane's versions that serve traffic, by status: champion, treatment, canary (of
         `current`, a `current()` already read, or a new read)."""
         live = {status: [] for status in LIVE}
         for row in self.current() if current is None else current:
-            if row["status"] in live:
+            if row["status"] in live and lane_of(row) == lane:
                 live[row["status"]].append(row)
         return live
 
     def router(self, current: list[dict] | None = None) -> Callable[[str, str], str]:
         """route(user_id, tenant_id) over a snapshot of the current layout (one read for many users).
 
-        Canaries take their traffic_share from u = 0 upward, treatments from u = 1 downward
-        (module docstring); the champion serves the rest. The salt is the champion's version,
-        so a new champion reshuffles users.
+        The tenant's lane decides the layout. Canaries take their traffic_share from u = 0
+        upward, treatments from u = 1 downward (module docstring); the lane's champion serves
+        the rest. The salt is that champion's version, so a new champion reshuffles users.
         """
-        live = self.serving(current)
-        if not live["champion"]:
-            raise RegistryError("no champion: nothing to route to")
-        champion = live["champion"][0]["version"]
-        canaries = [(r["version"], r["traffic_share"]) for r in live["canary"]]
-        treatments = [(r["version"], r["traffic_share"]) for r in live["treatment"]]
-        return lambda user_id, tenant_id: _pick(bucket(user_id, tenant_id, champion), canaries, treatments, champion)
+        current = self.current() if current is None else current
+        layouts = {}
+        for lane in self.tenancy.lanes():
+            champion = self.lane_champion(lane, current)
+            if champion is None:
+                raise RegistryError("no champion: nothing to route to")
+            live = self.serving(current, lane)
+            layouts[lane] = (champion["version"], [(r["version"], r["traffic_share"]) for r in live["canary"]],
+                             [(r["version"], r["traffic_share"]) for r in live["treatment"]])
+
+        def route_user(user_id: str, tenant_id: str) -> str:
+            champion, canaries, treatments = layouts[self.tenancy.lane(tenant_id)]
+            return _pick(bucket(user_id, tenant_id, champion), canaries, treatments, champion)
+        return route_user
 
     def route(self, user_id: str, tenant_id: str) -> str:
         return self.router()(user_id, tenant_id)
@@ -211,7 +255,8 @@ class ModelRegistry:
     def _change(self, history: list[dict], row: dict, status: str, *, reason: str, actor: str,
                 traffic_share: float | None = None, metadata: dict | None = None) -> dict:
         latest = _latest(history)
-        arms = _arm_total(latest, row["version"])
+        lane = lane_of(row)
+        arms = _arm_total(latest, row["version"], lane)
         if status in DEFAULT_SHARES:
             share = DEFAULT_SHARES[status] if traffic_share is None else traffic_share
             if share < 0 or arms + share > 1 + _TOLERANCE:
@@ -225,7 +270,7 @@ class ModelRegistry:
             share = 0.0
         at = self._now(history)
         rows = []
-        old = _champion(latest)
+        old = _champion(latest, lane)
         if status == "champion" and old is not None:
             rows.append(_next(old, "retired", 0.0, f"replaced by {row['version']}: {reason}", actor, at, None))
         rows.append(_next(row, status, share, reason, actor, at, metadata))
@@ -267,13 +312,14 @@ def _latest(history: list[dict]) -> dict[str, dict]:
     return {row["version"]: row for row in history}
 
 
-def _arm_total(latest: dict[str, dict], excluding: str) -> float:
-    """Traffic held by canary and treatment versions other than `excluding`."""
-    return sum(r["traffic_share"] for v, r in latest.items() if v != excluding and r["status"] in ("canary", "treatment"))
+def _arm_total(latest: dict[str, dict], excluding: str, lane: str = SHARED) -> float:
+    """Traffic of the lane's users held by its canary and treatment versions other than `excluding`."""
+    return sum(r["traffic_share"] for v, r in latest.items()
+               if v != excluding and r["status"] in ("canary", "treatment") and lane_of(r) == lane)
 
 
-def _champion(latest: dict[str, dict]) -> dict | None:
-    return next((r for r in latest.values() if r["status"] == "champion"), None)
+def _champion(latest: dict[str, dict], lane: str = SHARED) -> dict | None:
+    return next((r for r in latest.values() if r["status"] == "champion" and lane_of(r) == lane), None)
 
 
 def _next(row: dict, status: str, share: float, reason: str, actor: str, at: datetime,

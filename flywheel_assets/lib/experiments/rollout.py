@@ -8,7 +8,9 @@
   the champion's recent traffic and kept in the registry (metadata `ab_plan`);
 * the treatment is analysed against the champion with the sequential A/B test
   (lib/experiments/ab.py) at every look: SHIP promotes it, ROLLBACK rolls it back.
-Every step is a registry change with its reason and a row in ab_results.
+Every step is a registry change with its reason and a row in ab_results. Each lane
+(lib/tenancy.py) rolls out on its own: a private lane's candidate is compared with the version
+serving that lane's users, on those users' sessions only.
 """
 
 from __future__ import annotations
@@ -26,27 +28,30 @@ from flywheel_assets.lib.experiments.power import PRIMARY, Plan, make_plan
 from flywheel_assets.lib.experiments.registry import ModelRegistry
 from flywheel_assets.lib.lake import Lake, sql_literal
 from flywheel_assets.lib.tables import AB_RESULTS, OFFLINE_EVALUATIONS, SESSION_FEEDBACK, TRAJECTORIES
+from flywheel_assets.lib.tenancy import SHARED, lane_of
 
 METRICS = ("quality", "error_reported", "retried")
 
 
 def sessions_since(lake: Lake, versions: tuple[str, str], since: datetime, until: datetime,
-                   covariate_days: float = 0.0) -> pa.Table:
+                   covariate_days: float = 0.0, served: str = "true") -> pa.Table:
     """(user_id, arm, quality, error_reported, retried, pre_quality) per session whose final
     trajectory one of the two versions served; arm = control for the first, treatment for
     the second. pre_quality is the user's mean quality on the first version (the champion)
     over the `covariate_days` before `since`, NULL without such sessions: the CUPED covariate,
-    measured before the test and on one version, so it cannot differ between the arms."""
+    measured before the test and on one version, so it cannot differ between the arms.
+    `served`: a SQL condition on `t.tenant_id`, the tenants of the lane under test
+    (TenancyConfig.served_sql): a hybrid lane's control is the shared champion, on its users only."""
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
     lake.register(con, SESSION_FEEDBACK)
     # files that hold neither version are skipped on their statistics, unopened
     lake.register(con, TRAJECTORIES, prune=f"model_version IN ({sql_literal(versions[0])}, {sql_literal(versions[1])})")
-    return con.execute("""
+    return con.execute(f"""
         WITH pre AS (
             SELECT f.user_id, avg(f.quality_score) FILTER (WHERE isfinite(f.quality_score)) AS pre_quality
             FROM session_feedback f JOIN trajectories t ON t.trajectory_id = f.final_trajectory_id
-            WHERE t.model_version = $control AND f.last_ts > $pre_since AND f.last_ts <= $since
+            WHERE t.model_version = $control AND f.last_ts > $pre_since AND f.last_ts <= $since AND ({served})
             GROUP BY f.user_id
         )
         SELECT f.user_id, CASE WHEN t.model_version = $control THEN 'control' ELSE 'treatment' END AS arm,
@@ -55,17 +60,18 @@ def sessions_since(lake: Lake, versions: tuple[str, str], since: datetime, until
         FROM session_feedback f JOIN trajectories t ON t.trajectory_id = f.final_trajectory_id
         LEFT JOIN pre ON pre.user_id = f.user_id
         WHERE t.model_version IN ($control, $treatment) AND f.last_ts > $since AND f.last_ts <= $until
+          AND ({served})
     """, {"control": versions[0], "treatment": versions[1], "since": since, "until": until,
           "pre_since": since - timedelta(days=covariate_days)}).to_arrow_table()
 
 
 def champion_plan(config: FlywheelConfig, lake: Lake, champion: str, now: datetime, share: float,
-                  champion_share: float, test_share: float) -> Plan:
+                  champion_share: float, test_share: float, served: str = "true") -> Plan:
     """The A/B plan from the champion's sessions over the last max_days: each metric's
     per-user σ (capped as the test will be), and the users the test's arms can reach in
     max_days, scaled from the champion's `champion_share` of traffic to the test's `test_share`."""
     ab = config.ab
-    pilot = sessions_since(lake, (champion, champion), now - timedelta(days=ab.max_days), now)
+    pilot = sessions_since(lake, (champion, champion), now - timedelta(days=ab.max_days), now, served=served)
     stats = arm_stats_by_metric(pilot, list(METRICS), cap=ab.max_sessions_per_user)
     sigmas = {PRIMARY if name == "quality" else name: ratio_estimate(stats[name]["control"]).per_user_sigma
               for name in METRICS}
@@ -84,8 +90,7 @@ def advance(config: FlywheelConfig, lake: Lake, registry: ModelRegistry, now: da
     if not apply:
         registry = _DryRun(registry)
     current = registry.current()
-    champion = next((r for r in current if r["status"] == "champion"), None)
-    if champion is None:
+    if registry.lane_champion(SHARED, current) is None:
         return []
     rows = []
     # Only candidates need their gate: the evaluation files of other versions are skipped unopened.
@@ -97,6 +102,8 @@ def advance(config: FlywheelConfig, lake: Lake, registry: ModelRegistry, now: da
         name, status = version["version"], version["status"]
         if cycle is not None and version["cycle"] != cycle:
             continue
+        # each lane's candidates against the version serving that lane's users (lib/tenancy.py)
+        champion = registry.lane_champion(lane_of(version), current)
         if status == "candidate" and name in gates:
             rows.append(_after_gate(config, registry, version, champion, gates[name], now))
         elif status == "canary":
@@ -148,9 +155,14 @@ def _stage_start(registry: ModelRegistry, version: str, status: str) -> datetime
     return [r for r in registry.history(version) if r["status"] == status][-1]["changed_at"]
 
 
+def _served(config: FlywheelConfig, version: dict) -> str:
+    return config.tenancy.served_sql(lane_of(version), "t.tenant_id")
+
+
 def _canary(config, lake, registry, version, champion, now, waiting: list[str] | None = None) -> dict | None:
     sessions = sessions_since(lake, (champion["version"], version["version"]),
-                              _stage_start(registry, version["version"], "canary"), now)
+                              _stage_start(registry, version["version"], "canary"), now,
+                              served=_served(config, version))
     stats = arm_stats_by_metric(sessions, list(METRICS), cap=config.ab.max_sessions_per_user)
     users = stats["error_reported"]["treatment"].users
     if users < config.rollout.canary_min_users:  # nothing to record until the canary has served enough users
@@ -168,12 +180,13 @@ def _canary(config, lake, registry, version, champion, now, waiting: list[str] |
                   f"(harm ≥ {check.interval[0]:+.1%} anytime-valid, beyond the margin {check.margin:+.0%})")
         registry.rollback(version["version"], reason=reason, actor="ab_monitor")
         return _row(version, champion, "canary", now, "ROLLBACK", "guardrail", reason)
-    live = registry.serving()
+    live = registry.serving(lane=lane_of(version))
     others = sum(r["traffic_share"] for r in live["canary"] + live["treatment"] if r["version"] != version["version"])
     champion_share = 1.0 - others - version["traffic_share"]
     test_share = 1.0 - others  # the champion's part once this canary's slice returns to it, plus the treatment's
     split = config.rollout.treatment_share / test_share
-    plan = champion_plan(config, lake, champion["version"], now, split, champion_share, test_share)
+    plan = champion_plan(config, lake, champion["version"], now, split, champion_share, test_share,
+                         served=_served(config, version))
     reason = (f"canary healthy over {users} users (error reports {treatment.mean:.1%} vs {control.mean:.1%}, "
               f"harm not shown beyond {check.margin:+.0%}: interval from {check.interval[0]:+.1%}); "
               f"A/B plan {plan.planned_users:,} users ({plan.users_per_arm['treatment']:,} treatment), power "
@@ -187,7 +200,7 @@ def _planned_split(registry: ModelRegistry, version: dict) -> float:
     """The treatment's share of the users the test compares (its own and the champion's),
     from the layout the router serves now: the champion has what no canary or treatment
     holds, so a canary of a later candidate, when there is one, shrinks the champion's part."""
-    live = registry.serving()
+    live = registry.serving(lane=lane_of(version))
     treatment = next(r["traffic_share"] for r in live["treatment"] if r["version"] == version["version"])
     champion = 1.0 - sum(r["traffic_share"] for r in live["canary"] + live["treatment"])
     return treatment / (treatment + champion)
@@ -197,7 +210,7 @@ def _treatment(config, lake, registry, version, champion, now) -> dict:
     started = _stage_start(registry, version["version"], "treatment")
     ab = config.ab
     sessions = sessions_since(lake, (champion["version"], version["version"]), started, now,
-                              ab.cuped_lookback_days if ab.cuped else 0.0)
+                              ab.cuped_lookback_days if ab.cuped else 0.0, served=_served(config, version))
     stats = arm_stats_by_metric(sessions, list(METRICS), covariate_column="pre_quality" if ab.cuped else None,
                                 cap=ab.max_sessions_per_user)
     share = _planned_split(registry, version)

@@ -57,7 +57,7 @@ class Gateway:
         self.tracker = Tracker(self.settings.conversation_idle_s, clock)
         self.journal = Journal(folder / "journal", config.home, self.settings.source)
         self.backend = backend or make_backend(config.home, self.settings)
-        self.registry = ModelRegistry(Lake(config))
+        self.registry = ModelRegistry(Lake(config), tenancy=config.tenancy)
         self._routing: tuple[float, object, dict[str, dict]] | None = None
         self._routing_lock = threading.Lock()
         self._events: list[dict] = []

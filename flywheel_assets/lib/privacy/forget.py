@@ -183,7 +183,7 @@ def forget(config: FlywheelConfig, lake: Lake, user_id: str, tenant_id: str | No
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     report = ForgetReport(request_id=f"forget-{uuid.uuid4().hex[:16]}", dry_run=dry_run)
-    registry = registry or ModelRegistry(lake, clock=lambda: now)
+    registry = registry or ModelRegistry(lake, clock=lambda: now, tenancy=config.tenancy)
     with contextlib.ExitStack() as held:
         # the writers first (a training run may hold them for long: ingests go on meanwhile), then the
         # ingest and refresh locks; no writer takes those, so the order cannot deadlock. A dry run reads only.
