@@ -18,7 +18,7 @@ MODEL_REGISTRY = Table(
         ("base", pa.string(), "base model version it sits on (itself for a base model)"),
         ("base_path", pa.string(), "base model directory, relative to FLYWHEEL_HOME"),
         ("adapter_path", pa.string(), "LoRA adapter directory, relative to FLYWHEEL_HOME; null for a base model"),
-        ("cycle", pa.string(), "training cycle that produced it; null for a base model"),
+        ("cycle", pa.string(), "training cycle that produced it (`cycle-0001@<tenant>` in a tenant's lane: README Tenancy); null for a base model"),
         ("status", pa.string(), "candidate, canary, treatment, champion, retired or rolled_back"),
         ("traffic_share", pa.float64(), "share of traffic after this change (the champion serves what the other arms leave)"),
         ("reason", pa.string(), "why the change happened"),

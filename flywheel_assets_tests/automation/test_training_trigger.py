@@ -59,3 +59,31 @@ def test_the_trigger_starts_a_cycle_only_when_the_rules_say_so(home, config, lak
 def test_cycle_keys_count_up():
     assert next_cycle([]) == "cycle-0001"
     assert next_cycle(["cycle-0001", "cycle-0009", "manual"]) == "cycle-0010"
+
+
+def test_every_lane_is_triggered_on_its_own_data(home, config, lake):
+    """An isolated tenant's lane counts its tenant's new data only and trains beside the shared lane;
+    the shared lane no longer counts that tenant's data."""
+    (home / "config.json").write_text('{"tenancy": {"policies": {"globex": "isolated"}}}')
+    resources = {"flywheel": FlywheelResource(home=str(home), config_path=str(home / "config.json"))}
+    instance = dg.DagsterInstance.ephemeral()
+    set_now(config, NOW)
+    ModelRegistry(lake).register("base-x", base="base-x", base_path="models/base-x", reason="test", actor="test")
+    for tenant, n, high in (("acme", 2100, 1200), ("globex", 2050, 1500)):
+        scores = _scores(n, high, NOW - timedelta(hours=1)).to_pylist()
+        lake.append(TRAJECTORY_SCORES, conform(pa.Table.from_pylist(
+            [{**row, "trajectory_id": f"{tenant}-{row['trajectory_id']}", "tenant_id": tenant} for row in scores]),
+            TRAJECTORY_SCORES))
+    for cycle in ("cycle-0001", "cycle-0001@globex"):  # each lane trained once, four days ago; both lost
+        lake.append(DATASET_MANIFESTS, conform(pa.Table.from_pylist([
+            {"cycle": cycle, "created_at": NOW - timedelta(days=4), "n_rows": 1}]), DATASET_MANIFESTS))
+        ModelRegistry(lake).register(f"{cycle}-lora", base="base-x", base_path="models/base-x", parent="base-x",
+                                     adapter_path=f"models/{cycle}-lora", cycle=cycle, reason="test", actor="test")
+        ModelRegistry(lake).transition(f"{cycle}-lora", "retired", reason="test: lost its A/B test", actor="test")
+    instance.add_dynamic_partitions("cycle", ["cycle-0001", "cycle-0001@globex"])
+    with dg.build_sensor_context(instance=instance, resources=resources) as context:
+        result = training_trigger(context)
+    assert [r.partition_key for r in result.run_requests] == ["cycle-0002", "cycle-0002@globex"]
+    assert [r.tags["flywheel/lane"] for r in result.run_requests] == ["shared", "globex"]
+    assert [r.tags["flywheel/trigger"] for r in result.run_requests] == [
+        "2100 new trajectories (57.1% high quality)", "2050 new trajectories (73.2% high quality)"]

@@ -17,6 +17,7 @@ from flywheel_assets.lib.curation.select import select_training_rows
 from flywheel_assets.lib.experiments.registry import ModelRegistry, RegistryError
 from flywheel_assets.lib.experiments.rollout import advance
 from flywheel_assets.lib.lake import conform
+from flywheel_assets.lib.observability.status import collect_status, render_status
 from flywheel_assets.lib.tables import (
     CURATED_TRAJECTORIES, OFFLINE_EVALUATIONS, SESSION_FEEDBACK, TRAJECTORIES, TRAJECTORY_SCORES,
 )
@@ -208,3 +209,6 @@ def test_a_lane_is_ab_tested_on_its_own_users(config, lake):
     # compared with the shared champion, on umbrella's 600 users only: never more users than it has
     assert {r["control"] for r in lane_looks} == {"base"}
     assert all(r["users_control"] + r["users_treatment"] <= 600 for r in lane_looks)
+    text = render_status(collect_status(config, lake, registry, clock["now"]))
+    assert "lane       umbrella (hybrid): cycle-0001@umbrella-lora on 100% of its users (its own champion)" in text
+    assert "champion   base on 100% of users" in text

@@ -16,20 +16,21 @@ from flywheel_assets.lib.config import FlywheelConfig
 from flywheel_assets.lib.experiments.registry import ModelRegistry
 from flywheel_assets.lib.lake import Lake
 from flywheel_assets.lib.tables import AB_RESULTS, DATASET_MANIFESTS
+from flywheel_assets.lib.tenancy import SHARED, lane_of
 
 
 def collect_status(config: FlywheelConfig, lake: Lake, registry: ModelRegistry, now: datetime) -> dict:
     """Phase, training trigger and why, running A/B tests and their last looks, champion, registry history."""
     history = registry.history()
     latest = {row["version"]: row for row in history}
-    champion = next((row for row in latest.values() if row["status"] == "champion"), None)
+    champion = next((row for row in latest.values() if row["status"] == "champion" and lane_of(row) == SHARED), None)
     state = trigger_state(config, lake, now, champion["version"] if champion else None,
                           champion["changed_at"] if champion else None)
     train, why, phase = should_train(state, config.trigger)
     cycles = lake.read(DATASET_MANIFESTS, columns=["cycle", "created_at"]).sort_by("created_at")
     cycle_keys = cycles.column("cycle").to_pylist()
     blocked = blocked_by(list(latest.values()), cycle_keys, config.simulation_off())
-    arms = [row for row in latest.values() if row["status"] in ("canary", "treatment")]
+    arms = [row for row in latest.values() if row["status"] in ("canary", "treatment") and lane_of(row) == SHARED]
     looks = lake.read(AB_RESULTS).sort_by("looked_at").to_pylist()
     last_look = {row["test_id"]: row for row in looks}
     return {
@@ -52,10 +53,23 @@ def collect_status(config: FlywheelConfig, lake: Lake, registry: ModelRegistry, 
             "version": champion["version"], "cycle": champion["cycle"],
             "traffic_share": max(0.0, 1.0 - sum(arm["traffic_share"] for arm in arms)),
             "since": champion["changed_at"], "actor": champion["actor"], "reason": champion["reason"]},
+        "lanes": [_lane(registry, list(latest.values()), lane, policy)
+                  for lane, policy in config.tenancy.private_lanes().items()],
         "versions": len(latest),
         "history": [{key: row[key] for key in ("changed_at", "version", "status", "traffic_share", "actor", "reason")}
                     for row in history],
     }
+
+
+def _lane(registry: ModelRegistry, current: list[dict], lane: str, policy: str) -> dict:
+    """A private lane (lib/tenancy.py): what serves its tenant's users, and its arms."""
+    serving = registry.lane_champion(lane, current)
+    live = registry.serving(current, lane)
+    arms = [{"version": r["version"], "status": r["status"], "traffic_share": r["traffic_share"]}
+            for r in live["canary"] + live["treatment"]]
+    return {"lane": lane, "policy": policy, "serving": serving["version"] if serving else None,
+            "own_champion": bool(live["champion"]), "arms": arms,
+            "serving_share": max(0.0, 1.0 - sum(arm["traffic_share"] for arm in arms))}
 
 
 def _look(row: Optional[dict]) -> Optional[dict]:
@@ -97,6 +111,13 @@ def render_status(report: dict) -> str:
     lines.append("champion   none" if champion is None else
                  f"champion   {champion['version']} on {champion['traffic_share']:.0%} of users since "
                  f"{iso(champion['since'])} ({champion['actor']}: {champion['reason']})")
+    for lane in report["lanes"]:
+        fallback = "its own champion" if lane["own_champion"] else (
+            "the base: no champion of its own yet" if lane["policy"] == "isolated"
+            else "the shared champion: no champion of its own yet")
+        arms = "".join(f", {arm['status']} {arm['version']} on {arm['traffic_share']:.0%}" for arm in lane["arms"])
+        lines.append(f"lane       {lane['lane']} ({lane['policy']}): {lane['serving']} on {lane['serving_share']:.0%} "
+                     f"of its users ({fallback}){arms}")
     lines.append(f"history    {len(report['history'])} latest changes of {report['versions']} versions")
     for row in report["history"]:
         lines.append(f"  {iso(row['changed_at'])}  {row['version']:<20} {row['status']:<11} "
