@@ -245,3 +245,17 @@ def test_changed_at_comes_from_the_injected_clock_and_never_goes_back(lake):
     registry.transition("cycle-0001-lora", "canary", reason="canary", actor="demo")
     assert [r["changed_at"] for r in registry.history()] == [
         T0, T0 + timedelta(hours=1), T0 + timedelta(hours=1, microseconds=1)]
+
+
+def test_a_rollback_never_reinstates_a_version_withdrawn_by_a_forget_request(registry):
+    with_base(registry)
+    for version in ("cycle-0001-lora", "cycle-0002-lora"):
+        with_adapter(registry, version)
+        registry.transition(version, "treatment", reason="A/B", actor="demo")
+        registry.transition(version, "champion", reason="won", actor="demo")
+    # cycle-0001-lora (retired) was trained on a forgotten user's data: withdrawn, it keeps its status
+    registry.withdraw({"cycle-0001-lora"}, clean=lambda row: True, reason="forget", actor="cli:dpo",
+                      metadata={"tainted_by": "forget-1"})
+    registry.rollback("cycle-0002-lora", reason="regression", actor="sensor:health")
+    assert registry.champion()["version"] == "base-v0"  # the newest retired champion that is not withdrawn
+    assert statuses(registry)["cycle-0001-lora"] == ("retired", 0.0)

@@ -131,7 +131,7 @@ class ModelRegistry:
 
     def rollback(self, version: str, *, reason: str, actor: str, metadata: dict | None = None) -> dict:
         """Mark a version rolled_back; a rolled-back champion's predecessor (the most recent
-        retired champion) serves again, in the same commit."""
+        retired champion of its lane that no forget request withdrew) serves again, in the same commit."""
         history = self._history()
         latest = _latest(history)
         current = self._require(latest, version)
@@ -140,11 +140,14 @@ class ModelRegistry:
         rows = [_next(current, "rolled_back", 0.0, reason, actor, at, metadata)]
         if current["status"] == "champion":
             lane = lane_of(current)
+            # a version withdrawn by `flywheel forget` (tainted_by) is never reinstated
             previous = next((r["version"] for r in reversed(history) if r["status"] == "champion"
                              and r["version"] != version and lane_of(r) == lane
-                             and latest[r["version"]]["status"] == "retired"), None)
+                             and latest[r["version"]]["status"] == "retired"
+                             and not json.loads(latest[r["version"]]["metadata_json"] or "{}").get("tainted_by")), None)
             if previous is None and lane == SHARED:
-                raise RegistryError(f"cannot roll back champion {version}: no retired champion to reinstate")
+                raise RegistryError(f"cannot roll back champion {version}: no retired champion to reinstate "
+                                    "(withdrawn versions excluded)")
             if previous is not None:  # else the private lane serves its fallback again (module docstring)
                 rows.append(_next(latest[previous], "champion", max(0.0, 1.0 - _arm_total(latest, version, lane)),
                                   f"reinstated after rollback of {version}: {reason}", actor, at, None))
