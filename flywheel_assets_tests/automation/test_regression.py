@@ -16,11 +16,11 @@ from flywheel_assets.lib.tables import MODEL_REGISTRY, SESSION_FEEDBACK, TRAJECT
 T0 = datetime(2026, 11, 20, tzinfo=timezone.utc)
 
 
-def _sessions(version: str, quality: float, n: int, at: datetime) -> tuple[pa.Table, pa.Table]:
-    feedback = [{"session_id": f"{version}-{at:%j}-{i}", "quality_score": quality, "last_ts": at,
-                 "final_trajectory_id": f"t-{version}-{at:%j}-{i}"} for i in range(n)]
-    trajectories = [{"trajectory_id": f["final_trajectory_id"], "model_version": version, "created_at": at}
-                    for f in feedback]
+def _sessions(version: str, quality: float, n: int, at: datetime, tenant: str = "acme") -> tuple[pa.Table, pa.Table]:
+    feedback = [{"session_id": f"{tenant}-{version}-{at:%j}-{i}", "quality_score": quality, "last_ts": at,
+                 "final_trajectory_id": f"t-{tenant}-{version}-{at:%j}-{i}"} for i in range(n)]
+    trajectories = [{"trajectory_id": f["final_trajectory_id"], "model_version": version, "created_at": at,
+                     "tenant_id": tenant} for f in feedback]
     return conform(pa.Table.from_pylist(feedback), SESSION_FEEDBACK), conform(pa.Table.from_pylist(trajectories), TRAJECTORIES)
 
 
@@ -49,7 +49,7 @@ def test_a_regressing_champion_is_rolled_back(home, config, lake):
     assert "waiting for data" in tick().skip_message
     _land(lake, _sessions("bad", 0.5, 100, T0 + timedelta(days=1, hours=3)))
     registry_version = lake.version(MODEL_REGISTRY)
-    request = tick()
+    [request] = tick()
     # the tick decides and writes nothing; the run it requests rolls back, with the reason in its tags
     assert lake.version(MODEL_REGISTRY) == registry_version and ModelRegistry(lake).champion()["version"] == "bad"
     assert request.tags["flywheel/decision"] == "ROLLBACK" and "bad quality 0.500" in request.tags["flywheel/reason"]
@@ -79,3 +79,37 @@ def test_a_champion_that_holds_is_kept(home, config, lake):
     with dg.build_sensor_context(resources={"flywheel": FlywheelResource(home=str(home))}) as context:
         assert "good holds: +16.7%" in regression_watch(context).skip_message
     assert ModelRegistry(lake).champion()["version"] == "good"
+
+
+def test_each_lane_is_watched_on_its_own_users(home, config, lake):
+    """An isolated tenant's second champion regresses on its users while the shared champion holds on
+    its own: only the lane's champion is rolled back, to the lane's previous one. (Compared across
+    lanes, the shared champion's better numbers would have rolled back the wrong model.)"""
+    (home / "config.json").write_text('{"tenancy": {"policies": {"globex": "isolated"}}}')
+    resources = {"flywheel": FlywheelResource(home=str(home), config_path=str(home / "config.json"))}
+    clock = {"now": T0}
+    registry = ModelRegistry(lake, clock=lambda: clock["now"])
+    registry.register("base", base="base", base_path="models/base", reason="start", actor="test")
+    for day, version in ((0, "cycle-0001@globex-lora"), (1, "cycle-0002@globex-lora")):
+        clock["now"] = T0 + timedelta(days=day)
+        registry.register(version, base="base", base_path="models/base", adapter_path=f"models/{version}",
+                          parent="base", cycle=version[:-5], reason="trained", actor="test")
+        registry.transition(version, "treatment", reason="A/B", actor="test")
+        registry.transition(version, "champion", reason="won", actor="test")
+    clock["now"] = T0 + timedelta(days=1, hours=1)  # the shared lane promotes last: the latest promotion overall
+    registry.register("cycle-0001-lora", base="base", base_path="models/base", adapter_path="models/cycle-0001-lora",
+                      parent="base", cycle="cycle-0001", reason="trained", actor="test")
+    registry.transition("cycle-0001-lora", "treatment", reason="A/B", actor="test")
+    registry.transition("cycle-0001-lora", "champion", reason="won", actor="test")
+    _land(lake, _sessions("base", 0.9, 100, T0 + timedelta(hours=12)),
+          _sessions("cycle-0001@globex-lora", 0.6, 100, T0 + timedelta(hours=12), "globex"),
+          _sessions("cycle-0001-lora", 0.92, 100, T0 + timedelta(days=1, hours=3)),
+          _sessions("cycle-0002@globex-lora", 0.45, 100, T0 + timedelta(days=1, hours=3), "globex"))
+    set_now(config, T0 + timedelta(days=1, hours=6))
+    with dg.build_sensor_context(resources=resources) as context:
+        [request] = regression_watch(context)
+    assert request.tags["flywheel/version"] == "cycle-0002@globex-lora"
+    assert "quality 0.450 vs cycle-0001@globex-lora 0.600" in request.tags["flywheel/reason"]
+    assert regression_rollback_job.execute_in_process(run_config=request.run_config, resources=resources).success
+    assert ModelRegistry(lake).champion("globex")["version"] == "cycle-0001@globex-lora"
+    assert ModelRegistry(lake).champion()["version"] == "cycle-0001-lora"

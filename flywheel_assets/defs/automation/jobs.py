@@ -21,8 +21,8 @@ class RollbackConfig(dg.Config):
 def roll_back_champion(context: dg.OpExecutionContext, config: RollbackConfig, flywheel: FlywheelResource) -> None:
     with flywheel.writing("roll_back_champion", context):
         registry = flywheel.registry(context)  # the change is a model_registry materialization of this run
-        champion = registry.champion()
-        if champion is None or champion["version"] != config.version:
+        champion = registry.get(config.version)  # the champion of its lane (lib/tenancy.py)
+        if champion is None or champion["status"] != "champion":
             context.log.warning(f"{config.version} is no longer the champion; nothing rolled back")
             return
         registry.rollback(config.version, reason=f"regression: {config.reason}", actor="regression_watch")

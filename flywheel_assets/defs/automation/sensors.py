@@ -67,25 +67,33 @@ daily_refresh = dg.ScheduleDefinition(
 
 @dg.sensor(job=regression_rollback_job, minimum_interval_seconds=300, default_status=dg.DefaultSensorStatus.RUNNING,
            description="Requests a rollback to the previous champion when the new one's online quality drops past "
-                       "the degradation threshold after a promotion.")
+                       "the degradation threshold after a promotion, in every lane on its own users.")
 def regression_watch(context: dg.SensorEvaluationContext, flywheel: FlywheelResource):
     config = flywheel.config()
     registry = flywheel.registry()
-    champion = registry.champion()
-    if champion is None:
+    history = registry.history()
+    requests, reasons = [], []
+    for lane in config.tenancy.lanes():
+        champion = registry.champion(lane)
+        if champion is None:
+            continue
+        name = f"lane {lane}: " if lane != SHARED else ""
+        verdict = check_regression(flywheel.lake(), history, flywheel.now(),
+                                   threshold=config.trigger.phase2.performance_degradation_threshold,
+                                   lane=lane, served=config.tenancy.served_sql(lane, "t.tenant_id"))
+        context.log.info(f"regression_watch: {name}{verdict.reason}")
+        reasons.append(name + verdict.reason)
+        if verdict.rollback:
+            # the tick decides; the run acts (and shows in the UI with its reason)
+            requests.append(dg.RunRequest(
+                run_key=f"rollback-{champion['version']}-{champion['event_id']}",
+                run_config={"ops": {"roll_back_champion": {"config": {"version": champion["version"],
+                                                                      "reason": verdict.reason}}}},
+                tags={"flywheel/decision": "ROLLBACK", "flywheel/reason": verdict.reason[:200],
+                      "flywheel/version": champion["version"]}))
+    if not reasons:
         return dg.SkipReason("no champion")
-    verdict = check_regression(flywheel.lake(), registry.history(), flywheel.now(),
-                               threshold=config.trigger.phase2.performance_degradation_threshold)
-    context.log.info(f"regression_watch: {verdict.reason}")
-    if not verdict.rollback:
-        return dg.SkipReason(verdict.reason)
-    # the tick decides; the run acts (and shows in the UI with its reason)
-    return dg.RunRequest(
-        run_key=f"rollback-{champion['version']}-{champion['event_id']}",
-        run_config={"ops": {"roll_back_champion": {"config": {"version": champion["version"],
-                                                              "reason": verdict.reason}}}},
-        tags={"flywheel/decision": "ROLLBACK", "flywheel/reason": verdict.reason[:200],
-              "flywheel/version": champion["version"]})
+    return requests or dg.SkipReason("; ".join(reasons))
 
 
 @dg.sensor(job=ab_report_job, minimum_interval_seconds=120, default_status=dg.DefaultSensorStatus.RUNNING,
