@@ -39,6 +39,9 @@ class TenancyConfig(BaseModel):
     @model_validator(mode="after")
     def _private_tenants_name_lanes(self) -> "TenancyConfig":
         for tenant, policy in self.policies.items():
+            if policy in PRIVATE and tenant == DEFAULT_TENANT:
+                raise ValueError(f"tenancy.policies: '{DEFAULT_TENANT}' (rows without a tenant: the cold start, "
+                                 f"imported data) cannot be {policy}")
             if policy in PRIVATE and not _LANE_NAME.match(tenant):
                 raise ValueError(f"tenancy.policies: an {policy} tenant names its lane (cycle-0001@{tenant}), so its "
                                  f"name must be 1-64 letters, digits, '_' or '-'; got {tenant!r}")
@@ -82,6 +85,12 @@ class TenancyConfig(BaseModel):
             return f"{tenant} = {_sql_list([lane])}"
         private = list(self.private_lanes())
         return f"{tenant} NOT IN ({_sql_list(private)})" if private else "true"
+
+    def lane_expr(self, column: str = "tenant_id") -> str:
+        """A SQL expression: the lane of the row's tenant (lane())."""
+        private = list(self.private_lanes())
+        tenant = f"coalesce({column}, '{DEFAULT_TENANT}')"
+        return f"CASE WHEN {tenant} IN ({_sql_list(private)}) THEN {tenant} ELSE '' END" if private else "''"
 
     def _policy_sql(self, column: str, allowed) -> str:
         tenant = f"coalesce({column}, '{DEFAULT_TENANT}')"

@@ -135,6 +135,12 @@ def test_lanes_keep_their_own_champion_arms_and_routing(lake):
         others = set().union(*(v for lane, v in private.items() if lane != tenant))
         assert not versions & others  # never a version trained on another tenant's private data
 
+    # umbrella's champion was trained over the shared model: once umbrella is isolated it is not served
+    isolated = ModelRegistry(lake, tenancy=TenancyConfig(policies={**POLICIES, "umbrella": "isolated"}))
+    assert registry.lane_champion("umbrella")["version"] == "cycle-0001@umbrella-lora"
+    assert isolated.lane_champion("umbrella")["version"] == "base"
+    assert isolated.training_parent("umbrella")["version"] == "base"
+
     # the lane's first champion rolled back: the lane serves its fallback again, not an error
     registry.rollback("cycle-0001@umbrella-lora", reason="regression", actor="test")
     assert registry.champion("umbrella") is None

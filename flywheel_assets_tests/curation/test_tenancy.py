@@ -38,6 +38,8 @@ def test_the_policy_as_a_rule_and_as_sql():
     assert lanes.trainable_sql("t") == "coalesce(t, 'default') NOT IN ('initech')"
     assert lanes.lane_sql("") == "coalesce(tenant_id, 'default') NOT IN ('acme', 'globex', 'initech')"
     assert lanes.lane_sql("acme", "t") == "coalesce(t, 'default') = 'acme'" and lanes.lane_sql("initech") == "false"
+    with pytest.raises(ValueError, match="cannot be isolated"):
+        TenancyConfig(policies={"default": "isolated"})  # the cold start and imported rows have no tenant
     with pytest.raises(ValueError, match="its name must be"):
         TenancyConfig(policies={"acme corp": "isolated"})  # a lane's name is in paths and partition keys
 

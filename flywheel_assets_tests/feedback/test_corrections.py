@@ -77,3 +77,19 @@ def test_task_from_prompt_reads_back_every_phrasing():
                (task.task_type, task.phrasing, task.calls, task.expected, task.answer_units)
     assert task_from_prompt("What is the capital of Atlantis?") is None
     assert task_from_prompt("What is 3 / 4?") is None
+
+
+def test_each_lane_gets_its_own_correction_of_a_prompt(lake, config):
+    """acme (pooled) and globex (isolated) fail the same prompt: each lane needs its own correction,
+    since a lane trains on its own tenant's rows only; acme's was made already, globex's was not."""
+    lake.append(TRAJECTORIES, conform(pa.Table.from_pylist([
+        {"trajectory_id": t, "session_id": s, "user_prompt": "What is 7 * 8?", "origin": o, "task_type": "calculator",
+         "tenant_id": tenant, "created_at": T0 + timedelta(minutes=m)}
+        for t, s, o, tenant, m in (("a1", "s1", "usage", "acme", 1), ("g1", "s2", "usage", "globex", 2),
+                                   ("c0", None, "correction", "acme", 3))]), TRAJECTORIES))
+    lake.append(TRAJECTORY_SCORES, conform(pa.Table.from_pylist([
+        {"trajectory_id": t, "session_id": s, "tier": "bronze"} for t, s in (("a1", "s1"), ("g1", "s2"))]),
+        TRAJECTORY_SCORES))
+    assert failed_requests(lake, config, limit=10) == []  # one lane: the prompt is corrected
+    config.tenancy = config.tenancy.model_copy(update={"policies": {"globex": "isolated"}})
+    assert [(f["trajectory_id"], f["tenant_id"]) for f in failed_requests(lake, config, limit=10)] == [("g1", "globex")]

@@ -15,8 +15,8 @@ CHAMPION, CANARY = "base-v0", "cycle-0001-lora"
 
 def register_versions(config, base_path: str = "models/base", canary_share: float = 0.5) -> ModelRegistry:
     registry = ModelRegistry(Lake(config))
-    registry.register(CHAMPION, base="tiny", base_path=base_path, reason="test", actor="test")
-    registry.register(CANARY, base="tiny", base_path=base_path, parent=CHAMPION, reason="test", actor="test")
+    registry.register(CHAMPION, base=CHAMPION, base_path=base_path, reason="test", actor="test")
+    registry.register(CANARY, base=CHAMPION, base_path=base_path, parent=CHAMPION, reason="test", actor="test")
     registry.transition(CANARY, "canary", reason="test", actor="test", traffic_share=canary_share)
     return registry
 

@@ -402,3 +402,37 @@ def test_an_embedded_call_comes_back_as_tool_calls_without_its_markup_in_the_con
     assert completion.tool_calls[0]["function"] == {"name": "calculator", "arguments": '{"expression": "12 * 7"}'}
     unreadable = completion_of(Turn([(None, "<tool_call> calc {oops")], "<tool_call> calc {oops", False, 8, 40))
     assert unreadable.tool_calls == [] and unreadable.content == "<tool_call> calc {oops"
+
+
+def test_a_tenant_is_served_and_shown_its_own_lane_only(home, monkeypatch):
+    """globex is isolated (README Tenancy): its users get its lane's versions (or the base), never the
+    shared canary, and /v1/models shows each key's tenant its own lane's versions, no other's."""
+    from starlette.testclient import TestClient
+
+    from flywheel_assets.lib.gateway.app import create_app
+    from flywheel_assets.lib.gateway.service import Gateway
+    from flywheel_assets_tests.gateway.support import Scripted, register_versions
+
+    path = home / "flywheel.json"
+    path.write_text(json.dumps({"gateway": {"flush_interval_s": 3600},
+                                "tenancy": {"policies": {"globex": "isolated"}}}))
+    monkeypatch.setenv("FLYWHEEL_CONFIG", str(path))
+    config = load_config(home)
+    registry = register_versions(config)
+    lane_version = "cycle-0001@globex-lora"
+    registry.register(lane_version, base=CHAMPION, base_path="models/base", adapter_path="models/g", parent=CHAMPION,
+                      cycle="cycle-0001@globex", reason="test", actor="test")
+    registry.transition(lane_version, "canary", reason="test", actor="test", traffic_share=0.5)
+    gateway = Gateway(config, backend=Scripted())
+    served, shown = {}, {}
+    with TestClient(create_app(gateway)) as client:  # one app: its shutdown closes the gateway's journal
+        for tenant in ("acme", "globex"):
+            auth = {"Authorization": f"Bearer {gateway.keys.create(tenant)[0]}"}
+            served[tenant] = {client.post("/v1/chat/completions", headers=auth, json={
+                "model": "flywheel", "messages": [{"role": "user", "content": f"q{n}"}], "user": f"user-{n}"})
+                .headers["x-flywheel-model-version"] for n in range(40)}
+            shown[tenant] = {(m["id"], m["status"], m["traffic_share"])
+                             for m in client.get("/v1/models", headers=auth).json()["data"]}
+    assert served == {"acme": {CHAMPION, CANARY}, "globex": {CHAMPION, lane_version}}
+    assert shown == {"acme": {(CHAMPION, "champion", 0.5), (CANARY, "canary", 0.5)},
+                     "globex": {(CHAMPION, "champion", 0.5), (lane_version, "canary", 0.5)}}

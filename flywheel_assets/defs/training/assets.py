@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import uuid
 
 import dagster as dg
 
@@ -140,7 +141,16 @@ def _base_weights(config, champion: dict):
         return base_dir
     merged = config.models / champion["version"] / "merged"
     if not (merged / "config.json").exists():
+        # saved aside, then renamed: two cycles trained over one champion at once (lanes train side
+        # by side) never read a half-written folder
+        staging = merged.with_name(f".merged-{uuid.uuid4().hex}")
         model, tokenizer = load_for_inference(base_dir, config.home / champion["adapter_path"], merged=True)
-        model.save_pretrained(merged)
-        tokenizer.save_pretrained(merged)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if merged.exists() and not (merged / "config.json").exists():
+            shutil.rmtree(merged, ignore_errors=True)  # a folder left half-written by a crash
+        try:
+            staging.rename(merged)
+        except OSError:  # another run renamed its own first: the same weights
+            shutil.rmtree(staging, ignore_errors=True)
     return merged

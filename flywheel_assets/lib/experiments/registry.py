@@ -202,12 +202,17 @@ class ModelRegistry:
         isolated, the shared champion itself when it is hybrid; None without a shared champion."""
         latest = {r["version"]: r for r in (self.current() if current is None else current)}
         own = _champion(latest, lane)
-        if own is not None or lane == SHARED:
+        isolated = lane != SHARED and self.tenancy.policy(lane) != "hybrid"
+        # an isolated lane's champion must have been trained on its tenant's data alone: one trained
+        # while the tenant was hybrid (over the shared model) is not served once it is isolated
+        if own is not None and not (isolated and _foreign_ancestor(own, latest, lane)):
             return own
         shared = _champion(latest, SHARED)
-        if shared is None or self.tenancy.policy(lane) == "hybrid":
+        if lane == SHARED or shared is None or not isolated:
             return shared
-        return latest.get(shared["base"], shared)
+        if shared["base"] not in latest:
+            raise RegistryError(f"lane {lane} is isolated but the base {shared['base']} is not registered")
+        return latest[shared["base"]]
 
     def history(self, version: str | None = None) -> list[dict]:
         """Every change (of one version, or of all), oldest first."""
@@ -235,7 +240,8 @@ class ModelRegistry:
 
         The tenant's lane decides the layout. Canaries take their traffic_share from u = 0
         upward, treatments from u = 1 downward (module docstring); the lane's champion serves
-        the rest. The salt is that champion's version, so a new champion reshuffles users.
+        the rest. The salt is the lane's own champion's version, so a new champion reshuffles
+        its users (a private lane without one: the lane's name).
         """
         current = self.current() if current is None else current
         layouts = {}
@@ -244,12 +250,15 @@ class ModelRegistry:
             if champion is None:
                 raise RegistryError("no champion: nothing to route to")
             live = self.serving(current, lane)
-            layouts[lane] = (champion["version"], [(r["version"], r["traffic_share"]) for r in live["canary"]],
+            # a private lane on its fallback is salted by its name: a new shared champion does not
+            # reshuffle its users (and its A/B test's arms) while it has no champion of its own
+            salt = live["champion"][0]["version"] if live["champion"] else (lane or champion["version"])
+            layouts[lane] = (champion["version"], salt, [(r["version"], r["traffic_share"]) for r in live["canary"]],
                              [(r["version"], r["traffic_share"]) for r in live["treatment"]])
 
         def route_user(user_id: str, tenant_id: str) -> str:
-            champion, canaries, treatments = layouts[self.tenancy.lane(tenant_id)]
-            return _pick(bucket(user_id, tenant_id, champion), canaries, treatments, champion)
+            champion, salt, canaries, treatments = layouts[self.tenancy.lane(tenant_id)]
+            return _pick(bucket(user_id, tenant_id, salt), canaries, treatments, champion)
         return route_user
 
     def route(self, user_id: str, tenant_id: str) -> str:
@@ -319,6 +328,15 @@ def _arm_total(latest: dict[str, dict], excluding: str, lane: str = SHARED) -> f
     """Traffic of the lane's users held by its canary and treatment versions other than `excluding`."""
     return sum(r["traffic_share"] for v, r in latest.items()
                if v != excluding and r["status"] in ("canary", "treatment") and lane_of(r) == lane)
+
+
+def _foreign_ancestor(row: dict, latest: dict[str, dict], lane: str) -> bool:
+    """Whether an adapter of another lane is in the row's lineage (a base model is no lane's)."""
+    while row is not None:
+        if row["adapter_path"] and lane_of(row) != lane:
+            return True
+        row = latest.get(row["parent"]) if row.get("parent") else None
+    return False
 
 
 def _champion(latest: dict[str, dict], lane: str = SHARED) -> dict | None:

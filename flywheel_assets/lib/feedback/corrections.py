@@ -42,6 +42,7 @@ def failed_requests(lake: Lake, config: FlywheelConfig, limit: int) -> list[dict
         TRAJECTORIES, columns=["trajectory_id", "session_id", "tenant_id", "task_type", "origin", "user_prompt",
                                "created_at"]))
     con.register("edited", lake.read(SESSION_EVENTS, columns=["trajectory_id"], filter_sql="event_type = 'output_edited'"))
+    lane = config.tenancy.lane_expr("tenant_id")
     return con.execute(f"""
         WITH usage AS (
             SELECT t.trajectory_id, t.session_id, t.tenant_id, t.task_type, t.user_prompt, t.created_at, s.tier,
@@ -56,10 +57,13 @@ def failed_requests(lake: Lake, config: FlywheelConfig, limit: int) -> list[dict
             FROM usage GROUP BY session_id, user_prompt
             HAVING bool_and(tier = $lowest) OR bool_or(edited)
         ), fresh AS (
+            -- one correction per prompt and lane (lib/tenancy.py): a private lane trains on its own only
             SELECT * FROM failed
-            WHERE lower(trim(user_prompt)) NOT IN (
-                SELECT lower(trim(user_prompt)) FROM trajectories WHERE origin = $origin AND user_prompt IS NOT NULL)
-            QUALIFY row_number() OVER (PARTITION BY lower(trim(user_prompt)) ORDER BY created_at DESC, trajectory_id) = 1
+            WHERE ({lane}, lower(trim(user_prompt))) NOT IN (
+                SELECT ({lane}, lower(trim(user_prompt))) FROM trajectories
+                WHERE origin = $origin AND user_prompt IS NOT NULL)
+            QUALIFY row_number() OVER (PARTITION BY {lane}, lower(trim(user_prompt))
+                                       ORDER BY created_at DESC, trajectory_id) = 1
         ), ranked AS (
             SELECT *, row_number() OVER (PARTITION BY task_type ORDER BY abandoned DESC, created_at DESC,
                                          trajectory_id) AS type_rank

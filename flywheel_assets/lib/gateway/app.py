@@ -88,8 +88,8 @@ def create_app(gateway: Gateway) -> Starlette:
         }, headers=headers)
 
     async def models(request: Request) -> Response:
-        gateway.tenant(request.headers.get("authorization"))
-        live = await asyncio.to_thread(gateway.live_versions)
+        tenant = gateway.tenant(request.headers.get("authorization"))
+        live = await asyncio.to_thread(gateway.live_versions, tenant)
         return JSONResponse({"object": "list", "data": [
             {"id": r["version"], "object": "model", "created": int(r["changed_at"].timestamp()),
              "owned_by": "flywheel", "status": r["status"], "traffic_share": r["traffic_share"]} for r in live]})

@@ -114,9 +114,17 @@ class Gateway:
                 self._routing = (time.monotonic() + self.settings.router_refresh_s, router, rows)
             return self._routing[1], self._routing[2]
 
-    def live_versions(self) -> list[dict]:
+    def live_versions(self, tenant: str | None = None) -> list[dict]:
+        """The versions serving the tenant's lane (lib/tenancy.py): what serves its users outside
+        the arms, with the share they leave it, then its canary and treatment; no other lane's."""
         _, rows = self.routing()
-        return [r for r in rows.values() if r["status"] in ("champion", "treatment", "canary")]
+        current = list(rows.values())
+        lane = self.registry.tenancy.lane(tenant)
+        live = self.registry.serving(current, lane)
+        arms = live["canary"] + live["treatment"]
+        champion = self.registry.lane_champion(lane, current)
+        share = max(0.0, 1.0 - sum(r["traffic_share"] for r in arms))
+        return ([{**champion, "status": "champion", "traffic_share": share}] if champion else []) + arms
 
     # -- a chat call
 

@@ -58,7 +58,8 @@ def _grade(value: float, warn: float, alert: float, higher_is_worse: bool = True
 
 
 def read_inputs(lake: Lake) -> dict[str, pl.DataFrame | list]:
-    """Everything the checks look at, in a few grouped queries."""
+    """Everything the checks look at, in a few grouped queries: the shared lane's cycles (a private
+    lane's, keyed cycle-0001@<tenant>, are not in the sequence; lib/tenancy.py)."""
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
     for table in (TRAJECTORIES, TRAJECTORY_SCORES, SESSION_EVENTS, SESSION_FEEDBACK, JUDGE_SCORES, TRAINING_DATASET,
@@ -85,12 +86,14 @@ def read_inputs(lake: Lake) -> dict[str, pl.DataFrame | list]:
                coalesce(s.annotation_score IS NOT NULL OR t.origin = 'golden', false) AS human_verified
         FROM training_dataset d LEFT JOIN trajectories t USING (trajectory_id)
         LEFT JOIN trajectory_scores s USING (trajectory_id)
+        WHERE NOT contains(d.cycle, '@')
     """)
     evaluations = frame("""
-        SELECT cycle, version, role, n, success, evaluated_at FROM offline_evaluations WHERE scope = 'overall'
+        SELECT cycle, version, role, n, success, evaluated_at FROM offline_evaluations
+        WHERE scope = 'overall' AND NOT contains(cycle, '@')
     """)
     sessions = frame("SELECT last_ts, quality_score FROM session_feedback")
-    manifests = frame("SELECT cycle, created_at FROM dataset_manifests ORDER BY created_at")
+    manifests = frame("SELECT cycle, created_at FROM dataset_manifests WHERE NOT contains(cycle, '@') ORDER BY created_at")
     return {"usage": usage, "training": training, "evaluations": evaluations, "sessions": sessions,
             "manifests": manifests}
 

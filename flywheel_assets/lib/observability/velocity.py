@@ -30,6 +30,7 @@ from flywheel_assets.lib.config import FlywheelConfig
 from flywheel_assets.lib.experiments.registry import ModelRegistry
 from flywheel_assets.lib.lake import Lake
 from flywheel_assets.lib.observability.timeline import CycleFacts, cycle_facts
+from flywheel_assets.lib.tenancy import SHARED, lane_of, lane_of_cycle
 from flywheel_assets.lib.tables import (
     DATASET_MANIFESTS, SESSION_FEEDBACK, TRAINING_DATASET, TRAJECTORIES, TRAJECTORY_SCORES,
 )
@@ -236,8 +237,10 @@ def _reason(stage: SeedStage, totals: dict, grand: float, n: int, steps: list[di
 
 
 def measure_velocity(config: FlywheelConfig, lake: Lake, now: datetime) -> dict:
-    facts = cycle_facts(lake.read(DATASET_MANIFESTS, columns=["cycle", "created_at", "n_rows"]).to_pylist(),
-                        ModelRegistry(lake).history())
+    # the shared lane's turns (a private lane's cycles are not in its sequence: lib/tenancy.py)
+    facts = cycle_facts([r for r in lake.read(DATASET_MANIFESTS, columns=["cycle", "created_at", "n_rows"]).to_pylist()
+                         if lane_of_cycle(r["cycle"]) == SHARED],
+                        [r for r in ModelRegistry(lake).history() if lane_of(r) == SHARED])
     return velocity(config, trajectory_steps(lake, config, facts), facts, now)
 
 
