@@ -68,7 +68,10 @@ def test_private_lanes_train_gate_and_serve_only_their_tenants_data(home, lake):
         return tenants
 
     assert isolated["parent"] == base and lineage_tenants(isolated) == {"globex"}
-    assert hybrid["parent"] == shared["version"] and lineage_tenants(hybrid) == {"acme", "default"}
+    # hybrid (README Tenancy): its own adapter on acme's rows only, over the shared lane (pooled data only)
+    own = {tenant_of[t] for t in json.loads((home / hybrid["adapter_path"] / "trajectory_ids.json").read_text())}
+    assert own == {"acme"} and hybrid["parent"] == shared["version"]
+    assert lineage_tenants(registry.get(hybrid["parent"])) == {"default"}
     assert json.loads(hybrid["metadata_json"])["lane"] == "acme"
     # the gate compares the isolated candidate with what serves globex now: the base, not the shared champion
     evaluated = {r["role"]: r["version"] for r in lake.read(OFFLINE_EVALUATIONS).to_pylist()
