@@ -106,6 +106,11 @@ def lane_of_cycle(cycle: str | None) -> str:
     return cycle.rpartition(SEPARATOR)[2] if cycle and SEPARATOR in cycle else SHARED
 
 
+def lane_of_cycle_sql(column: str = "cycle") -> str:
+    """lane_of_cycle as a SQL expression over a cycle column."""
+    return f"CASE WHEN contains({column}, '{SEPARATOR}') THEN split_part({column}, '{SEPARATOR}', -1) ELSE '' END"
+
+
 def lane_of(row: dict) -> str:
     """The lane of a registry row (of its cycle)."""
     return lane_of_cycle(row.get("cycle"))

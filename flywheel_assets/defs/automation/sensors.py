@@ -22,6 +22,7 @@ def training_trigger(context: dg.SensorEvaluationContext, flywheel: FlywheelReso
     config = flywheel.config()
     registry = flywheel.registry()
     current = registry.current()  # one read of the registry for every question below
+    lake, now = flywheel.lake(), flywheel.now()
     existing = context.instance.get_dynamic_partitions(cycle_partitions.name)
     requests, waits = [], []
     for lane in config.tenancy.lanes():
@@ -30,8 +31,7 @@ def training_trigger(context: dg.SensorEvaluationContext, flywheel: FlywheelReso
             waits.append(name + blocked)
             continue
         champion = registry.lane_champion(lane, current)
-        state = trigger_state(config, flywheel.lake(), flywheel.now(), champion["version"], champion["changed_at"],
-                              lane)
+        state = trigger_state(config, lake, now, champion["version"], champion["changed_at"], lane)
         train, reason, phase = should_train(state, config.trigger)
         if not train and (retrain := retrain_requested(champion, state.last_training)):
             train, reason = True, retrain
@@ -71,14 +71,14 @@ daily_refresh = dg.ScheduleDefinition(
 def regression_watch(context: dg.SensorEvaluationContext, flywheel: FlywheelResource):
     config = flywheel.config()
     registry = flywheel.registry()
-    history = registry.history()
+    history, lake, now = registry.history(), flywheel.lake(), flywheel.now()
     requests, reasons = [], []
     for lane in config.tenancy.lanes():
         champion = registry.champion(lane)
         if champion is None:
             continue
         name = f"lane {lane}: " if lane != SHARED else ""
-        verdict = check_regression(flywheel.lake(), history, flywheel.now(),
+        verdict = check_regression(lake, history, now,
                                    threshold=config.trigger.phase2.performance_degradation_threshold,
                                    lane=lane, served=config.tenancy.served_sql(lane, "t.tenant_id"))
         context.log.info(f"regression_watch: {name}{verdict.reason}")

@@ -10,10 +10,7 @@ from flywheel_assets.lib.automation.trigger import TriggerState, performance_cha
 from flywheel_assets.lib.config import FlywheelConfig
 from flywheel_assets.lib.lake import Lake, sql_literal
 from flywheel_assets.lib.tables import DATASET_MANIFESTS, SESSION_FEEDBACK, TRAJECTORIES, TRAJECTORY_SCORES
-from flywheel_assets.lib.tenancy import SEPARATOR, SHARED
-
-# a cycle key's lane in SQL (lib/tenancy.py lane_of_cycle)
-LANE_OF_CYCLE = f"CASE WHEN contains(cycle, '{SEPARATOR}') THEN split_part(cycle, '{SEPARATOR}', -1) ELSE '' END"
+from flywheel_assets.lib.tenancy import SHARED, lane_of_cycle_sql
 
 
 def trigger_state(config: FlywheelConfig, lake: Lake, now: datetime, champion: str | None,
@@ -28,7 +25,7 @@ def trigger_state(config: FlywheelConfig, lake: Lake, now: datetime, champion: s
         lake.register(con, table)
     # only the champion's trajectories are joined: the files that hold none are not opened
     lake.register(con, TRAJECTORIES, prune=None if champion is None else f"model_version = {sql_literal(champion)}")
-    last_training = con.execute(f"SELECT max(created_at) FROM dataset_manifests WHERE {LANE_OF_CYCLE} = $lane",
+    last_training = con.execute(f"SELECT max(created_at) FROM dataset_manifests WHERE {lane_of_cycle_sql()} = $lane",
                                 {"lane": lane}).fetchone()[0]
     real, new, high = con.execute(f"""
         SELECT count(*),

@@ -36,6 +36,7 @@ from flywheel_assets.lib.config import FlywheelConfig, LoopHealthConfig
 from flywheel_assets.lib.experiments.registry import ModelRegistry
 from flywheel_assets.lib.lake import Lake
 from flywheel_assets.lib.observability.timeline import loop_versions
+from flywheel_assets.lib.tenancy import lane_of_cycle_sql
 from flywheel_assets.lib.tables import (
     DATASET_MANIFESTS, JUDGE_SCORES, OFFLINE_EVALUATIONS, SESSION_EVENTS, SESSION_FEEDBACK, TRAINING_DATASET,
     TRAJECTORIES, TRAJECTORY_SCORES,
@@ -81,19 +82,19 @@ def read_inputs(lake: Lake) -> dict[str, pl.DataFrame | list]:
         FROM trajectories t LEFT JOIN reactions r USING (trajectory_id) LEFT JOIN judge_scores j USING (trajectory_id)
         WHERE t.origin = 'usage'
     """)
-    training = frame("""
+    training = frame(f"""
         SELECT d.cycle, d.trajectory_id, d.tier, d.task_type, d.messages_json, t.origin, t.model_version,
                coalesce(s.annotation_score IS NOT NULL OR t.origin = 'golden', false) AS human_verified
         FROM training_dataset d LEFT JOIN trajectories t USING (trajectory_id)
         LEFT JOIN trajectory_scores s USING (trajectory_id)
-        WHERE NOT contains(d.cycle, '@')
+        WHERE {lane_of_cycle_sql('d.cycle')} = ''
     """)
-    evaluations = frame("""
+    evaluations = frame(f"""
         SELECT cycle, version, role, n, success, evaluated_at FROM offline_evaluations
-        WHERE scope = 'overall' AND NOT contains(cycle, '@')
+        WHERE scope = 'overall' AND {lane_of_cycle_sql()} = ''
     """)
     sessions = frame("SELECT last_ts, quality_score FROM session_feedback")
-    manifests = frame("SELECT cycle, created_at FROM dataset_manifests WHERE NOT contains(cycle, '@') ORDER BY created_at")
+    manifests = frame(f"SELECT cycle, created_at FROM dataset_manifests WHERE {lane_of_cycle_sql()} = '' ORDER BY created_at")
     return {"usage": usage, "training": training, "evaluations": evaluations, "sessions": sessions,
             "manifests": manifests}
 
