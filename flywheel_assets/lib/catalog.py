@@ -1,6 +1,7 @@
 """FLYWHEEL_HOME/flywheel.duckdb: one file that opens every table.
 
-A view per Delta table, `SELECT * FROM delta_scan('<table>')`: DuckDB's delta extension
+A view per Delta table, `SELECT * FROM delta_scan('<table>')` (a tiered table's view adds its
+cold tier's rows, see `_select`): DuckDB's delta extension
 reads the table's log when a query runs, so a view always answers with the current
 version (never a file list frozen when the view was made) and the catalog only needs
 writing when a table appears. Open it from Python or the DuckDB CLI:
@@ -21,7 +22,7 @@ from pathlib import Path
 import duckdb
 
 from flywheel_assets.lib.lake import Lake, sql_literal
-from flywheel_assets.lib.tables import ALL_TABLES
+from flywheel_assets.lib.tables import ALL_TABLES, Table
 
 CATALOG_NAME = "flywheel.duckdb"
 
@@ -57,7 +58,18 @@ def refresh_catalog(con: duckdb.DuckDBPyConnection, lake: Lake) -> dict:
         if not lake.exists(table):
             missing.append(table.name)
             continue
-        con.execute(f'CREATE OR REPLACE VIEW "{table.name}" AS SELECT * FROM delta_scan({sql_literal(lake.uri(table))})')
+        con.execute(f'CREATE OR REPLACE VIEW "{table.name}" AS {_select(lake, table)}')
         con.execute(f'COMMENT ON VIEW "{table.name}" IS {sql_literal(f"{table.layer}/{table.name}: {table.description}")}')
         views.append(table.name)
     return {"views": views, "missing": missing}
+
+
+def _select(lake: Lake, table: Table) -> str:
+    """The view's query. A tiered table with a cold tier reads both: the cold rows ingested before
+    the hot table's oldest row (a move that stopped halfway left rows in both; the hot copy is
+    the one read, as Lake does), so the view needs no refresh when rows move."""
+    hot = f"delta_scan({sql_literal(lake.uri(table))})"
+    if lake.cold(table) is None:
+        return f"SELECT * FROM {hot}"
+    return (f"SELECT * FROM {hot} UNION ALL BY NAME SELECT * FROM delta_scan({sql_literal(lake.cold_uri(table))}) "
+            f"WHERE ingested_at < (SELECT coalesce(min(ingested_at), 'infinity'::TIMESTAMPTZ) FROM {hot})")

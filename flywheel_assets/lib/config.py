@@ -277,9 +277,24 @@ class DomainConfig(BaseModel):
 
 
 class MaintenanceConfig(BaseModel):
-    """lake_maintenance (README: Storage upkeep): compaction and vacuum of every table."""
+    """lake_maintenance (README: Storage upkeep): retention, tiers, compaction and vacuum."""
 
     vacuum_retention_hours: float = Field(24.0, ge=0)  # files out of the log this long are deleted (unless pinned)
+    # a tiered table's rows ingested longer ago move to the cold tier (lib/storage/tiers.py); None: never
+    cold_after_days: float | None = Field(30.0, ge=0)
+    zorder: bool = True  # Z-order the tiered tables' hot rows on session_id when rows came in since
+    # per-tenant retention (lib/privacy/retention.py): a tenant's sessions whose last activity is
+    # older than its days are deleted everywhere; `retention_days` for every tenant not listed in
+    # `tenant_retention_days`. None: kept forever
+    retention_days: float | None = Field(None, gt=0)
+    tenant_retention_days: dict[str, float | None] = Field(default_factory=dict)
+
+    def retention_for(self, tenant: str) -> float | None:
+        return self.tenant_retention_days.get(tenant, self.retention_days)
+
+    @property
+    def expires(self) -> bool:
+        return self.retention_days is not None or any(d is not None for d in self.tenant_retention_days.values())
 
 
 class VelocityConfig(BaseModel):

@@ -5,17 +5,26 @@ version, never half-written (an append may be followed by a compaction commit, w
 rewrites small files and changes no row: see COMPACT_AT). The lake root is
 FLYWHEEL_HOME/lake unless FLYWHEEL_LAKE_URI names another (for example
 s3://bucket/flywheel, with credentials in FLYWHEEL_STORAGE_OPTIONS as a JSON object).
+
+A tiered table (Table.tiered) is two Delta tables read as one: the hot one at `uri`, and the
+cold one at `cold_uri` (FLYWHEEL_COLD_URI, default `<lake root>/cold`: zstd Parquet, on cheaper
+storage when it names another bucket) holding the rows lib/storage/tiers.py moved there. The hot
+table's app transaction TIER_MARK says which: a version of the hot table reads the cold rows
+ingested before its mark. A move commits the cold rows first and then, in one hot commit, deletes
+them from the hot table and advances its mark, so a reader (of any version) sees each row once
+whenever it reads and wherever a move stopped.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import duckdb
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
+import pyarrow.dataset as pa_ds
 import pyarrow.fs as pa_fs
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import DeltaError, TableNotFoundError
@@ -31,6 +40,8 @@ COMPACT_AT = 64
 SMALL_FILE_BYTES = 32 << 20
 LOG_RETENTION, DEFAULT_LOG_RETENTION = "delta.logRetentionDuration", "interval 30 days"
 ORPHAN_HOURS = 1  # purge_history: untracked files older than this are deleted
+TIER_MARK = "flywheel.tiered_before"  # app transaction: rows ingested before it (µs) are in the cold tier
+OPERATION, TIER_MOVE = "flywheel.operation", "tier-move"  # commit metadata tagging a tier move's commits
 
 
 class Lake:
@@ -41,13 +52,28 @@ class Lake:
         self.root = root or os.environ.get("FLYWHEEL_LAKE_URI") or str(config.lake.resolve())
         options = storage_options or os.environ.get("FLYWHEEL_STORAGE_OPTIONS")
         self.storage_options: dict[str, str] | None = json.loads(options) if options else None
+        self.cold_root = os.environ.get("FLYWHEEL_COLD_URI") or f"{self.root.rstrip('/')}/cold"
+        cold_options = os.environ.get("FLYWHEEL_COLD_STORAGE_OPTIONS")
+        self.cold_storage_options = json.loads(cold_options) if cold_options else self.storage_options
 
     def uri(self, table: Table) -> str:
         return f"{self.root.rstrip('/')}/{table.layer}/{table.name}"
 
+    def cold_uri(self, table: Table) -> str:
+        return f"{self.cold_root.rstrip('/')}/{table.layer}/{table.name}"
+
     def delta(self, table: Table, version: int | None = None) -> DeltaTable | None:
         try:
             return DeltaTable(self.uri(table), version=version, storage_options=self.storage_options)
+        except TableNotFoundError:
+            return None
+
+    def cold(self, table: Table) -> DeltaTable | None:
+        """The cold tier of a tiered table (None: not tiered, or nothing moved yet)."""
+        if not table.tiered:
+            return None
+        try:
+            return DeltaTable(self.cold_uri(table), storage_options=self.cold_storage_options)
         except TableNotFoundError:
             return None
 
@@ -58,30 +84,35 @@ class Lake:
         dt = self.delta(table)
         return None if dt is None else dt.version()
 
-    def row_count(self, table: Table) -> int:
-        """From the Delta log alone: no data file is opened."""
-        dt = self.delta(table)
+    def row_count(self, table: Table, version: int | None = None) -> int:
+        """From the Delta logs alone (no data file is opened, unless a tier move stopped halfway)."""
+        dt = self.delta(table, version)
         if dt is None:
             return 0
-        actions = pa.table(dt.get_add_actions(flatten=True))
-        return int(pa.compute.sum(actions.column("num_records")).as_py() or 0)
+        count = _log_rows(dt)
+        if (cold := self._cold_files(table, dt)) is not None:
+            cold_dt, predicate = cold
+            count += _log_rows(cold_dt) if predicate is None else self._files(cold_dt, self.cold_uri(table), predicate,
+                                                                              cold=True).count_rows()
+        return count
 
     def arrow_schema(self, table: Table) -> pa.Schema | None:
         dt = self.delta(table)
         return None if dt is None else pa.schema(dt.schema().to_arrow())
 
     def read(self, table: Table, columns: list[str] | None = None, filter_sql: str | None = None,
-             version: int | None = None, prune: str | None = None) -> pa.Table:
+             version: int | None = None, prune: str | None = None, hot_only: bool = False) -> pa.Table:
         """The whole table (or the named columns) as arrow; empty with its schema if absent.
 
         `prune` is a Delta predicate that selects data files by their min/max statistics
         before any is opened: the rows of the files it keeps are read, a superset of the
-        rows it matches (filter_sql then selects rows exactly)."""
+        rows it matches (filter_sql then selects rows exactly). `hot_only`: a tiered table's
+        hot rows alone (lib/storage/tiers.py)."""
         dt = self.delta(table, version)
         if dt is None:
             schema = table.schema if columns is None else pa.schema([table.schema.field(c) for c in columns])
             return schema.empty_table()
-        dataset = self._dataset(dt, table, prune)
+        dataset = self._files(dt, self.uri(table), prune) if hot_only else self._dataset(dt, table, prune)
         if filter_sql is None:
             return dataset.to_table(columns=columns)
         return rows_where(dataset, filter_sql, columns)
@@ -95,13 +126,33 @@ class Lake:
                      if dt is not None else table.schema.empty_table())
 
     def _dataset(self, dt: DeltaTable, table: Table, prune: str | None):
-        """An arrow dataset of the table's files. A local table is read through Arrow's own file
-        system: deltalake's default (a Python file system handler called from Arrow's I/O threads)
-        made about half of the processes that had read a table abort at exit ("terminate called
-        without an active exception")."""
+        """An arrow dataset of the table's files (and of its cold tier's rows this version reads)."""
+        hot = self._files(dt, self.uri(table), prune)
+        if (cold := self._cold_files(table, dt)) is None:
+            return hot
+        cold_dt, predicate = cold
+        predicate = " AND ".join(f"({p})" for p in (prune, predicate) if p) or None
+        return pa_ds.dataset([hot, self._files(cold_dt, self.cold_uri(table), predicate, cold=True)])
+
+    def _cold_files(self, table: Table, dt: DeltaTable) -> tuple[DeltaTable, str | None] | None:
+        """(the cold tier, a predicate on its files' statistics or None for all of them) that hot
+        version `dt` reads with, or None when it reads no cold row. Each move appends files of
+        its own range of ingested_at and the cold tier is never compacted, so the files of the
+        moves after `dt`'s mark are exactly those whose rows all came later."""
+        if not table.tiered or (mark := dt.transaction_version(TIER_MARK)) is None:
+            return None
+        if (cold := self.cold(table)) is None:
+            return None
+        return cold, None if cold.transaction_version(TIER_MARK) == mark else f"ingested_at < '{micros_iso(mark)}'"
+
+    def _files(self, dt: DeltaTable, uri: str, prune: str | None, cold: bool = False):
+        """An arrow dataset of a Delta table's files. A local table is read through Arrow's own
+        file system: deltalake's default (a Python file system handler called from Arrow's I/O
+        threads) made about half of the processes that had read a table abort at exit
+        ("terminate called without an active exception")."""
         filesystem = None
-        if "://" not in self.root:
-            filesystem = pa_fs.SubTreeFileSystem(os.path.abspath(self.uri(table)), pa_fs.LocalFileSystem())
+        if "://" not in (self.cold_root if cold else self.root):
+            filesystem = pa_fs.SubTreeFileSystem(os.path.abspath(uri), pa_fs.LocalFileSystem())
         return dt.to_pyarrow_dataset(file_pruning_predicate=prune, filesystem=filesystem)
 
     def append(self, table: Table, data: pa.Table) -> int:
@@ -177,12 +228,15 @@ class Lake:
         return self.version(table)
 
     def delete_where(self, table: Table, predicate: str) -> int:
-        """Delete the rows a Delta predicate holds for, in one commit that rewrites only the files
-        holding them (an overwrite with that predicate: delta-rs's DELETE writes string_view files,
-        see upsert). The rows deleted."""
+        """Delete the rows a Delta predicate holds for, in one commit per tier that rewrites only
+        the files holding them (an overwrite with that predicate: delta-rs's DELETE writes
+        string_view files, see upsert). The rows deleted (those a read saw)."""
         before = self.row_count(table)
         if before:
             self._write(table, table.schema.empty_table(), mode="overwrite", predicate=predicate)
+            if self.cold(table) is not None:  # the cold rows no version reads yet too (a stopped move)
+                write_deltalake(self.cold_uri(table), table.schema.empty_table(), mode="overwrite",
+                                predicate=predicate, storage_options=self.cold_storage_options)
         return before - self.row_count(table)
 
     def purge_history(self, table: Table) -> None:
@@ -192,17 +246,9 @@ class Lake:
         that failed, or one still under way) are deleted once ORPHAN_HOURS old: sooner would take a
         running writer's files before its commit. The log's retention is lowered for the cleanup
         and set back to what it was."""
-        dt = self.delta(table)
-        if dt is None:
-            return
-        dt.vacuum(retention_hours=0, enforce_retention_duration=False, dry_run=False)
-        dt.vacuum(retention_hours=ORPHAN_HOURS, enforce_retention_duration=False, dry_run=False, full=True)
-        retention = dt.metadata().configuration.get(LOG_RETENTION, DEFAULT_LOG_RETENTION)
-        dt.alter.set_table_properties({LOG_RETENTION: "interval 0 seconds"})
-        dt = self.delta(table)
-        dt.create_checkpoint()
-        dt.cleanup_metadata()
-        dt.alter.set_table_properties({LOG_RETENTION: retention})
+        for dt in (self.delta(table), self.cold(table)):
+            if dt is not None:
+                _purge(dt)
 
     def marks(self, table: Table, *apps: str, version: int | None = None) -> dict[str, int | None]:
         """The app transaction versions upsert recorded (None: never, or the table is missing)."""
@@ -211,6 +257,28 @@ class Lake:
 
     def versions(self, *tables: Table) -> dict[str, int | None]:
         return {t.name: self.version(t) for t in tables}
+
+
+def _purge(dt: DeltaTable) -> None:
+    """Lake.purge_history of one Delta table."""
+    dt.vacuum(retention_hours=0, enforce_retention_duration=False, dry_run=False)
+    dt.vacuum(retention_hours=ORPHAN_HOURS, enforce_retention_duration=False, dry_run=False, full=True)
+    retention = dt.metadata().configuration.get(LOG_RETENTION, DEFAULT_LOG_RETENTION)
+    dt.alter.set_table_properties({LOG_RETENTION: "interval 0 seconds"})
+    dt.update_incremental()
+    dt.create_checkpoint()
+    dt.cleanup_metadata()
+    dt.alter.set_table_properties({LOG_RETENTION: retention})
+
+
+def _log_rows(dt: DeltaTable) -> int:
+    actions = pa.table(dt.get_add_actions(flatten=True))
+    return int(pa.compute.sum(actions.column("num_records")).as_py() or 0)
+
+
+def micros_iso(micros: int) -> str:
+    """Microseconds since the epoch as an ISO timestamp (UTC) a Delta predicate compares with."""
+    return (datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=micros)).isoformat()
 
 
 def rows_where(rows, condition: str, columns: list[str] | None = None) -> pa.Table:

@@ -18,6 +18,9 @@ class Table:
     columns: tuple[tuple[str, pa.DataType, str], ...]
     key: tuple[str, ...] = ()
     partition_by: tuple[str, ...] = ()
+    # append-only with an ingested_at column: rows past maintenance.cold_after_days move to the
+    # cold tier (lib/storage/tiers.py) and are still read through Lake as one table
+    tiered: bool = False
 
     @property
     def schema(self) -> pa.Schema:

@@ -47,6 +47,7 @@ SESSION_EVENTS = Table(
         *_SOURCE,
     ),
     key=("event_id",),
+    tiered=True,
 )
 
 TRAJECTORIES = Table(
@@ -77,6 +78,7 @@ TRAJECTORIES = Table(
         *_SOURCE,
     ),
     key=("trajectory_id",),
+    tiered=True,
 )
 
 ANNOTATIONS = Table(

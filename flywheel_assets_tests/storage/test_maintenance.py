@@ -31,7 +31,7 @@ def test_maintenance_shrinks_the_lake_and_keeps_pinned_versions(config, lake):
     files, size = footprint(lake, CURATED_TRAJECTORIES)
     assert files == 6
 
-    done = {u.table: u for u in maintain(config, lake, retention_hours=0)}
+    done = {u.table: u for u in maintain(config, lake, retention_hours=0).tables}
 
     curated = done["gold/curated_trajectories"]
     assert (curated.files_before, curated.files_after, curated.pinned) == (6, 2, [pinned])  # current + pinned
@@ -45,6 +45,8 @@ def test_maintenance_shrinks_the_lake_and_keeps_pinned_versions(config, lake):
 
 
 def test_lake_maintenance_job_runs_under_dagster(home, lake):
+    from dagster_duckdb import DuckDBResource
+
     from flywheel_assets.defs.resources import FlywheelResource
     from flywheel_assets.defs.storage.jobs import lake_maintenance_job
 
@@ -52,5 +54,6 @@ def test_lake_maintenance_job_runs_under_dagster(home, lake):
     lake.overwrite(CURATED_TRAJECTORIES, _curated(10, "b"))
     result = lake_maintenance_job.execute_in_process(
         run_config={"ops": {"maintain_lake": {"config": {"retention_hours": 0}}}},
-        resources={"flywheel": FlywheelResource(home=str(home))})
+        resources={"flywheel": FlywheelResource(home=str(home)),
+                   "catalog": DuckDBResource(database=str(home / "flywheel.duckdb"))})
     assert result.success and footprint(lake, CURATED_TRAJECTORIES)[0] == 1

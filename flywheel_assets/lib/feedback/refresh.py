@@ -26,7 +26,7 @@ from datetime import datetime, timedelta, timezone
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from flywheel_assets.lib.lake import Lake, rows_where, sql_literal
+from flywheel_assets.lib.lake import OPERATION, TIER_MOVE, Lake, rows_where, sql_literal
 from flywheel_assets.lib.tables import Table
 
 GENERATION = "generation"  # µs time of the output's last full recompute: what readers of it compare
@@ -93,7 +93,7 @@ class Refresh:
             if reason is None and after is None and dt is not None:
                 reason = f"{feed.table.name} never read"
             if reason is None and feed.append_only and count is not None \
-                    and count > _row_count(lake, feed.table, refresh.versions[feed.table.name]):
+                    and count > lake.row_count(feed.table, refresh.versions[feed.table.name]):
                 reason = f"{feed.table.name} lost rows since the last refresh"
             folded = stored[f"{feed.table.name}.version"]
             if reason is None and feed.append_only and dt is not None and (
@@ -132,7 +132,7 @@ class Refresh:
         else:  # nothing new (or no table yet): read from where it was, or from the start
             self.marks[f"{name}.after"] = 0 if after is None else micros(after)
         if feed.append_only:
-            total = _row_count(self.lake, feed.table, self.versions.get(name))
+            total = self.lake.row_count(feed.table, self.versions.get(name))
             counted = self.marks[f"{name}.rows"] + rows.num_rows
             if counted != total and not self.full:
                 raise StaleWatermark(f"{name}: {total} rows, but {counted} folded and new "
@@ -173,7 +173,7 @@ def _rewrites(dt, folded: int | None) -> str | None:
         return None
     for commit in dt.history(limit=dt.version() - folded):
         operation = commit.get("operation", "")
-        if operation in _HARMLESS:
+        if operation in _HARMLESS or commit.get(OPERATION) == TIER_MOVE:  # a tier move changes no row read
             continue
         if operation == "WRITE" and (commit.get("operationParameters") or {}).get("mode") == "Append":
             continue
@@ -181,9 +181,3 @@ def _rewrites(dt, folded: int | None) -> str | None:
     return None
 
 
-def _row_count(lake: Lake, table: Table, version: int | None) -> int:
-    dt = lake.delta(table, version)
-    if dt is None:
-        return 0
-    actions = pa.table(dt.get_add_actions(flatten=True))
-    return int(pc.sum(actions.column("num_records")).as_py() or 0)

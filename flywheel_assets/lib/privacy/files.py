@@ -39,12 +39,12 @@ class Matcher:
     compared: another user's answer that happens to say the id is not theirs. A line that does not
     parse (quarantined) is matched on the ids as JSON strings in its bytes, UTF-8 and escaped."""
 
-    user: str
+    user: str | None  # None: the ids alone
     tenant: str | None
     ids: frozenset[str]
 
     @classmethod
-    def build(cls, user_id: str, tenant_id: str | None, ids: Iterable[str]) -> Matcher:
+    def build(cls, user_id: str | None, tenant_id: str | None, ids: Iterable[str]) -> Matcher:
         return cls(user_id, tenant_id, frozenset(value for value in ids if value))
 
     def __call__(self, line: bytes) -> bool:
@@ -57,7 +57,7 @@ class Matcher:
     def _bytes(self, line: bytes) -> bool:
         if any(token in line for value in self.ids for token in _quoted(value)):
             return True
-        if not any(token in line for token in _quoted(self.user)):
+        if self.user is None or not any(token in line for token in _quoted(self.user)):
             return False
         if self.tenant is None:
             return True
@@ -71,7 +71,7 @@ class Matcher:
         if not isinstance(value, dict):
             return False
         tenant_ok = self.tenant is None or (value.get("tenant_id") or "default") == self.tenant
-        if tenant_ok and value.get("user_id") == self.user:
+        if tenant_ok and self.user is not None and value.get("user_id") == self.user:
             return True
         if any(isinstance(value.get(name), str) and value[name] in self.ids for name in ID_FIELDS):
             return True

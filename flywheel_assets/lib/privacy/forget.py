@@ -59,7 +59,7 @@ POLICIES = ("retire", "retrain")
 
 @dataclass(frozen=True)
 class Subject:
-    user_id: str
+    user_id: str | None  # None: the sessions and trajectories alone (retention's expired sessions)
     tenant_id: str | None
     sessions: frozenset[str]
     trajectories: frozenset[str]  # the user's and their sessions' trajectories, and the corrections of them
@@ -74,7 +74,7 @@ class Subject:
         return "" if self.tenant_id is None else f" AND coalesce(tenant_id, 'default') = {sql_literal(self.tenant_id)}"
 
     def _user(self) -> str:
-        return f"(user_id = {sql_literal(self.user_id)}{self._tenant()})"
+        return "false" if self.user_id is None else f"(user_id = {sql_literal(self.user_id)}{self._tenant()})"
 
     def conditions(self, table: Table) -> list[str]:
         """SQL conditions (DuckDB and Delta predicates alike) that together select the table's rows of
@@ -83,7 +83,7 @@ class Subject:
         another tenant happens to use too is not theirs)."""
         names = set(table.schema.names)
         tenant = self._tenant() if "tenant_id" in names else ""
-        found = [self._user()] if "user_id" in names else []
+        found = [self._user()] if "user_id" in names and self.user_id is not None else []
         for column, ids in (("session_id", self.sessions), ("trajectory_id", self.trajectories)):
             if column in names:
                 ordered = sorted(ids)
@@ -220,19 +220,7 @@ def _forget(config: FlywheelConfig, lake: Lake, registry: ModelRegistry, user_id
     write_json(pending, {"user_id": user_id, "tenant_id": tenant_id, "sessions": sorted(subject.sessions),
                          "trajectories": sorted(subject.trajectories), "cycles": cycles,
                          "versions": report.versions})
-    for report.passes in range(1, MAX_PASSES + 1):
-        blanked = _scrub_files(config, lake, matcher, report)
-        for name, count in _delete_rows(config, lake, subject, matcher, report.cycles, blanked).items():
-            report.rows[name] = report.rows.get(name, 0) + count
-        for table in PURGED:
-            lake.purge_history(table)
-        left = {name: n for name, n in subject_rows(lake, subject, matcher).items() if n}
-        log(f"pass {report.passes}: {report.total_rows} rows deleted, {sum(report.lines.values())} lines blanked; "
-            f"left: {left or 'none'}")
-        if not left:
-            break
-    else:
-        raise ForgetIncomplete(f"{report.request_id}: rows still found after {MAX_PASSES} passes: {left}")
+    erase(config, lake, subject, report, log)
     withdrawn = registry.withdraw(set(report.versions), clean=clean, actor=requested_by,
                                   reason=f"trained on data deleted by {report.request_id}",
                                   metadata={"tainted_by": report.request_id},
@@ -249,6 +237,26 @@ def _forget(config: FlywheelConfig, lake: Lake, registry: ModelRegistry, user_id
     }], schema=FORGET_REQUESTS.schema))
     pending.unlink(missing_ok=True)
     return report
+
+
+def erase(config: FlywheelConfig, lake: Lake, subject: Subject, report: ForgetReport,
+          log: Callable[[str], None]) -> None:
+    """Steps 3–6: the subject's rows, lines and training-set entries deleted, every table's history
+    purged, checked, repeated while rows come back (counted into `report`). The caller holds
+    the locks forget takes."""
+    matcher = subject.matcher()
+    for report.passes in range(1, MAX_PASSES + 1):
+        blanked = _scrub_files(config, lake, matcher, report)
+        for name, count in _delete_rows(config, lake, subject, matcher, report.cycles, blanked).items():
+            report.rows[name] = report.rows.get(name, 0) + count
+        for table in PURGED:
+            lake.purge_history(table)
+        left = {name: n for name, n in subject_rows(lake, subject, matcher).items() if n}
+        log(f"pass {report.passes}: {report.total_rows} rows deleted, {sum(report.lines.values())} lines blanked; "
+            f"left: {left or 'none'}")
+        if not left:
+            return
+    raise ForgetIncomplete(f"{report.request_id}: rows still found after {MAX_PASSES} passes: {left}")
 
 
 def _resume(pending, subject: Subject, cycles: list[str]) -> tuple[Subject, list[str], set[str]]:

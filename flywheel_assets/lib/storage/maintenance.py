@@ -1,7 +1,14 @@
-"""Keep the lake's footprint to what is read: compact small files, vacuum the files no kept version reads.
+"""Keep the lake's footprint to what is read and kept: retention, tiers, compaction, vacuum.
 
 Every ingest rewrites some tables (the score tables' day partitions, curated_trajectories in
-full), and Delta keeps every earlier version's files until a vacuum. `maintain` runs per table:
+full), and Delta keeps every earlier version's files until a vacuum. `maintain` runs, in order:
+
+- retention (only when a retention is configured): every tenant's sessions past its
+  retention erased everywhere (lib/privacy/retention.py);
+- tiers: the tiered tables' rows ingested more than `maintenance.cold_after_days` ago moved to
+  the cold tier, and their hot rows Z-ordered on session_id (lib/storage/tiers.py);
+
+then per table:
 
 - compaction (OPTIMIZE): small files rewritten into few, per partition; no row changes;
 - vacuum: the files that neither the current version nor a pinned one reads, once they have been
@@ -13,21 +20,25 @@ full), and Delta keeps every earlier version's files until a vacuum. `maintain` 
 
 It holds the ingest lock and the refresh locks, so no ingest or score refresh commits between its
 read of a table and its own commits; a curation run that does is detected by Delta (the
-compaction then fails for that table and is tried again at the next run).
+compaction then fails for that table and is tried again at the next run). With a retention set it
+also holds the writers' lock, as a forget does (no curation or training reads what it deletes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from deltalake.exceptions import DeltaError
 
 from flywheel_assets.lib.config import FlywheelConfig
-from flywheel_assets.lib.ingest.lock import every_lock
-from flywheel_assets.lib.lake import SMALL_FILE_BYTES, Lake
+from flywheel_assets.lib.ingest.lock import every_lock, no_writers
+from flywheel_assets.lib.lake import SMALL_FILE_BYTES, Lake, utcnow
+from flywheel_assets.lib.storage.tiers import TierMove, move_to_cold, zorder
 from flywheel_assets.lib.tables import ALL_TABLES, DATASET_MANIFESTS, Table
 
 @dataclass
@@ -41,6 +52,20 @@ class TableUpkeep:
     vacuumed: int  # files deleted
     pinned: list[int]  # versions kept readable
     error: str | None = None
+    moved: TierMove | None = None  # a tiered table: rows moved to the cold tier
+    zordered: bool = False
+    cold_files: int = 0  # a tiered table's cold tier after the run
+    cold_bytes: int = 0
+
+
+@dataclass
+class Upkeep:
+    tables: list[TableUpkeep] = field(default_factory=list)
+    expired: dict = field(default_factory=dict)  # tenant -> ForgetReport of its expired sessions
+
+    @property
+    def moved(self) -> int:
+        return sum(t.moved.rows for t in self.tables if t.moved is not None)
 
 
 def pinned_versions(lake: Lake) -> dict[str, set[int]]:
@@ -54,29 +79,54 @@ def pinned_versions(lake: Lake) -> dict[str, set[int]]:
 
 
 def maintain(config: FlywheelConfig, lake: Lake, retention_hours: float | None = None,
-             log: Callable[[str], None] = lambda message: None) -> list[TableUpkeep]:
-    hours = config.maintenance.vacuum_retention_hours if retention_hours is None else retention_hours
-    done = []
-    with every_lock(config.landing, config.ingest.lock_timeout_s, owner="lake maintenance", log=log):
+             log: Callable[[str], None] = lambda message: None, now: datetime | None = None,
+             cold_before: datetime | None = None) -> Upkeep:
+    """`now`: the clock retention ages sessions against (the flywheel's: their events' `ts` are
+    in it; default the wall clock). The tiers age rows by `ingested_at`, which the ingest writes
+    from the wall clock: rows move once ingested before `cold_before` (default the wall clock
+    minus maintenance.cold_after_days)."""
+    settings = config.maintenance
+    hours = settings.vacuum_retention_hours if retention_hours is None else retention_hours
+    now = now or utcnow()
+    if cold_before is None and settings.cold_after_days is not None:
+        cold_before = utcnow() - timedelta(days=settings.cold_after_days)
+    done = Upkeep()
+    with contextlib.ExitStack() as held:
+        if settings.expires:  # retention deletes what curation and training read: wait for them, as forget does
+            held.enter_context(no_writers(config.landing, config.privacy.lock_timeout_s, owner="lake maintenance",
+                                          log=log))
+        held.enter_context(every_lock(config.landing, config.ingest.lock_timeout_s, owner="lake maintenance", log=log))
+        if settings.expires:
+            from flywheel_assets.lib.privacy.retention import expire
+
+            done.expired = expire(config, lake, now, log=log)
         pinned = pinned_versions(lake)
         for table in ALL_TABLES:
-            if (upkeep := _maintain_table(lake, table, sorted(pinned.get(table.name, ())), hours)) is not None:
+            if (upkeep := _maintain_table(lake, table, sorted(pinned.get(table.name, ())), hours,
+                                          cold_before, settings.zorder)) is not None:
                 log(f"{table.layer}/{table.name}: {upkeep.files_before} files {upkeep.bytes_before / 1e6:.1f} MB -> "
                     f"{upkeep.files_after} files {upkeep.bytes_after / 1e6:.1f} MB"
+                    + (f"; {upkeep.moved.rows} rows moved to the cold tier ({upkeep.cold_files} files "
+                       f"{upkeep.cold_bytes / 1e6:.1f} MB)" if upkeep.moved and upkeep.moved.rows else "")
                     + (f" ({upkeep.error})" if upkeep.error else ""))
-                done.append(upkeep)
+                done.tables.append(upkeep)
     return done
 
 
-def _maintain_table(lake: Lake, table: Table, pinned: list[int], hours: float) -> TableUpkeep | None:
+def _maintain_table(lake: Lake, table: Table, pinned: list[int], hours: float, cold_before: datetime | None,
+                    zorder_hot: bool) -> TableUpkeep | None:
     dt = lake.delta(table)
     if dt is None:
         return None
     files, size = footprint(lake, table)
     upkeep = TableUpkeep(f"{table.layer}/{table.name}", files, size, files, size, 0, 0, pinned)
     try:
+        if table.tiered and cold_before is not None:
+            upkeep.moved = move_to_cold(lake, table, cold_before)
+        dt = lake.delta(table)
         metrics = dt.optimize.compact(target_size=SMALL_FILE_BYTES)
         upkeep.compacted = int(metrics.get("numFilesRemoved", 0))
+        upkeep.zordered = table.tiered and zorder_hot and zorder(lake, table)
         dt = lake.delta(table)
         # keep_versions: those versions stay readable whatever their age
         upkeep.vacuumed = len(dt.vacuum(retention_hours=int(hours), enforce_retention_duration=False, dry_run=False,
@@ -84,15 +134,21 @@ def _maintain_table(lake: Lake, table: Table, pinned: list[int], hours: float) -
     except DeltaError as error:  # a concurrent commit (a curation run): tried again at the next run
         upkeep.error = f"skipped: {error}"
     upkeep.files_after, upkeep.bytes_after = footprint(lake, table)
+    if table.tiered:
+        upkeep.cold_files, upkeep.cold_bytes = footprint(lake, table, cold=True)
     return upkeep
 
 
-def footprint(lake: Lake, table: Table) -> tuple[int, int]:
-    """(data files, bytes) the table holds in storage, read or not: on a local lake the folder's
-    Parquet files; on object storage the files the current version reads (a listing would cost)."""
-    if "://" not in lake.root:
-        paths = [p for p in Path(lake.uri(table)).rglob("*.parquet") if "_delta_log" not in p.parts]
+def footprint(lake: Lake, table: Table, cold: bool = False) -> tuple[int, int]:
+    """(data files, bytes) the table (`cold`: its cold tier) holds in storage, read or not: on a
+    local lake the folder's Parquet files; on object storage the files the current version reads
+    (a listing would cost)."""
+    if "://" not in (lake.cold_root if cold else lake.root):
+        paths = [p for p in Path(lake.cold_uri(table) if cold else lake.uri(table)).rglob("*.parquet")
+                 if "_delta_log" not in p.parts]
         return len(paths), sum(p.stat().st_size for p in paths)
-    dt = lake.delta(table)
+    dt = lake.cold(table) if cold else lake.delta(table)
+    if dt is None:
+        return 0, 0
     sizes = dt.get_add_actions(flatten=True).column("size_bytes").to_pylist()
     return len(sizes), sum(sizes)

@@ -1,0 +1,92 @@
+"""Per-tenant retention: a tenant's sessions older than its retention deleted everywhere, like a forget.
+
+`expire(config, lake, now)` runs inside lake_maintenance, under the locks a forget takes. For
+each tenant whose retention (maintenance.tenant_retention_days, else maintenance.retention_days)
+is set, the expired subject is every session of the tenant whose last activity (its newest event
+`ts` or trajectory `created_at`) is older than `now` minus those days, with the trajectories of
+those sessions and the teacher's corrections of them. It is then erased as a forgotten user is
+(lib/privacy/forget.py `erase`): rows out of every table (the cold tier too), lines blanked in
+the landing files and the gateway's journal, the training sets' exports and id lists rewritten,
+every table's history purged; and one row per tenant is appended to audit/forget_requests
+(`requested_by` "retention", `policy` "expire", the sha256 of the tenant and cut-off).
+
+What retention does not do: rows with no session (offline data: golden, synthetic, imported)
+are kept, they are not a user's; model versions trained on expired sessions stay in service
+(they were trained while the data was retained; `flywheel forget` is the tool that withdraws
+models, for a user who asks).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+import duckdb
+import pyarrow as pa
+
+from flywheel_assets.lib.config import FlywheelConfig
+from flywheel_assets.lib.lake import Lake, sql_literal
+from flywheel_assets.lib.privacy.forget import ForgetReport, Subject, erase, tainted_cycles
+from flywheel_assets.lib.tables import FORGET_REQUESTS, SESSION_EVENTS, TRAJECTORIES
+
+
+def expired_sessions(lake: Lake, tenant: str, before: datetime) -> Subject:
+    """The tenant's sessions last active before `before`, their trajectories and corrections."""
+    con = duckdb.connect()
+    for table in (SESSION_EVENTS, TRAJECTORIES):
+        lake.register(con, table)
+    tenant_sql = f"coalesce(tenant_id, 'default') = {sql_literal(tenant)}"
+    sessions = [r[0] for r in con.execute(f"""
+        SELECT session_id FROM (
+            SELECT session_id, ts AS at FROM session_events WHERE {tenant_sql} AND session_id IS NOT NULL
+            UNION ALL SELECT session_id, created_at FROM trajectories WHERE {tenant_sql} AND session_id IS NOT NULL)
+        GROUP BY session_id HAVING max(at) < ? ORDER BY session_id""", [before]).fetchall()]
+    con.register("expired", pa.table({"session_id": pa.array(sessions, pa.string())}))
+    own = {r[0] for r in con.execute(f"""
+        SELECT trajectory_id FROM trajectories WHERE {tenant_sql} AND session_id IN (SELECT session_id FROM expired)
+        UNION SELECT trajectory_id FROM session_events
+        WHERE {tenant_sql} AND session_id IN (SELECT session_id FROM expired) AND trajectory_id IS NOT NULL""").fetchall()}
+    return Subject(None, tenant, frozenset(sessions), frozenset(own | {f"correction-{t}" for t in own}))
+
+
+def tenants(lake: Lake) -> list[str]:
+    con = duckdb.connect()
+    for table in (SESSION_EVENTS, TRAJECTORIES):
+        lake.register(con, table)
+    return [r[0] for r in con.execute("""
+        SELECT DISTINCT coalesce(tenant_id, 'default') FROM session_events WHERE session_id IS NOT NULL
+        UNION SELECT DISTINCT coalesce(tenant_id, 'default') FROM trajectories WHERE session_id IS NOT NULL
+        ORDER BY 1""").fetchall()]
+
+
+def expire(config: FlywheelConfig, lake: Lake, now: datetime,
+           log: Callable[[str], None] = lambda message: None) -> dict[str, ForgetReport]:
+    """Erase every tenant's expired sessions (see the module docstring); the caller holds the
+    locks forget takes. Per tenant with expired sessions, what went."""
+    done = {}
+    for tenant in tenants(lake):
+        if (days := config.maintenance.retention_for(tenant)) is None:
+            continue
+        before = now - timedelta(days=days)
+        subject = expired_sessions(lake, tenant, before)
+        if not subject.sessions:
+            continue
+        report = ForgetReport(request_id=f"expire-{uuid.uuid4().hex[:16]}", dry_run=False)
+        report.cycles = tainted_cycles(lake, subject)
+        log(f"retention: tenant {tenant}: {len(subject.sessions)} sessions last active before {before:%Y-%m-%d %H:%M} "
+            f"({days:g} days)")
+        erase(config, lake, subject, report, log)
+        sha = hashlib.sha256(f"{tenant}\x1fbefore {before.isoformat()}".encode()).hexdigest()
+        lake.append(FORGET_REQUESTS, pa.Table.from_pylist([{
+            "request_id": report.request_id, "requested_by": "retention", "requested_at": now,
+            "subject_sha256": sha, "tenant_scoped": True, "policy": "expire",
+            "rows_deleted": report.total_rows, "rows_by_table_json": json.dumps(report.rows, sort_keys=True),
+            "files_rewritten": len(report.lines), "lines_blanked": sum(report.lines.values()),
+            "cycles_tainted": report.cycles, "versions_withdrawn": [], "champion_after": None,
+            "retrain_requested": False, "passes": report.passes,
+        }], schema=FORGET_REQUESTS.schema))
+        done[tenant] = report
+    return done

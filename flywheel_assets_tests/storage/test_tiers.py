@@ -1,0 +1,126 @@
+"""Hot and cold tiers: a move changes no row any reader sees (any version, Lake or the DuckDB
+catalog), a move stopped between its two commits shows each row once and is finished by the next,
+deletes reach the cold tier, and the incremental refreshes take a move as harmless."""
+
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from deltalake import DeltaTable, write_deltalake
+
+from flywheel_assets.lib.catalog import refresh_catalog
+from flywheel_assets.lib.feedback.refresh import _rewrites
+from flywheel_assets.lib.lake import TIER_MARK, conform
+from flywheel_assets.lib.storage import tiers
+from flywheel_assets.lib.storage.maintenance import footprint, maintain
+from flywheel_assets.lib.tables import SESSION_EVENTS
+
+DAY0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
+
+
+def _events(day: int, n: int = 50) -> pa.Table:
+    at = DAY0 + timedelta(days=day)
+    return conform(pa.Table.from_pylist([{
+        "event_id": f"e{day}-{i}", "session_id": f"s{(i * 7919 + day) % 97:03d}", "user_id": f"u{i % 9}",
+        "tenant_id": "acme", "event_type": "output_accepted", "ts": at, "data_json": "{}" + "x" * 40,
+        "ingested_at": at + timedelta(seconds=i)} for i in range(n)]), SESSION_EVENTS)
+
+
+def _ids(table: pa.Table) -> list[str]:
+    return sorted(table.column("event_id").to_pylist())
+
+
+@pytest.fixture
+def tiered(lake):
+    for day in range(4):
+        lake.append(SESSION_EVENTS, _events(day))
+    return lake
+
+
+def test_a_move_changes_no_row_read_at_any_version(tiered):
+    lake = tiered
+    before_version, everything = lake.version(SESSION_EVENTS), _ids(lake.read(SESSION_EVENTS))
+    moved = tiers.move_to_cold(lake, SESSION_EVENTS, DAY0 + timedelta(days=2))
+    assert moved.rows == 100 and not moved.finished_stopped
+    hot = lake.read(SESSION_EVENTS, hot_only=True)
+    assert hot.num_rows == 100 and pa.compute.min(hot.column("ingested_at")).as_py() >= DAY0 + timedelta(days=2)
+    assert _ids(lake.read(SESSION_EVENTS)) == everything and lake.row_count(SESSION_EVENTS) == 200
+    assert _ids(lake.read(SESSION_EVENTS, version=before_version)) == everything  # time travel: no row twice
+    assert lake.row_count(SESSION_EVENTS, before_version) == 200
+    # a filter and a prune read both tiers
+    assert lake.read(SESSION_EVENTS, filter_sql="ts < TIMESTAMPTZ '2026-11-02'", prune="ts < '2026-11-02'").num_rows == 50
+
+    # the cold file: zstd, sorted by session_id
+    cold_files = list(Path(lake.cold_uri(SESSION_EVENTS)).glob("*.parquet"))
+    assert len(cold_files) == 1
+    meta = pq.ParquetFile(cold_files[0]).metadata
+    assert meta.row_group(0).column(0).compression == "ZSTD"
+    sessions = pq.read_table(cold_files[0]).column("session_id").to_pylist()
+    assert sessions == sorted(sessions)
+
+    # a second move takes the next day only; the first version still reads as it was
+    second = tiers.move_to_cold(lake, SESSION_EVENTS, DAY0 + timedelta(days=3))
+    assert second.rows == 50 and _ids(lake.read(SESSION_EVENTS)) == everything
+    assert _ids(lake.read(SESSION_EVENTS, version=before_version)) == everything
+    assert tiers.move_to_cold(lake, SESSION_EVENTS, DAY0 + timedelta(days=3)).rows == 0  # nothing left to move
+
+
+def test_a_stopped_move_shows_each_row_once_and_the_next_finishes_it(tiered, home):
+    lake = tiered
+    everything = _ids(lake.read(SESSION_EVENTS))
+    cutoff = DAY0 + timedelta(days=2)
+    # the cold commit of a move, then a kill before its hot commit
+    old = lake.read(SESSION_EVENTS, filter_sql="ingested_at < TIMESTAMPTZ '2026-11-03'", hot_only=True)
+    write_deltalake(lake.cold_uri(SESSION_EVENTS), old, mode="append",
+                    commit_properties=tiers._commit(tiers.to_micros(cutoff)))
+    assert _ids(lake.read(SESSION_EVENTS)) == everything and lake.row_count(SESSION_EVENTS) == 200
+    con = duckdb.connect(str(home / "flywheel.duckdb"))
+    refresh_catalog(con, lake)
+    assert con.execute("SELECT count(*), count(DISTINCT event_id) FROM session_events").fetchone() == (200, 200)
+
+    finished = tiers.move_to_cold(lake, SESSION_EVENTS, cutoff)
+    assert finished.finished_stopped and finished.rows == 100
+    assert lake.delta(SESSION_EVENTS).transaction_version(TIER_MARK) == tiers.to_micros(cutoff)
+    assert lake.read(SESSION_EVENTS, hot_only=True).num_rows == 100
+    assert _ids(lake.read(SESSION_EVENTS)) == everything
+    assert con.execute("SELECT count(*), count(DISTINCT event_id) FROM session_events").fetchone() == (200, 200)
+
+
+def test_deletes_and_history_purges_reach_the_cold_tier(tiered):
+    lake = tiered
+    tiers.move_to_cold(lake, SESSION_EVENTS, DAY0 + timedelta(days=2))
+    # u3's rows: in both tiers
+    assert lake.delete_where(SESSION_EVENTS, "user_id = 'u3'") == 24  # 6 a day
+    assert lake.read(SESSION_EVENTS, filter_sql="user_id = 'u3'").num_rows == 0
+    lake.purge_history(SESSION_EVENTS)
+    with pytest.raises(Exception):  # no earlier cold version to travel back to
+        DeltaTable(lake.cold_uri(SESSION_EVENTS), version=0)
+    for path in Path(lake.cold_uri(SESSION_EVENTS)).glob("*.parquet"):
+        assert "u3" not in pq.read_table(path).column("user_id").to_pylist()
+
+
+def test_a_refresh_takes_a_move_and_a_z_order_as_harmless(tiered):
+    lake = tiered
+    folded = lake.version(SESSION_EVENTS)
+    tiers.move_to_cold(lake, SESSION_EVENTS, DAY0 + timedelta(days=2))
+    assert tiers.zorder(lake, SESSION_EVENTS) is True
+    assert tiers.zorder(lake, SESSION_EVENTS) is False  # nothing appended since
+    assert _rewrites(lake.delta(SESSION_EVENTS), folded) is None
+    lake.delete_where(SESSION_EVENTS, "user_id = 'u3'")  # a forget is not harmless
+    assert _rewrites(lake.delta(SESSION_EVENTS), folded) is not None
+
+
+def test_maintenance_moves_z_orders_and_reports_the_cold_tier(tiered, config):
+    lake = tiered
+    everything = _ids(lake.read(SESSION_EVENTS))
+    done = {u.table: u for u in maintain(config, lake, retention_hours=0,
+                                         cold_before=DAY0 + timedelta(days=3)).tables}
+    events = done["bronze/session_events"]
+    assert events.moved.rows == 150 and events.zordered and events.cold_files == 1
+    assert (events.files_after, events.bytes_after) == footprint(lake, SESSION_EVENTS)
+    assert _ids(lake.read(SESSION_EVENTS)) == everything
+    sessions = lake.read(SESSION_EVENTS, hot_only=True).column("session_id").to_pylist()
+    assert sessions == sorted(sessions)  # one column's Z-order is its sort
