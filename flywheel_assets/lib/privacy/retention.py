@@ -8,7 +8,7 @@ those sessions and the teacher's corrections of them. It is then erased as a for
 (lib/privacy/forget.py `erase`): rows out of every table (the cold tier too), lines blanked in
 the landing files and the gateway's journal, the training sets' exports and id lists rewritten,
 every table's history purged; and one row per tenant is appended to audit/forget_requests
-(`requested_by` "retention", `policy` "expire", the sha256 of the tenant and cut-off).
+(`requested_by` "retention:<tenant>", `policy` "expire", the sha256 of the tenant and cut-off).
 
 What retention does not do: rows with no session (offline data: golden, synthetic, imported)
 are kept, they are not a user's; model versions trained on expired sessions stay in service
@@ -41,9 +41,9 @@ def expired_sessions(lake: Lake, tenant: str, before: datetime) -> Subject:
     tenant_sql = f"coalesce(tenant_id, 'default') = {sql_literal(tenant)}"
     sessions = [r[0] for r in con.execute(f"""
         SELECT session_id FROM (
-            SELECT session_id, ts AS at FROM session_events WHERE {tenant_sql} AND session_id IS NOT NULL
+            SELECT session_id, ts AS active_at FROM session_events WHERE {tenant_sql} AND session_id IS NOT NULL
             UNION ALL SELECT session_id, created_at FROM trajectories WHERE {tenant_sql} AND session_id IS NOT NULL)
-        GROUP BY session_id HAVING max(at) < ? ORDER BY session_id""", [before]).fetchall()]
+        GROUP BY session_id HAVING max(active_at) < ? ORDER BY session_id""", [before]).fetchall()]
     con.register("expired", pa.table({"session_id": pa.array(sessions, pa.string())}))
     own = {r[0] for r in con.execute(f"""
         SELECT trajectory_id FROM trajectories WHERE {tenant_sql} AND session_id IN (SELECT session_id FROM expired)
@@ -81,7 +81,7 @@ def expire(config: FlywheelConfig, lake: Lake, now: datetime,
         erase(config, lake, subject, report, log)
         sha = hashlib.sha256(f"{tenant}\x1fbefore {before.isoformat()}".encode()).hexdigest()
         lake.append(FORGET_REQUESTS, pa.Table.from_pylist([{
-            "request_id": report.request_id, "requested_by": "retention", "requested_at": now,
+            "request_id": report.request_id, "requested_by": f"retention:{tenant}", "requested_at": now,
             "subject_sha256": sha, "tenant_scoped": True, "policy": "expire",
             "rows_deleted": report.total_rows, "rows_by_table_json": json.dumps(report.rows, sort_keys=True),
             "files_rewritten": len(report.lines), "lines_blanked": sum(report.lines.values()),
