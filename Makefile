@@ -112,8 +112,8 @@ ab-harness: $(STAMP)
 bench-refresh: $(STAMP)
 	$(BIN)/python benchmarks/bench_refresh.py $(if $(EVENTS),--events $(EVENTS),) $(if $(NEW_EVENTS),--new-events $(NEW_EVENTS),)
 
-## bench-storage: the lake's footprint over 30 simulated days (300 users a day), as it grows and after
-## lake_maintenance (DAYS=... USERS=... to change) -> benchmarks/results/bench_storage-latest.json
+## bench-storage: the lake's footprint over 30 simulated days (300 users a day), as it grows, after
+## lake_maintenance, and with the cold tier on (DAYS=... USERS=... to change) -> benchmarks/results/bench_storage-latest.json
 bench-storage: $(STAMP)
 	$(BIN)/python benchmarks/bench_storage.py $(if $(DAYS),--days $(DAYS),) $(if $(USERS),--users $(USERS),)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 # the release settings (trigger, A/B test, rollout) and the gateway's live in their own modules;
 # re-exported here
@@ -288,6 +288,13 @@ class MaintenanceConfig(BaseModel):
     # `tenant_retention_days`. None: kept forever
     retention_days: float | None = Field(None, gt=0)
     tenant_retention_days: dict[str, float | None] = Field(default_factory=dict)
+
+    @field_validator("tenant_retention_days")
+    @classmethod
+    def _positive(cls, days: dict[str, float | None]) -> dict[str, float | None]:
+        if bad := {tenant: d for tenant, d in days.items() if d is not None and d <= 0}:
+            raise ValueError(f"a retention is a number of days above 0 (or null: kept forever), got {bad}")
+        return days
 
     def retention_for(self, tenant: str) -> float | None:
         return self.tenant_retention_days.get(tenant, self.retention_days)

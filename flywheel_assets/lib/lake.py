@@ -7,12 +7,14 @@ FLYWHEEL_HOME/lake unless FLYWHEEL_LAKE_URI names another (for example
 s3://bucket/flywheel, with credentials in FLYWHEEL_STORAGE_OPTIONS as a JSON object).
 
 A tiered table (Table.tiered) is two Delta tables read as one: the hot one at `uri`, and the
-cold one at `cold_uri` (FLYWHEEL_COLD_URI, default `<lake root>/cold`: zstd Parquet, on cheaper
-storage when it names another bucket) holding the rows lib/storage/tiers.py moved there. The hot
-table's app transaction TIER_MARK says which: a version of the hot table reads the cold rows
-ingested before its mark. A move commits the cold rows first and then, in one hot commit, deletes
-them from the hot table and advances its mark, so a reader (of any version) sees each row once
-whenever it reads and wherever a move stopped.
+cold one at `cold_uri` (zstd Parquet, on cheaper storage when FLYWHEEL_COLD_URI names another
+bucket; the first move records the location on the hot table, so every process finds it
+whatever its environment) holding the rows lib/storage/tiers.py moved there. The hot table's app
+transaction TIER_MARK says which: a version of the hot table reads the cold rows ingested
+before its mark. A move commits the cold rows first and then, in one hot commit, deletes them
+from the hot table and advances its mark, so a reader (of any version) sees each row once
+whenever it reads and wherever a move stopped. A hot table with a mark whose cold tier cannot be
+opened fails every read (ColdTierMissing) rather than read half of its rows.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ SMALL_FILE_BYTES = 32 << 20
 LOG_RETENTION, DEFAULT_LOG_RETENTION = "delta.logRetentionDuration", "interval 30 days"
 ORPHAN_HOURS = 1  # purge_history: untracked files older than this are deleted
 TIER_MARK = "flywheel.tiered_before"  # app transaction: rows ingested before it (µs) are in the cold tier
+COLD_URI_PROPERTY = "flywheel.coldUri"  # hot table property: where its cold tier is
 OPERATION, TIER_MOVE = "flywheel.operation", "tier-move"  # commit metadata tagging a tier move's commits
 
 
@@ -52,15 +55,20 @@ class Lake:
         self.root = root or os.environ.get("FLYWHEEL_LAKE_URI") or str(config.lake.resolve())
         options = storage_options or os.environ.get("FLYWHEEL_STORAGE_OPTIONS")
         self.storage_options: dict[str, str] | None = json.loads(options) if options else None
-        self.cold_root = os.environ.get("FLYWHEEL_COLD_URI") or f"{self.root.rstrip('/')}/cold"
+        cold_root = os.environ.get("FLYWHEEL_COLD_URI") or f"{self.root.rstrip('/')}/cold"
+        self.cold_root = cold_root if "://" in cold_root else os.path.abspath(cold_root)
         cold_options = os.environ.get("FLYWHEEL_COLD_STORAGE_OPTIONS")
         self.cold_storage_options = json.loads(cold_options) if cold_options else self.storage_options
 
     def uri(self, table: Table) -> str:
         return f"{self.root.rstrip('/')}/{table.layer}/{table.name}"
 
-    def cold_uri(self, table: Table) -> str:
-        return f"{self.cold_root.rstrip('/')}/{table.layer}/{table.name}"
+    def cold_uri(self, table: Table, dt: DeltaTable | None = None) -> str:
+        """Where the table's cold tier is: as its first move recorded it on the hot table (`dt`,
+        default the current version), else where a first move puts it (FLYWHEEL_COLD_URI)."""
+        dt = self.delta(table) if dt is None else dt
+        recorded = None if dt is None else dt.metadata().configuration.get(COLD_URI_PROPERTY)
+        return recorded or f"{self.cold_root.rstrip('/')}/{table.layer}/{table.name}"
 
     def delta(self, table: Table, version: int | None = None) -> DeltaTable | None:
         try:
@@ -68,13 +76,20 @@ class Lake:
         except TableNotFoundError:
             return None
 
-    def cold(self, table: Table) -> DeltaTable | None:
-        """The cold tier of a tiered table (None: not tiered, or nothing moved yet)."""
+    def cold(self, table: Table, dt: DeltaTable | None = None) -> DeltaTable | None:
+        """The cold tier of a tiered table as hot version `dt` (default the current one) knows it;
+        None: not tiered, or nothing moved yet."""
         if not table.tiered:
             return None
+        dt = self.delta(table) if dt is None else dt
+        uri = self.cold_uri(table, dt)
         try:
-            return DeltaTable(self.cold_uri(table), storage_options=self.cold_storage_options)
+            return DeltaTable(uri, storage_options=self.cold_storage_options)
         except TableNotFoundError:
+            if dt is not None and dt.transaction_version(TIER_MARK) is not None:
+                raise ColdTierMissing(f"{table.layer}/{table.name}: its rows ingested before the mark were moved to "
+                                      f"{uri}, and no Delta table is there (moved away? credentials: "
+                                      "FLYWHEEL_COLD_STORAGE_OPTIONS)") from None
             return None
 
     def exists(self, table: Table) -> bool:
@@ -90,10 +105,10 @@ class Lake:
         if dt is None:
             return 0
         count = _log_rows(dt)
-        if (cold := self._cold_files(table, dt)) is not None:
-            cold_dt, predicate = cold
-            count += _log_rows(cold_dt) if predicate is None else self._files(cold_dt, self.cold_uri(table), predicate,
-                                                                              cold=True).count_rows()
+        if (part := self._cold_part(table, dt)) is not None:
+            cold_dt, uri, before = part
+            count += _log_rows(cold_dt) if before is None else \
+                self._files(cold_dt, uri, None).count_rows(filter=pa_ds.field("ingested_at") < micros_ts(before))
         return count
 
     def arrow_schema(self, table: Table) -> pa.Schema | None:
@@ -128,30 +143,32 @@ class Lake:
     def _dataset(self, dt: DeltaTable, table: Table, prune: str | None):
         """An arrow dataset of the table's files (and of its cold tier's rows this version reads)."""
         hot = self._files(dt, self.uri(table), prune)
-        if (cold := self._cold_files(table, dt)) is None:
+        if (part := self._cold_part(table, dt)) is None:
             return hot
-        cold_dt, predicate = cold
-        predicate = " AND ".join(f"({p})" for p in (prune, predicate) if p) or None
-        return pa_ds.dataset([hot, self._files(cold_dt, self.cold_uri(table), predicate, cold=True)])
+        cold_dt, uri, before = part
+        cold = self._files(cold_dt, uri, prune)
+        if before is not None:  # rows moved later than this version's mark are its hot rows: left out, row by row
+            cold = pa_ds.dataset(cold.to_table(filter=pa_ds.field("ingested_at") < micros_ts(before)))
+        return pa_ds.dataset([hot, cold])
 
-    def _cold_files(self, table: Table, dt: DeltaTable) -> tuple[DeltaTable, str | None] | None:
-        """(the cold tier, a predicate on its files' statistics or None for all of them) that hot
-        version `dt` reads with, or None when it reads no cold row. Each move appends files of
-        its own range of ingested_at and the cold tier is never compacted, so the files of the
-        moves after `dt`'s mark are exactly those whose rows all came later."""
+    def _cold_part(self, table: Table, dt: DeltaTable) -> tuple[DeltaTable, str, int | None] | None:
+        """(the cold tier, its location, None when hot version `dt` reads all of its rows, else
+        the mark before which it reads them), or None when `dt` reads no cold row. The cold tier
+        holds more than `dt` reads when `dt` is older than the last move, or when a move stopped
+        between its two commits: those reads filter the cold rows (into memory), the current
+        version of a finished move reads the cold files as they are."""
         if not table.tiered or (mark := dt.transaction_version(TIER_MARK)) is None:
             return None
-        if (cold := self.cold(table)) is None:
-            return None
-        return cold, None if cold.transaction_version(TIER_MARK) == mark else f"ingested_at < '{micros_iso(mark)}'"
+        cold = self.cold(table, dt)
+        return cold, self.cold_uri(table, dt), None if cold.transaction_version(TIER_MARK) == mark else mark
 
-    def _files(self, dt: DeltaTable, uri: str, prune: str | None, cold: bool = False):
+    def _files(self, dt: DeltaTable, uri: str, prune: str | None):
         """An arrow dataset of a Delta table's files. A local table is read through Arrow's own
         file system: deltalake's default (a Python file system handler called from Arrow's I/O
         threads) made about half of the processes that had read a table abort at exit
         ("terminate called without an active exception")."""
         filesystem = None
-        if "://" not in (self.cold_root if cold else self.root):
+        if "://" not in uri:
             filesystem = pa_fs.SubTreeFileSystem(os.path.abspath(uri), pa_fs.LocalFileSystem())
         return dt.to_pyarrow_dataset(file_pruning_predicate=prune, filesystem=filesystem)
 
@@ -236,7 +253,7 @@ class Lake:
             self._write(table, table.schema.empty_table(), mode="overwrite", predicate=predicate)
             if self.cold(table) is not None:  # the cold rows no version reads yet too (a stopped move)
                 write_deltalake(self.cold_uri(table), table.schema.empty_table(), mode="overwrite",
-                                predicate=predicate, storage_options=self.cold_storage_options)
+                                predicate=predicate, storage_options=self.cold_storage_options, schema_mode="merge")
         return before - self.row_count(table)
 
     def purge_history(self, table: Table) -> None:
@@ -274,6 +291,14 @@ def _purge(dt: DeltaTable) -> None:
 def _log_rows(dt: DeltaTable) -> int:
     actions = pa.table(dt.get_add_actions(flatten=True))
     return int(pa.compute.sum(actions.column("num_records")).as_py() or 0)
+
+
+class ColdTierMissing(RuntimeError):
+    """A tiered table moved rows to a cold tier this process cannot open."""
+
+
+def micros_ts(micros: int) -> pa.Scalar:
+    return pa.scalar(micros, pa.int64()).cast(pa.timestamp("us", tz="UTC"))
 
 
 def micros_iso(micros: int) -> str:

@@ -344,6 +344,8 @@ def markdown_reference() -> str:
     parts = []
     for table in ALL_TABLES:
         key = f" Key: `{', '.join(table.key)}`." if table.key else ""
+        key += (" Tiered: rows ingested more than `maintenance.cold_after_days` ago are in its cold tier, read with it "
+                "as one table (see Storage upkeep).") if table.tiered else ""
         parts.append(f"#### `{table.layer}/{table.name}`\n\n{table.description}{key}\n\n| column | type | meaning |\n|---|---|---|")
         parts += [f"| `{name}` | {str(dtype).replace('|', '/')} | {doc} |" for name, dtype, doc in table.columns]
         parts.append("")

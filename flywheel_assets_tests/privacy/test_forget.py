@@ -226,6 +226,14 @@ def test_a_line_is_matched_by_its_ids_as_json_strings_and_blanked_in_place(tmp_p
     assert match(b'{"user_id": "u-1", "tenant_id": "acme"}') and match(b'{"session_id":"s-9"} broken')
     assert match(b'{"event_type": "x", "data": {"trajectory_id": "s-9"}}')  # at any depth
     assert not match(b'{"user_id": "u-1", "tenant_id": "globex"}')  # another tenant's user of that id
+    # another tenant's session of the same id (retention matches ids alone: no user)
+    ids = Matcher.build(None, "acme", ["s-9"])
+    assert ids(b'{"session_id": "s-9", "tenant_id": "acme"}') and ids(b'{"session_id": "s-9"}')
+    assert not ids(b'{"session_id": "s-9", "tenant_id": "globex"}') and not ids(b'{"user_id": null, "tenant_id": "acme"}')
+    assert not ids(b'{"tenant_id": "globex", "data": {"trajectory_id": "s-9"}}')  # the enclosing object's tenant
+    assert not ids(b'{"session_id":"s-9", "tenant_id": "globex"} broken') and ids(b'{"session_id":"s-9"} broken')
+    assert ids(b'{"kind": "conversation", "tenant": "acme", "session_id": "s-9"}')
+    assert not ids(b'{"kind": "conversation", "tenant": "globex", "session_id": "s-9"}')
     assert not match(b'{"user_id": "u-10", "tenant_id": "acme"}') and not match(b'{"session_id": "s-99"}')
     assert not match(b'{"user_id": "bob", "tenant_id": "acme", "final_response": "u-1"}')  # content is not an id
     default = Matcher.build("u-1", "default", [])

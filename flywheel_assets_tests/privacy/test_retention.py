@@ -97,3 +97,31 @@ def test_retention_erases_a_tenants_expired_sessions_everywhere(home, config, la
     # the loop's refreshes go on over the tiered, expired lake
     assert dg.materialize(scoring, resources=resources, instance=instance).success
     assert lake.read(SESSION_EVENTS).num_rows == 2
+
+
+def test_retention_of_one_tenant_keeps_another_tenants_session_of_the_same_id(home, config, lake):
+    (home / "config.json").write_text(json.dumps({"maintenance": {"tenant_retention_days": {"acme": 30}}}))
+    acme, globex = _lines("acme", "s-1", 45, "acme-word-1180", 0), _lines("globex", "s-1", 45, "globex-word-7702", 1)
+    globex[0]["trajectory_id"] = globex[1]["trajectory_id"] = "t-globex-s-1"
+    globex[1]["event_id"] = "e-globex-s-1"
+    write_lines(config.landing / "trajectories" / "usage.jsonl", [acme[0], globex[0]])
+    write_lines(config.landing / "events" / "usage.jsonl", [acme[1], globex[1]])
+    resources = {"flywheel": FlywheelResource(home=str(home), config_path=str(home / "config.json"))}
+    assert dg.materialize([bronze_ingest, session_feedback, judge_scores, trajectory_scores, curated_trajectories],
+                          resources=resources).success
+    done = maintain(load_config(home, str(home / "config.json")), lake, retention_hours=0, now=NOW)
+    assert done.expired["acme"].rows["trajectories"] == 1 and done.expired["acme"].rows["session_events"] == 1
+    assert _found(home, "acme-word-1180") == []
+    assert {"landing/trajectories/usage.jsonl", "landing/events/usage.jsonl"} <= set(_found(home, "globex-word-7702"))
+    assert lake.read(TRAJECTORIES).column("trajectory_id").to_pylist() == ["t-globex-s-1"]
+    assert lake.read(SESSION_EVENTS).column("tenant_id").to_pylist() == ["globex"]
+
+
+def test_a_retention_of_zero_days_is_refused():
+    import pytest
+    from pydantic import ValidationError
+
+    from flywheel_assets.lib.config import FlywheelConfig
+
+    with pytest.raises(ValidationError, match="above 0"):
+        FlywheelConfig.model_validate({"maintenance": {"tenant_retention_days": {"acme": 0}}})

@@ -2,6 +2,7 @@
 catalog), a move stopped between its two commits shows each row once and is finished by the next,
 deletes reach the cold tier, and the incremental refreshes take a move as harmless."""
 
+import shutil
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from deltalake import DeltaTable, write_deltalake
 
 from flywheel_assets.lib.catalog import refresh_catalog
 from flywheel_assets.lib.feedback.refresh import _rewrites
-from flywheel_assets.lib.lake import TIER_MARK, conform
+from flywheel_assets.lib.lake import COLD_URI_PROPERTY, TIER_MARK, ColdTierMissing, Lake, conform
 from flywheel_assets.lib.storage import tiers
 from flywheel_assets.lib.storage.maintenance import footprint, maintain
 from flywheel_assets.lib.tables import SESSION_EVENTS
@@ -53,13 +54,13 @@ def test_a_move_changes_no_row_read_at_any_version(tiered):
     # a filter and a prune read both tiers
     assert lake.read(SESSION_EVENTS, filter_sql="ts < TIMESTAMPTZ '2026-11-02'", prune="ts < '2026-11-02'").num_rows == 50
 
-    # the cold file: zstd, sorted by session_id
+    # a file a day of ingestion: zstd, sorted by session_id
     cold_files = list(Path(lake.cold_uri(SESSION_EVENTS)).glob("*.parquet"))
-    assert len(cold_files) == 1
-    meta = pq.ParquetFile(cold_files[0]).metadata
-    assert meta.row_group(0).column(0).compression == "ZSTD"
-    sessions = pq.read_table(cold_files[0]).column("session_id").to_pylist()
-    assert sessions == sorted(sessions)
+    assert len(cold_files) == 2
+    for path in cold_files:
+        assert pq.ParquetFile(path).metadata.row_group(0).column(0).compression == "ZSTD"
+        sessions = pq.read_table(path).column("session_id").to_pylist()
+        assert sessions == sorted(sessions)
 
     # a second move takes the next day only; the first version still reads as it was
     second = tiers.move_to_cold(lake, SESSION_EVENTS, DAY0 + timedelta(days=3))
@@ -72,7 +73,9 @@ def test_a_stopped_move_shows_each_row_once_and_the_next_finishes_it(tiered, hom
     lake = tiered
     everything = _ids(lake.read(SESSION_EVENTS))
     cutoff = DAY0 + timedelta(days=2)
-    # the cold commit of a move, then a kill before its hot commit
+    # the cold commit of a first move (its location recorded first), then a kill before its hot commit
+    lake.delta(SESSION_EVENTS).alter.set_table_properties({COLD_URI_PROPERTY: lake.cold_uri(SESSION_EVENTS)},
+                                                          raise_if_not_exists=False)
     old = lake.read(SESSION_EVENTS, filter_sql="ingested_at < TIMESTAMPTZ '2026-11-03'", hot_only=True)
     write_deltalake(lake.cold_uri(SESSION_EVENTS), old, mode="append",
                     commit_properties=tiers._commit(tiers.to_micros(cutoff)))
@@ -124,3 +127,44 @@ def test_maintenance_moves_z_orders_and_reports_the_cold_tier(tiered, config):
     assert _ids(lake.read(SESSION_EVENTS)) == everything
     sessions = lake.read(SESSION_EVENTS, hot_only=True).column("session_id").to_pylist()
     assert sessions == sorted(sessions)  # one column's Z-order is its sort
+
+
+def test_the_cold_tier_is_found_where_it_was_put_or_reads_fail(tiered, monkeypatch, tmp_path):
+    lake = tiered
+    monkeypatch.setenv("FLYWHEEL_COLD_URI", str(tmp_path / "cheap"))
+    moved = Lake(lake.config)
+    tiers.move_to_cold(moved, SESSION_EVENTS, DAY0 + timedelta(days=2))
+    monkeypatch.delenv("FLYWHEEL_COLD_URI")
+    elsewhere = Lake(lake.config)  # a process without the variable: the hot table says where the rows went
+    assert elsewhere.cold_uri(SESSION_EVENTS) == str(tmp_path / "cheap" / "bronze" / "session_events")
+    assert elsewhere.row_count(SESSION_EVENTS) == 200 and elsewhere.delete_where(SESSION_EVENTS, "user_id = 'u3'") == 24
+    (tmp_path / "cheap").rename(tmp_path / "gone")
+    with pytest.raises(ColdTierMissing):  # never half of the rows
+        elsewhere.read(SESSION_EVENTS)
+
+
+def test_a_lake_made_anew_beside_an_old_cold_tier_is_refused(tiered):
+    lake = tiered
+    tiers.move_to_cold(lake, SESSION_EVENTS, DAY0 + timedelta(days=2))
+    shutil.rmtree(lake.uri(SESSION_EVENTS))
+    lake.append(SESSION_EVENTS, _events(5))
+    assert lake.row_count(SESSION_EVENTS) == 50  # no mark: the old cold rows are not this table's
+    with pytest.raises(tiers.ColdTierMismatch):
+        tiers.move_to_cold(lake, SESSION_EVENTS, DAY0 + timedelta(days=9))
+
+
+def test_a_cut_off_inside_a_millisecond_and_a_cold_rewrite_read_each_row_once(lake):
+    at = DAY0 + timedelta(microseconds=123_456)
+    rows = [{"event_id": name, "session_id": name, "ingested_at": at + timedelta(microseconds=shift)}
+            for name, shift in (("old", -100_000), ("edge", 0), ("new", 50_000_000))]
+    lake.append(SESSION_EVENTS, conform(pa.Table.from_pylist(rows), SESSION_EVENTS))
+    tiers.move_to_cold(lake, SESSION_EVENTS, DAY0 + timedelta(microseconds=123_400))  # floored to .123000
+    between = lake.version(SESSION_EVENTS)
+    tiers.move_to_cold(lake, SESSION_EVENTS, DAY0 + timedelta(seconds=1))
+    lake.delete_where(SESSION_EVENTS, "event_id = 'nothing'")  # rewrites no cold file
+    write_deltalake(lake.cold_uri(SESSION_EVENTS), conform(pa.table({"event_id": ["x"]}), SESSION_EVENTS).slice(0, 0),
+                    mode="overwrite", predicate="event_id = 'x'")
+    lake.cold(SESSION_EVENTS).optimize.compact()  # the two moves' files in one
+    assert _ids(lake.read(SESSION_EVENTS, version=between)) == ["edge", "new", "old"]
+    assert lake.row_count(SESSION_EVENTS, between) == 3
+    assert _ids(lake.read(SESSION_EVENTS)) == ["edge", "new", "old"]

@@ -42,6 +42,8 @@ def maintain_lake(context: dg.OpExecutionContext, config: MaintenanceRunConfig, 
         except duckdb.IOException as busy:
             context.log.warning(f"{catalog.database} is open elsewhere: its views of the tiered tables miss the "
                                 f"cold rows until duckdb_catalog runs again: {busy}")
+    if done.retention_error:  # the rest of the upkeep ran; the run says retention did not
+        raise dg.Failure(f"retention failed: {done.retention_error}")
 
 
 @dg.job(description="Lake upkeep: retention, tiers, compaction and vacuum of every table (pinned dataset versions "

@@ -43,6 +43,10 @@ def clean_stale(config: FlywheelConfig, lake: Lake, now: float | None = None) ->
             if dt is not None:
                 live = {Path(unquote(uri.removeprefix("file://"))) for uri in dt.file_uris()}
                 stale += [path for path in _orphans(Path(lake.uri(table)), cutoff) if path not in live]
+                cold = lake.cold(table, dt)  # a killed tier move's partial files
+                if cold is not None and "://" not in lake.cold_uri(table, dt):
+                    live = {Path(unquote(uri.removeprefix("file://"))) for uri in cold.file_uris()}
+                    stale += [path for path in _orphans(Path(lake.cold_uri(table, dt)), cutoff) if path not in live]
     deleted = []
     for path in stale:
         try:

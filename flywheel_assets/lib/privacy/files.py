@@ -34,10 +34,13 @@ ID_FIELDS = ("session_id", "trajectory_id", "corrects")
 class Matcher:
     """Does a line belong to the subject? A line that parses as JSON is compared field by field, at
     any depth (an event's data.trajectory_id, a journal record's nested conversation): an object
-    whose user_id is the user's (and whose tenant_id, 'default' when absent, is the tenant asked
-    for), or whose session_id, trajectory_id or corrects is one of the subject's. Content is never
-    compared: another user's answer that happens to say the id is not theirs. A line that does not
-    parse (quarantined) is matched on the ids as JSON strings in its bytes, UTF-8 and escaped."""
+    whose user_id is the user's (and whose tenant, 'default' when none is named, is the tenant asked
+    for), or whose session_id, trajectory_id or corrects is one of the subject's — unless the
+    object (or one enclosing it) names another tenant than the one asked for: two tenants may use
+    the same session id.
+    Content is never compared: another user's answer that happens to say the id is not theirs. A
+    line that does not parse (quarantined) is matched on the ids or the user as JSON strings in
+    its bytes, UTF-8 and escaped (the ids unless it names a tenant_id and not the one asked for)."""
 
     user: str | None  # None: the ids alone
     tenant: str | None
@@ -55,7 +58,8 @@ class Matcher:
         return self._value(value)
 
     def _bytes(self, line: bytes) -> bool:
-        if any(token in line for value in self.ids for token in _quoted(value)):
+        if any(token in line for value in self.ids for token in _quoted(value)) and (
+                self.tenant is None or b'"tenant_id"' not in line or any(token in line for token in _quoted(self.tenant))):
             return True
         if self.user is None or not any(token in line for token in _quoted(self.user)):
             return False
@@ -65,17 +69,22 @@ class Matcher:
             return b'"tenant_id"' not in line or any(token in line for token in _quoted("default"))
         return any(token in line for token in _quoted(self.tenant))
 
-    def _value(self, value) -> bool:
+    def _value(self, value, named: str | None = None) -> bool:
+        """`named`: the tenant the enclosing object names (an event's data object names none)."""
         if isinstance(value, list):
-            return any(self._value(item) for item in value)
+            return any(self._value(item, named) for item in value)
         if not isinstance(value, dict):
             return False
-        tenant_ok = self.tenant is None or (value.get("tenant_id") or "default") == self.tenant
-        if tenant_ok and self.user is not None and value.get("user_id") == self.user:
+        journal = value.get("kind") == "conversation"  # the gateway journal's record names them tenant and user
+        named = value.get("tenant_id") or (value.get("tenant") if journal else None) or named
+        user = value.get("user_id") or (value.get("user") if journal else None)
+        if self.user is not None and user == self.user and (self.tenant is None or (named or "default") == self.tenant):
             return True
-        if any(isinstance(value.get(name), str) and value[name] in self.ids for name in ID_FIELDS):
+        # an id held by an object of another tenant is that tenant's (two tenants may use one session id)
+        if (self.tenant is None or named is None or named == self.tenant) and \
+                any(isinstance(value.get(name), str) and value[name] in self.ids for name in ID_FIELDS):
             return True
-        return any(self._value(item) for item in value.values() if isinstance(item, (dict, list)))
+        return any(self._value(item, named) for item in value.values() if isinstance(item, (dict, list)))
 
     def text(self, value: str | None) -> bool:
         return value is not None and self(value.encode("utf-8", "surrogateescape"))

@@ -84,7 +84,10 @@ class Subject:
         names = set(table.schema.names)
         tenant = self._tenant() if "tenant_id" in names else ""
         found = [self._user()] if "user_id" in names and self.user_id is not None else []
-        for column, ids in (("session_id", self.sessions), ("trajectory_id", self.trajectories)):
+        # a table with no tenant column is matched by trajectory id alone when a tenant is asked for:
+        # trajectory ids are the lake's keys (one tenant each), session ids may repeat across tenants
+        by_session = "trajectory_id" not in names or "tenant_id" in names or self.tenant_id is None
+        for column, ids in (("session_id", self.sessions if by_session else ()), ("trajectory_id", self.trajectories)):
             if column in names:
                 ordered = sorted(ids)
                 found += [f"({column} IN ({_in(ordered[i:i + CHUNK])}){tenant})" for i in range(0, len(ordered), CHUNK)]

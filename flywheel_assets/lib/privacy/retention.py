@@ -3,15 +3,21 @@
 `expire(config, lake, now)` runs inside lake_maintenance, under the locks a forget takes. For
 each tenant whose retention (maintenance.tenant_retention_days, else maintenance.retention_days)
 is set, the expired subject is every session of the tenant whose last activity (its newest event
-`ts` or trajectory `created_at`) is older than `now` minus those days, with the trajectories of
-those sessions and the teacher's corrections of them. It is then erased as a forgotten user is
+`ts` or trajectory `created_at`, as the agent logged them) is older than `now` minus those days,
+with the trajectories of those sessions, the tenant's usage trajectories logged without a
+session that were created before then, and the teacher's corrections of them. It is then erased
+as a forgotten user is
 (lib/privacy/forget.py `erase`): rows out of every table (the cold tier too), lines blanked in
 the landing files and the gateway's journal, the training sets' exports and id lists rewritten,
 every table's history purged; and one row per tenant is appended to audit/forget_requests
 (`requested_by` "retention:<tenant>", `policy` "expire", the sha256 of the tenant and cut-off).
 
-What retention does not do: rows with no session (offline data: golden, synthetic, imported)
-are kept, they are not a user's; model versions trained on expired sessions stay in service
+What is pending is kept in FLYWHEEL_HOME/privacy/pending-expire-<sha256>.json until the tenant's
+erasure is done, so a run that failed halfway (its sessions' bronze rows gone, their scores not
+yet) is finished by the next one, as a forget is.
+
+What retention does not do: offline rows (golden, synthetic, imported: no session and not
+usage) are kept, they are not a user's; model versions trained on expired sessions stay in service
 (they were trained while the data was retained; `flywheel forget` is the tool that withdraws
 models, for a user who asks).
 """
@@ -29,7 +35,8 @@ import pyarrow as pa
 
 from flywheel_assets.lib.config import FlywheelConfig
 from flywheel_assets.lib.lake import Lake, sql_literal
-from flywheel_assets.lib.privacy.forget import ForgetReport, Subject, erase, tainted_cycles
+from flywheel_assets.lib.privacy.files import write_json
+from flywheel_assets.lib.privacy.forget import ForgetReport, Subject, _resume, erase, tainted_cycles
 from flywheel_assets.lib.tables import FORGET_REQUESTS, SESSION_EVENTS, TRAJECTORIES
 
 
@@ -47,8 +54,11 @@ def expired_sessions(lake: Lake, tenant: str, before: datetime) -> Subject:
     con.register("expired", pa.table({"session_id": pa.array(sessions, pa.string())}))
     own = {r[0] for r in con.execute(f"""
         SELECT trajectory_id FROM trajectories WHERE {tenant_sql} AND session_id IN (SELECT session_id FROM expired)
+        UNION SELECT trajectory_id FROM trajectories
+        WHERE {tenant_sql} AND session_id IS NULL AND origin = 'usage' AND created_at < ?
         UNION SELECT trajectory_id FROM session_events
-        WHERE {tenant_sql} AND session_id IN (SELECT session_id FROM expired) AND trajectory_id IS NOT NULL""").fetchall()}
+        WHERE {tenant_sql} AND session_id IN (SELECT session_id FROM expired) AND trajectory_id IS NOT NULL""",
+        [before]).fetchall()}
     return Subject(None, tenant, frozenset(sessions), frozenset(own | {f"correction-{t}" for t in own}))
 
 
@@ -71,13 +81,17 @@ def expire(config: FlywheelConfig, lake: Lake, now: datetime,
         if (days := config.maintenance.retention_for(tenant)) is None:
             continue
         before = now - timedelta(days=days)
-        subject = expired_sessions(lake, tenant, before)
-        if not subject.sessions:
+        pending = config.home / "privacy" / f"pending-expire-{hashlib.sha256(tenant.encode()).hexdigest()}.json"
+        subject, cycles, _ = _resume(pending, expired_sessions(lake, tenant, before), [])
+        if not subject.sessions and not subject.trajectories:
             continue
         report = ForgetReport(request_id=f"expire-{uuid.uuid4().hex[:16]}", dry_run=False)
-        report.cycles = tainted_cycles(lake, subject)
+        report.cycles = sorted(set(cycles) | set(tainted_cycles(lake, subject)))
         log(f"retention: tenant {tenant}: {len(subject.sessions)} sessions last active before {before:%Y-%m-%d %H:%M} "
-            f"({days:g} days)")
+            f"({days:g} days), {len(subject.trajectories)} trajectory ids")
+        pending.parent.mkdir(parents=True, exist_ok=True)
+        write_json(pending, {"user_id": None, "tenant_id": tenant, "sessions": sorted(subject.sessions),
+                             "trajectories": sorted(subject.trajectories), "cycles": report.cycles, "versions": []})
         erase(config, lake, subject, report, log)
         sha = hashlib.sha256(f"{tenant}\x1fbefore {before.isoformat()}".encode()).hexdigest()
         lake.append(FORGET_REQUESTS, pa.Table.from_pylist([{
@@ -88,5 +102,6 @@ def expire(config: FlywheelConfig, lake: Lake, now: datetime,
             "cycles_tainted": report.cycles, "versions_withdrawn": [], "champion_after": None,
             "retrain_requested": False, "passes": report.passes,
         }], schema=FORGET_REQUESTS.schema))
+        pending.unlink(missing_ok=True)
         done[tenant] = report
     return done

@@ -37,8 +37,8 @@ from deltalake.exceptions import DeltaError
 
 from flywheel_assets.lib.config import FlywheelConfig
 from flywheel_assets.lib.ingest.lock import every_lock, no_writers
-from flywheel_assets.lib.lake import SMALL_FILE_BYTES, Lake, utcnow
-from flywheel_assets.lib.storage.tiers import TierMove, move_to_cold, zorder
+from flywheel_assets.lib.lake import SMALL_FILE_BYTES, ColdTierMissing, Lake, utcnow
+from flywheel_assets.lib.storage.tiers import COLD_WRITER, ColdTierMismatch, TierMove, move_to_cold, zorder
 from flywheel_assets.lib.tables import ALL_TABLES, DATASET_MANIFESTS, Table
 
 @dataclass
@@ -62,6 +62,7 @@ class TableUpkeep:
 class Upkeep:
     tables: list[TableUpkeep] = field(default_factory=list)
     expired: dict = field(default_factory=dict)  # tenant -> ForgetReport of its expired sessions
+    retention_error: str | None = None  # retention failed (the rest ran)
 
     @property
     def moved(self) -> int:
@@ -91,15 +92,9 @@ def maintain(config: FlywheelConfig, lake: Lake, retention_hours: float | None =
     if cold_before is None and settings.cold_after_days is not None:
         cold_before = utcnow() - timedelta(days=settings.cold_after_days)
     done = Upkeep()
-    with contextlib.ExitStack() as held:
-        if settings.expires:  # retention deletes what curation and training read: wait for them, as forget does
-            held.enter_context(no_writers(config.landing, config.privacy.lock_timeout_s, owner="lake maintenance",
-                                          log=log))
-        held.enter_context(every_lock(config.landing, config.ingest.lock_timeout_s, owner="lake maintenance", log=log))
-        if settings.expires:
-            from flywheel_assets.lib.privacy.retention import expire
-
-            done.expired = expire(config, lake, now, log=log)
+    if settings.expires:
+        done.expired, done.retention_error = _expire(config, lake, now, log)
+    with every_lock(config.landing, config.ingest.lock_timeout_s, owner="lake maintenance", log=log):
         pinned = pinned_versions(lake)
         for table in ALL_TABLES:
             if (upkeep := _maintain_table(lake, table, sorted(pinned.get(table.name, ())), hours,
@@ -113,6 +108,20 @@ def maintain(config: FlywheelConfig, lake: Lake, retention_hours: float | None =
     return done
 
 
+def _expire(config: FlywheelConfig, lake: Lake, now: datetime, log: Callable[[str], None]) -> tuple[dict, str | None]:
+    """Retention, under the locks a forget takes (it deletes what curation and training read: it
+    waits for them). A failure is reported, and the rest of the upkeep runs all the same."""
+    from flywheel_assets.lib.privacy.retention import expire
+
+    try:
+        with no_writers(config.landing, config.privacy.lock_timeout_s, owner="lake maintenance", log=log), \
+                every_lock(config.landing, config.ingest.lock_timeout_s, owner="lake maintenance", log=log):
+            return expire(config, lake, now, log=log), None
+    except Exception as error:  # noqa: BLE001  (a lock timeout, a failed pass: retried at the next run)
+        log(f"retention failed, tried again at the next run: {type(error).__name__}: {error}")
+        return {}, f"{type(error).__name__}: {error}"
+
+
 def _maintain_table(lake: Lake, table: Table, pinned: list[int], hours: float, cold_before: datetime | None,
                     zorder_hot: bool) -> TableUpkeep | None:
     dt = lake.delta(table)
@@ -120,9 +129,12 @@ def _maintain_table(lake: Lake, table: Table, pinned: list[int], hours: float, c
         return None
     files, size = footprint(lake, table)
     upkeep = TableUpkeep(f"{table.layer}/{table.name}", files, size, files, size, 0, 0, pinned)
-    try:
-        if table.tiered and cold_before is not None:
+    if table.tiered and cold_before is not None:
+        try:
             upkeep.moved = move_to_cold(lake, table, cold_before)
+        except (DeltaError, ColdTierMismatch, ColdTierMissing) as error:  # reported; compaction and vacuum go on
+            upkeep.error = f"no tier move: {type(error).__name__}: {error}"
+    try:
         dt = lake.delta(table)
         metrics = dt.optimize.compact(target_size=SMALL_FILE_BYTES)
         upkeep.compacted = int(metrics.get("numFilesRemoved", 0))
@@ -130,13 +142,44 @@ def _maintain_table(lake: Lake, table: Table, pinned: list[int], hours: float, c
         dt = lake.delta(table)
         # keep_versions: those versions stay readable whatever their age
         upkeep.vacuumed = len(dt.vacuum(retention_hours=int(hours), enforce_retention_duration=False, dry_run=False,
-                                        keep_versions=[v for v in pinned if v <= dt.version()] or None))
+                                        keep_versions=_readable(lake, table, pinned) or None))
     except DeltaError as error:  # a concurrent commit (a curation run): tried again at the next run
-        upkeep.error = f"skipped: {error}"
+        upkeep.error = "; ".join(filter(None, (upkeep.error, f"skipped: {error}")))
+    if table.tiered and upkeep.error is None:
+        upkeep.error = _compact_cold(lake, table, hours)
     upkeep.files_after, upkeep.bytes_after = footprint(lake, table)
     if table.tiered:
-        upkeep.cold_files, upkeep.cold_bytes = footprint(lake, table, cold=True)
+        with contextlib.suppress(ColdTierMissing):
+            upkeep.cold_files, upkeep.cold_bytes = footprint(lake, table, cold=True)
     return upkeep
+
+
+def _compact_cold(lake: Lake, table: Table, hours: float) -> str | None:
+    """The cold tier's day files compacted (zstd again) and the replaced ones vacuumed: a read of
+    an older hot version filters the cold rows themselves (lib/lake.py), never an older cold
+    version, so nothing is pinned there."""
+    try:
+        if (cold := lake.cold(table)) is None:
+            return None
+        cold.optimize.compact(target_size=SMALL_FILE_BYTES, writer_properties=COLD_WRITER)
+        cold = lake.cold(table)
+        cold.vacuum(retention_hours=int(hours), enforce_retention_duration=False, dry_run=False)
+    except (DeltaError, ColdTierMissing) as error:
+        return f"cold tier not compacted: {type(error).__name__}: {error}"
+    return None
+
+
+def _readable(lake: Lake, table: Table, versions: list[int]) -> list[int]:
+    """The pinned versions still in the log: a forget or a retention purges a table's history,
+    and a vacuum asked to keep a version no longer there fails."""
+    kept = []
+    for version in versions:
+        try:
+            if lake.delta(table, version) is not None:
+                kept.append(version)
+        except DeltaError:
+            continue
+    return kept
 
 
 def footprint(lake: Lake, table: Table, cold: bool = False) -> tuple[int, int]:
