@@ -55,8 +55,10 @@ class Lake:
         self.root = root or os.environ.get("FLYWHEEL_LAKE_URI") or str(config.lake.resolve())
         options = storage_options or os.environ.get("FLYWHEEL_STORAGE_OPTIONS")
         self.storage_options: dict[str, str] | None = json.loads(options) if options else None
-        cold_root = os.environ.get("FLYWHEEL_COLD_URI") or f"{self.root.rstrip('/')}/cold"
-        self.cold_root = cold_root if "://" in cold_root else os.path.abspath(cold_root)
+        explicit = os.environ.get("FLYWHEEL_COLD_URI")
+        self.cold_root = f"{self.root.rstrip('/')}/cold" if not explicit else \
+            explicit if "://" in explicit else os.path.abspath(explicit)
+        self._cold_default = not explicit  # under the lake root: recorded relative to it (a home moves whole)
         cold_options = os.environ.get("FLYWHEEL_COLD_STORAGE_OPTIONS")
         self.cold_storage_options = json.loads(cold_options) if cold_options else self.storage_options
 
@@ -68,7 +70,14 @@ class Lake:
         default the current version), else where a first move puts it (FLYWHEEL_COLD_URI)."""
         dt = self.delta(table) if dt is None else dt
         recorded = None if dt is None else dt.metadata().configuration.get(COLD_URI_PROPERTY)
-        return recorded or f"{self.cold_root.rstrip('/')}/{table.layer}/{table.name}"
+        if recorded is None:
+            return f"{self.cold_root.rstrip('/')}/{table.layer}/{table.name}"
+        return recorded if "://" in recorded or recorded.startswith("/") else f"{self.root.rstrip('/')}/{recorded}"
+
+    def cold_location(self, table: Table) -> str:
+        """What a first move records: relative to the lake root for the default location (a copied
+        or moved home keeps its own cold tier), else FLYWHEEL_COLD_URI's location."""
+        return f"cold/{table.layer}/{table.name}" if self._cold_default else self.cold_uri(table)
 
     def delta(self, table: Table, version: int | None = None) -> DeltaTable | None:
         try:

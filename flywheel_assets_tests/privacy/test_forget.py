@@ -228,7 +228,8 @@ def test_a_line_is_matched_by_its_ids_as_json_strings_and_blanked_in_place(tmp_p
     assert not match(b'{"user_id": "u-1", "tenant_id": "globex"}')  # another tenant's user of that id
     # another tenant's session of the same id (retention matches ids alone: no user)
     ids = Matcher.build(None, "acme", ["s-9"])
-    assert ids(b'{"session_id": "s-9", "tenant_id": "acme"}') and ids(b'{"session_id": "s-9"}')
+    assert ids(b'{"session_id": "s-9", "tenant_id": "acme"}') and ids(b'{"trajectory_id": "s-9"}')
+    assert not ids(b'{"session_id": "s-9"}')  # the default tenant's session of that id
     assert not ids(b'{"session_id": "s-9", "tenant_id": "globex"}') and not ids(b'{"user_id": null, "tenant_id": "acme"}')
     assert not ids(b'{"tenant_id": "globex", "data": {"trajectory_id": "s-9"}}')  # the enclosing object's tenant
     assert not ids(b'{"session_id":"s-9", "tenant_id": "globex"} broken') and ids(b'{"session_id":"s-9"} broken')

@@ -6,6 +6,7 @@ says how many rows went, and the loop's refreshes go on."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import datetime, timedelta, timezone
 
@@ -94,9 +95,19 @@ def test_retention_erases_a_tenants_expired_sessions_everywhere(home, config, la
     assert later.expired["acme"].rows["trajectories"] == 1 and _found(home, "lemur-edge-9021") == []
     assert len(lake.read(FORGET_REQUESTS).to_pylist()) == 2
 
+    # a run that failed halfway left its subject pending: the next run finishes it, even with acme's
+    # retention since lifted
+    pending = home / "privacy" / f"pending-expire-{hashlib.sha256(b'acme').hexdigest()}.json"
+    pending.write_text(json.dumps({"user_id": None, "tenant_id": "acme", "sessions": ["s-new"],
+                                   "trajectories": ["t-s-new"], "cycles": [], "versions": []}))
+    (home / "config.json").write_text(json.dumps({"maintenance": {"tenant_retention_days": {"acme": None}}}))
+    resumed = maintain(load_config(home, str(home / "config.json")), lake, retention_hours=0, now=NOW)
+    assert resumed.retention_error is None and resumed.expired["acme"].rows["trajectories"] == 1 and not pending.exists()
+    assert _found(home, "heron-new-1204") == [] and _found(home, "badger-kept-5530")
+
     # the loop's refreshes go on over the tiered, expired lake
     assert dg.materialize(scoring, resources=resources, instance=instance).success
-    assert lake.read(SESSION_EVENTS).num_rows == 2
+    assert lake.read(SESSION_EVENTS).column("session_id").to_pylist() == ["s-old-g"]
 
 
 def test_retention_of_one_tenant_keeps_another_tenants_session_of_the_same_id(home, config, lake):

@@ -15,6 +15,7 @@ Agents' own temporary files (.tmp, .part, dot-names) are theirs, never deleted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -26,7 +27,7 @@ import pyarrow.parquet as pq
 
 from flywheel_assets.lib.config import FlywheelConfig
 from flywheel_assets.lib.ingest.landing import KINDS, STAGING_PREFIX, walk
-from flywheel_assets.lib.lake import Lake
+from flywheel_assets.lib.lake import ColdTierMissing, Lake
 from flywheel_assets.lib.tables import ANNOTATIONS, INGESTED_FILES, QUARANTINE, SESSION_EVENTS, TRAJECTORIES
 
 BRONZE = (SESSION_EVENTS, TRAJECTORIES, ANNOTATIONS, QUARANTINE, INGESTED_FILES)
@@ -43,7 +44,9 @@ def clean_stale(config: FlywheelConfig, lake: Lake, now: float | None = None) ->
             if dt is not None:
                 live = {Path(unquote(uri.removeprefix("file://"))) for uri in dt.file_uris()}
                 stale += [path for path in _orphans(Path(lake.uri(table)), cutoff) if path not in live]
-                cold = lake.cold(table, dt)  # a killed tier move's partial files
+                with contextlib.suppress(ColdTierMissing):  # an unreachable cold store does not stop an ingest
+                    cold = None
+                    cold = lake.cold(table, dt)  # a killed tier move's partial files
                 if cold is not None and "://" not in lake.cold_uri(table, dt):
                     live = {Path(unquote(uri.removeprefix("file://"))) for uri in cold.file_uris()}
                     stale += [path for path in _orphans(Path(lake.cold_uri(table, dt)), cutoff) if path not in live]

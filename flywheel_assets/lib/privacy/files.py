@@ -80,10 +80,13 @@ class Matcher:
         user = value.get("user_id") or (value.get("user") if journal else None)
         if self.user is not None and user == self.user and (self.tenant is None or (named or "default") == self.tenant):
             return True
-        # an id held by an object of another tenant is that tenant's (two tenants may use one session id)
-        if (self.tenant is None or named is None or named == self.tenant) and \
-                any(isinstance(value.get(name), str) and value[name] in self.ids for name in ID_FIELDS):
-            return True
+        # a session id is the tenant's only in an object of the tenant ('default' when none is named):
+        # two tenants may use one session id; a trajectory id is one tenant's (the lake's key)
+        for name in ID_FIELDS:
+            if isinstance(value.get(name), str) and value[name] in self.ids and (
+                    self.tenant is None or (named or "default") == self.tenant
+                    or (name != "session_id" and named is None)):
+                return True
         return any(self._value(item, named) for item in value.values() if isinstance(item, (dict, list)))
 
     def text(self, value: str | None) -> bool:

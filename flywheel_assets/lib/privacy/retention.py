@@ -68,40 +68,55 @@ def tenants(lake: Lake) -> list[str]:
         lake.register(con, table)
     return [r[0] for r in con.execute("""
         SELECT DISTINCT coalesce(tenant_id, 'default') FROM session_events WHERE session_id IS NOT NULL
-        UNION SELECT DISTINCT coalesce(tenant_id, 'default') FROM trajectories WHERE session_id IS NOT NULL
+        UNION SELECT DISTINCT coalesce(tenant_id, 'default') FROM trajectories
+        WHERE session_id IS NOT NULL OR origin = 'usage'
         ORDER BY 1""").fetchall()]
 
 
-def expire(config: FlywheelConfig, lake: Lake, now: datetime,
-           log: Callable[[str], None] = lambda message: None) -> dict[str, ForgetReport]:
-    """Erase every tenant's expired sessions (see the module docstring); the caller holds the
-    locks forget takes. Per tenant with expired sessions, what went."""
-    done = {}
-    for tenant in tenants(lake):
-        if (days := config.maintenance.retention_for(tenant)) is None:
-            continue
-        before = now - timedelta(days=days)
-        pending = config.home / "privacy" / f"pending-expire-{hashlib.sha256(tenant.encode()).hexdigest()}.json"
-        subject, cycles, _ = _resume(pending, expired_sessions(lake, tenant, before), [])
-        if not subject.sessions and not subject.trajectories:
-            continue
-        report = ForgetReport(request_id=f"expire-{uuid.uuid4().hex[:16]}", dry_run=False)
-        report.cycles = sorted(set(cycles) | set(tainted_cycles(lake, subject)))
-        log(f"retention: tenant {tenant}: {len(subject.sessions)} sessions last active before {before:%Y-%m-%d %H:%M} "
-            f"({days:g} days), {len(subject.trajectories)} trajectory ids")
-        pending.parent.mkdir(parents=True, exist_ok=True)
-        write_json(pending, {"user_id": None, "tenant_id": tenant, "sessions": sorted(subject.sessions),
-                             "trajectories": sorted(subject.trajectories), "cycles": report.cycles, "versions": []})
-        erase(config, lake, subject, report, log)
-        sha = hashlib.sha256(f"{tenant}\x1fbefore {before.isoformat()}".encode()).hexdigest()
-        lake.append(FORGET_REQUESTS, pa.Table.from_pylist([{
-            "request_id": report.request_id, "requested_by": f"retention:{tenant}", "requested_at": now,
-            "subject_sha256": sha, "tenant_scoped": True, "policy": "expire",
-            "rows_deleted": report.total_rows, "rows_by_table_json": json.dumps(report.rows, sort_keys=True),
-            "files_rewritten": len(report.lines), "lines_blanked": sum(report.lines.values()),
-            "cycles_tainted": report.cycles, "versions_withdrawn": [], "champion_after": None,
-            "retrain_requested": False, "passes": report.passes,
-        }], schema=FORGET_REQUESTS.schema))
-        pending.unlink(missing_ok=True)
-        done[tenant] = report
-    return done
+def expire(config: FlywheelConfig, lake: Lake, now: datetime, log: Callable[[str], None] = lambda message: None
+           ) -> tuple[dict[str, ForgetReport], dict[str, str]]:
+    """Erase every tenant's expired sessions (see the module docstring), and finish what a failed
+    run left pending whatever the tenant's retention is now; the caller holds the locks forget
+    takes. (per tenant with something erased, what went; per tenant that failed, why)."""
+    done, errors = {}, {}
+    folder = config.home / "privacy"
+    pendings = {json.loads(p.read_text())["tenant_id"] for p in folder.glob("pending-expire-*.json")} \
+        if folder.is_dir() else set()
+    for tenant in sorted(set(tenants(lake)) | pendings):
+        try:
+            if (report := _expire_tenant(config, lake, tenant, now, log)) is not None:
+                done[tenant] = report
+        except Exception as error:  # noqa: BLE001  (the other tenants go on; this one is retried next run)
+            errors[tenant] = f"{type(error).__name__}: {error}"
+    return done, errors
+
+
+def _expire_tenant(config: FlywheelConfig, lake: Lake, tenant: str, now: datetime,
+                   log: Callable[[str], None]) -> ForgetReport | None:
+    days = config.maintenance.retention_for(tenant)
+    before = now - timedelta(days=days) if days is not None else None
+    pending = config.home / "privacy" / f"pending-expire-{hashlib.sha256(tenant.encode()).hexdigest()}.json"
+    found = expired_sessions(lake, tenant, before) if before is not None else Subject(None, tenant, frozenset(),
+                                                                                          frozenset())
+    subject, cycles, _ = _resume(pending, found, [])
+    if not subject.sessions and not subject.trajectories:
+        return None
+    report = ForgetReport(request_id=f"expire-{uuid.uuid4().hex[:16]}", dry_run=False)
+    report.cycles = sorted(set(cycles) | set(tainted_cycles(lake, subject)))
+    log(f"retention: tenant {tenant}: {len(subject.sessions)} sessions, {len(subject.trajectories)} trajectory ids "
+        + (f"last active before {before:%Y-%m-%d %H:%M} ({days:g} days)" if before else "(a failed run's, finished)"))
+    pending.parent.mkdir(parents=True, exist_ok=True)
+    write_json(pending, {"user_id": None, "tenant_id": tenant, "sessions": sorted(subject.sessions),
+                         "trajectories": sorted(subject.trajectories), "cycles": report.cycles, "versions": []})
+    erase(config, lake, subject, report, log)
+    sha = hashlib.sha256(f"{tenant}\x1fbefore {before.isoformat() if before else 'pending'}".encode()).hexdigest()
+    lake.append(FORGET_REQUESTS, pa.Table.from_pylist([{
+        "request_id": report.request_id, "requested_by": f"retention:{tenant}", "requested_at": now,
+        "subject_sha256": sha, "tenant_scoped": True, "policy": "expire",
+        "rows_deleted": report.total_rows, "rows_by_table_json": json.dumps(report.rows, sort_keys=True),
+        "files_rewritten": len(report.lines), "lines_blanked": sum(report.lines.values()),
+        "cycles_tainted": report.cycles, "versions_withdrawn": [], "champion_after": None,
+        "retrain_requested": False, "passes": report.passes,
+    }], schema=FORGET_REQUESTS.schema))
+    pending.unlink(missing_ok=True)
+    return report

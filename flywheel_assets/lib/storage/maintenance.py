@@ -38,7 +38,7 @@ from deltalake.exceptions import DeltaError
 from flywheel_assets.lib.config import FlywheelConfig
 from flywheel_assets.lib.ingest.lock import every_lock, no_writers
 from flywheel_assets.lib.lake import SMALL_FILE_BYTES, ColdTierMissing, Lake, utcnow
-from flywheel_assets.lib.storage.tiers import COLD_WRITER, ColdTierMismatch, TierMove, move_to_cold, zorder
+from flywheel_assets.lib.storage.tiers import COLD_WRITER, TierMove, move_to_cold, zorder
 from flywheel_assets.lib.tables import ALL_TABLES, DATASET_MANIFESTS, Table
 
 @dataclass
@@ -92,7 +92,7 @@ def maintain(config: FlywheelConfig, lake: Lake, retention_hours: float | None =
     if cold_before is None and settings.cold_after_days is not None:
         cold_before = utcnow() - timedelta(days=settings.cold_after_days)
     done = Upkeep()
-    if settings.expires:
+    if settings.expires or any((config.home / "privacy").glob("pending-expire-*.json")):  # or a failed run's left
         done.expired, done.retention_error = _expire(config, lake, now, log)
     with every_lock(config.landing, config.ingest.lock_timeout_s, owner="lake maintenance", log=log):
         pinned = pinned_versions(lake)
@@ -116,10 +116,12 @@ def _expire(config: FlywheelConfig, lake: Lake, now: datetime, log: Callable[[st
     try:
         with no_writers(config.landing, config.privacy.lock_timeout_s, owner="lake maintenance", log=log), \
                 every_lock(config.landing, config.ingest.lock_timeout_s, owner="lake maintenance", log=log):
-            return expire(config, lake, now, log=log), None
-    except Exception as error:  # noqa: BLE001  (a lock timeout, a failed pass: retried at the next run)
-        log(f"retention failed, tried again at the next run: {type(error).__name__}: {error}")
-        return {}, f"{type(error).__name__}: {error}"
+            done, errors = expire(config, lake, now, log=log)
+    except Exception as error:  # noqa: BLE001  (a lock timeout: retried at the next run)
+        done, errors = {}, {"*": f"{type(error).__name__}: {error}"}
+    for tenant, error in errors.items():
+        log(f"retention failed for tenant {tenant}, tried again at the next run: {error}")
+    return done, "; ".join(f"{tenant}: {error}" for tenant, error in errors.items()) or None
 
 
 def _maintain_table(lake: Lake, table: Table, pinned: list[int], hours: float, cold_before: datetime | None,
@@ -132,7 +134,7 @@ def _maintain_table(lake: Lake, table: Table, pinned: list[int], hours: float, c
     if table.tiered and cold_before is not None:
         try:
             upkeep.moved = move_to_cold(lake, table, cold_before)
-        except (DeltaError, ColdTierMismatch, ColdTierMissing) as error:  # reported; compaction and vacuum go on
+        except Exception as error:  # noqa: BLE001  (reported in the run's table; compaction and vacuum go on)
             upkeep.error = f"no tier move: {type(error).__name__}: {error}"
     try:
         dt = lake.delta(table)
@@ -164,7 +166,7 @@ def _compact_cold(lake: Lake, table: Table, hours: float) -> str | None:
         cold.optimize.compact(target_size=SMALL_FILE_BYTES, writer_properties=COLD_WRITER)
         cold = lake.cold(table)
         cold.vacuum(retention_hours=int(hours), enforce_retention_duration=False, dry_run=False)
-    except (DeltaError, ColdTierMissing) as error:
+    except Exception as error:  # noqa: BLE001  (reported; tried again at the next run)
         return f"cold tier not compacted: {type(error).__name__}: {error}"
     return None
 
@@ -186,9 +188,9 @@ def footprint(lake: Lake, table: Table, cold: bool = False) -> tuple[int, int]:
     """(data files, bytes) the table (`cold`: its cold tier) holds in storage, read or not: on a
     local lake the folder's Parquet files; on object storage the files the current version reads
     (a listing would cost)."""
-    if "://" not in (lake.cold_root if cold else lake.root):
-        paths = [p for p in Path(lake.cold_uri(table) if cold else lake.uri(table)).rglob("*.parquet")
-                 if "_delta_log" not in p.parts]
+    uri = lake.cold_uri(table) if cold else lake.uri(table)
+    if "://" not in uri:
+        paths = [p for p in Path(uri).rglob("*.parquet") if "_delta_log" not in p.parts]
         return len(paths), sum(p.stat().st_size for p in paths)
     dt = lake.cold(table) if cold else lake.delta(table)
     if dt is None:

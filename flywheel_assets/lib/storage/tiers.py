@@ -7,14 +7,13 @@
   holds a bounded number of days, so the nightly rewrite is bounded too;
 - cold: rows ingested earlier, moved by `move_to_cold` into a second Delta table at
   Lake.cold_uri (FLYWHEEL_COLD_URI: cheaper storage; the first move records it on the hot
-  table), zstd-compressed and sorted by session_id, a day of ingestion per move, compacted by
-  lake_maintenance (lib/lake.py reads them with the hot rows as one table).
+  table), zstd-compressed, each day's rows sorted by session_id, compacted by lake_maintenance (lib/lake.py reads them with the hot rows as one table).
 
-A move commits the rows into the cold table with the cut-off as its TIER_MARK, then deletes them
-from the hot table in one commit that sets the hot table's TIER_MARK to the same cut-off. Only
-that second commit makes the move visible; a move stopped between the two (a kill, a full disk)
-is finished by the next one, which checks that the cold table holds every hot row it deletes and
-appends nothing twice. The commits are tagged `flywheel.operation: tier-move`, which the
+A move commits the rows into the cold table, a day of ingestion per commit with the day's end as
+its TIER_MARK, then deletes them from the hot table in one commit that sets the hot table's
+TIER_MARK to the last cut-off. Only that hot commit makes the move visible; a move stopped before
+it (a kill, a full disk) is finished by the next one, which appends nothing twice, and no hot
+row is deleted before the cold tier holds it. The commits are tagged `flywheel.operation: tier-move`, which the
 incremental refreshes treat as harmless (no row changed, lib/feedback/refresh.py). Cut-offs are
 whole milliseconds and never ahead of the wall clock.
 """
@@ -54,40 +53,39 @@ def _commit(mark: int) -> CommitProperties:
 
 
 def move_to_cold(lake: Lake, table: Table, before: datetime) -> TierMove:
-    """Move the hot rows ingested before `before` (at most now) to the cold tier, a day of
-    ingestion per move so no move holds more than a day in memory. The caller holds the ingest
-    lock (no append meanwhile: rows ingested later all carry a later ingested_at)."""
+    """Move the hot rows ingested before `before` (at most now) to the cold tier: a cold commit per
+    day of ingestion (no commit holds more than a day in memory), then one hot commit. The caller
+    holds the ingest lock (no append meanwhile: rows ingested later carry a later ingested_at)."""
     assert table.tiered, table.name
     done = TierMove(f"{table.layer}/{table.name}", 0, None)
     if (hot := lake.delta(table)) is None:
         return done
-    hot_mark = hot.transaction_version(TIER_MARK)
+    hot_mark = hot.transaction_version(TIER_MARK) or 0
     recorded = hot.metadata().configuration.get(COLD_URI_PROPERTY)
     cold = lake.cold(table)
-    cold_mark = None if cold is None else cold.transaction_version(TIER_MARK)
-    if cold is not None and recorded is None:
+    cold_mark = (None if cold is None else cold.transaction_version(TIER_MARK)) or 0
+    if cold is not None and recorded is None and not hot_mark:
         raise ColdTierMismatch(f"{lake.cold_uri(table)} holds a cold tier this {table.name} table never moved rows "
                                "to (a lake made anew beside an old cold tier?): move it away or set FLYWHEEL_COLD_URI")
-    if cold_mark is not None and cold_mark > (hot_mark or 0):  # the cold side committed, the hot side did not
-        done.rows += _finish(lake, table, hot_mark or 0, cold_mark)
-        done.finished_stopped, hot_mark, done.cutoff = True, cold_mark, _moment(cold_mark)
+    if recorded is None:  # every process finds the cold tier through the hot table
+        hot.alter.set_table_properties({COLD_URI_PROPERTY: lake.cold_location(table)}, raise_if_not_exists=False,
+                                       commit_properties=CommitProperties(custom_metadata={OPERATION: TIER_MOVE}))
+    done.finished_stopped = cold_mark > hot_mark  # the cold side of a move committed, its hot side did not
+    mark = max(cold_mark, hot_mark)
     cutoff = min(to_micros(before), to_micros(datetime.now(timezone.utc))) // 1000 * 1000  # whole ms, never ahead
-    while (hot_mark or 0) < cutoff:
-        oldest = lake.read(table, columns=["ingested_at"], hot_only=True, filter_sql=_before(cutoff)) \
-            .column("ingested_at")
-        if len(oldest) == 0:
+    while mark < cutoff:
+        oldest = lake.read(table, columns=["ingested_at"], hot_only=True,
+                           filter_sql=f"ingested_at >= TIMESTAMPTZ '{micros_iso(mark)}' AND {_before(cutoff)}")
+        if oldest.num_rows == 0:
             break
-        step = min(cutoff, (to_micros(pa.compute.min(oldest).as_py()) // DAY_US + 1) * DAY_US)
-        if recorded is None:  # the first move: every process finds the cold tier through the hot table
-            hot.alter.set_table_properties({COLD_URI_PROPERTY: lake.cold_uri(table)}, raise_if_not_exists=False,
-                                           commit_properties=CommitProperties(custom_metadata={OPERATION: TIER_MOVE}))
-            recorded = lake.cold_uri(table)
-        rows = conform(pa_sorted(lake.read(table, filter_sql=_before(step), hot_only=True), "session_id"), table)
-        write_deltalake(recorded, rows, mode="append", storage_options=lake.cold_storage_options,
-                        writer_properties=COLD_WRITER,
-                        schema_mode="merge", commit_properties=_commit(step))
-        done.rows += _delete_hot(lake, table, step)
-        hot_mark, done.cutoff = step, _moment(step)
+        step = min(cutoff, (to_micros(pa.compute.min(oldest.column(0)).as_py()) // DAY_US + 1) * DAY_US)
+        rows = lake.read(table, hot_only=True,
+                         filter_sql=f"ingested_at >= TIMESTAMPTZ '{micros_iso(mark)}' AND {_before(step)}")
+        _append_cold(lake, table, rows, step)
+        mark = step
+    if mark > hot_mark:
+        done.rows = _delete_hot(lake, table, mark)
+        done.cutoff = _moment(mark)
     return done
 
 
@@ -95,26 +93,26 @@ def _before(mark: int) -> str:
     return f"ingested_at < TIMESTAMPTZ '{micros_iso(mark)}'"
 
 
-def _finish(lake: Lake, table: Table, hot_mark: int, cold_mark: int) -> int:
-    """Finish a move stopped after its cold commit, once the cold tier holds every hot row it is
-    to delete (a row ingested meanwhile with an older clock would otherwise be lost)."""
-    window = f"ingested_at >= TIMESTAMPTZ '{micros_iso(hot_mark)}' AND {_before(cold_mark)}"
-    cold = lake.cold(table)
-    hot_rows = lake.read(table, columns=[table.key[0]], filter_sql=window, hot_only=True).column(0)
-    cold_rows = rows_where(lake._files(cold, lake.cold_uri(table), None), window, [table.key[0]]).column(0)
-    if not pa.compute.all(pa.compute.is_in(hot_rows, value_set=cold_rows)).as_py() and len(hot_rows):
-        raise ColdTierMismatch(f"{table.name}: a stopped move is not finished: {len(hot_rows)} hot rows ingested before "
-                               f"{micros_iso(cold_mark)}, not all of them in the cold tier (a clock behind?)")
-    return _delete_hot(lake, table, cold_mark)
+def _append_cold(lake: Lake, table: Table, rows: pa.Table, mark: int) -> None:
+    write_deltalake(lake.cold_uri(table), conform(pa_sorted(rows, "session_id"), table), mode="append",
+                    storage_options=lake.cold_storage_options, writer_properties=COLD_WRITER, schema_mode="merge",
+                    commit_properties=_commit(mark))
 
 
 def _delete_hot(lake: Lake, table: Table, mark: int) -> int:
-    """Delete the hot rows ingested before `mark` and set the hot TIER_MARK, in one commit."""
-    count = lake.read(table, columns=["ingested_at"], filter_sql=_before(mark), hot_only=True).num_rows
+    """Delete the hot rows ingested before `mark` and set the hot TIER_MARK, in one commit, once
+    the cold tier holds every one of them (a row the cold commits missed — ingested meanwhile
+    with a clock behind — is appended to it first, under the same mark). The rows deleted."""
+    key = table.key[0]
+    hot = lake.read(table, filter_sql=_before(mark), hot_only=True)
+    cold = rows_where(lake._files(lake.cold(table), lake.cold_uri(table), None), _before(mark), [key]).column(0)
+    missing = hot.filter(pa.compute.invert(pa.compute.is_in(hot.column(key), value_set=cold)))
+    if missing.num_rows:
+        _append_cold(lake, table, missing, mark)
     write_deltalake(lake.uri(table), table.schema.empty_table(), mode="overwrite",
                     predicate=f"ingested_at < '{micros_iso(mark)}'", storage_options=lake.storage_options,
                     commit_properties=_commit(mark))
-    return count
+    return hot.num_rows
 
 
 class ColdTierMismatch(RuntimeError):
