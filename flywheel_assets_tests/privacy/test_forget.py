@@ -241,11 +241,12 @@ def test_a_line_is_matched_by_its_ids_as_json_strings_and_blanked_in_place(tmp_p
     assert default(b'{"user_id": "u-1"}') and not default(b'{"user_id": "u-1", "tenant_id": "acme"}')
     assert Matcher.build("ren\u00e9e", None, [])('{"user_id": "renée", broken'.encode())  # UTF-8, unparsed
     plain = tmp_path / "a.jsonl"
-    plain.write_bytes(b'{"session_id": "s-9"}\n{"session_id": "s-1"}\n')
+    line = b'{"session_id": "s-9", "tenant_id": "acme"}'
+    plain.write_bytes(line + b'\n{"session_id": "s-1"}\n')
     mtime = plain.stat().st_mtime_ns
     done = scrub_file(plain, match)
-    assert (done.lines, done.size_before, done.size_after) == (1, 44, 44)
-    assert plain.read_bytes() == b" " * 21 + b'\n{"session_id": "s-1"}\n' and plain.stat().st_mtime_ns == mtime
+    assert (done.lines, done.size_before, done.size_after) == (1, len(line) + 23, len(line) + 23)
+    assert plain.read_bytes() == b" " * len(line) + b'\n{"session_id": "s-1"}\n' and plain.stat().st_mtime_ns == mtime
     assert scrub_file(plain, match) is None  # nothing left to blank
 
 
