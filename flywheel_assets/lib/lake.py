@@ -125,18 +125,23 @@ class Lake:
         return None if dt is None else pa.schema(dt.schema().to_arrow())
 
     def read(self, table: Table, columns: list[str] | None = None, filter_sql: str | None = None,
-             version: int | None = None, prune: str | None = None, hot_only: bool = False) -> pa.Table:
+             version: int | None = None, prune: str | None = None, hot_only: bool = False,
+             cold_only: bool = False) -> pa.Table:
         """The whole table (or the named columns) as arrow; empty with its schema if absent.
 
         `prune` is a Delta predicate that selects data files by their min/max statistics
         before any is opened: the rows of the files it keeps are read, a superset of the
-        rows it matches (filter_sql then selects rows exactly). `hot_only`: a tiered table's
-        hot rows alone (lib/storage/tiers.py)."""
-        dt = self.delta(table, version)
+        rows it matches (filter_sql then selects rows exactly). `hot_only`, `cold_only`: a
+        tiered table's hot rows alone, or every row its cold tier holds (lib/storage/tiers.py)."""
+        hot = self.delta(table, version)
+        dt = self.cold(table, hot) if cold_only and hot is not None else hot
         if dt is None:
             schema = table.schema if columns is None else pa.schema([table.schema.field(c) for c in columns])
             return schema.empty_table()
-        dataset = self._files(dt, self.uri(table), prune) if hot_only else self._dataset(dt, table, prune)
+        if cold_only:
+            dataset = self._files(dt, self.cold_uri(table, hot), prune)
+        else:
+            dataset = self._files(dt, self.uri(table), prune) if hot_only else self._dataset(dt, table, prune)
         if filter_sql is None:
             return dataset.to_table(columns=columns)
         return rows_where(dataset, filter_sql, columns)

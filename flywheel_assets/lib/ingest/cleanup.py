@@ -15,7 +15,6 @@ Agents' own temporary files (.tmp, .part, dot-names) are theirs, never deleted.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -44,9 +43,10 @@ def clean_stale(config: FlywheelConfig, lake: Lake, now: float | None = None) ->
             if dt is not None:
                 live = {Path(unquote(uri.removeprefix("file://"))) for uri in dt.file_uris()}
                 stale += [path for path in _orphans(Path(lake.uri(table)), cutoff) if path not in live]
-                with contextlib.suppress(ColdTierMissing):  # an unreachable cold store does not stop an ingest
+                try:  # a killed tier move's partial files
+                    cold = lake.cold(table, dt)
+                except ColdTierMissing:  # an unreachable cold store does not stop an ingest
                     cold = None
-                    cold = lake.cold(table, dt)  # a killed tier move's partial files
                 if cold is not None and "://" not in lake.cold_uri(table, dt):
                     live = {Path(unquote(uri.removeprefix("file://"))) for uri in cold.file_uris()}
                     stale += [path for path in _orphans(Path(lake.cold_uri(table, dt)), cutoff) if path not in live]

@@ -204,7 +204,7 @@ def _forget(config: FlywheelConfig, lake: Lake, registry: ModelRegistry, user_id
     """forget() under its locks: nothing lands, is re-scored, curated, trained or evaluated meanwhile."""
     subject = find_subject(lake, user_id, tenant_id)
     pending = config.home / "privacy" / f"pending-{subject.sha256()}.json"
-    subject, cycles, versions = _resume(pending, subject, tainted_cycles(lake, subject))
+    subject, cycles, versions = resume(pending, subject, tainted_cycles(lake, subject))
     latest = {row["version"]: row for row in registry.current()}
     tainted, clean = lineage_taint(latest, set(cycles))
     report.cycles, report.versions = cycles, sorted(set(tainted) | versions)
@@ -262,7 +262,7 @@ def erase(config: FlywheelConfig, lake: Lake, subject: Subject, report: ForgetRe
     raise ForgetIncomplete(f"{report.request_id}: rows still found after {MAX_PASSES} passes: {left}")
 
 
-def _resume(pending, subject: Subject, cycles: list[str]) -> tuple[Subject, list[str], set[str]]:
+def resume(pending, subject: Subject, cycles: list[str]) -> tuple[Subject, list[str], set[str]]:
     """The subject, tainted cycles and versions, joined with those of an earlier run for the same
     subject that did not finish (its rows may be gone already)."""
     if not pending.exists():

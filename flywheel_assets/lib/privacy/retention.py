@@ -36,7 +36,7 @@ import pyarrow as pa
 from flywheel_assets.lib.config import FlywheelConfig
 from flywheel_assets.lib.lake import Lake, sql_literal
 from flywheel_assets.lib.privacy.files import write_json
-from flywheel_assets.lib.privacy.forget import ForgetReport, Subject, _resume, erase, tainted_cycles
+from flywheel_assets.lib.privacy.forget import ForgetReport, Subject, erase, resume, tainted_cycles
 from flywheel_assets.lib.tables import FORGET_REQUESTS, SESSION_EVENTS, TRAJECTORIES
 
 
@@ -98,7 +98,7 @@ def _expire_tenant(config: FlywheelConfig, lake: Lake, tenant: str, now: datetim
     pending = config.home / "privacy" / f"pending-expire-{hashlib.sha256(tenant.encode()).hexdigest()}.json"
     found = expired_sessions(lake, tenant, before) if before is not None else Subject(None, tenant, frozenset(),
                                                                                           frozenset())
-    subject, cycles, _ = _resume(pending, found, [])
+    subject, cycles, _ = resume(pending, found, [])
     if not subject.sessions and not subject.trajectories:
         return None
     report = ForgetReport(request_id=f"expire-{uuid.uuid4().hex[:16]}", dry_run=False)

@@ -27,7 +27,7 @@ import pyarrow as pa
 from deltalake import CommitProperties, Transaction, WriterProperties, write_deltalake
 
 from flywheel_assets.lib.lake import (
-    COLD_URI_PROPERTY, OPERATION, TIER_MARK, TIER_MOVE, Lake, conform, micros_iso, rows_where,
+    COLD_URI_PROPERTY, OPERATION, TIER_MARK, TIER_MOVE, Lake, conform, micros_iso,
 )
 from flywheel_assets.lib.tables import Table
 
@@ -73,12 +73,11 @@ def move_to_cold(lake: Lake, table: Table, before: datetime) -> TierMove:
     done.finished_stopped = cold_mark > hot_mark  # the cold side of a move committed, its hot side did not
     mark = max(cold_mark, hot_mark)
     cutoff = min(to_micros(before), to_micros(datetime.now(timezone.utc))) // 1000 * 1000  # whole ms, never ahead
-    while mark < cutoff:
-        oldest = lake.read(table, columns=["ingested_at"], hot_only=True,
-                           filter_sql=f"ingested_at >= TIMESTAMPTZ '{micros_iso(mark)}' AND {_before(cutoff)}")
-        if oldest.num_rows == 0:
-            break
-        step = min(cutoff, (to_micros(pa.compute.min(oldest.column(0)).as_py()) // DAY_US + 1) * DAY_US)
+    # the ends of the ingestion days to move, from one read of the column
+    ingested = lake.read(table, columns=["ingested_at"], hot_only=True,
+                         filter_sql=f"ingested_at >= TIMESTAMPTZ '{micros_iso(mark)}' AND {_before(cutoff)}")
+    days = sorted({min(cutoff, (to_micros(at) // DAY_US + 1) * DAY_US) for at in ingested.column(0).to_pylist()})
+    for step in days:
         rows = lake.read(table, hot_only=True,
                          filter_sql=f"ingested_at >= TIMESTAMPTZ '{micros_iso(mark)}' AND {_before(step)}")
         _append_cold(lake, table, rows, step)
@@ -94,7 +93,7 @@ def _before(mark: int) -> str:
 
 
 def _append_cold(lake: Lake, table: Table, rows: pa.Table, mark: int) -> None:
-    write_deltalake(lake.cold_uri(table), conform(pa_sorted(rows, "session_id"), table), mode="append",
+    write_deltalake(lake.cold_uri(table), conform(rows.sort_by("session_id"), table), mode="append",
                     storage_options=lake.cold_storage_options, writer_properties=COLD_WRITER, schema_mode="merge",
                     commit_properties=_commit(mark))
 
@@ -104,15 +103,16 @@ def _delete_hot(lake: Lake, table: Table, mark: int) -> int:
     the cold tier holds every one of them (a row the cold commits missed — ingested meanwhile
     with a clock behind — is appended to it first, under the same mark). The rows deleted."""
     key = table.key[0]
-    hot = lake.read(table, filter_sql=_before(mark), hot_only=True)
-    cold = rows_where(lake._files(lake.cold(table), lake.cold_uri(table), None), _before(mark), [key]).column(0)
-    missing = hot.filter(pa.compute.invert(pa.compute.is_in(hot.column(key), value_set=cold)))
-    if missing.num_rows:
-        _append_cold(lake, table, missing, mark)
+    hot = lake.read(table, columns=[key], filter_sql=_before(mark), hot_only=True).column(0)
+    cold = lake.read(table, columns=[key], filter_sql=_before(mark), cold_only=True).column(0)
+    missing = hot.filter(pa.compute.invert(pa.compute.is_in(hot, value_set=cold)))
+    if len(missing):  # only then are whole rows read
+        rows = lake.read(table, filter_sql=_before(mark), hot_only=True)
+        _append_cold(lake, table, rows.filter(pa.compute.is_in(rows.column(key), value_set=missing)), mark)
     write_deltalake(lake.uri(table), table.schema.empty_table(), mode="overwrite",
                     predicate=f"ingested_at < '{micros_iso(mark)}'", storage_options=lake.storage_options,
                     commit_properties=_commit(mark))
-    return hot.num_rows
+    return len(hot)
 
 
 class ColdTierMismatch(RuntimeError):
@@ -134,10 +134,6 @@ def zorder(lake: Lake, table: Table) -> bool:
         return False
     dt.optimize.z_order(["session_id"], commit_properties=CommitProperties(custom_metadata={OPERATION: "z-order"}))
     return True
-
-
-def pa_sorted(rows: pa.Table, column: str) -> pa.Table:
-    return rows.sort_by([(column, "ascending")]) if rows.num_rows else rows
 
 
 def _moment(mark: int) -> datetime:
