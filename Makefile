@@ -107,8 +107,8 @@ bench-ab: $(STAMP)
 ab-harness: $(STAMP)
 	$(BIN)/python benchmarks/ab_harness.py $(if $(EXPERIMENTS),--experiments $(EXPERIMENTS),)
 
-## bench-refresh: the daily score refresh (session_feedback, judge_scores, trajectory_scores) over 50M events of
-## history plus 1M new, against a full recompute it must equal (EVENTS=... NEW_EVENTS=... to change)
+## bench-refresh: the daily refresh (session_feedback, judge_scores, trajectory_scores, curated_trajectories) over
+## 50M events of history plus 1M new; up to 10M events also against a full recompute it must equal (EVENTS=... NEW_EVENTS=...)
 bench-refresh: $(STAMP)
 	$(BIN)/python benchmarks/bench_refresh.py $(if $(EVENTS),--events $(EVENTS),) $(if $(NEW_EVENTS),--new-events $(NEW_EVENTS),)
 

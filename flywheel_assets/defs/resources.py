@@ -189,6 +189,27 @@ def table_metadata(table: Table, data: pa.Table | None = None, **extra) -> dict:
     return metadata
 
 
+class RefreshConfig(dg.Config):
+    """full: recompute every row instead of folding in what is new (lib/feedback/refresh.py)."""
+
+    full: bool = False
+
+
+def refresh_metadata(table, outcome, con_sql: str, flywheel: FlywheelResource, more=None) -> dict:
+    """What the refresh read and wrote, and aggregates of the whole table (`con_sql` over view t;
+    `more(con)`: further metadata from the same view)."""
+    lake = flywheel.lake()
+    with flywheel.sql() as con:
+        lake.register(con, table, "t")
+        cursor = con.execute(con_sql)
+        whole = dict(zip([column[0] for column in cursor.description], cursor.fetchone()))
+        whole |= more(con) if more else {}
+    return table_metadata(table, delta_version=outcome.version, refresh="full" if outcome.full else "incremental",
+                          refresh_reason=outcome.reason, rows_written=outcome.rows.num_rows,
+                          new_input_rows=dg.MetadataValue.json(outcome.new_rows), **whole) \
+        | {"dagster/row_count": lake.row_count(table)}
+
+
 def markdown_counts(counts: dict, key: str = "value", value: str = "rows") -> dg.MetadataValue:
     total = sum(counts.values()) or 1
     lines = [f"| {key} | {value} | share |", "|---|---:|---:|"]

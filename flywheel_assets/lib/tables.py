@@ -289,8 +289,14 @@ CURATED_TRAJECTORIES = Table(
         ("split", pa.string(), "train or holdout (by hash of the session, so a session never straddles), or "
                                "opt_out: its tenant's policy (tenancy) forbids training on it"),
         ("origin", pa.string(), "usage, golden, synthetic, imported or correction (a teacher's answer to a failed request)"),
+        ("human_verified", pa.bool_(), "labelled by a human: ranks before unlabelled copies when duplicates are marked"),
+        ("lsh_keys", pa.list_(pa.int64()), "MinHash LSH band keys of the de-duplication text: what the refresh looks "
+                                           "up to find the rows a changed row resembles (or resembled)"),
+        ("created_day", pa.string(), "the trajectory's created_at UTC date: the Delta partition"),
+        ("updated_at", UTC_TS, "when the refresh that last changed this row ran"),
     ),
     key=("trajectory_id",),
+    partition_by=("created_day",),
 )
 
 TRAINING_DATASET = Table(

@@ -84,7 +84,7 @@ def test_a_few_rows_looked_up_by_key_from_a_stored_table(lake, config):
     import duckdb
     import pyarrow as pa
 
-    from flywheel_assets.lib.feedback.refresh_scores import _keyed
+    from flywheel_assets.lib.feedback.refresh_scores import keyed
     from flywheel_assets.lib.tables import JUDGE_SCORES
     from flywheel_assets_tests.feedback.test_refresh import _world
 
@@ -95,7 +95,7 @@ def test_a_few_rows_looked_up_by_key_from_a_stored_table(lake, config):
     ids = sorted(lake.read(JUDGE_SCORES).column("trajectory_id").to_pylist())[:3]
     con = duckdb.connect()
     con.register("keys", pa.table({"key": pa.array(ids, pa.string())}))
-    assert sorted(_keyed(con, lake, JUDGE_SCORES, "trajectory_id", "keys").column("trajectory_id").to_pylist()) == ids
+    assert sorted(keyed(con, lake, JUDGE_SCORES, "trajectory_id", "keys").column("trajectory_id").to_pylist()) == ids
 
 
 def test_refreshed_tables_answer_filters_on_string_columns(lake, config):

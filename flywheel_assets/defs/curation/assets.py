@@ -3,12 +3,13 @@
 import json
 
 import dagster as dg
-import polars as pl
 
 from flywheel_assets.defs.partitions import cycle_partitions
 from flywheel_assets.defs.records import record_in_run
-from flywheel_assets.defs.resources import FlywheelResource, markdown_counts, table_metadata
-from flywheel_assets.lib.curation.curate import curate, user_edits
+from flywheel_assets.defs.resources import (
+    FlywheelResource, RefreshConfig, markdown_counts, refresh_metadata, table_metadata,
+)
+from flywheel_assets.lib.curation.refresh_curated import refresh_curated_trajectories
 from flywheel_assets.lib.curation.select import count_by, export_chat_jsonl, select_training_rows
 from flywheel_assets.lib.tables import (
     CURATED_TRAJECTORIES, DATASET_MANIFESTS, SESSION_EVENTS, TRAINING_DATASET, TRAJECTORIES, TRAJECTORY_SCORES,
@@ -17,24 +18,24 @@ from flywheel_assets.lib.tables import (
 
 @dg.asset(group_name="curation", kinds={"duckdb", "delta"}, deps=["trajectory_scores", "trajectories", "session_events"],
           metadata=table_metadata(CURATED_TRAJECTORIES))
-def curated_trajectories(flywheel: FlywheelResource) -> dg.MaterializeResult:
+def curated_trajectories(config: RefreshConfig, flywheel: FlywheelResource) -> dg.MaterializeResult:
     """Every scored trajectory as chat messages (an edited answer replaced by the user's edit), PII scrubbed,
-    duplicates marked, split train/holdout."""
+    duplicates marked, split train/holdout: what changed since the last run, and its duplicate groups."""
     with flywheel.writing("curated_trajectories"):
-        config, lake = flywheel.config(), flywheel.lake()
-        edits = user_edits(lake.read(SESSION_EVENTS, columns=["trajectory_id", "event_type", "data_json", "ts"],
-                                     filter_sql="event_type = 'output_edited'"))
-        curated = curate(lake.read(TRAJECTORY_SCORES), lake.read(TRAJECTORIES), config, edits)
-        version = lake.overwrite(CURATED_TRAJECTORIES, curated)
-        frame = pl.from_arrow(curated)
-        return dg.MaterializeResult(metadata=table_metadata(
-            CURATED_TRAJECTORIES, curated, delta_version=version,
-            dedup=markdown_counts(count_by(curated, "dedup_status"), "status", "trajectories"),
-            split=markdown_counts(count_by(curated, "split"), "split", "trajectories"),
-            trajectories_with_pii=int((frame["pii_replacements"] > 0).sum()) if frame.height else 0,
-            pii_spans_replaced=int(frame["pii_replacements"].sum()) if frame.height else 0,
-            answers_replaced_by_user_edits=int(frame["user_edited"].sum()) if frame.height else 0,
-        ))
+        outcome = refresh_curated_trajectories(flywheel.lake(), flywheel.config(), full=config.full)
+
+        def counts(con) -> dict:
+            def by(column: str, label: str) -> dg.MetadataValue:
+                return markdown_counts(dict(con.execute(f"SELECT {column}, count(*) FROM t GROUP BY 1 ORDER BY 1")
+                                            .fetchall()), label, "trajectories")
+            return {"dedup": by("dedup_status", "status"), "split": by("split", "split")}
+
+        return dg.MaterializeResult(metadata=refresh_metadata(
+            CURATED_TRAJECTORIES, outcome,
+            """SELECT count(*) FILTER (pii_replacements > 0) AS trajectories_with_pii,
+                      coalesce(sum(pii_replacements), 0) AS pii_spans_replaced,
+                      count(*) FILTER (user_edited) AS answers_replaced_by_user_edits FROM t""",
+            flywheel, more=counts))
 
 
 @dg.asset(group_name="curation", kinds={"duckdb", "delta"}, deps=["curated_trajectories"],

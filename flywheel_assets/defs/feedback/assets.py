@@ -4,7 +4,9 @@ import dagster as dg
 import polars as pl
 import pyarrow as pa
 
-from flywheel_assets.defs.resources import FlywheelResource, markdown_counts, table_metadata
+from flywheel_assets.defs.resources import (
+    FlywheelResource, RefreshConfig, markdown_counts, refresh_metadata, table_metadata,
+)
 from flywheel_assets.lib.feedback.calibration import fitted_fusion, latest_calibration
 from flywheel_assets.lib.feedback.llm_judge import LLMJudge, judge_new
 from flywheel_assets.lib.feedback.refresh_scores import (
@@ -16,34 +18,13 @@ from flywheel_assets.lib.tables import (
 )
 
 
-class RefreshConfig(dg.Config):
-    """full: recompute every row instead of folding in what is new (lib/feedback/refresh.py)."""
-
-    full: bool = False
-
-
-def _refresh_metadata(table, outcome, con_sql: str, flywheel: FlywheelResource, more=None) -> dict:
-    """What the refresh read and wrote, and aggregates of the whole table (`con_sql` over view t;
-    `more(con)`: further metadata from the same view)."""
-    lake = flywheel.lake()
-    with flywheel.sql() as con:
-        lake.register(con, table, "t")
-        cursor = con.execute(con_sql)
-        whole = dict(zip([column[0] for column in cursor.description], cursor.fetchone()))
-        whole |= more(con) if more else {}
-    return table_metadata(table, delta_version=outcome.version, refresh="full" if outcome.full else "incremental",
-                          refresh_reason=outcome.reason, rows_written=outcome.rows.num_rows,
-                          new_input_rows=dg.MetadataValue.json(outcome.new_rows), **whole) \
-        | {"dagster/row_count": lake.row_count(table)}
-
-
 @dg.asset(group_name="feedback", kinds={"duckdb", "delta"}, deps=["session_events", "trajectories"],
           metadata=table_metadata(SESSION_FEEDBACK))
 def session_feedback(config: RefreshConfig, flywheel: FlywheelResource) -> dg.MaterializeResult:
     """The seed's five implicit signals and quality_score per session, folding in only the new events."""
     lake = flywheel.lake()
     outcome = refresh_session_feedback(lake, flywheel.config(), full=config.full)
-    return dg.MaterializeResult(metadata=_refresh_metadata(
+    return dg.MaterializeResult(metadata=refresh_metadata(
         SESSION_FEEDBACK, outcome, "SELECT coalesce(avg(quality_score), 0) AS mean_quality, "
         "coalesce(avg(task_accepted::INT), 0) AS accepted_rate FROM t", flywheel))
 
@@ -86,7 +67,7 @@ def judge_scores(config: RefreshConfig, flywheel: FlywheelResource) -> dg.Materi
     failing = pl.from_arrow(outcome.rows).filter(pl.col("failed_judges") != "")["failed_judges"] \
         .str.split(",").explode().value_counts()
     counts = {row["failed_judges"]: row["count"] for row in failing.to_dicts()}
-    return dg.MaterializeResult(metadata=_refresh_metadata(
+    return dg.MaterializeResult(metadata=refresh_metadata(
         JUDGE_SCORES, outcome, "SELECT count(llm_score) AS llm_graded FROM t", flywheel) | {
         "llm_judge_enabled": settings.llm_judge.enabled,
         "failures_by_judge": markdown_counts(counts, "judge", "trajectories written"),
@@ -112,7 +93,7 @@ def trajectory_scores(config: RefreshConfig, flywheel: FlywheelResource) -> dg.M
                 "by_source": markdown_counts(sources, "source", "trajectories")}
 
     threshold = settings.curation.high_quality_threshold
-    return dg.MaterializeResult(metadata=_refresh_metadata(
+    return dg.MaterializeResult(metadata=refresh_metadata(
         TRAJECTORY_SCORES, outcome,
         f"SELECT coalesce(avg((combined_score >= {threshold})::INT), 0) AS high_quality_rate FROM t", flywheel,
         more=mixes) | {"fusion": _fusion_used(settings, latest)})

@@ -12,10 +12,11 @@ import json
 import re
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 
 from flywheel_assets.lib.config import FlywheelConfig
-from flywheel_assets.lib.curation.dedup import find_duplicates
+from flywheel_assets.lib.curation.dedup import find_duplicates, lsh_keys, text_signatures
 from flywheel_assets.lib.curation.scrub import scrub_messages
 from flywheel_assets.lib.lake import conform
 from flywheel_assets.lib.tables import CURATED_TRAJECTORIES
@@ -78,55 +79,80 @@ def apply_edit(messages: list[dict], edited: str | None) -> bool:
     return True
 
 
-def curate(scores: pa.Table, trajectories: pa.Table, config: FlywheelConfig,
-           edits: dict[str, str] | None = None) -> pa.Table:
-    """One row per scored trajectory (CURATED_TRAJECTORIES); `edits` (user_edits) replace
-    the final answers users edited."""
-    edits = edits or {}
-    con = duckdb.connect()
-    con.register("scores", scores)
-    con.register("trajectories", trajectories)
-    joined = con.execute("""
-        SELECT s.trajectory_id, s.session_id, s.tenant_id, s.task_type, s.tier, s.weight, s.combined_score,
-               s.human_verified, s.origin, t.turns, t.tool_calls, t.tools_json, t.user_prompt
-        FROM scores s JOIN trajectories t USING (trajectory_id) ORDER BY s.trajectory_id
-    """).to_arrow_table().to_pylist()
+_SCORE_FIELDS = ("trajectory_id", "session_id", "tenant_id", "task_type", "tier", "weight", "combined_score",
+                 "human_verified", "origin", "created_day")
+CONTENT_FIELDS = ("messages_json", "tools_json", "prompt_key", "pii_replacements", "pii_kinds", "user_edited",
+                  "lsh_keys")
+
+
+def score_fields(score: dict, config: FlywheelConfig) -> dict:
+    """A curated row's fields that follow its trajectory_scores row, split included."""
+    # golden and synthetic data is never held out: it is not a sample of live usage
+    unit = score["session_id"] or score["trajectory_id"]
+    holdout = score["origin"] == "usage" and in_holdout(unit, config.curation.holdout_fraction)
+    split = "holdout" if holdout else "train"
+    if not config.tenancy.trains_on(score["tenant_id"]):
+        split = "opt_out"  # never trained on; not held out either (the held-out set stays the trained users')
+    return {name: score[name] for name in _SCORE_FIELDS} | {"split": split}
+
+
+def content_fields(trajectories: list[dict], edits: dict[str, str], config: FlywheelConfig) -> list[dict]:
+    """CONTENT_FIELDS of each logged trajectory: its conversation as chat messages, the final answer
+    replaced by its user's edit (`edits`: user_edits), scrubbed, and its LSH keys."""
     rows = []
-    for row in joined:
-        messages = to_messages(row["turns"], row["tool_calls"])
-        user_edited = apply_edit(messages, edits.get(row["trajectory_id"]))
+    for trajectory in trajectories:
+        messages = to_messages(trajectory["turns"], trajectory["tool_calls"])
+        user_edited = apply_edit(messages, edits.get(trajectory["trajectory_id"]))
         messages, found = scrub_messages(messages)
-        # golden and synthetic data is never held out: it is not a sample of live usage
-        unit = row["session_id"] or row["trajectory_id"]
-        holdout = row["origin"] == "usage" and in_holdout(unit, config.curation.holdout_fraction)
-        split = "holdout" if holdout else "train"
-        if not config.tenancy.trains_on(row["tenant_id"]):
-            split = "opt_out"  # never trained on; not held out either (the held-out set stays the trained users')
-        rows.append({
-            "trajectory_id": row["trajectory_id"], "session_id": row["session_id"], "task_type": row["task_type"],
-            "tier": row["tier"], "weight": row["weight"], "combined_score": row["combined_score"],
-            "messages_json": json.dumps(messages, ensure_ascii=False), "tools_json": row["tools_json"],
-            "prompt_key": prompt_key(row["user_prompt"]), "pii_replacements": sum(found.values()),
-            "pii_kinds": ",".join(sorted(found)), "split": split, "tenant_id": row["tenant_id"],
-            "user_edited": user_edited, "origin": row["origin"],
-        })
-    # De-duplicated within each lane (lib/tenancy.py): a private tenant's copy never hides a pooled
-    # one from the shared lane's datasets, nor the reverse.
-    lanes: dict[str, list[int]] = {}
-    for index, row in enumerate(rows):
-        lanes.setdefault(config.tenancy.lane(row["tenant_id"]), []).append(index)
+        rows.append({"messages_json": json.dumps(messages, ensure_ascii=False), "tools_json": trajectory["tools_json"],
+                     "prompt_key": prompt_key(trajectory["user_prompt"]), "pii_replacements": sum(found.values()),
+                     "pii_kinds": ",".join(sorted(found)), "user_edited": user_edited})
+    keys = lsh_keys(signatures(rows, config), config.curation.near_duplicate_jaccard)
+    for row, row_keys in zip(rows, keys.tolist()):
+        row["lsh_keys"] = row_keys
+    return rows
+
+
+def signatures(rows: list[dict], config: FlywheelConfig) -> np.ndarray:
+    """The MinHash signatures of the rows' de-duplication texts (from messages_json)."""
+    return text_signatures([_dedup_text(row["messages_json"]) for row in rows], seed=config.curation.seed)
+
+
+def mark_duplicates(rows: list[dict], config: FlywheelConfig) -> None:
+    """Set each row's dedup_status and duplicate_of, de-duplicating within each lane (lib/tenancy.py):
+    a private tenant's copy never hides a pooled one from the shared lane's datasets, nor the
+    reverse. `rows` must hold whole duplicate groups: a row's status depends on its group only."""
+    lanes: dict[str, list[dict]] = {}
+    for row in rows:
+        lanes.setdefault(config.tenancy.lane(row["tenant_id"]), []).append(row)
     for members in lanes.values():
         statuses = find_duplicates(
-            [rows[i]["trajectory_id"] for i in members],
-            [_dedup_text(rows[i]["messages_json"]) for i in members],
+            [row["trajectory_id"] for row in members],
+            [_dedup_text(row["messages_json"]) for row in members],
             # a copy that may be trained on is kept before an opted-out tenant's, whatever their scores
-            [rows[i]["combined_score"] + (2.0 if joined[i]["human_verified"] else 0.0)
-             - (10.0 if rows[i]["split"] == "opt_out" else 0.0) for i in members],
+            [row["combined_score"] + (2.0 if row["human_verified"] else 0.0)
+             - (10.0 if row["split"] == "opt_out" else 0.0) for row in members],
             near_threshold=config.curation.near_duplicate_jaccard,
             seed=config.curation.seed,
         )
-        for i, (status, duplicate_of) in zip(members, statuses):
-            rows[i]["dedup_status"], rows[i]["duplicate_of"] = status, duplicate_of
+        for row, (status, duplicate_of) in zip(members, statuses):
+            row["dedup_status"], row["duplicate_of"] = status, duplicate_of
+
+
+def curate(scores: pa.Table, trajectories: pa.Table, config: FlywheelConfig,
+           edits: dict[str, str] | None = None) -> pa.Table:
+    """One row per scored and logged trajectory (CURATED_TRAJECTORIES), computed from scratch;
+    `edits` (user_edits) replace the final answers users edited."""
+    con = duckdb.connect()
+    con.register("scores", scores)
+    con.register("trajectories", trajectories)
+    joined = con.execute(f"""
+        SELECT {', '.join(f's.{name}' for name in _SCORE_FIELDS)}, t.turns, t.tool_calls, t.tools_json, t.user_prompt
+        FROM scores s JOIN trajectories t USING (trajectory_id) ORDER BY s.trajectory_id
+    """).to_arrow_table().to_pylist()
+    contents = content_fields(joined, edits or {}, config)
+    rows = [score_fields(row, config) | content for row, content in zip(joined, contents)]
+    mark_duplicates(rows, config)
     return conform(pa.Table.from_pylist(rows) if rows else CURATED_TRAJECTORIES.schema.empty_table(),
                    CURATED_TRAJECTORIES)
 

@@ -130,16 +130,45 @@ def _pairs_within_groups(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.minimum(left, right), np.maximum(left, right)
 
 
-def _similar_pairs(signatures: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs of rows whose estimated Jaccard similarity is at least the threshold."""
+def band_keys(signatures: np.ndarray, threshold: float) -> np.ndarray:
+    """(rows, bands) uint64: a hash of each LSH band of each signature. Two rows are candidates
+    when they share a band's key; the band's number is hashed in, so keys of different bands
+    differ too (a lookup by key alone, as the incremental refresh does, stays within a band)."""
     rows_count, num_perm = signatures.shape
     bands, rows = lsh_bands(num_perm, threshold)
-    lefts, rights = [], []
+    keys = np.empty((rows_count, bands), dtype=np.uint64)
     for band in range(bands):
-        key = np.zeros(rows_count, dtype=np.uint64)
+        key = np.full(rows_count, band + 1, dtype=np.uint64)
         for column in range(band * rows, (band + 1) * rows):
             key = _mix(key ^ signatures[:, column].astype(np.uint64))
-        left, right = _pairs_within_groups(key)
+        keys[:, band] = key
+    return keys
+
+
+def text_signatures(texts: list[str], num_perm: int = 64, seed: int = 0) -> np.ndarray:
+    """The MinHash signatures find_duplicates gives the texts."""
+    if not texts:
+        return np.empty((0, num_perm), dtype=np.uint32)
+    return minhash_signatures([normalize(text) for text in texts], num_perm, seed)
+
+
+def lsh_keys(signatures: np.ndarray, threshold: float = 0.9) -> np.ndarray:
+    """band_keys viewed as int64 (Delta has no unsigned type)."""
+    return band_keys(signatures, threshold).view(np.int64)
+
+
+def similar(first: np.ndarray, second: np.ndarray, threshold: float) -> bool:
+    """Two signatures that find_duplicates would call near duplicates, once candidates."""
+    return float((first == second).mean()) >= threshold
+
+
+def _similar_pairs(signatures: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of rows whose estimated Jaccard similarity is at least the threshold."""
+    rows_count = len(signatures)
+    keys = band_keys(signatures, threshold)
+    lefts, rights = [], []
+    for band in range(keys.shape[1]):
+        left, right = _pairs_within_groups(keys[:, band])
         lefts.append(left)
         rights.append(right)
     pair_codes = np.unique(np.concatenate(lefts) * rows_count + np.concatenate(rights))
@@ -147,7 +176,7 @@ def _similar_pairs(signatures: np.ndarray, threshold: float) -> tuple[np.ndarray
     keep = np.zeros(len(pair_codes), dtype=bool)
     for start in range(0, len(pair_codes), _PAIR_CHUNK):
         chunk = slice(start, start + _PAIR_CHUNK)
-        agreement = (signatures[left[chunk]] == signatures[right[chunk]]).mean(axis=1)
+        agreement = (signatures[left[chunk]] == signatures[right[chunk]]).mean(axis=1)  # as similar()
         keep[chunk] = agreement >= threshold
     return left[keep], right[keep]
 

@@ -50,8 +50,8 @@ class Outcome:
     new_rows: dict[str, int]
 
 
-def _run(lake: Lake, output: Table, feeds: tuple[Feed, ...], settings: int, full: bool,
-         body: Callable[[Refresh, duckdb.DuckDBPyConnection], tuple[pa.Table, set]]) -> Outcome:
+def run_refresh(lake: Lake, output: Table, feeds: tuple[Feed, ...], settings: int, full: bool,
+                body: Callable[[Refresh, duckdb.DuckDBPyConnection], tuple[pa.Table, set]]) -> Outcome:
     # Two refreshes of one table side by side would both fold the same new rows in (and upsert
     # inserts of one key twice): one at a time, by a lock beside the ingest's.
     with ingest_lock(lake.config.landing, lake.config.ingest.lock_timeout_s, owner=f"refresh {output.name}",
@@ -64,14 +64,15 @@ def _run(lake: Lake, output: Table, feeds: tuple[Feed, ...], settings: int, full
             refresh.reason = str(stale)
             rows, partitions = body(refresh, duckdb.connect())
         now = utcnow()
+        rows = rows.drop_columns([name for name in ("updated_at",) if name in rows.column_names])
         rows = conform(rows.append_column("updated_at", pa.repeat(pa.scalar(now, pa.timestamp("us", tz="UTC")),
                                                                    rows.num_rows)), output)
         version = refresh.commit(rows, partitions, now)
     return Outcome(rows, version, refresh.full, refresh.reason, dict(refresh.new_rows))
 
 
-def _keyed(con: duckdb.DuckDBPyConnection, lake: Lake, table: Table, column: str, keys: str,
-           columns: str = "*", version: int | None = None) -> pa.Table:
+def keyed(con: duckdb.DuckDBPyConnection, lake: Lake, table: Table, column: str, keys: str,
+          columns: str = "*", version: int | None = None) -> pa.Table:
     """The rows of `table` (at `version`) whose `column` is in the view `keys` (one column named key)."""
     lake.register(con, table, f"_{table.name}", version=version)
     return con.execute(f"SELECT {columns} FROM _{table.name} WHERE {column} IN (SELECT key FROM {keys})"
@@ -89,12 +90,12 @@ def refresh_session_feedback(lake: Lake, config: FlywheelConfig, full: bool = Fa
             con.execute(f"""CREATE TEMP TABLE touched AS
                 SELECT DISTINCT session_id AS key FROM new_events WHERE event_type IN {_SCORED} AND session_id IS NOT NULL
                 UNION SELECT DISTINCT session_id FROM new_logged WHERE session_id IS NOT NULL""")
-            con.register("old", old := _keyed(con, lake, SESSION_FEEDBACK, "session_id", "touched"))
+            con.register("old", old := keyed(con, lake, SESSION_FEEDBACK, "session_id", "touched"))
             # a session new to the table takes every trajectory logged for it; a known one only the new ones
             con.execute(f"""CREATE TEMP TABLE fresh AS
                 SELECT DISTINCT session_id AS key FROM new_events WHERE event_type IN {_SCORED}
                 EXCEPT SELECT session_id FROM old""")
-            logged = _keyed(con, lake, TRAJECTORIES, "session_id", "fresh", "session_id, trajectory_id, created_at")
+            logged = keyed(con, lake, TRAJECTORIES, "session_id", "fresh", "session_id, trajectory_id, created_at")
             con.register("logged_before", logged)
             con.execute("CREATE TEMP TABLE logged AS SELECT * FROM new_logged UNION ALL BY NAME SELECT * FROM logged_before")
             con.execute("CREATE TEMP TABLE wanted AS SELECT key AS session_id FROM touched")
@@ -106,7 +107,7 @@ def refresh_session_feedback(lake: Lake, config: FlywheelConfig, full: bool = Fa
         return rows, _days(rows, "first_day") | (_days(old, "first_day") if old is not None else set())
 
     settings = fingerprint("session_feedback", config.scoring.model_dump())
-    return _run(lake, SESSION_FEEDBACK, (EVENTS, LOGGED), settings, full, body)
+    return run_refresh(lake, SESSION_FEEDBACK, (EVENTS, LOGGED), settings, full, body)
 
 
 def refresh_judge_scores(lake: Lake, config: FlywheelConfig, full: bool = False) -> Outcome:
@@ -131,7 +132,7 @@ def refresh_judge_scores(lake: Lake, config: FlywheelConfig, full: bool = False)
                 .filter(pl.col("was") != pl.col("length_ok"))["trajectory_id"].to_list()
             redo = set(flipped) | (graded - set(judged["trajectory_id"].to_list()))
             con.register("redo", pa.table({"key": pa.array(sorted(redo), pa.string())}))
-            again = pl.from_arrow(_keyed(con, lake, JUDGE_SCORES, "trajectory_id", "redo"))
+            again = pl.from_arrow(keyed(con, lake, JUDGE_SCORES, "trajectory_id", "redo"))
             old_days = set(again["created_day"].to_list())
             judged = pl.concat([judged, again.select(judged.columns)], how="vertical_relaxed")
         scored = score_judges(with_length_ok(judged, length_stats(population), config.fusion.length_outlier_z))
@@ -140,7 +141,7 @@ def refresh_judge_scores(lake: Lake, config: FlywheelConfig, full: bool = False)
         return rows.to_arrow(), set(rows["created_day"].to_list()) | old_days
 
     settings = fingerprint("judge_scores", config.fusion.model_dump(), llm.enabled, llm.model)
-    return _run(lake, JUDGE_SCORES, (LOGGED, GRADES) if llm.enabled else (LOGGED,), settings, full, body)
+    return run_refresh(lake, JUDGE_SCORES, (LOGGED, GRADES) if llm.enabled else (LOGGED,), settings, full, body)
 
 
 def _with_llm(lake: Lake, config: FlywheelConfig, judged: pl.DataFrame) -> pl.DataFrame:
@@ -186,32 +187,32 @@ def refresh_trajectory_scores(lake: Lake, config: FlywheelConfig, calibration=No
             UNION SELECT trajectory_id FROM new_labels UNION SELECT trajectory_id FROM judged
             UNION SELECT final_trajectory_id FROM sessions WHERE final_trajectory_id IS NOT NULL
             UNION SELECT trajectory_id FROM stored WHERE final_of_session IN (SELECT session_id FROM sessions)""")
-        con.register("old", old := _keyed(con, lake, TRAJECTORY_SCORES, "trajectory_id", "affected"))
+        con.register("old", old := keyed(con, lake, TRAJECTORY_SCORES, "trajectory_id", "affected"))
         # a trajectory new to the table: what was said of it before it was logged (events or
         # labels ingested earlier) is read back from the history, once
         con.execute("CREATE TEMP TABLE unseen AS SELECT key FROM affected EXCEPT SELECT trajectory_id FROM old")
         # (at the versions planned: what this refresh counts as new is in them, nothing newer)
-        con.register("said_before", _keyed(con, lake, SESSION_EVENTS, "trajectory_id", "unseen",
-                                           "trajectory_id, event_type, ts, data_json",
-                                           refresh.versions[SESSION_EVENTS.name]))
-        con.register("labelled_before", _keyed(con, lake, ANNOTATIONS, "trajectory_id", "unseen",
-                                               "trajectory_id, score, annotated_at", refresh.versions[ANNOTATIONS.name]))
+        con.register("said_before", keyed(con, lake, SESSION_EVENTS, "trajectory_id", "unseen",
+                                          "trajectory_id, event_type, ts, data_json",
+                                          refresh.versions[SESSION_EVENTS.name]))
+        con.register("labelled_before", keyed(con, lake, ANNOTATIONS, "trajectory_id", "unseen",
+                                              "trajectory_id, score, annotated_at", refresh.versions[ANNOTATIONS.name]))
         known = "(SELECT * FROM {} WHERE trajectory_id NOT IN (SELECT key FROM unseen))"
         stored = f"SELECT trajectory_id, {', '.join(_FEEDBACK_COLUMNS)} FROM old"
         folded = fold_feedback_sql(
             f"{feedback_partials_sql(known.format('new_events'), known.format('new_labels'))} UNION ALL BY NAME "
             f"{stored} UNION ALL BY NAME {feedback_partials_sql('said_before', 'labelled_before')}")
-        con.register("trajectories", _keyed(con, lake, TRAJECTORIES, "trajectory_id", "affected",
-                                            ", ".join(_SCORE_INPUTS)))
-        con.register("session_feedback", _keyed(con, lake, SESSION_FEEDBACK, "final_trajectory_id", "affected"))
-        con.register("judge_scores", _keyed(con, lake, JUDGE_SCORES, "trajectory_id", "affected"))
+        con.register("trajectories", keyed(con, lake, TRAJECTORIES, "trajectory_id", "affected",
+                                           ", ".join(_SCORE_INPUTS)))
+        con.register("session_feedback", keyed(con, lake, SESSION_FEEDBACK, "final_trajectory_id", "affected"))
+        con.register("judge_scores", keyed(con, lake, JUDGE_SCORES, "trajectory_id", "affected"))
         rows = trajectory_scores(con, config, calibration, feedback=folded)
         return rows, _days(rows, "created_day") | _days(old, "created_day")
 
     settings = fingerprint("trajectory_scores", config.scoring.model_dump(), config.fusion.model_dump(),
                            config.tiers.model_dump(), calibration_id if calibration is not None else "")
     feeds = (LOGGED, EVENTS, LABELS, SESSIONS_CHANGED, JUDGES_CHANGED)
-    return _run(lake, TRAJECTORY_SCORES, feeds, settings, full, body)
+    return run_refresh(lake, TRAJECTORY_SCORES, feeds, settings, full, body)
 
 
 def _days(rows: pa.Table, column: str) -> set:

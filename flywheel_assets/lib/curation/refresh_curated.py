@@ -1,0 +1,140 @@
+"""curated_trajectories refreshed from what changed, equal to curating everything again.
+
+A curated row follows its trajectory_scores row (tier, weight, split, ...), its logged
+conversation and its user's latest edit; its dedup status follows the rows its text
+resembles. A refresh (lib/feedback/refresh.py's watermarks) takes the trajectories whose
+score row changed, that were newly logged or newly edited, and
+
+- rebuilds the conversation (messages, scrubbing, LSH keys) of the new and newly edited
+  ones (reading their history once); a known one keeps its stored messages and takes its new
+  score fields;
+- re-runs de-duplication over every stored row linked to them as find_duplicates links two
+  rows (a shared LSH band key, looked up in `lsh_keys`, then MinHash signatures agreeing at
+  the threshold), from their texts as they are now and as they were, followed link by link
+  until nothing new joins. That set holds whole duplicate groups, old and new, and greedy
+  de-duplication decides a group from its own rows only, so the statuses are the ones a
+  full run gives (flywheel_assets_tests/curation/test_refresh_curated.py compares them);
+- writes those rows and the linked ones whose status changed, rewriting only their days'
+  partitions (created_day).
+
+A score row that vanished (forget, retention) recomputes in full, as a rewritten input
+does.
+"""
+
+from __future__ import annotations
+
+import duckdb
+import pyarrow as pa
+
+from flywheel_assets.lib.config import FlywheelConfig
+from flywheel_assets.lib.curation.curate import (
+    CONTENT_FIELDS, content_fields, curate, mark_duplicates, score_fields, signatures, user_edits,
+)
+from flywheel_assets.lib.curation.dedup import similar
+from flywheel_assets.lib.feedback.refresh import Feed, Refresh, StaleWatermark, fingerprint
+from flywheel_assets.lib.feedback.refresh_scores import Outcome, keyed, run_refresh
+from flywheel_assets.lib.lake import Lake, conform
+from flywheel_assets.lib.tables import CURATED_TRAJECTORIES, SESSION_EVENTS, TRAJECTORIES, TRAJECTORY_SCORES
+
+SCORES = Feed(TRAJECTORY_SCORES, "updated_at", append_only=False)
+LOGGED = Feed(TRAJECTORIES, "ingested_at")
+EDITS = Feed(SESSION_EVENTS, "ingested_at")  # only its output_edited events are kept
+_EDITED = "event_type = 'output_edited' AND trajectory_id IS NOT NULL"
+_EDIT_COLUMNS = ["trajectory_id", "event_type", "data_json", "ts"]
+_CONVERSATION = "trajectory_id, turns, tool_calls, tools_json, user_prompt"
+
+
+def refresh_curated_trajectories(lake: Lake, config: FlywheelConfig, full: bool = False) -> Outcome:
+    def body(refresh: Refresh, con: duckdb.DuckDBPyConnection):
+        versions = refresh.versions
+        rescored = refresh.read_new(SCORES, ["trajectory_id"])
+        logged = refresh.read_new(LOGGED, ["trajectory_id"])
+        edited = refresh.read_new(EDITS, ["trajectory_id", "event_type"], where=_EDITED)
+        if refresh.full:
+            rows = curate(lake.read(TRAJECTORY_SCORES, version=versions[TRAJECTORY_SCORES.name]),
+                          lake.read(TRAJECTORIES, columns=_CONVERSATION.split(", "),
+                                    version=versions[TRAJECTORIES.name]),
+                          config, user_edits(lake.read(SESSION_EVENTS, columns=_EDIT_COLUMNS, filter_sql=_EDITED,
+                                                       version=versions[SESSION_EVENTS.name])))
+            return rows, set(rows.column("created_day").to_pylist())
+        newly_edited = set(edited.column("trajectory_id").to_pylist())
+        affected = set(rescored.column("trajectory_id").to_pylist()) | set(logged.column("trajectory_id").to_pylist()) \
+            | newly_edited
+        con.register("affected", pa.table({"key": pa.array(sorted(affected), pa.string())}))
+        scores = keyed(con, lake, TRAJECTORY_SCORES, "trajectory_id", "affected",
+                       version=versions[TRAJECTORY_SCORES.name]).to_pylist()
+        old = {row["trajectory_id"]: row for row in keyed(con, lake, CURATED_TRAJECTORIES, "trajectory_id",
+                                                          "affected").to_pylist()}
+        if gone := set(old) - {score["trajectory_id"] for score in scores}:
+            raise StaleWatermark(f"{len(gone)} curated rows lost their score row")
+        rows = _changed_rows(con, lake, config, refresh, scores, old, newly_edited)
+        linked = _linked(con, lake, config, [*rows.values(), *old.values()], set(rows) | set(old))
+        everything = [*rows.values(), *linked]
+        mark_duplicates(everything, config)
+        written = list(rows.values()) + [row for row in linked if (row["dedup_status"], row["duplicate_of"])
+                                         != (row["was_status"], row["was_duplicate_of"])]
+        table = conform(pa.Table.from_pylist(written), CURATED_TRAJECTORIES) if written \
+            else CURATED_TRAJECTORIES.schema.empty_table()
+        return table, _days(written) | _days(old.values())
+
+    curation = config.curation
+    settings = fingerprint("curated_trajectories", curation.holdout_fraction, curation.near_duplicate_jaccard,
+                           curation.seed, config.tenancy.model_dump())
+    return run_refresh(lake, CURATED_TRAJECTORIES, (SCORES, LOGGED, EDITS), settings, full, body)
+
+
+def _changed_rows(con, lake: Lake, config: FlywheelConfig, refresh: Refresh, scores: list[dict],
+                  old: dict[str, dict], newly_edited: set[str]) -> dict[str, dict]:
+    """The new curated rows of the scored trajectories among those affected (a trajectory not yet
+    scored, or scored but not yet logged, waits, as it does in a full run)."""
+    rebuild = sorted(score["trajectory_id"] for score in scores
+                     if score["trajectory_id"] not in old or score["trajectory_id"] in newly_edited)
+    con.register("rebuild", pa.table({"key": pa.array(rebuild, pa.string())}))
+    conversations = keyed(con, lake, TRAJECTORIES, "trajectory_id", "rebuild", _CONVERSATION,
+                          refresh.versions[TRAJECTORIES.name]).to_pylist()
+    edits = user_edits(keyed(con, lake, SESSION_EVENTS, "trajectory_id", "rebuild", ", ".join(_EDIT_COLUMNS),
+                             refresh.versions[SESSION_EVENTS.name]))
+    contents = dict(zip((c["trajectory_id"] for c in conversations), content_fields(conversations, edits, config)))
+    for trajectory_id, row in old.items():
+        contents.setdefault(trajectory_id, {name: row[name] for name in CONTENT_FIELDS})
+    return {score["trajectory_id"]: score_fields(score, config) | contents[score["trajectory_id"]]
+            for score in scores if score["trajectory_id"] in contents}
+
+
+def _linked(con, lake: Lake, config: FlywheelConfig, seeds: list[dict], known: set[str]) -> list[dict]:
+    """The stored rows (other than `known`) a seed row resembles as find_duplicates judges it (a
+    shared LSH band key, then signatures agreeing at the threshold), and the rows those resemble,
+    and so on: with the seeds, whole duplicate groups. Each carries its stored status as
+    was_status and was_duplicate_of."""
+    threshold = config.curation.near_duplicate_jaccard
+    lake.register(con, CURATED_TRAJECTORIES, "stored")
+    frontier, found = seeds, {}
+    while frontier:
+        frontier_signatures = signatures(frontier, config)
+        owners: dict[int, list[int]] = {}
+        for index, row in enumerate(frontier):
+            for key in row["lsh_keys"] or ():
+                owners.setdefault(key, []).append(index)
+        con.register("frontier", pa.table({"key": pa.array(sorted(owners), pa.int64())}))
+        shared: dict[str, set[int]] = {}
+        for trajectory_id, key in con.execute("""
+                SELECT trajectory_id, key FROM (SELECT trajectory_id, unnest(lsh_keys) AS key FROM stored)
+                WHERE key IN (SELECT key FROM frontier)""").fetchall():
+            if trajectory_id not in known and trajectory_id not in found:
+                shared.setdefault(trajectory_id, set()).add(key)
+        if not shared:
+            break
+        con.register("candidates", pa.table({"key": pa.array(sorted(shared), pa.string())}))
+        candidates = keyed(con, lake, CURATED_TRAJECTORIES, "trajectory_id", "candidates").to_pylist()
+        frontier = []
+        for row, signature in zip(candidates, signatures(candidates, config)):
+            partners = {index for key in shared[row["trajectory_id"]] for index in owners[key]}
+            if any(similar(frontier_signatures[index], signature, threshold) for index in partners):
+                row["was_status"], row["was_duplicate_of"] = row["dedup_status"], row["duplicate_of"]
+                found[row["trajectory_id"]] = row
+                frontier.append(row)
+    return list(found.values())
+
+
+def _days(rows) -> set:
+    return {row["created_day"] for row in rows}

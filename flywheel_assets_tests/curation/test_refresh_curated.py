@@ -1,0 +1,149 @@
+"""curated_trajectories refreshed batch by batch equals curating everything again: the rows,
+their scrubbed (and user-edited) messages and every duplicate status, while new copies
+displace kept ones, scores and labels change which copy is kept, and edits change texts."""
+
+from __future__ import annotations
+
+import json
+import random
+from datetime import datetime, timedelta, timezone
+
+import pyarrow as pa
+import pytest
+
+from flywheel_assets.lib.curation.refresh_curated import refresh_curated_trajectories
+from flywheel_assets.lib.feedback.refresh_scores import (
+    refresh_judge_scores, refresh_session_feedback, refresh_trajectory_scores,
+)
+from flywheel_assets.lib.lake import conform
+from flywheel_assets.lib.tables import ANNOTATIONS, CURATED_TRAJECTORIES, SESSION_EVENTS, TRAJECTORIES
+
+T0 = datetime(2026, 11, 1, 9, tzinfo=timezone.utc)
+TABLES = {"events": SESSION_EVENTS, "trajectories": TRAJECTORIES, "annotations": ANNOTATIONS}
+BATCHES = 5
+
+
+def _answers(rng: random.Random) -> list[str]:
+    """Texts that are copies, near copies (one word of a hundred changed) or unlike each other."""
+    vocabulary = [f"w{i}" for i in range(400)]
+    templates = [[rng.choice(vocabulary) for _ in range(100)] for _ in range(5)]
+    answers = []
+    for template in templates:
+        for variant in range(4):
+            words = list(template)
+            for _ in range(variant % 3):  # 0, 1 or 2 words changed: copies, near and less near copies
+                words[rng.randrange(100)] = rng.choice(vocabulary)
+            answers.append(" ".join(words))
+    return answers + ["the answer is 42", "The answer is 42.", "call me at 555-123-4567 or a@b.io"]
+
+
+def _world(seed: int, sessions: int = 70) -> list[tuple[str, int, dict]]:
+    rng = random.Random(seed)
+    answers = _answers(rng)
+    rows = []
+    for s in range(sessions):
+        batch = rng.randrange(BATCHES)
+        start = T0 + timedelta(days=rng.randrange(4), minutes=rng.randrange(600))
+        trajectories = [f"t{s}-{k}" for k in range(rng.randint(1, 2))]
+        for k, trajectory in enumerate(trajectories):
+            answer = rng.choice(answers)
+            rows.append(("trajectories", batch, {
+                "trajectory_id": trajectory, "session_id": f"s{s}", "tenant_id": "default", "user_id": f"u{s % 9}",
+                "task_type": rng.choice(["calc", "qa"]), "origin": "usage", "is_synthetic": False,
+                "created_at": start + timedelta(minutes=k), "user_prompt": "what is it?",
+                "turns": [{"role": "user", "content": "what is it?"}, {"role": "assistant", "content": answer}],
+                "tool_calls": [], "tools_offered": [], "tools_json": "[]", "final_response": answer}))
+        for e in range(rng.randint(0, 5)):
+            kind = rng.choice(["output_accepted", "retry_requested", "thumbs_up", "thumbs_down", "output_edited"])
+            data = {"edited_answer": rng.choice(answers)} if kind == "output_edited" and rng.random() < 0.7 else {}
+            rows.append(("events", min(BATCHES - 1, batch + rng.choice([0, 0, 1, 2])), {
+                "event_id": f"e{s}-{e}", "session_id": f"s{s}", "event_type": kind, "user_id": f"u{s % 9}",
+                "tenant_id": "default", "trajectory_id": rng.choice(trajectories),
+                "ts": start + timedelta(minutes=rng.randrange(30)),
+                "edit_ratio": 0.4 if kind == "output_edited" else None, "data_json": json.dumps(data)}))
+        if rng.random() < 0.15:  # a label, often batches later: it outranks every unlabelled copy
+            rows.append(("annotations", min(BATCHES - 1, batch + rng.randrange(3)), {
+                "annotation_id": f"a{s}", "trajectory_id": trajectories[0], "score": rng.choice([-0.5, 1.0]),
+                "annotator": "ann", "annotated_at": start + timedelta(hours=1)}))
+    return rows
+
+
+def _ingest(lake, rows, batch: int) -> None:
+    at = datetime.now(timezone.utc)
+    for kind, table in TABLES.items():
+        batch_rows = [{**row, "ingested_at": at} for k, b, row in rows if k == kind and b == batch]
+        if batch_rows:
+            lake.append(table, conform(pa.Table.from_pylist(batch_rows), table))
+
+
+def _refresh(lake, config, full: bool = False):
+    refresh_session_feedback(lake, config)
+    refresh_judge_scores(lake, config)
+    refresh_trajectory_scores(lake, config)
+    return refresh_curated_trajectories(lake, config, full=full)
+
+
+def _snapshot(lake) -> dict:
+    return {row["trajectory_id"]: row for row in lake.read(CURATED_TRAJECTORIES).drop_columns(["updated_at"]).to_pylist()}
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_batch_by_batch_equals_curating_everything_again(lake, config, seed):
+    world = _world(seed)
+    outcomes, kept_after = [], []
+    for batch in range(BATCHES):
+        _ingest(lake, world, batch)
+        outcomes.append(_refresh(lake, config))
+        kept_after.append({i for i, row in _snapshot(lake).items() if row["dedup_status"] == "kept"})
+    assert [o.full for o in outcomes] == [True] + [False] * (BATCHES - 1)
+    incremental = _snapshot(lake)
+    assert len(incremental) == sum(1 for kind, _, _ in world if kind == "trajectories")
+    again = refresh_curated_trajectories(lake, config, full=True)
+    assert again.full and again.reason == "asked for a full recompute"
+    assert _snapshot(lake) == incremental
+    statuses = [row["dedup_status"] for row in incremental.values()]
+    assert {"kept", "exact_duplicate", "near_duplicate"} <= set(statuses)
+    # the test has teeth: later batches displaced rows kept earlier, and edits changed answers
+    assert any(kept_after[b] - kept_after[-1] for b in range(BATCHES - 1))
+    assert any(row["user_edited"] for row in incremental.values())
+    assert any("555-123-4567" not in row["messages_json"] and row["pii_replacements"] for row in incremental.values())
+
+
+def test_a_refresh_writes_the_new_row_and_the_copies_it_displaces(lake, config):
+    world = _world(4)
+    for batch in range(BATCHES):
+        _ingest(lake, world, batch)
+    _refresh(lake, config)
+    before = _snapshot(lake)
+    kept = next(row for row in before.values() if row["dedup_status"] == "kept"
+                and any(other["duplicate_of"] == row["trajectory_id"] for other in before.values()))
+    copies = {i for i, row in before.items() if row["duplicate_of"] == kept["trajectory_id"]}
+    answer = json.loads(kept["messages_json"])[-1]["content"]
+    # a new copy of a kept answer, labelled at once: it ranks first, so it is kept and the group points to it
+    _ingest(lake, [("trajectories", 9, {
+        "trajectory_id": "t-new", "session_id": "s-new", "tenant_id": "default", "task_type": "qa", "origin": "usage",
+        "created_at": T0, "user_prompt": "what is it?", "tools_json": "[]", "final_response": answer,
+        "turns": [{"role": "user", "content": "what is it?"}, {"role": "assistant", "content": answer}]}),
+        ("annotations", 9, {"annotation_id": "a-new", "trajectory_id": "t-new", "score": 1.0, "annotator": "ann",
+                            "annotated_at": T0})], 9)
+    outcome = _refresh(lake, config)
+    after = _snapshot(lake)
+    assert not outcome.full
+    assert after["t-new"]["dedup_status"] == "kept" and after[kept["trajectory_id"]]["duplicate_of"] == "t-new"
+    assert all(after[i]["duplicate_of"] == "t-new" for i in copies)
+    written = set(outcome.rows.column("trajectory_id").to_pylist())
+    assert written == {"t-new", kept["trajectory_id"]} | copies
+    assert {i: r for i, r in after.items() if i not in written} == {i: r for i, r in before.items() if i not in written}
+
+
+def test_a_deleted_input_or_new_settings_recompute_in_full(lake, config):
+    world = _world(5)
+    _ingest(lake, world, 0)
+    _refresh(lake, config)
+    victim = next(iter(_snapshot(lake)))
+    lake.delete_where(TRAJECTORIES, f"trajectory_id = '{victim}'")
+    outcome = _refresh(lake, config)
+    assert outcome.full and "recomputed in full" in outcome.reason  # trajectory_scores was, as it lost a row
+    assert victim not in _snapshot(lake)
+    config.curation.holdout_fraction = 0.5
+    assert refresh_curated_trajectories(lake, config).reason == "settings changed"
