@@ -96,7 +96,8 @@ def score_fields(score: dict, config: FlywheelConfig) -> dict:
     return {name: score[name] for name in _SCORE_FIELDS} | {"split": split}
 
 
-def content_fields(trajectories: list[dict], edits: dict[str, str], config: FlywheelConfig) -> list[dict]:
+def content_fields(trajectories: list[dict], edits: dict[str, str], config: FlywheelConfig,
+                   signatures: Signatures) -> list[dict]:
     """CONTENT_FIELDS of each logged trajectory: its conversation as chat messages, the final answer
     replaced by its user's edit (`edits`: user_edits), scrubbed, and its LSH keys."""
     rows = []
@@ -107,18 +108,29 @@ def content_fields(trajectories: list[dict], edits: dict[str, str], config: Flyw
         rows.append({"messages_json": json.dumps(messages, ensure_ascii=False), "tools_json": trajectory["tools_json"],
                      "prompt_key": prompt_key(trajectory["user_prompt"]), "pii_replacements": sum(found.values()),
                      "pii_kinds": ",".join(sorted(found)), "user_edited": user_edited})
-    keys = lsh_keys(signatures(rows, config), config.curation.near_duplicate_jaccard)
+    keys = lsh_keys(signatures.of(rows), config.curation.near_duplicate_jaccard)
     for row, row_keys in zip(rows, keys.tolist()):
         row["lsh_keys"] = row_keys
     return rows
 
 
-def signatures(rows: list[dict], config: FlywheelConfig) -> np.ndarray:
-    """The MinHash signatures of the rows' de-duplication texts (from messages_json)."""
-    return text_signatures([_dedup_text(row["messages_json"]) for row in rows], seed=config.curation.seed)
+class Signatures:
+    """The MinHash signatures of rows' de-duplication texts (from messages_json), each text
+    hashed once however often a run asks."""
+
+    def __init__(self, config: FlywheelConfig):
+        self.seed = config.curation.seed
+        self._known: dict[str, np.ndarray] = {}
+
+    def of(self, rows: list[dict]) -> np.ndarray:
+        missing = list(dict.fromkeys(row["messages_json"] for row in rows if row["messages_json"] not in self._known))
+        if missing:
+            self._known.update(zip(missing, text_signatures([_dedup_text(text) for text in missing], seed=self.seed)))
+        return np.stack([self._known[row["messages_json"]] for row in rows]) if rows \
+            else text_signatures([], seed=self.seed)
 
 
-def mark_duplicates(rows: list[dict], config: FlywheelConfig) -> None:
+def mark_duplicates(rows: list[dict], config: FlywheelConfig, signatures: Signatures) -> None:
     """Set each row's dedup_status and duplicate_of, de-duplicating within each lane (lib/tenancy.py):
     a private tenant's copy never hides a pooled one from the shared lane's datasets, nor the
     reverse. `rows` must hold whole duplicate groups: a row's status depends on its group only."""
@@ -133,7 +145,7 @@ def mark_duplicates(rows: list[dict], config: FlywheelConfig) -> None:
             [row["combined_score"] + (2.0 if row["human_verified"] else 0.0)
              - (10.0 if row["split"] == "opt_out" else 0.0) for row in members],
             near_threshold=config.curation.near_duplicate_jaccard,
-            seed=config.curation.seed,
+            signatures=signatures.of(members),
         )
         for row, (status, duplicate_of) in zip(members, statuses):
             row["dedup_status"], row["duplicate_of"] = status, duplicate_of
@@ -150,9 +162,10 @@ def curate(scores: pa.Table, trajectories: pa.Table, config: FlywheelConfig,
         SELECT {', '.join(f's.{name}' for name in _SCORE_FIELDS)}, t.turns, t.tool_calls, t.tools_json, t.user_prompt
         FROM scores s JOIN trajectories t USING (trajectory_id) ORDER BY s.trajectory_id
     """).to_arrow_table().to_pylist()
-    contents = content_fields(joined, edits or {}, config)
+    signatures = Signatures(config)
+    contents = content_fields(joined, edits or {}, config, signatures)
     rows = [score_fields(row, config) | content for row, content in zip(joined, contents)]
-    mark_duplicates(rows, config)
+    mark_duplicates(rows, config, signatures)
     return conform(pa.Table.from_pylist(rows) if rows else CURATED_TRAJECTORIES.schema.empty_table(),
                    CURATED_TRAJECTORIES)
 

@@ -211,8 +211,10 @@ def find_duplicates(
     near_threshold: float = 0.9,
     num_perm: int = 64,
     seed: int = 0,
+    signatures: np.ndarray | None = None,
 ) -> list[tuple[str, str | None]]:
-    """(status, duplicate_of) per row: "kept", "exact_duplicate" or "near_duplicate"."""
+    """(status, duplicate_of) per row: "kept", "exact_duplicate" or "near_duplicate".
+    `signatures`: the texts' text_signatures(texts, num_perm, seed), when the caller has them."""
     if not len(ids) == len(texts) == len(priority):
         raise ValueError("ids, texts and priority must have the same length")
     if not ids:
@@ -224,7 +226,8 @@ def find_duplicates(
     for row in order:
         exact_of[row] = representative_of.setdefault(normalized[row], row)
     representatives = [row for row in order if exact_of[row] == row]
-    signatures = minhash_signatures([normalized[row] for row in representatives], num_perm, seed)
+    signatures = minhash_signatures([normalized[row] for row in representatives], num_perm, seed) \
+        if signatures is None else signatures[representatives]
     nearest = _nearest_kept(signatures, near_threshold)
     near_of = {
         row: representatives[nearest[rank]] for rank, row in enumerate(representatives) if nearest[rank] >= 0

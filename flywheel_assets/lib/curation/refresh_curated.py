@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from flywheel_assets.lib.config import FlywheelConfig
 from flywheel_assets.lib.curation.curate import (
-    CONTENT_FIELDS, content_fields, curate, mark_duplicates, score_fields, signatures, user_edits,
+    CONTENT_FIELDS, Signatures, content_fields, curate, mark_duplicates, score_fields, user_edits,
 )
 from flywheel_assets.lib.curation.dedup import similar
 from flywheel_assets.lib.feedback.refresh import Feed, Refresh, StaleWatermark, fingerprint
@@ -67,10 +67,10 @@ def refresh_curated_trajectories(lake: Lake, config: FlywheelConfig, full: bool 
                                                           "affected").to_pylist()}
         if gone := set(old) - {score["trajectory_id"] for score in scores}:
             raise StaleWatermark(f"{len(gone)} curated rows lost their score row")
-        rows = _changed_rows(con, lake, config, refresh, scores, old, newly_edited)
-        linked = _linked(con, lake, config, [*rows.values(), *old.values()], set(rows) | set(old))
-        everything = [*rows.values(), *linked]
-        mark_duplicates(everything, config)
+        signatures = Signatures(config)
+        rows = _changed_rows(con, lake, config, refresh, scores, old, newly_edited, signatures)
+        linked = _linked(con, lake, config, [*rows.values(), *old.values()], set(rows) | set(old), signatures)
+        mark_duplicates([*rows.values(), *linked], config, signatures)
         written = list(rows.values()) + [row for row in linked if (row["dedup_status"], row["duplicate_of"])
                                          != (row["was_status"], row["was_duplicate_of"])]
         table = conform(pa.Table.from_pylist(written), CURATED_TRAJECTORIES) if written \
@@ -84,7 +84,7 @@ def refresh_curated_trajectories(lake: Lake, config: FlywheelConfig, full: bool 
 
 
 def _changed_rows(con, lake: Lake, config: FlywheelConfig, refresh: Refresh, scores: list[dict],
-                  old: dict[str, dict], newly_edited: set[str]) -> dict[str, dict]:
+                  old: dict[str, dict], newly_edited: set[str], signatures: Signatures) -> dict[str, dict]:
     """The new curated rows of the scored trajectories among those affected (a trajectory not yet
     scored, or scored but not yet logged, waits, as it does in a full run)."""
     rebuild = sorted(score["trajectory_id"] for score in scores
@@ -94,14 +94,16 @@ def _changed_rows(con, lake: Lake, config: FlywheelConfig, refresh: Refresh, sco
                           refresh.versions[TRAJECTORIES.name]).to_pylist()
     edits = user_edits(keyed(con, lake, SESSION_EVENTS, "trajectory_id", "rebuild", ", ".join(_EDIT_COLUMNS),
                              refresh.versions[SESSION_EVENTS.name]))
-    contents = dict(zip((c["trajectory_id"] for c in conversations), content_fields(conversations, edits, config)))
+    built = content_fields(conversations, edits, config, signatures)
+    contents = dict(zip((conversation["trajectory_id"] for conversation in conversations), built))
     for trajectory_id, row in old.items():
         contents.setdefault(trajectory_id, {name: row[name] for name in CONTENT_FIELDS})
     return {score["trajectory_id"]: score_fields(score, config) | contents[score["trajectory_id"]]
             for score in scores if score["trajectory_id"] in contents}
 
 
-def _linked(con, lake: Lake, config: FlywheelConfig, seeds: list[dict], known: set[str]) -> list[dict]:
+def _linked(con, lake: Lake, config: FlywheelConfig, seeds: list[dict], known: set[str],
+            signatures: Signatures) -> list[dict]:
     """The stored rows (other than `known`) a seed row resembles as find_duplicates judges it (a
     shared LSH band key, then signatures agreeing at the threshold), and the rows those resemble,
     and so on: with the seeds, whole duplicate groups. Each carries its stored status as
@@ -110,7 +112,7 @@ def _linked(con, lake: Lake, config: FlywheelConfig, seeds: list[dict], known: s
     lake.register(con, CURATED_TRAJECTORIES, "stored")
     frontier, found = seeds, {}
     while frontier:
-        frontier_signatures = signatures(frontier, config)
+        frontier_signatures = signatures.of(frontier)
         owners: dict[int, list[int]] = {}
         for index, row in enumerate(frontier):
             for key in row["lsh_keys"] or ():
@@ -127,7 +129,7 @@ def _linked(con, lake: Lake, config: FlywheelConfig, seeds: list[dict], known: s
         con.register("candidates", pa.table({"key": pa.array(sorted(shared), pa.string())}))
         candidates = keyed(con, lake, CURATED_TRAJECTORIES, "trajectory_id", "candidates").to_pylist()
         frontier = []
-        for row, signature in zip(candidates, signatures(candidates, config)):
+        for row, signature in zip(candidates, signatures.of(candidates)):
             partners = {index for key in shared[row["trajectory_id"]] for index in owners[key]}
             if any(similar(frontier_signatures[index], signature, threshold) for index in partners):
                 row["was_status"], row["was_duplicate_of"] = row["dedup_status"], row["duplicate_of"]
