@@ -59,11 +59,12 @@ def in_holdout(unit: str, fraction: float) -> bool:
 
 def user_edits(events: pa.Table) -> dict[str, str]:
     """trajectory_id → the answer the user made of it: data.edited_answer of its latest
-    output_edited event (what a product learns from an edit is the edited text)."""
+    output_edited event (what a product learns from an edit is the edited text); two at one
+    ts: the larger event_id, so every read of the same events picks the same."""
     con = duckdb.connect()
     con.register("events", events)
     return dict(con.execute("""
-        SELECT trajectory_id, arg_max(json_extract_string(data_json, '$.edited_answer'), ts)
+        SELECT trajectory_id, arg_max(json_extract_string(data_json, '$.edited_answer'), (ts, event_id))
         FROM events
         WHERE event_type = 'output_edited' AND trajectory_id IS NOT NULL
           AND json_extract_string(data_json, '$.edited_answer') IS NOT NULL

@@ -14,14 +14,16 @@ score row changed, that were newly logged or newly edited, and
   until nothing new joins. That set holds whole duplicate groups, old and new, and greedy
   de-duplication decides a group from its own rows only, so the statuses are the ones a
   full run gives (flywheel_assets_tests/curation/test_refresh_curated.py compares them);
-- writes those rows and the linked ones whose status changed, rewriting only their days'
-  partitions (created_day).
+- writes the rows that changed (a rescore that moves nothing curated writes nothing) and the
+  linked ones whose status changed, rewriting only their days' partitions (created_day).
 
-A score row that vanished (forget, retention) recomputes in full, as a rewritten input
-does.
+Rows deleted (forget, retention) are deleted from the bronze inputs too, which the
+watermarks notice: the refresh then recomputes in full.
 """
 
 from __future__ import annotations
+
+import math
 
 import duckdb
 import pyarrow as pa
@@ -40,7 +42,11 @@ SCORES = Feed(TRAJECTORY_SCORES, "updated_at", append_only=False)
 LOGGED = Feed(TRAJECTORIES, "ingested_at")
 EDITS = Feed(SESSION_EVENTS, "ingested_at")  # only its output_edited events are kept
 _EDITED = "event_type = 'output_edited' AND trajectory_id IS NOT NULL"
-_EDIT_COLUMNS = ["trajectory_id", "event_type", "data_json", "ts"]
+_EDIT_COLUMNS = ["trajectory_id", "event_id", "event_type", "data_json", "ts"]
+# Part of the fingerprint: raise it when what a stored row holds would come out otherwise
+# (to_messages, scrubbing, _dedup_text, the LSH hashing), so stored rows are rebuilt in full once
+# (a scrubbing fix reaches the history; old lsh_keys never meet new ones).
+CURATION_FORMAT = 1
 _CONVERSATION = "trajectory_id, turns, tool_calls, tools_json, user_prompt"
 
 
@@ -71,15 +77,18 @@ def refresh_curated_trajectories(lake: Lake, config: FlywheelConfig, full: bool 
         rows = _changed_rows(con, lake, config, refresh, scores, old, newly_edited, signatures)
         linked = _linked(con, lake, config, [*rows.values(), *old.values()], set(rows) | set(old), signatures)
         mark_duplicates([*rows.values(), *linked], config, signatures)
-        written = list(rows.values()) + [row for row in linked if (row["dedup_status"], row["duplicate_of"])
-                                         != (row["was_status"], row["was_duplicate_of"])]
+        # only what changed: a rescore that moved nothing curated here, and a linked row whose status
+        # held, stay as stored
+        written = [row for row in rows.values() if _differs(row, old.get(row["trajectory_id"]))] \
+            + [row for row in linked if (row["dedup_status"], row["duplicate_of"])
+               != (row["was_status"], row["was_duplicate_of"])]
         table = conform(pa.Table.from_pylist(written), CURATED_TRAJECTORIES) if written \
             else CURATED_TRAJECTORIES.schema.empty_table()
-        return table, _days(written) | _days(old.values())
+        return table, _days(written) | _days(old[row["trajectory_id"]] for row in written if row["trajectory_id"] in old)
 
     curation = config.curation
-    settings = fingerprint("curated_trajectories", curation.holdout_fraction, curation.near_duplicate_jaccard,
-                           curation.seed, config.tenancy.model_dump())
+    settings = fingerprint("curated_trajectories", CURATION_FORMAT, curation.holdout_fraction,
+                           curation.near_duplicate_jaccard, curation.seed, config.tenancy.model_dump())
     return run_refresh(lake, CURATED_TRAJECTORIES, (SCORES, LOGGED, EDITS), settings, full, body)
 
 
@@ -110,13 +119,15 @@ def _linked(con, lake: Lake, config: FlywheelConfig, seeds: list[dict], known: s
     was_status and was_duplicate_of."""
     threshold = config.curation.near_duplicate_jaccard
     lake.register(con, CURATED_TRAJECTORIES, "stored")
-    frontier, found = seeds, {}
+    frontier, found, fetched = seeds, {}, {}
     while frontier:
-        frontier_signatures = signatures.of(frontier)
-        owners: dict[int, list[int]] = {}
-        for index, row in enumerate(frontier):
+        # one check per distinct text pair: copies of one text share their keys and their verdict
+        position = {text: index for index, text in enumerate(dict.fromkeys(row["messages_json"] for row in frontier))}
+        text_signatures = signatures.of([{"messages_json": text} for text in position])
+        owners: dict[int, set[int]] = {}
+        for row in frontier:
             for key in row["lsh_keys"] or ():
-                owners.setdefault(key, []).append(index)
+                owners.setdefault(key, set()).add(position[row["messages_json"]])
         con.register("frontier", pa.table({"key": pa.array(sorted(owners), pa.int64())}))
         shared: dict[str, set[int]] = {}
         for trajectory_id, key in con.execute("""
@@ -126,16 +137,35 @@ def _linked(con, lake: Lake, config: FlywheelConfig, seeds: list[dict], known: s
                 shared.setdefault(trajectory_id, set()).add(key)
         if not shared:
             break
-        con.register("candidates", pa.table({"key": pa.array(sorted(shared), pa.string())}))
-        candidates = keyed(con, lake, CURATED_TRAJECTORIES, "trajectory_id", "candidates").to_pylist()
+        if unfetched := sorted(set(shared) - set(fetched)):
+            con.register("candidates", pa.table({"key": pa.array(unfetched, pa.string())}))
+            fetched.update((row["trajectory_id"], row) for row in
+                           keyed(con, lake, CURATED_TRAJECTORIES, "trajectory_id", "candidates").to_pylist())
+        candidates = [fetched[trajectory_id] for trajectory_id in sorted(shared)]
+        verdicts: dict[tuple[str, frozenset], bool] = {}
         frontier = []
         for row, signature in zip(candidates, signatures.of(candidates)):
-            partners = {index for key in shared[row["trajectory_id"]] for index in owners[key]}
-            if any(similar(frontier_signatures[index], signature, threshold) for index in partners):
+            partners = frozenset(index for key in shared[row["trajectory_id"]] for index in owners[key])
+            verdict = (row["messages_json"], partners)
+            if verdict not in verdicts:
+                verdicts[verdict] = any(similar(text_signatures[index], signature, threshold) for index in partners)
+            if verdicts[verdict]:
                 row["was_status"], row["was_duplicate_of"] = row["dedup_status"], row["duplicate_of"]
                 found[row["trajectory_id"]] = row
                 frontier.append(row)
     return list(found.values())
+
+
+def _differs(row: dict, stored: dict | None) -> bool:
+    if stored is None:
+        return True
+    for name in CURATED_TRAJECTORIES.schema.names:
+        if name == "updated_at":
+            continue
+        new, was = row.get(name), stored.get(name)
+        if new != was and not (isinstance(new, float) and isinstance(was, float) and math.isnan(new) and math.isnan(was)):
+            return True
+    return False
 
 
 def _days(rows) -> set:

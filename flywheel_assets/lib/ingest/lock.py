@@ -63,8 +63,8 @@ def describe(info: dict | None) -> str:
 
 
 REFRESH_PREFIX = ".refresh-"
-# the tables lib/feedback/refresh_scores.py refreshes, one run each at a time
-REFRESHED_TABLES = ("session_feedback", "judge_scores", "trajectory_scores")
+# the tables lib/feedback/refresh_scores.py and lib/curation/refresh_curated.py refresh, one run each at a time
+REFRESHED_TABLES = ("session_feedback", "judge_scores", "trajectory_scores", "curated_trajectories")
 
 
 def refresh_lock_name(table: str) -> str:
@@ -85,7 +85,8 @@ def every_lock(landing: Path, timeout_s: float, owner: str, log: Callable[[str],
 # Runs that write what they derived from the lake outside the ingest and refresh locks (curation,
 # datasets, training, the teacher's corrections, the LLM judge, the rollout and rollbacks, the
 # CLI's annotate, export, promote and rollback) hold
-# WRITERS shared (none of them takes the ingest or a refresh lock while it does); `flywheel forget`
+# WRITERS shared (none takes the ingest lock while it does; curation then takes its own refresh lock,
+# in the order forget takes both, so neither waits on the other in a cycle); `flywheel forget`
 # holds it exclusive, so none of them can read a user's rows
 # before a forget and write them back after it. A writer passes the GATE first (held a moment,
 # never while it works), and forget holds the gate while it waits: new writers queue behind a

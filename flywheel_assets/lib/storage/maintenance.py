@@ -1,7 +1,7 @@
 """Keep the lake's footprint to what is read and kept: retention, tiers, compaction, vacuum.
 
-Every ingest rewrites some tables (the score tables' day partitions, curated_trajectories in
-full), and Delta keeps every earlier version's files until a vacuum. `maintain` runs, in order:
+Every ingest rewrites some tables' day partitions (the score tables', curated_trajectories'),
+and Delta keeps every earlier version's files until a vacuum. `maintain` runs, in order:
 
 - retention (only when a retention is configured): every tenant's sessions past its
   retention erased everywhere (lib/privacy/retention.py);
