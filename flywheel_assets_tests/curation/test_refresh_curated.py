@@ -37,18 +37,19 @@ def _answers(rng: random.Random) -> list[str]:
     return answers + ["the answer is 42", "The answer is 42.", "call me at 555-123-4567 or a@b.io"]
 
 
-def _world(seed: int, sessions: int = 70) -> list[tuple[str, int, dict]]:
+def _world(seed: int, sessions: int = 70, tenants: tuple[str, ...] = ("default",)) -> list[tuple[str, int, dict]]:
     rng = random.Random(seed)
     answers = _answers(rng)
     rows = []
     for s in range(sessions):
+        tenant = rng.choice(tenants)
         batch = rng.randrange(BATCHES)
         start = T0 + timedelta(days=rng.randrange(4), minutes=rng.randrange(600))
         trajectories = [f"t{s}-{k}" for k in range(rng.randint(1, 2))]
         for k, trajectory in enumerate(trajectories):
             answer = rng.choice(answers)
             rows.append(("trajectories", batch, {
-                "trajectory_id": trajectory, "session_id": f"s{s}", "tenant_id": "default", "user_id": f"u{s % 9}",
+                "trajectory_id": trajectory, "session_id": f"s{s}", "tenant_id": tenant, "user_id": f"u{s % 9}",
                 "task_type": rng.choice(["calc", "qa"]), "origin": "usage", "is_synthetic": False,
                 "created_at": start + timedelta(minutes=k), "user_prompt": "what is it?",
                 "turns": [{"role": "user", "content": "what is it?"}, {"role": "assistant", "content": answer}],
@@ -58,7 +59,7 @@ def _world(seed: int, sessions: int = 70) -> list[tuple[str, int, dict]]:
             data = {"edited_answer": rng.choice(answers)} if kind == "output_edited" and rng.random() < 0.7 else {}
             rows.append(("events", min(BATCHES - 1, batch + rng.choice([0, 0, 1, 2])), {
                 "event_id": f"e{s}-{e}", "session_id": f"s{s}", "event_type": kind, "user_id": f"u{s % 9}",
-                "tenant_id": "default", "trajectory_id": rng.choice(trajectories),
+                "tenant_id": tenant, "trajectory_id": rng.choice(trajectories),
                 "ts": start + timedelta(minutes=rng.randrange(30)),
                 "edit_ratio": 0.4 if kind == "output_edited" else None, "data_json": json.dumps(data)}))
         if rng.random() < 0.15:  # a label, often batches later: it outranks every unlabelled copy
@@ -87,9 +88,12 @@ def _snapshot(lake) -> dict:
     return {row["trajectory_id"]: row for row in lake.read(CURATED_TRAJECTORIES).drop_columns(["updated_at"]).to_pylist()}
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_batch_by_batch_equals_curating_everything_again(lake, config, seed):
-    world = _world(seed)
+@pytest.mark.parametrize("seed, tenants", [(1, ("default",)), (2, ("default",)),
+                                           (3, ("default", "acme", "nope"))])
+def test_batch_by_batch_equals_curating_everything_again(lake, config, seed, tenants):
+    # seed 3: a pooled, an isolated and an opted-out tenant (three lanes' groups, opt_out ranked last)
+    config.tenancy.policies = {"acme": "isolated", "nope": "opt_out"}
+    world = _world(seed, sessions=90 if len(tenants) > 1 else 70, tenants=tenants)
     outcomes, kept_after = [], []
     for batch in range(BATCHES):
         _ingest(lake, world, batch)
@@ -103,6 +107,12 @@ def test_batch_by_batch_equals_curating_everything_again(lake, config, seed):
     assert _snapshot(lake) == incremental
     statuses = [row["dedup_status"] for row in incremental.values()]
     assert {"kept", "exact_duplicate", "near_duplicate"} <= set(statuses)
+    if len(tenants) > 1:
+        assert {row["split"] for row in incremental.values()} >= {"train", "opt_out"}
+        lane = config.tenancy.lane
+        assert lane("acme") != lane("default")
+        assert all(lane(incremental[row["duplicate_of"]]["tenant_id"]) == lane(row["tenant_id"])
+                   for row in incremental.values() if row["duplicate_of"])
     # the test has teeth: later batches displaced rows kept earlier, and edits changed answers
     assert any(kept_after[b] - kept_after[-1] for b in range(BATCHES - 1))
     assert any(row["user_edited"] for row in incremental.values())
