@@ -25,10 +25,9 @@ def curated_trajectories(config: RefreshConfig, flywheel: FlywheelResource) -> d
         outcome = refresh_curated_trajectories(flywheel.lake(), flywheel.config(), full=config.full)
 
         def counts(con) -> dict:
-            def by(column: str, label: str) -> dg.MetadataValue:
-                return markdown_counts(dict(con.execute(f"SELECT {column}, count(*) FROM t GROUP BY 1 ORDER BY 1")
-                                            .fetchall()), label, "trajectories")
-            return {"dedup": by("dedup_status", "status"), "split": by("split", "split")}
+            return {name: markdown_counts(dict(con.execute(f"SELECT {column}, count(*) FROM t GROUP BY 1 ORDER BY 1")
+                                               .fetchall()), label, "trajectories")
+                    for name, column, label in (("dedup", "dedup_status", "status"), ("split", "split", "split"))}
 
         return dg.MaterializeResult(metadata=refresh_metadata(
             CURATED_TRAJECTORIES, outcome,

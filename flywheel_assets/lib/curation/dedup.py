@@ -157,9 +157,10 @@ def lsh_keys(signatures: np.ndarray, threshold: float = 0.9) -> np.ndarray:
     return band_keys(signatures, threshold).view(np.int64)
 
 
-def similar(first: np.ndarray, second: np.ndarray, threshold: float) -> bool:
-    """Two signatures that find_duplicates would call near duplicates, once candidates."""
-    return float((first == second).mean()) >= threshold
+def similar(first: np.ndarray, second: np.ndarray, threshold: float) -> np.ndarray:
+    """Whether signatures (the last axis) agree enough for find_duplicates to call two
+    candidates near duplicates."""
+    return (first == second).mean(axis=-1) >= threshold
 
 
 def _similar_pairs(signatures: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
@@ -176,8 +177,7 @@ def _similar_pairs(signatures: np.ndarray, threshold: float) -> tuple[np.ndarray
     keep = np.zeros(len(pair_codes), dtype=bool)
     for start in range(0, len(pair_codes), _PAIR_CHUNK):
         chunk = slice(start, start + _PAIR_CHUNK)
-        agreement = (signatures[left[chunk]] == signatures[right[chunk]]).mean(axis=1)  # as similar()
-        keep[chunk] = agreement >= threshold
+        keep[chunk] = similar(signatures[left[chunk]], signatures[right[chunk]], threshold)
     return left[keep], right[keep]
 
 

@@ -27,6 +27,7 @@ import math
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from flywheel_assets.lib.config import FlywheelConfig
 from flywheel_assets.lib.curation.curate import (
@@ -47,21 +48,19 @@ _EDIT_COLUMNS = ["trajectory_id", "event_id", "event_type", "data_json", "ts"]
 # (to_messages, scrubbing, _dedup_text, the LSH hashing), so stored rows are rebuilt in full once
 # (a scrubbing fix reaches the history; old lsh_keys never meet new ones).
 CURATION_FORMAT = 1
-_CONVERSATION = "trajectory_id, turns, tool_calls, tools_json, user_prompt"
+_CONVERSATION = ["trajectory_id", "turns", "tool_calls", "tools_json", "user_prompt"]
 
 
 def refresh_curated_trajectories(lake: Lake, config: FlywheelConfig, full: bool = False) -> Outcome:
     def body(refresh: Refresh, con: duckdb.DuckDBPyConnection):
         versions = refresh.versions
         rescored = refresh.read_new(SCORES, ["trajectory_id"])
-        logged = refresh.read_new(LOGGED, ["trajectory_id"])
-        edited = refresh.read_new(EDITS, ["trajectory_id", "event_type"], where=_EDITED)
+        # (in a full recompute these reads are the whole history: the conversations and edits it curates)
+        logged = refresh.read_new(LOGGED, _CONVERSATION)
+        edited = refresh.read_new(EDITS, _EDIT_COLUMNS, where=_EDITED)
         if refresh.full:
-            rows = curate(lake.read(TRAJECTORY_SCORES, version=versions[TRAJECTORY_SCORES.name]),
-                          lake.read(TRAJECTORIES, columns=_CONVERSATION.split(", "),
-                                    version=versions[TRAJECTORIES.name]),
-                          config, user_edits(lake.read(SESSION_EVENTS, columns=_EDIT_COLUMNS, filter_sql=_EDITED,
-                                                       version=versions[SESSION_EVENTS.name])))
+            rows = curate(lake.read(TRAJECTORY_SCORES, version=versions[TRAJECTORY_SCORES.name]), logged, config,
+                          user_edits(edited))
             return rows, set(rows.column("created_day").to_pylist())
         newly_edited = set(edited.column("trajectory_id").to_pylist())
         affected = set(rescored.column("trajectory_id").to_pylist()) | set(logged.column("trajectory_id").to_pylist()) \
@@ -74,7 +73,7 @@ def refresh_curated_trajectories(lake: Lake, config: FlywheelConfig, full: bool 
         if gone := set(old) - {score["trajectory_id"] for score in scores}:
             raise StaleWatermark(f"{len(gone)} curated rows lost their score row")
         signatures = Signatures(config)
-        rows = _changed_rows(con, lake, config, refresh, scores, old, newly_edited, signatures)
+        rows = _changed_rows(con, lake, config, refresh, scores, old, newly_edited, logged, signatures)
         linked = _linked(con, lake, config, [*rows.values(), *old.values()], set(rows) | set(old), signatures)
         mark_duplicates([*rows.values(), *linked], config, signatures)
         # only what changed: a rescore that moved nothing curated here, and a linked row whose status
@@ -93,14 +92,20 @@ def refresh_curated_trajectories(lake: Lake, config: FlywheelConfig, full: bool 
 
 
 def _changed_rows(con, lake: Lake, config: FlywheelConfig, refresh: Refresh, scores: list[dict],
-                  old: dict[str, dict], newly_edited: set[str], signatures: Signatures) -> dict[str, dict]:
+                  old: dict[str, dict], newly_edited: set[str], logged: pa.Table,
+                  signatures: Signatures) -> dict[str, dict]:
     """The new curated rows of the scored trajectories among those affected (a trajectory not yet
-    scored, or scored but not yet logged, waits, as it does in a full run)."""
+    scored, or scored but not yet logged, waits, as it does in a full run). The conversations
+    to rebuild come from the newly `logged` rows, the history only for the others."""
     rebuild = sorted(score["trajectory_id"] for score in scores
                      if score["trajectory_id"] not in old or score["trajectory_id"] in newly_edited)
-    con.register("rebuild", pa.table({"key": pa.array(rebuild, pa.string())}))
-    conversations = keyed(con, lake, TRAJECTORIES, "trajectory_id", "rebuild", _CONVERSATION,
-                          refresh.versions[TRAJECTORIES.name]).to_pylist()
+    rebuild_keys = pa.array(rebuild, pa.string())
+    conversations = logged.filter(pc.is_in(logged.column("trajectory_id"), value_set=rebuild_keys)).to_pylist()
+    if earlier := sorted(set(rebuild) - {conversation["trajectory_id"] for conversation in conversations}):
+        con.register("earlier", pa.table({"key": pa.array(earlier, pa.string())}))
+        conversations += keyed(con, lake, TRAJECTORIES, "trajectory_id", "earlier", ", ".join(_CONVERSATION),
+                               refresh.versions[TRAJECTORIES.name]).to_pylist()
+    con.register("rebuild", pa.table({"key": rebuild_keys}))
     edits = user_edits(keyed(con, lake, SESSION_EVENTS, "trajectory_id", "rebuild", ", ".join(_EDIT_COLUMNS),
                              refresh.versions[SESSION_EVENTS.name]))
     built = content_fields(conversations, edits, config, signatures)
@@ -148,7 +153,7 @@ def _linked(con, lake: Lake, config: FlywheelConfig, seeds: list[dict], known: s
             partners = frozenset(index for key in shared[row["trajectory_id"]] for index in owners[key])
             verdict = (row["messages_json"], partners)
             if verdict not in verdicts:
-                verdicts[verdict] = any(similar(text_signatures[index], signature, threshold) for index in partners)
+                verdicts[verdict] = bool(similar(text_signatures[sorted(partners)], signature, threshold).any())
             if verdicts[verdict]:
                 row["was_status"], row["was_duplicate_of"] = row["dedup_status"], row["duplicate_of"]
                 found[row["trajectory_id"]] = row
