@@ -34,6 +34,7 @@ from flywheel_assets.lib.config import FlywheelConfig, load_config
 from flywheel_assets.lib.lake import Lake
 from flywheel_assets.lib.simulation.seed import seed_demo_usage
 from flywheel_assets.lib.simulation.daily import simulate_day
+from flywheel_assets.lib.storage.artifacts import artifact_store, publish
 from flywheel_assets.lib.tables import (
     AB_RESULTS, ALL_TABLES, DATASET_MANIFESTS, MODEL_REGISTRY, OFFLINE_EVALUATIONS, QUARANTINE, TRAJECTORIES,
     TRAINING_DATASET, TRAJECTORY_SCORES,
@@ -216,6 +217,9 @@ def clear_home(config: FlywheelConfig) -> None:
     """The demo replays its calendar from day 0, so it starts from an empty home."""
     for folder in (config.landing, config.lake, config.models, config.datasets, config.home / "reports"):
         shutil.rmtree(folder, ignore_errors=True)
+    if (store := artifact_store(config.home)) is not None:  # an earlier run's adapters would be read back
+        for folder in (config.models, config.datasets, config.reports):
+            store.delete(folder)
     (config.home / "clock.json").unlink(missing_ok=True)
 
 
@@ -315,6 +319,7 @@ def final_comparison(config: FlywheelConfig, lake: Lake, defs, arms: bool = True
     reports.mkdir(parents=True, exist_ok=True)
     (reports / "flywheel_demo.md").write_text(cycle_table(config, lake) + "\n\n" + report + "\n")
     (reports / "flywheel_demo.json").write_text(json.dumps(numbers, indent=2))
+    publish(config.home, reports / "flywheel_demo.md", reports / "flywheel_demo.json")
     return "\n" + report
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ def dask_cluster(address: str, logs: Path, workers: int = 2) -> Iterator[subproc
                 process.kill()
 
 
-from flywheel_assets_tests.storage.test_object_store import BUCKET, s3  # noqa: E402,F401  (the moto fixture)
+from flywheel_assets_tests.storage.s3_server import BUCKET, s3  # noqa: E402,F401  (the moto fixture)
 
 
 def test_one_cycle_on_postgres_object_storage_and_dask(postgres, s3, tmp_path, monkeypatch, capsys):

@@ -4,55 +4,15 @@ over arrow) and the product's own settings (FLYWHEEL_LAKE_URI, FLYWHEEL_STORAGE_
 
 from __future__ import annotations
 
-import json
-import socket
-import subprocess
-import sys
-import time
-
-import boto3
 import dagster as dg
 import duckdb
-import pytest
 
 from flywheel_assets.defs.feedback.assets import judge_scores, session_feedback, trajectory_scores
 from flywheel_assets.defs.resources import resources
 from flywheel_assets.lib.lake import Lake
 from flywheel_assets.lib.tables import TRAJECTORY_SCORES
 from flywheel_assets_tests.feedback.test_refresh import _ingest, _refresh_all, _snapshot, _world
-
-BUCKET = "flywheel-test"
-
-
-@pytest.fixture(scope="module")
-def s3():
-    # its own process: in this one, a delta-rs call waiting on the server while holding the GIL
-    # would wait for ever (a request timed out after 180 s so)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
-                          region_name="us-east-1")
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            client.create_bucket(Bucket=BUCKET)
-            break
-        except Exception:  # not listening yet
-            if time.monotonic() > deadline or server.poll() is not None:
-                server.kill()
-                raise
-            time.sleep(0.2)
-    options = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-               "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true",
-               # one writer per table at a time is the refresh lock's job (a local one: see README)
-               "AWS_S3_ALLOW_UNSAFE_RENAME": "true"}
-    yield client, json.dumps(options)
-    server.terminate()
-    server.wait(timeout=10)
+from flywheel_assets_tests.storage.s3_server import BUCKET, s3  # noqa: F401  (the fixture)
 
 
 def _keys(client, prefix: str) -> list[str]:

@@ -10,6 +10,7 @@ from flywheel_assets.defs.records import record_in_run
 from flywheel_assets.lib.experiments.rollout import advance
 from flywheel_assets.lib.tables import AB_RESULTS
 from flywheel_assets.lib.experiments.report import ab_markdown, ab_chart
+from flywheel_assets.lib.storage.artifacts import publish
 
 
 @dg.asset(group_name="experiments", kinds={"delta", "python"}, partitions_def=cycle_partitions,
@@ -43,6 +44,7 @@ def ab_report(context: dg.AssetExecutionContext, flywheel: FlywheelResource) -> 
     rows = flywheel.lake().read(AB_RESULTS, filter_sql=f"cycle = '{cycle}'").to_pylist()
     rows.sort(key=lambda r: r["looked_at"])
     chart = ab_chart(rows, config.reports / f"ab-{cycle}.png")
+    publish(config.home, chart)
     latest = rows[-1] if rows else None
     metadata = {
         "looks": len(rows),

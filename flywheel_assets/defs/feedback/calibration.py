@@ -11,6 +11,7 @@ from flywheel_assets.lib.feedback.calibration import (
 )
 from flywheel_assets.lib.feedback.scoring import labelled_sources
 from flywheel_assets.lib.observability.report import calibration_chart
+from flywheel_assets.lib.storage.artifacts import publish
 from flywheel_assets.lib.tables import (
     ANNOTATIONS, JUDGE_SCORES, SCORE_CALIBRATIONS, SESSION_EVENTS, SESSION_FEEDBACK, TRAJECTORIES,
 )
@@ -40,6 +41,8 @@ def score_calibration(context: dg.AssetExecutionContext, flywheel: FlywheelResou
         lake.append(SCORE_CALIBRATIONS, pa.Table.from_pylist([calibration_row(result, flywheel.now())],
                                                              schema=SCORE_CALIBRATIONS.schema))
     chart = calibration_chart(result, chart_path) if changed or not chart_path.exists() else chart_path
+    if changed:
+        publish(config.home, chart)
     context.log.info(f"{result['labels']} labels ({result['good']} good): " + (
         f"AUC {result['before']['auc']:.3f} by hand weights, {result['after']['auc']:.3f} fitted (out of fold)"
         if result["fitted"] else f"no fit: {result['reason']}"))

@@ -6,6 +6,7 @@ from flywheel_assets.defs.resources import FlywheelResource, chart_metadata
 from flywheel_assets.lib.observability.loop_health import CHECKS, loop_health_markdown, measure_loop_health
 from flywheel_assets.lib.observability.report import quality_trend_chart, tier_mix_chart, velocity_chart, write_json
 from flywheel_assets.lib.observability.velocity import measure_velocity, velocity_markdown
+from flywheel_assets.lib.storage.artifacts import publish
 
 # Everything a cycle leaves behind: usage, scores, datasets, adapters, evaluations, A/B decisions.
 UPSTREAM = ["trajectories", "session_events", "session_feedback", "judge_scores", "trajectory_scores",
@@ -41,6 +42,7 @@ def flywheel_velocity(flywheel: FlywheelResource) -> dg.MaterializeResult:
     reports = config.reports
     write_json(result, reports / "velocity.json")
     chart = velocity_chart(result, reports / "velocity_by_stage.png")
+    publish(config.home, reports / "velocity.json", chart)
     bottleneck = result["bottleneck"]
     return dg.MaterializeResult(metadata={
         "velocity_score": _number(result["velocity_score"]),
@@ -70,6 +72,7 @@ def loop_health(flywheel: FlywheelResource) -> dg.MaterializeResult:
     write_json(result, reports / "loop_health.json")
     charts = {"quality_trend": (quality_trend_chart(result, reports / "quality_trend.png"), "Quality trend"),
               "tier_mix": (tier_mix_chart(result, reports / "tier_mix.png"), "Tier mix per cycle")}
+    publish(config.home, reports / "loop_health.json", *(path for path, _ in charts.values()))
     statuses = [check["status"] for check in result["checks"]]
     values = {check["check"]: _number(check["value"]) for check in result["checks"]}
     flagged = [c for c in result["checks"] if c["status"] in ("warn", "alert")]

@@ -9,6 +9,7 @@ import dagster as dg
 from flywheel_assets.defs.partitions import cycle_partitions
 from flywheel_assets.defs.resources import FlywheelResource
 from flywheel_assets.lib.curation.curate import to_messages
+from flywheel_assets.lib.storage.artifacts import ensure_published, local, publish
 from flywheel_assets.lib.training.pipeline import (
     fingerprint, load_for_inference, set_threads, train_adapter, train_base,
 )
@@ -42,6 +43,7 @@ def base_model(context: dg.AssetExecutionContext, flywheel: FlywheelResource) ->
         version, folder = "base-smollm2-135m-instruct", config.models / "base-smollm2-135m-instruct"
         context.log.info(f"saving {gguf.name} as {folder} (dequantized to float32)")
         save_gguf_as_base(gguf, folder)
+        ensure_published(config.home, folder)
         if registry.get(version) is None:
             registry.register(version, base=version, base_path=config.stored_path(folder),
                               reason=f"configured base model {SMOLLM2_ID}", actor="base_model")
@@ -56,7 +58,7 @@ def base_model(context: dg.AssetExecutionContext, flywheel: FlywheelResource) ->
     if not cold:
         raise dg.Failure("no cold-start trajectory in bronze/trajectories: materialize cold_start_trajectories and ingest")
     version = f"base-{fingerprint(config, [r['trajectory_id'] for r in cold])}"
-    out_dir = config.models / version
+    out_dir = local(config.home, config.stored_path(config.models / version))  # another machine's, if stored
     if not (out_dir / "training_card.json").exists():
         set_threads()
         context.log.info(f"pretraining {version} on {len(cold)} cold-start trajectories")
@@ -64,6 +66,7 @@ def base_model(context: dg.AssetExecutionContext, flywheel: FlywheelResource) ->
         shutil.rmtree(staging, ignore_errors=True)
         train_base(config, [to_messages(r["turns"], r["tool_calls"]) for r in cold], staging, log=_progress(context))
         staging.replace(out_dir)  # a failed run leaves no half-saved model under the version's name
+    ensure_published(config.home, out_dir)
     card = json.loads((out_dir / "training_card.json").read_text())
     if registry.get(version) is None:
         registry.register(version, base=version, base_path=config.stored_path(out_dir),
@@ -117,6 +120,7 @@ def lora_adapter(context: dg.AssetExecutionContext, flywheel: FlywheelResource) 
         (staging / "trajectory_ids.json").write_text(json.dumps(manifest[0]["trajectory_ids"]))
         shutil.rmtree(out_dir, ignore_errors=True)
         staging.replace(out_dir)
+        publish(config.home, out_dir)  # in the artifact store (when one is set) before the registry names it
         registry.register(version, base=champion["base"], base_path=config.stored_path(base_dir),
                           adapter_path=config.stored_path(out_dir), parent=champion["version"], cycle=cycle,
                           reason=f"trained on {len(rows)} rows of {cycle}", actor="lora_adapter",
@@ -136,15 +140,15 @@ def lora_adapter(context: dg.AssetExecutionContext, flywheel: FlywheelResource) 
 
 def _base_weights(config, champion: dict):
     """The weights a new adapter sits on: the champion itself, merged when it is an adapter."""
-    base_dir = config.home / champion["base_path"]
+    base_dir = local(config.home, champion["base_path"])
     if not champion["adapter_path"]:
         return base_dir
-    merged = config.models / champion["version"] / "merged"
+    merged = local(config.home, config.stored_path(config.models / champion["version"] / "merged"))
     if not (merged / "config.json").exists():
         # saved aside, then renamed: two cycles trained over one champion at once (lanes train side
         # by side) never read a half-written folder
         staging = merged.with_name(f".merged-{uuid.uuid4().hex}")
-        model, tokenizer = load_for_inference(base_dir, config.home / champion["adapter_path"], merged=True)
+        model, tokenizer = load_for_inference(base_dir, local(config.home, champion["adapter_path"]), merged=True)
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         if merged.exists() and not (merged / "config.json").exists():
@@ -153,4 +157,6 @@ def _base_weights(config, champion: dict):
             staging.rename(merged)
         except OSError:  # another run renamed its own first: the same weights
             shutil.rmtree(staging, ignore_errors=True)
+        # the next adapter's base_path names it: a machine without it downloads it
+        publish(config.home, merged)
     return merged

@@ -15,6 +15,7 @@ from flywheel_assets.lib.config import FlywheelConfig
 from flywheel_assets.lib.evaluation import arms as arm_data
 from flywheel_assets.lib.evaluation.offline import evaluate_version, paired_difference, summarise
 from flywheel_assets.lib.lake import Lake
+from flywheel_assets.lib.storage.artifacts import local
 from flywheel_assets.lib.tenancy import SHARED, lane_of
 
 HEADLINE_OVER_BEST = 0.05  # the targets: ≥ +5 points over the best other arm,
@@ -56,7 +57,7 @@ def compare(config: FlywheelConfig, lake: Lake, registry, *, train_arms: bool = 
         makers = {"control": lambda data: arm_data.control_rows(data, config),
                   "teacher_budget": lambda data: arm_data.teacher_budget_rows(data, config, teacher),
                   "no_teacher": lambda data: arm_data.no_teacher_rows(data, config)}
-        base_dir = config.home / base["base_path"]
+        base_dir = local(config.home, base["base_path"])
         for name in arm_data.ARMS:
             log(f"arm {name}: {len(cycles)} cycle(s) of {config.lora.steps} steps over the base")
             folder = arm_data.train_arm(config, base_dir, cycles, makers[name], config.models / "arms" / name,

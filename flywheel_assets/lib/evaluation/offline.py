@@ -114,17 +114,19 @@ def evaluate_version(config, version: dict, domain, tasks, log=print) -> list[Ta
     again (on a real model on 2 cores one pass over 400 BFCL tasks takes tens of minutes)."""
     from flywheel_assets.lib.training.pipeline import load_for_inference
 
-    folder = config.home / (version["adapter_path"] or version["base_path"])
+    from flywheel_assets.lib.storage.artifacts import local
+
+    folder = local(config.home, version["adapter_path"] or version["base_path"])
     settings = [domain.name, [task_id(t) for t in tasks], config.evaluation.max_new_tokens]
     digest = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]
     cache = folder / f"heldout-outcomes-{digest}.json"
     if cache.is_file():
         log(f"{version['version']}: outcomes on these {len(tasks)} tasks already measured ({cache.name})")
         return [TaskOutcome(**row) for row in json.loads(cache.read_text())]
-    adapter = config.home / version["adapter_path"] if version["adapter_path"] else None
+    adapter = folder if version["adapter_path"] else None
     # merged: the same function as base + adapter (test_training holds them equal), without the
     # adapter's extra matmuls in every layer at every generated token
-    model, tokenizer = load_for_inference(config.home / version["base_path"], adapter, merged=adapter is not None)
+    model, tokenizer = load_for_inference(local(config.home, version["base_path"]), adapter, merged=adapter is not None)
     started = time.perf_counter()
 
     def progress(done: int, total: int) -> None:  # a real model's pass takes minutes: say how far it is

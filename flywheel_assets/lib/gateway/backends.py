@@ -82,8 +82,10 @@ class ModelCache:
 def _load_version(home: Path, version: dict) -> tuple:
     from flywheel_assets.lib.training.pipeline import load_for_inference
 
-    adapter = home / version["adapter_path"] if version.get("adapter_path") else None
-    return load_for_inference(home / version["base_path"], adapter, merged=True)
+    from flywheel_assets.lib.storage.artifacts import local
+
+    adapter = local(home, version["adapter_path"]) if version.get("adapter_path") else None
+    return load_for_inference(local(home, version["base_path"]), adapter, merged=True)
 
 
 class EmbeddedBackend:

@@ -46,6 +46,7 @@ from flywheel_assets.lib.experiments.registry import ModelRegistry
 from flywheel_assets.lib.ingest.lock import every_lock, no_writers
 from flywheel_assets.lib.lake import Lake, sql_literal
 from flywheel_assets.lib.privacy.files import Matcher, Rewritten, journal_held, scrub_folder, write_json
+from flywheel_assets.lib.storage.artifacts import artifact_store, local, publish
 from flywheel_assets.lib.tables import (
     ANNOTATIONS, CURATED_TRAJECTORIES, DATASET_MANIFESTS, FORGET_REQUESTS, INGESTED_FILES, JUDGE_SCORES,
     LLM_JUDGMENTS, QUARANTINE, SESSION_EVENTS, SESSION_FEEDBACK, TRAINING_DATASET, TRAJECTORIES, TRAJECTORY_SCORES,
@@ -334,18 +335,24 @@ def _rewrite_datasets(config: FlywheelConfig, lake: Lake, subject: Subject, cycl
         kept = rows.column("trajectory_id").to_pylist()
         rows = rows.take(sorted(range(rows.num_rows), key=lambda i: order.get(kept[i], len(order))))
         export = config.home / manifest["export_path"]
+        local(config.home, config.stored_path(export.parent))  # the artifact store's copy, when there is one
         manifest.update(trajectory_ids=ids, n_rows=rows.num_rows, content_sha256=export_chat_jsonl(rows, export),
                         tier_counts_json=json.dumps(count_by(rows, "tier")),
                         task_type_counts_json=json.dumps(count_by(rows, "task_type")))
         if (card := export.parent / "manifest.json").exists():
             write_json(card, manifest)
+        publish(config.home, export.parent)
     if manifests:
         lake.overwrite(DATASET_MANIFESTS, pa.Table.from_pylist(manifests, schema=DATASET_MANIFESTS.schema),
                        predicate=f"cycle IN ({_in(m['cycle'] for m in manifests)})")
-    for path in config.models.glob("*/trajectory_ids.json"):
+    store = artifact_store(config.home)
+    stored = {path for path in store.listing(config.models) if path.name == "trajectory_ids.json"} if store else set()
+    for path in sorted(set(config.models.glob("*/trajectory_ids.json")) | stored):
+        local(config.home, config.stored_path(path.parent))  # the whole folder: it is published again whole
         listed = json.loads(path.read_text())
         if any(t in subject.trajectories for t in listed):
             write_json(path, [t for t in listed if t not in subject.trajectories])
+            publish(config.home, path.parent)
 
 
 def _follow_in_ledger(config: FlywheelConfig, lake: Lake, rewritten: list[Rewritten]) -> None:

@@ -17,6 +17,7 @@ from flywheel_assets.lib.config import FlywheelConfig, SimulationConfig
 from flywheel_assets.lib.domains import load_domain
 from flywheel_assets.lib.experiments.registry import ModelRegistry
 from flywheel_assets.lib.simulation.users import UserSimulationConfig, simulate_usage
+from flywheel_assets.lib.storage.artifacts import local
 from flywheel_assets.lib.training.pipeline import load_for_inference
 
 
@@ -38,8 +39,8 @@ def simulate_day(config: FlywheelConfig, registry: ModelRegistry, day: datetime)
 
     def load_version(version: str) -> tuple:
         row = registry.get(version)
-        adapter = config.home / row["adapter_path"] if row["adapter_path"] else None
-        return load_for_inference(config.home / row["base_path"], adapter, merged=True)
+        adapter = local(config.home, row["adapter_path"]) if row["adapter_path"] else None
+        return load_for_inference(local(config.home, row["base_path"]), adapter, merged=True)
 
     settings = user_settings(config.simulation)
     door = None
