@@ -44,6 +44,7 @@ def bronze_ingest(context: dg.AssetExecutionContext, flywheel: FlywheelResource)
             extra["files"] = files
             extra["rows_resumed"] = dg.MetadataValue.int(sum(report.resumed.values()))
             extra["stale_files_deleted"] = dg.MetadataValue.int(len(report.cleaned))
+            extra["objects_copied_in"] = dg.MetadataValue.int(report.pulled)  # from FLYWHEEL_LANDING_URI
         if table is SESSION_EVENTS:
             extra["unscored_event_types"] = markdown_counts(
                 {name or "(empty)": n for name, n in report.unscored_event_types.items()}, "event_type", "events")

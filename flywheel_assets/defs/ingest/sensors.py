@@ -12,6 +12,7 @@ from flywheel_assets.defs.ingest.jobs import ingest_job
 from flywheel_assets.defs.simulation.jobs import simulated_usage_job
 from flywheel_assets.lib.ingest.landing import list_landing
 from flywheel_assets.lib.ingest.pipeline import pending_files
+from flywheel_assets.lib.ingest.remote_landing import remote_landing
 
 @dg.sensor(job=ingest_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
            description="Starts ingest_job when ready files appear in the landing zone (in demo mode, once the "
@@ -28,6 +29,9 @@ def landing_sensor(context: dg.SensorEvaluationContext, flywheel: FlywheelResour
     # past the cursor first: the ledger is then read only for the files that may be new (after a
     # failed ingest, every file once: the ones it did not record are behind the cursor and still pending)
     fresh = [f for f in list_landing(config.landing) if retry is not None or (f.seen_at, f.relative) > high_water]
+    local = {f.key for f in fresh}
+    if (remote := remote_landing()) is not None:  # the landing bucket: every object the ledger lacks
+        fresh += [f for f in remote.ready(config.landing) if f.key not in local]
     fresh = pending_files(config, flywheel.lake(), fresh)
     if not fresh:
         reason = f"no new ready file in {config.landing} (cursor {cursor})"
@@ -42,12 +46,13 @@ def landing_sensor(context: dg.SensorEvaluationContext, flywheel: FlywheelResour
     if writing:
         return dg.SkipReason(f"{len(fresh)} new file(s), but simulated day run {writing[0].dagster_run.run_id} is "
                              "still writing to the landing zone: ingesting once it ends")
-    newest = max(fresh, key=lambda f: (f.seen_at, f.relative))
+    # the cursor follows the local files only (an object's LastModified is the store's clock)
+    newest = max((f for f in fresh if f.key in local), key=lambda f: (f.seen_at, f.relative), default=None)
     digest = hashlib.md5("\n".join(f"{f.relative}:{f.size_bytes}:{f.mtime_ns}" for f in fresh).encode()).hexdigest()
-    tags = {"flywheel/files": str(len(fresh)), "flywheel/newest": newest.relative}
+    tags = {"flywheel/files": str(len(fresh)), "flywheel/newest": (newest or fresh[-1]).relative}
     run_key = f"landing-{digest}"
     # "mtime_ns" holds the later of mtime and ctime (the name is kept for cursors already stored)
-    seen, path = max((newest.seen_at, newest.relative), high_water)
+    seen, path = max((newest.seen_at, newest.relative), high_water) if newest else high_water
     next_cursor = {**cursor, "mtime_ns": seen, "path": path}
     if retry is not None:
         tags["flywheel/retry_of"] = next_cursor["retried"] = retry.dagster_run.run_id

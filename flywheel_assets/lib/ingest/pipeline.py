@@ -36,6 +36,7 @@ from flywheel_assets.lib.ingest.cleanup import clean_stale
 from flywheel_assets.lib.ingest.keys import KeyIndex
 from flywheel_assets.lib.ingest.landing import LandingFile, list_landing
 from flywheel_assets.lib.ingest.lock import ingest_lock
+from flywheel_assets.lib.ingest.remote_landing import pull
 from flywheel_assets.lib.ingest.parsing import TARGETS, IngestError, Parsers
 from flywheel_assets.lib.lake import Lake, conform, sql_literal, utcnow
 from flywheel_assets.lib.tables import INGESTED_FILES, QUARANTINE, Table
@@ -52,6 +53,7 @@ class IngestReport:
     resumed: Counter = field(default_factory=Counter)  # rows an earlier, failed attempt had committed, by kind
     unscored_event_types: Counter = field(default_factory=Counter)  # new events whose type scoring ignores
     cleaned: list[str] = field(default_factory=list)  # stale leftovers deleted before the run
+    pulled: int = 0  # objects copied in from the landing bucket
 
     @property
     def lines_quarantined(self) -> int:
@@ -80,6 +82,8 @@ def ingest_landing(config: FlywheelConfig, lake: Lake, files: list[LandingFile] 
     the ledger) happens here, in file and batch order, as if one batch came after the other."""
     with ingest_lock(config.landing, config.ingest.lock_timeout_s, owner=owner, log=log):
         report = IngestReport(cleaned=clean_stale(config, lake))
+        if files is None:  # the landing bucket's new objects (FLYWHEEL_LANDING_URI), copied in
+            report.pulled = pull(config, lake, log)
         files = pending_files(config, lake, files)  # under the lock: another ingest's files are done
         if files:
             _ingest(config, lake, files, report, log)

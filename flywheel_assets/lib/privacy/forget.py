@@ -44,6 +44,7 @@ from flywheel_assets.lib.config import FlywheelConfig
 from flywheel_assets.lib.curation.select import export_chat_jsonl
 from flywheel_assets.lib.experiments.registry import ModelRegistry
 from flywheel_assets.lib.ingest.lock import every_lock, no_writers
+from flywheel_assets.lib.ingest.remote_landing import mirror, replace_scrubbed
 from flywheel_assets.lib.lake import Lake, sql_literal
 from flywheel_assets.lib.privacy.files import Matcher, Rewritten, journal_held, scrub_folder, write_json
 from flywheel_assets.lib.storage.artifacts import artifact_store, local, publish
@@ -278,13 +279,17 @@ def _scrub_files(config: FlywheelConfig, lake: Lake, matcher: Matcher, report: F
     """Blank the subject's lines in the landing zone and the gateway's journal (unless a running
     gateway holds it: then its records land later, and the next forget takes them). Returns the
     landing lines blanked, by path relative to the landing zone."""
+    remote = mirror(config)  # the landing bucket's objects, scrubbed as local copies and uploaded back
     rewritten = scrub_folder(config.landing, matcher)
+    replaced = replace_scrubbed(config, lake, remote, [r.path for r in rewritten if r.path.is_relative_to(config.landing)]) \
+        if remote is not None else set()
     with journal_held(config.home / "gateway") as held:
         if held:
             rewritten += scrub_folder(config.home / "gateway", matcher)
         else:
             report.journal_skipped = True
-    _follow_in_ledger(config, lake, rewritten)
+    _follow_in_ledger(config, lake, [r for r in rewritten if not r.path.is_relative_to(config.landing)
+                                     or r.path.relative_to(config.landing).as_posix() not in replaced])
     for r in rewritten:
         report.lines[_relative(config, r.path)] = report.lines.get(_relative(config, r.path), 0) + r.lines
     return {r.path.relative_to(config.landing).as_posix(): set(r.numbers)
