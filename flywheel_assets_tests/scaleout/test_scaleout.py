@@ -103,7 +103,7 @@ def test_one_cycle_on_postgres_object_storage_and_dask(postgres, s3, tmp_path, m
     from flywheel_assets.lib.config import load_config
     from flywheel_assets.lib.experiments.registry import ModelRegistry
     from flywheel_assets.lib.lake import Lake
-    from flywheel_assets.lib.tables import AB_RESULTS, TRAJECTORIES
+    from flywheel_assets.lib.tables import AB_RESULTS, SESSION_EVENTS, TRAJECTORIES
     from flywheel_assets_tests.test_flywheel_loop import SMALL_LOOP
 
     client, options = s3
@@ -117,6 +117,14 @@ def test_one_cycle_on_postgres_object_storage_and_dask(postgres, s3, tmp_path, m
     monkeypatch.setenv("FLYWHEEL_CONFIG", str(tmp_path / "config.json"))
     monkeypatch.setenv("FLYWHEEL_LAKE_URI", f"s3://{BUCKET}/scaleout")
     monkeypatch.setenv("FLYWHEEL_STORAGE_OPTIONS", options)
+    # models, datasets and reports in the bucket too; and a landing bucket an agent writes to directly
+    monkeypatch.setenv("FLYWHEEL_ARTIFACTS_URI", f"s3://{BUCKET}/scaleout-artifacts")
+    monkeypatch.setenv("FLYWHEEL_ARTIFACTS_STORAGE_OPTIONS", options)
+    monkeypatch.setenv("FLYWHEEL_LANDING_URI", f"s3://{BUCKET}/scaleout-landing")
+    monkeypatch.setenv("FLYWHEEL_LANDING_STORAGE_OPTIONS", options)
+    client.put_object(Bucket=BUCKET, Key="scaleout-landing/events/agent/part-0001.jsonl", Body=json.dumps({
+        "event_id": "from-the-bucket", "session_id": "s-bucket", "user_id": "u-bucket",
+        "event_type": "session_continued", "ts": "2026-11-01T10:00:00Z"}).encode() + b"\n")
     monkeypatch.setenv("FLYWHEEL_EXECUTOR", "dask")
     monkeypatch.setenv("FLYWHEEL_DASK_SCHEDULER", f"tcp://127.0.0.1:{_free_port()}")
     with dask_cluster(os.environ["FLYWHEEL_DASK_SCHEDULER"], tmp_path) as workers:
@@ -134,6 +142,12 @@ def test_one_cycle_on_postgres_object_storage_and_dask(postgres, s3, tmp_path, m
     assert lake.row_count(TRAJECTORIES) > 0
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="scaleout/bronze/trajectories/")["Contents"]]
     assert any(k.endswith(".parquet") for k in keys)
+    # the landing bucket's object was ingested; the adapter, its dataset and the reports are in the bucket
+    assert lake.read(SESSION_EVENTS, filter_sql="event_id = 'from-the-bucket'").num_rows == 1
+    stored = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="scaleout-artifacts/")["Contents"]]
+    assert {"scaleout-artifacts/models/cycle-0001-lora/.flywheel-complete.json",
+            "scaleout-artifacts/datasets/cycle-0001/train.jsonl"} <= set(stored), stored
+    assert any(k.startswith("scaleout-artifacts/reports/") for k in stored)
 
     # every run, its events and the cycle partitions are in Postgres: a new instance over the same
     # database (another process, another host) sees them

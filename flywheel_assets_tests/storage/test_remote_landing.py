@@ -46,12 +46,16 @@ def test_objects_are_ingested_once_whichever_machine_ingests_and_a_lost_copy_los
     _put(client, f"{prefix}/events/part-0002.jsonl.gz", [event(i) for i in range(3, 9)], compressed=True)
     _put(client, f"{prefix}/events/part-0003.jsonl.tmp", [event(99)])  # still being written: not ready
     _put(client, f"{prefix}/other/notes.jsonl", [event(98)])  # not a landing kind
+    # as Kafka Connect's S3 sink names its objects (topic routed to "events")
+    _put(client, f"{prefix}/events/partition=0/events+0+0000000000.json.gz", [event(i) for i in range(20, 24)],
+         compressed=True)
 
     tick = landing_sensor_ticks(home)
     first = tick(None)
-    assert [r.tags["flywheel/files"] for r in first.run_requests] == ["2"]  # the bucket's ready objects
+    assert [r.tags["flywheel/files"] for r in first.run_requests] == ["3"]  # the bucket's ready objects
     report = ingest_landing(config, lake, log=lambda _: None)
-    assert report.pulled == 2 and report.rows_new["events"] == 9 and sum(report.duplicates.values()) == 2
+    assert report.pulled == 3 and report.rows_new["events"] == 13 and sum(report.duplicates.values()) == 2
+    assert (config.landing / "events" / "partition=0" / "events+0+0000000000.json.jsonl.gz").is_file()
     copy = config.landing / "events" / "2026" / "12" / "05" / "part-0001.jsonl"
     info = remote_landing().fs.get_file_info(f"{BUCKET}/{prefix}/events/2026/12/05/part-0001.jsonl")
     assert copy.stat().st_mtime_ns == info.mtime_ns and copy.stat().st_size == info.size  # the ledger's key
@@ -62,7 +66,7 @@ def test_objects_are_ingested_once_whichever_machine_ingests_and_a_lost_copy_los
     other = load_config(tmp_path_factory.mktemp("other"))
     other_lake = Lake(other, root=lake.root)
     assert ingest_landing(other, other_lake, log=lambda _: None).pulled == 0
-    assert lake.row_count(SESSION_EVENTS) == 9
+    assert lake.row_count(SESSION_EVENTS) == 13
 
     # a new object copied in by a machine that is then lost before its ingest committed: the object
     # is still in the bucket, so the next ingest anywhere copies and ingests it
@@ -73,7 +77,8 @@ def test_objects_are_ingested_once_whichever_machine_ingests_and_a_lost_copy_los
     assert again.pulled == 1 and again.rows_new["trajectories"] == 1
     assert lake.row_count(TRAJECTORIES) == 1
     assert sorted(r["source_file"] for r in lake.read(INGESTED_FILES).to_pylist()) == [
-        "events/2026/12/05/part-0001.jsonl", "events/part-0002.jsonl.gz", "trajectories/t.jsonl"]
+        "events/2026/12/05/part-0001.jsonl", "events/part-0002.jsonl.gz",
+        "events/partition=0/events+0+0000000000.json.jsonl.gz", "trajectories/t.jsonl"]
 
 
 def test_forget_scrubs_the_landing_buckets_objects_and_they_are_not_ingested_again(bucket, home, config, lake,

@@ -31,7 +31,7 @@ def landing_sensor(context: dg.SensorEvaluationContext, flywheel: FlywheelResour
     fresh = [f for f in list_landing(config.landing) if retry is not None or (f.seen_at, f.relative) > high_water]
     local = {f.key for f in fresh}
     if (remote := remote_landing()) is not None:  # the landing bucket: every object the ledger lacks
-        fresh += [f for f in remote.ready(config.landing) if f.key not in local]
+        fresh += [found.file for found in remote.ready(config.landing) if found.file.key not in local]
     fresh = pending_files(config, flywheel.lake(), fresh)
     if not fresh:
         reason = f"no new ready file in {config.landing} (cursor {cursor})"
