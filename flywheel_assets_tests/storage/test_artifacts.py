@@ -88,6 +88,19 @@ def test_a_folder_is_fetched_whole_and_follows_the_stores_generation(s3, tmp_pat
         tmp_path / "b" / "models" / "v1" / name for name in ("merged/config.json", "sub/card.json", "weights.bin")])
 
 
+def test_a_model_store_outside_home_is_left_where_it_is(s3, store_env, home, tmp_path_factory):
+    from flywheel_assets.lib.storage.artifacts import ensure_published, publish
+
+    client, _ = s3
+    outside = tmp_path_factory.mktemp("shared-models") / "v1"
+    outside.mkdir()
+    (outside / "weights.bin").write_bytes(b"w")
+    publish(home, outside)
+    ensure_published(home, outside)
+    assert local(home, str(outside)) == outside and artifact_store(home).listing(outside) == []
+    assert _objects(client, store_env) == {}  # nothing uploaded, nothing raised
+
+
 @pytest.fixture
 def stored_home(store_env, trained_home):
     return trained_home

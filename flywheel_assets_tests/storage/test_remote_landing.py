@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from flywheel_assets.cli import app
 from flywheel_assets.lib.config import load_config
 from flywheel_assets.lib.ingest.pipeline import ingest_landing
-from flywheel_assets.lib.ingest.remote_landing import pull, remote_landing
+from flywheel_assets.lib.ingest.remote_landing import RemoteLanding, pull, remote_landing
 from flywheel_assets.lib.lake import Lake
 from flywheel_assets.lib.tables import INGESTED_FILES, SESSION_EVENTS, TRAJECTORIES
 from flywheel_assets_tests.helpers import landing_sensor_ticks
@@ -46,6 +46,7 @@ def test_objects_are_ingested_once_whichever_machine_ingests_and_a_lost_copy_los
     _put(client, f"{prefix}/events/part-0002.jsonl.gz", [event(i) for i in range(3, 9)], compressed=True)
     _put(client, f"{prefix}/events/part-0003.jsonl.tmp", [event(99)])  # still being written: not ready
     _put(client, f"{prefix}/other/notes.jsonl", [event(98)])  # not a landing kind
+    _put(client, f"{prefix}/events/../../escape.jsonl", [event(97)])  # a key that would climb out: ignored
     # as Kafka Connect's S3 sink names its objects (topic routed to "events")
     _put(client, f"{prefix}/events/partition=0/events+0+0000000000.json.gz", [event(i) for i in range(20, 24)],
          compressed=True)
@@ -55,8 +56,9 @@ def test_objects_are_ingested_once_whichever_machine_ingests_and_a_lost_copy_los
     assert [r.tags["flywheel/files"] for r in first.run_requests] == ["3"]  # the bucket's ready objects
     report = ingest_landing(config, lake, log=lambda _: None)
     assert report.pulled == 3 and report.rows_new["events"] == 13 and sum(report.duplicates.values()) == 2
-    assert (config.landing / "events" / "partition=0" / "events+0+0000000000.json.jsonl.gz").is_file()
-    copy = config.landing / "events" / "2026" / "12" / "05" / "part-0001.jsonl"
+    assert (config.landing / "events" / "from-bucket-json" / "partition=0" / "events+0+0000000000.jsonl.gz").is_file()
+    assert not (home.parent / "escape.jsonl").exists() and not list(home.rglob("escape.jsonl"))
+    copy = config.landing / "events" / "from-bucket" / "2026" / "12" / "05" / "part-0001.jsonl"
     info = remote_landing().fs.get_file_info(f"{BUCKET}/{prefix}/events/2026/12/05/part-0001.jsonl")
     assert copy.stat().st_mtime_ns == info.mtime_ns and copy.stat().st_size == info.size  # the ledger's key
     assert tick(first.cursor).run_requests == []  # nothing pending: the ledger holds both objects
@@ -77,8 +79,8 @@ def test_objects_are_ingested_once_whichever_machine_ingests_and_a_lost_copy_los
     assert again.pulled == 1 and again.rows_new["trajectories"] == 1
     assert lake.row_count(TRAJECTORIES) == 1
     assert sorted(r["source_file"] for r in lake.read(INGESTED_FILES).to_pylist()) == [
-        "events/2026/12/05/part-0001.jsonl", "events/part-0002.jsonl.gz",
-        "events/partition=0/events+0+0000000000.json.jsonl.gz", "trajectories/t.jsonl"]
+        "events/from-bucket-json/partition=0/events+0+0000000000.jsonl.gz", "events/from-bucket/2026/12/05/part-0001.jsonl",
+        "events/from-bucket/part-0002.jsonl.gz", "trajectories/from-bucket/t.jsonl"]
 
 
 def test_forget_scrubs_the_landing_buckets_objects_and_they_are_not_ingested_again(bucket, home, config, lake,
@@ -94,8 +96,23 @@ def test_forget_scrubs_the_landing_buckets_objects_and_they_are_not_ingested_aga
     _put(client, f"{prefix}/events/c.jsonl", [_event("e-gone-2", "s-gone-1", "user-gone", "t-gone-1",
                                                      "output_edited", edited_answer=SECRET)])
     monkeypatch.setenv("FLYWHEEL_HOME", str(home))
+    # a forget killed halfway through the bucket (an upload failing after the first): run again, it
+    # must find the objects not yet uploaded unscrubbed in the bucket, whatever their local copies
+    calls = []
+
+    def failing(self, path, key):
+        calls.append(key)
+        if len(calls) > 1:
+            raise OSError("connection reset")
+        return upload(self, path, key)
+
+    upload = RemoteLanding.upload
+    monkeypatch.setattr(RemoteLanding, "upload", failing)
+    assert CliRunner().invoke(app, ["forget", "--user", "user-gone", "--json"]).exit_code != 0
+    monkeypatch.setattr(RemoteLanding, "upload", upload)
     result = CliRunner().invoke(app, ["forget", "--user", "user-gone", "--json"])
     assert result.exit_code == 0, result.output
+    assert not list((home / "privacy").glob(".bucket-*"))  # no download of the user's text left behind
 
     listed = client.list_objects_v2(Bucket=BUCKET, Prefix=prefix)["Contents"]
     bodies = {item["Key"]: client.get_object(Bucket=BUCKET, Key=item["Key"])["Body"].read() for item in listed}
@@ -106,7 +123,7 @@ def test_forget_scrubs_the_landing_buckets_objects_and_they_are_not_ingested_aga
     # the rewritten objects are the ledger's files still; the one not ingested yet (copied in by the
     # forget, blanked, uploaded back) comes in with nothing left to add
     report = ingest_landing(config, lake, log=lambda _: None)
-    assert report.pulled == 0 and [f["file"] for f in report.files] == ["events/c.jsonl"]
+    assert report.pulled == 0 and [f["file"] for f in report.files] == ["events/from-bucket/c.jsonl"]
     assert report.rows_new["events"] == 0
     assert lake.read(TRAJECTORIES, filter_sql="user_id = 'user-gone'").num_rows == 0
     assert lake.read(SESSION_EVENTS, columns=["event_id"]).column("event_id").to_pylist() == ["e-kept-1"]

@@ -1,6 +1,7 @@
 """Gold: scrubbed, de-duplicated trajectories and each cycle's immutable training set."""
 
 import json
+import shutil
 
 import dagster as dg
 
@@ -11,7 +12,7 @@ from flywheel_assets.defs.resources import (
 )
 from flywheel_assets.lib.curation.refresh_curated import refresh_curated_trajectories
 from flywheel_assets.lib.curation.select import count_by, export_chat_jsonl, select_training_rows
-from flywheel_assets.lib.storage.artifacts import publish
+from flywheel_assets.lib.storage.artifacts import artifact_store, publish
 from flywheel_assets.lib.tables import (
     CURATED_TRAJECTORIES, DATASET_MANIFESTS, SESSION_EVENTS, TRAINING_DATASET, TRAJECTORIES, TRAJECTORY_SCORES,
 )
@@ -67,6 +68,8 @@ def training_dataset(context: dg.AssetExecutionContext, flywheel: FlywheelResour
         }
         (export.parent / "manifest.json").write_text(json.dumps(manifest, default=str, indent=2))
         publish(config.home, export.parent)  # the artifact store's copy (when one is set) before the manifest row
+        if artifact_store(config.home) is not None:  # there, forget rewrites it; a copy left here it would not reach
+            shutil.rmtree(export.parent)
         # Rows first, then the manifest that makes the cycle "done": a crash in between
         # leaves no manifest, and the retry replaces the partial partition.
         lake.overwrite(TRAINING_DATASET, rows, predicate=f"cycle = '{cycle}'")

@@ -2,11 +2,12 @@
 sink, write their files without a volume shared with Flywheel.
 
 The bucket holds `{events,trajectories,annotations}/…` as the local landing zone does, with the
-same names (`is_ready`: no dot names, no .tmp/.part), or the S3 sink's `.json`/`.json.gz`
-(copied in as `.json.jsonl`/`.json.jsonl.gz`). Every ingest first copies, under the
-landing zone's lock, each ready object the ledger has not recorded into the local landing zone
-at the same path, with the object's LastModified as its mtime — so the ledger's key (path,
-size, mtime) is the object's, whichever machine ingests it, and the ingest then goes on as for
+same names (`is_ready`: no dot names, no .tmp/.part), or the S3 sink's `.json`/`.json.gz`.
+Every ingest first copies, under the landing zone's lock, each ready object the ledger has not
+recorded into the local landing zone (`<kind>/from-bucket/<rest of the key>`; a sink object
+under `<kind>/from-bucket-json/`, renamed `.jsonl`/`.jsonl.gz`), with the object's LastModified
+as its mtime — so the ledger's key (path, size, mtime) is the object's, whichever machine
+ingests it, and the ingest then goes on as for
 any local file (every guarantee of docs/ingestion.md holds from there). Objects are never
 deleted: a machine that dies between the copy and the commit loses nothing, the next ingest
 anywhere copies the object again (a bucket lifecycle rule expires them once ingested; the
@@ -14,16 +15,18 @@ local copies stay the landing zone's record). A copy is written under a staging 
 (`.flywheel-staging-*`, never read, deleted when stale) and renamed into place, so no ingest
 reads half an object.
 
-The right to be forgotten and retention reach the bucket too (`mirror`, then `replace`): every
-object is copied, the local copies are scrubbed, and each rewritten one is uploaded over its
-object; the ledger then follows its new size and LastModified, so it is not ingested again.
+The right to be forgotten and retention reach the bucket too (`scrub_bucket`): every object is
+read from the bucket and scrubbed, and each rewritten one is uploaded over its object and becomes
+its local copy; the ledger then follows its new size and LastModified, so it is not ingested again.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,19 +43,28 @@ URI_VARIABLE = "FLYWHEEL_LANDING_URI"
 OPTIONS_VARIABLE = "FLYWHEEL_LANDING_STORAGE_OPTIONS"
 
 
-# Kafka Connect's S3 sink names its JSON-lines objects .json / .json.gz: copied in under a name the
-# landing zone reads
-_SINK_SUFFIXES = ((".json.gz", ".json.jsonl.gz"), (".json", ".json.jsonl"))
+# Copies go under landing/<kind>/from-bucket/ (the key below its kind folder kept), so no object can
+# overwrite an agent's local file; Kafka Connect's S3 sink's JSON-lines objects (.json, .json.gz)
+# under landing/<kind>/from-bucket-json/, renamed to a suffix the landing zone reads. Two keys never
+# share a local path.
+BUCKET_FOLDER, SINK_FOLDER = "from-bucket", "from-bucket-json"
+_SINK_SUFFIXES = ((".json.gz", ".jsonl.gz"), (".json", ".jsonl"))
 
 
-def local_name(name: str) -> str | None:
-    """The name an object's local copy takes, or None when the object is not ready to ingest."""
+def local_relative(key: str) -> str | None:
+    """Where an object's copy goes, relative to the landing zone; None when the object is not
+    ready to ingest or its key is not a plain relative path (`..`, empty parts)."""
+    kind, _, rest = key.partition("/")
+    parts = rest.split("/")
+    if kind not in KINDS or not rest or any(part in ("", ".", "..") for part in parts):
+        return None
+    folder, name = "/".join(parts[:-1]), parts[-1]
+    folder = f"/{folder}" if folder else ""
     if is_ready(name):
-        return name
-    lower = name.lower()
+        return f"{kind}/{BUCKET_FOLDER}{folder}/{name}"
     for suffix, local_suffix in _SINK_SUFFIXES:
-        if lower.endswith(suffix) and is_ready(name[:len(name) - len(suffix)] + local_suffix):
-            return name[:len(name) - len(suffix)] + local_suffix
+        if name.lower().endswith(suffix) and is_ready(renamed := name[:len(name) - len(suffix)] + local_suffix):
+            return f"{kind}/{SINK_FOLDER}{folder}/{renamed}"
     return None
 
 
@@ -75,44 +87,47 @@ class RemoteLanding:
             selector = pafs.FileSelector(f"{self.root}/{kind}", recursive=True, allow_not_found=True)
             for info in self.fs.get_file_info(selector):
                 key = info.path[len(self.root) + 1:]
-                folder, _, name = key.rpartition("/")
-                if info.type != pafs.FileType.File or (name := local_name(name)) is None:
+                if info.type != pafs.FileType.File or (relative := local_relative(key)) is None:
                     continue
-                relative = f"{folder}/{name}"
                 found.append(RemoteObject(key, LandingFile(info.mtime_ns, relative, kind, info.size, landing / relative)))
         return sorted(found, key=lambda found: found.file)
 
-    def copy_in(self, objects: list[RemoteObject]) -> int:
-        """Make each object's local copy the object (skipped when its size and mtime already are)."""
+    def copy_in(self, objects: list[RemoteObject], log=print) -> int:
+        """Make each object's local copy the object (skipped when its size and mtime already are).
+        An object that cannot be read now (a denied or archived object, a network error) is
+        named in the log and left for the next ingest; the others go on."""
         copied = 0
         for remote in objects:
             file = remote.file
-            if file.path.is_file() and not file.path.is_symlink() and (file.path.stat().st_size, file.path.stat().st_mtime_ns) \
-                    == (file.size_bytes, file.mtime_ns):
+            if file.path.is_file() and not file.path.is_symlink() and \
+                    (file.path.stat().st_size, file.path.stat().st_mtime_ns) == (file.size_bytes, file.mtime_ns):
                 continue
-            file.path.parent.mkdir(parents=True, exist_ok=True)
-            staging = file.path.with_name(f"{STAGING_PREFIX}{uuid.uuid4().hex}")
             try:
-                pafs.copy_files(f"{self.root}/{remote.key}", str(staging), source_filesystem=self.fs,
-                                destination_filesystem=pafs.LocalFileSystem())
-                with open(staging, "rb") as handle:
-                    os.fsync(handle.fileno())
-                os.utime(staging, ns=(file.mtime_ns, file.mtime_ns))
-                staging.replace(file.path)
-            finally:
-                staging.unlink(missing_ok=True)
+                self.download(remote.key, file.path, file.mtime_ns)
+            except OSError as error:
+                log(f"could not copy {self.uri}/{remote.key} now, left for the next ingest: {error}")
+                continue
             copied += 1
         return copied
 
-    def replace(self, remote: RemoteObject) -> tuple[int, int]:
-        """Upload the local copy over its object; its local mtime becomes the new object's
-        LastModified. Returns the object's (size, mtime_ns)."""
-        path = remote.file.path
-        pafs.copy_files(str(path), f"{self.root}/{remote.key}", source_filesystem=pafs.LocalFileSystem(),
+    def download(self, key: str, path: Path, mtime_ns: int) -> None:
+        """The object at `key` to `path`, with `mtime_ns` as its mtime: written under a staging name
+        (never read; deleted by a later ingest when stale), fsynced, renamed into place."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f"{STAGING_PREFIX}{uuid.uuid4().hex}")
+        try:
+            pafs.copy_files(f"{self.root}/{key}", str(staging), source_filesystem=self.fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+            with open(staging, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.utime(staging, ns=(mtime_ns, mtime_ns))
+            staging.replace(path)
+        finally:
+            staging.unlink(missing_ok=True)
+
+    def upload(self, path: Path, key: str) -> None:
+        pafs.copy_files(str(path), f"{self.root}/{key}", source_filesystem=pafs.LocalFileSystem(),
                         destination_filesystem=self.fs)
-        info = self.fs.get_file_info(f"{self.root}/{remote.key}")
-        os.utime(path, ns=(info.mtime_ns, info.mtime_ns))
-        return info.size, info.mtime_ns
 
 
 def remote_landing(environ=None) -> RemoteLanding | None:
@@ -137,38 +152,56 @@ def pull(config: FlywheelConfig, lake: Lake, log=print) -> int:
         return 0
     objects = remote.ready(config.landing)
     pending = {file.key for file in pending_files(config, lake, [found.file for found in objects])}
-    copied = remote.copy_in([found for found in objects if found.file.key in pending])
+    copied = remote.copy_in([found for found in objects if found.file.key in pending], log)
     if copied:
         log(f"copied {copied} new object(s) from {remote.uri} into {config.landing}")
     return copied
 
 
-def mirror(config: FlywheelConfig) -> RemoteLanding | None:
-    """Every object copied into the landing zone, ingested or not (forget and retention scrub the
-    copies, then `replace_scrubbed`); the caller holds the landing zone's lock."""
+def scrub_bucket(config: FlywheelConfig, lake: Lake, scrub: Callable[[Path], list[int]]) -> dict[str, list[int]]:
+    """Forget's and retention's pass over the bucket (the caller holds every lock): each object is
+    read from the bucket itself (never trusted from a local copy: a run killed between scrubbing
+    a copy and uploading it must find the object unscrubbed again), `scrub` rewrites the
+    downloaded file in place and returns the line numbers it blanked; a changed one is uploaded over
+    its object, becomes its local copy, and its ledger rows follow the object's new size and
+    LastModified (as the bucket lists it), so it is not ingested again.
+    Returns {relative path of the local copy: the line numbers blanked} of the objects rewritten."""
     remote = remote_landing()
-    if remote is not None:
-        remote.copy_in(remote.ready(config.landing))
-    return remote
+    if remote is None:
+        return {}
+    for leftover in (config.home / "privacy").glob(".bucket-*"):  # a killed run's downloads
+        shutil.rmtree(leftover, ignore_errors=True)
+    scratch = config.home / "privacy" / f".bucket-{uuid.uuid4().hex}"
+    rewritten: dict[str, RemoteObject] = {}
+    blanked: dict[str, list[int]] = {}
+    try:
+        for found in remote.ready(config.landing):
+            copy = scratch / found.file.relative
+            remote.download(found.key, copy, found.file.mtime_ns)
+            if numbers := scrub(copy):
+                remote.upload(copy, found.key)
+                rewritten[found.key], blanked[found.file.relative] = found, numbers
+        if not rewritten:
+            return {}
+        now = {found.key: found.file for found in remote.ready(config.landing)}  # sizes and mtimes as listed
+        for key, before in rewritten.items():
+            after = now[key]
+            copy = scratch / before.file.relative
+            os.utime(copy, ns=(after.mtime_ns, after.mtime_ns))
+            before.file.path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(copy, before.file.path)
+            _follow(lake, before.file, after)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return blanked
 
 
-def replace_scrubbed(config: FlywheelConfig, lake: Lake, remote: RemoteLanding, paths: list[Path]) -> set[str]:
-    """Upload the scrubbed local copies over their objects and move their ledger rows to the new
-    (size, mtime), so the rewritten objects are not taken for new ones. Returns their relative paths."""
-    objects = {found.file.relative: found for found in remote.ready(config.landing)}
-    done = set()
-    for path in paths:
-        relative = path.relative_to(config.landing).as_posix()
-        if (found := objects.get(relative)) is None:
-            continue  # a local file only (dropped by `flywheel ingest`, or the object expired)
-        before = found.file
-        size, mtime_ns = remote.replace(found)
-        where = f"source_file = {sql_literal(relative)}"
-        rows = lake.read(INGESTED_FILES, filter_sql=where).to_pylist()
-        if any((row["size_bytes"], row["mtime_ns"]) == (before.size_bytes, before.mtime_ns) for row in rows):
-            for row in rows:
-                if (row["size_bytes"], row["mtime_ns"]) == (before.size_bytes, before.mtime_ns):
-                    row["size_bytes"], row["mtime_ns"] = size, mtime_ns
-            lake.overwrite(INGESTED_FILES, pa.Table.from_pylist(rows, schema=INGESTED_FILES.schema), predicate=where)
-        done.add(relative)
-    return done
+def _follow(lake: Lake, before: LandingFile, after: LandingFile) -> None:
+    """The ledger rows of an object's earlier version take its new size and mtime."""
+    where = f"source_file = {sql_literal(before.relative)}"
+    rows = lake.read(INGESTED_FILES, filter_sql=where).to_pylist()
+    if any((row["size_bytes"], row["mtime_ns"]) == (before.size_bytes, before.mtime_ns) for row in rows):
+        for row in rows:
+            if (row["size_bytes"], row["mtime_ns"]) == (before.size_bytes, before.mtime_ns):
+                row["size_bytes"], row["mtime_ns"] = after.size_bytes, after.mtime_ns
+        lake.overwrite(INGESTED_FILES, pa.Table.from_pylist(rows, schema=INGESTED_FILES.schema), predicate=where)

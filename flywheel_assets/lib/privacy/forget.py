@@ -44,9 +44,9 @@ from flywheel_assets.lib.config import FlywheelConfig
 from flywheel_assets.lib.curation.select import export_chat_jsonl
 from flywheel_assets.lib.experiments.registry import ModelRegistry
 from flywheel_assets.lib.ingest.lock import every_lock, no_writers
-from flywheel_assets.lib.ingest.remote_landing import mirror, replace_scrubbed
+from flywheel_assets.lib.ingest.remote_landing import scrub_bucket
 from flywheel_assets.lib.lake import Lake, sql_literal
-from flywheel_assets.lib.privacy.files import Matcher, Rewritten, journal_held, scrub_folder, write_json
+from flywheel_assets.lib.privacy.files import Matcher, Rewritten, journal_held, scrub_file, scrub_folder, write_json
 from flywheel_assets.lib.storage.artifacts import artifact_store, local, publish
 from flywheel_assets.lib.tables import (
     ANNOTATIONS, CURATED_TRAJECTORIES, DATASET_MANIFESTS, FORGET_REQUESTS, INGESTED_FILES, JUDGE_SCORES,
@@ -279,21 +279,24 @@ def _scrub_files(config: FlywheelConfig, lake: Lake, matcher: Matcher, report: F
     """Blank the subject's lines in the landing zone and the gateway's journal (unless a running
     gateway holds it: then its records land later, and the next forget takes them). Returns the
     landing lines blanked, by path relative to the landing zone."""
-    remote = mirror(config)  # the landing bucket's objects, scrubbed as local copies and uploaded back
+    # the landing bucket's objects first: each rewritten one becomes its local copy, which the
+    # folder's pass then finds clean
+    in_bucket = scrub_bucket(config, lake, lambda path: getattr(scrub_file(path, matcher), "numbers", []))
     rewritten = scrub_folder(config.landing, matcher)
-    replaced = replace_scrubbed(config, lake, remote, [r.path for r in rewritten if r.path.is_relative_to(config.landing)]) \
-        if remote is not None else set()
     with journal_held(config.home / "gateway") as held:
         if held:
             rewritten += scrub_folder(config.home / "gateway", matcher)
         else:
             report.journal_skipped = True
-    _follow_in_ledger(config, lake, [r for r in rewritten if not r.path.is_relative_to(config.landing)
-                                     or r.path.relative_to(config.landing).as_posix() not in replaced])
+    _follow_in_ledger(config, lake, rewritten)
     for r in rewritten:
         report.lines[_relative(config, r.path)] = report.lines.get(_relative(config, r.path), 0) + r.lines
+    for relative, numbers in in_bucket.items():
+        name = _relative(config, config.landing / relative)
+        report.lines[name] = report.lines.get(name, 0) + len(numbers)
     return {r.path.relative_to(config.landing).as_posix(): set(r.numbers)
-            for r in rewritten if r.path.is_relative_to(config.landing)}
+            for r in rewritten if r.path.is_relative_to(config.landing)} | \
+        {relative: set(numbers) for relative, numbers in in_bucket.items()}
 
 
 def subject_rows(lake: Lake, subject: Subject, matcher: Matcher) -> dict[str, int]:
@@ -354,6 +357,8 @@ def _rewrite_datasets(config: FlywheelConfig, lake: Lake, subject: Subject, cycl
     stored = {path for path in store.listing(config.models) if path.name == "trajectory_ids.json"} if store else set()
     for path in sorted(set(config.models.glob("*/trajectory_ids.json")) | stored):
         local(config.home, config.stored_path(path.parent))  # the whole folder: it is published again whole
+        if store is not None:  # the store's list, even where a crashed forget left this copy rewritten
+            store.fetch(path)
         listed = json.loads(path.read_text())
         if any(t in subject.trajectories for t in listed):
             write_json(path, [t for t in listed if t not in subject.trajectories])

@@ -68,11 +68,18 @@ class ArtifactStore:
         relative = Path(path).resolve().relative_to(self.home).as_posix()
         return f"{self.root}/{relative}"
 
+    def holds(self, path: Path) -> bool:
+        """Whether `path` is one the store mirrors: under FLYWHEEL_HOME (a model store elsewhere,
+        FLYWHEEL_MODELS_DIR, is the shared-volume alternative and stays where it is)."""
+        return Path(path).resolve().is_relative_to(self.home)
+
     # -- writing -----------------------------------------------------------------------------
 
     def publish(self, path: Path) -> None:
         """Upload a file, or a folder and then its marker (a new generation: readers download it again)."""
         path = Path(path)
+        if not self.holds(path):
+            return
         if path.is_file():
             self._upload(path, self.key(path))
             return
@@ -91,6 +98,8 @@ class ArtifactStore:
 
     def delete(self, path: Path) -> None:
         """Remove a file or a folder from the store (the local copy is the caller's)."""
+        if not self.holds(path):
+            return
         key = self.key(path)
         info = self.fs.get_file_info(key)
         if info.type == pafs.FileType.Directory:
@@ -103,6 +112,8 @@ class ArtifactStore:
     def fetch(self, path: Path) -> Path:
         """`path` made current from the store; unchanged when the store does not hold it."""
         path = Path(path)
+        if not self.holds(path):
+            return path
         marker = self._marker(path)
         if marker is not None:
             return self._fetch_folder(path, marker)
@@ -114,6 +125,8 @@ class ArtifactStore:
 
     def listing(self, folder: Path) -> list[Path]:
         """The local paths of every file the store holds under `folder` (markers left out)."""
+        if not self.holds(folder):
+            return []
         selector = pafs.FileSelector(self.key(folder), recursive=True, allow_not_found=True)
         prefix = len(self.root) + 1
         return sorted(self.home / info.path[prefix:] for info in self.fs.get_file_info(selector)
@@ -198,7 +211,7 @@ def publish(home: Path, *paths: Path | None) -> None:
 
 def ensure_published(home: Path, path: Path) -> None:
     """Publish a folder the store does not hold yet (one made before the store was configured)."""
-    if (store := artifact_store(home)) is not None and store._marker(path) is None:
+    if (store := artifact_store(home)) is not None and store.holds(path) and store._marker(path) is None:
         store.publish(path)
 
 
@@ -207,10 +220,4 @@ def local(home: Path, stored: str | Path) -> Path:
     absolute), downloaded from the artifact store first when it has a newer copy."""
     path = Path(home) / stored
     store = artifact_store(home)
-    if store is None or not _under(path, store.home):
-        return path
-    return store.fetch(path)
-
-
-def _under(path: Path, home: Path) -> bool:
-    return Path(path).resolve().is_relative_to(home)
+    return path if store is None else store.fetch(path)
