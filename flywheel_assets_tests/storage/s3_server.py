@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 
 import boto3
 import pytest
@@ -44,3 +45,12 @@ def s3():
     yield client, json.dumps(options)
     server.terminate()
     server.wait(timeout=10)
+
+
+def prefix_in_env(s3, monkeypatch, name: str, variable: str) -> str:
+    """A prefix of its own under the test bucket, named by `variable` (FLYWHEEL_ARTIFACTS_URI,
+    FLYWHEEL_LANDING_URI) with the server's credentials in its `…_STORAGE_OPTIONS` beside it."""
+    prefix = f"{name}-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv(variable, f"s3://{BUCKET}/{prefix}")
+    monkeypatch.setenv(variable.removesuffix("_URI") + "_STORAGE_OPTIONS", s3[1])
+    return prefix

@@ -17,17 +17,13 @@ from flywheel_assets.defs.training.assets import _base_weights, lora_adapter
 from flywheel_assets.lib.experiments.registry import ModelRegistry
 from flywheel_assets.lib.storage.artifacts import MARKER, ArtifactStore, artifact_store, local
 from flywheel_assets_tests.privacy.test_forget import SECRET, trained_home  # noqa: F401  (the fixture)
-from flywheel_assets_tests.storage.s3_server import BUCKET, s3  # noqa: F401  (the fixture)
+from flywheel_assets_tests.storage.s3_server import BUCKET, prefix_in_env, s3  # noqa: F401  (the fixture)
 
 
 @pytest.fixture
 def store_env(s3, monkeypatch):
     """An artifact store of its own under the test bucket, as the environment names it."""
-    _, options = s3
-    prefix = f"artifacts-{uuid.uuid4().hex[:8]}"
-    monkeypatch.setenv("FLYWHEEL_ARTIFACTS_URI", f"s3://{BUCKET}/{prefix}")
-    monkeypatch.setenv("FLYWHEEL_ARTIFACTS_STORAGE_OPTIONS", options)
-    return prefix
+    return prefix_in_env(s3, monkeypatch, "artifacts", "FLYWHEEL_ARTIFACTS_URI")
 
 
 def _objects(client, prefix: str) -> dict[str, bytes]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
-import uuid
 
 import pytest
 from typer.testing import CliRunner
@@ -15,23 +14,19 @@ from typer.testing import CliRunner
 from flywheel_assets.cli import app
 from flywheel_assets.lib.config import load_config
 from flywheel_assets.lib.ingest.pipeline import ingest_landing
-from flywheel_assets.lib.ingest.remote_landing import RemoteLanding, pull, remote_landing
+from flywheel_assets.lib.ingest.remote_landing import RemoteLanding, local_relative, pull, remote_landing
 from flywheel_assets.lib.lake import Lake
 from flywheel_assets.lib.tables import INGESTED_FILES, SESSION_EVENTS, TRAJECTORIES
 from flywheel_assets_tests.helpers import landing_sensor_ticks
 from flywheel_assets_tests.ingest.test_ingest import event
 from flywheel_assets_tests.privacy.test_forget import SECRET, _event, _trajectory
-from flywheel_assets_tests.storage.s3_server import BUCKET, s3  # noqa: F401  (the fixture)
+from flywheel_assets_tests.storage.s3_server import BUCKET, prefix_in_env, s3  # noqa: F401  (the fixture)
 
 
 @pytest.fixture
 def bucket(s3, monkeypatch):
     """(client, prefix): a landing bucket of its own, as the environment names it."""
-    client, options = s3
-    prefix = f"landing-{uuid.uuid4().hex[:8]}"
-    monkeypatch.setenv("FLYWHEEL_LANDING_URI", f"s3://{BUCKET}/{prefix}")
-    monkeypatch.setenv("FLYWHEEL_LANDING_STORAGE_OPTIONS", options)
-    return client, prefix
+    return s3[0], prefix_in_env(s3, monkeypatch, "landing", "FLYWHEEL_LANDING_URI")
 
 
 def _put(client, key: str, lines: list, compressed: bool = False) -> None:
@@ -58,6 +53,10 @@ def test_objects_are_ingested_once_whichever_machine_ingests_and_a_lost_copy_los
     assert report.pulled == 3 and report.rows_new["events"] == 13 and sum(report.duplicates.values()) == 2
     assert (config.landing / "events" / "from-bucket-json" / "partition=0" / "events+0+0000000000.jsonl.gz").is_file()
     assert not (home.parent / "escape.jsonl").exists() and not list(home.rglob("escape.jsonl"))
+    # (whatever the server made of that key: the mapping itself refuses to climb or to skip a part)
+    assert [local_relative(key) for key in ("events/../../escape.jsonl", "events//a.jsonl", "events/./a.jsonl",
+                                            "events/a.jsonl", "events/p=0/a.json", "other/a.jsonl")] == [
+        None, None, None, "events/from-bucket/a.jsonl", "events/from-bucket-json/p=0/a.jsonl", None]
     copy = config.landing / "events" / "from-bucket" / "2026" / "12" / "05" / "part-0001.jsonl"
     info = remote_landing().fs.get_file_info(f"{BUCKET}/{prefix}/events/2026/12/05/part-0001.jsonl")
     assert copy.stat().st_mtime_ns == info.mtime_ns and copy.stat().st_size == info.size  # the ledger's key

@@ -100,7 +100,7 @@ class RemoteLanding:
         for remote in objects:
             file = remote.file
             if file.path.is_file() and not file.path.is_symlink() and \
-                    (file.path.stat().st_size, file.path.stat().st_mtime_ns) == (file.size_bytes, file.mtime_ns):
+                    _size_and_mtime(file.path) == (file.size_bytes, file.mtime_ns):
                 continue
             try:
                 self.download(remote.key, file.path, file.mtime_ns)
@@ -128,6 +128,11 @@ class RemoteLanding:
     def upload(self, path: Path, key: str) -> None:
         pafs.copy_files(str(path), f"{self.root}/{key}", source_filesystem=pafs.LocalFileSystem(),
                         destination_filesystem=self.fs)
+
+
+def _size_and_mtime(path: Path) -> tuple[int, int]:
+    info = path.stat()
+    return info.st_size, info.st_mtime_ns
 
 
 def remote_landing(environ=None) -> RemoteLanding | None:

@@ -136,11 +136,8 @@ class ArtifactStore:
         try:
             with self.fs.open_input_stream(f"{self.key(folder)}/{MARKER}") as stream:
                 return json.loads(stream.read())
-        except (FileNotFoundError, OSError) as error:
-            if isinstance(error, FileNotFoundError) or "not found" in str(error).lower() \
-                    or "does not exist" in str(error).lower():
-                return None
-            raise
+        except FileNotFoundError:  # (pyarrow's S3 client says so of a missing key; a denied one raises)
+            return None
 
     def _fetch_folder(self, folder: Path, marker: dict) -> Path:
         local = folder / MARKER
