@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
+import time
 
 import pytest
 from typer.testing import CliRunner
@@ -95,6 +96,7 @@ def test_forget_scrubs_the_landing_buckets_objects_and_they_are_not_ingested_aga
     _put(client, f"{prefix}/events/c.jsonl", [_event("e-gone-2", "s-gone-1", "user-gone", "t-gone-1",
                                                      "output_edited", edited_answer=SECRET)])
     monkeypatch.setenv("FLYWHEEL_HOME", str(home))
+    time.sleep(1.1)  # LastModified has whole seconds here: an object rewritten now gets another one
     # a forget killed halfway through the bucket (an upload failing after the first): run again, it
     # must find the objects not yet uploaded unscrubbed in the bucket, whatever their local copies
     calls = []
@@ -108,6 +110,12 @@ def test_forget_scrubs_the_landing_buckets_objects_and_they_are_not_ingested_aga
     upload = RemoteLanding.upload
     monkeypatch.setattr(RemoteLanding, "upload", failing)
     assert CliRunner().invoke(app, ["forget", "--user", "user-gone", "--json"]).exit_code != 0
+    # the object it did upload (the first in order, the gzip one: blanking changed its size) has its
+    # ledger row moved already, so it is not taken for a new file
+    uploaded = calls[0].rsplit("/", 1)[-1]
+    assert uploaded == "b.jsonl.gz"
+    ledger = lake.read(INGESTED_FILES, filter_sql="source_file = 'events/from-bucket/b.jsonl.gz'").to_pylist()
+    assert [(row["size_bytes"], row["mtime_ns"]) for row in ledger] == [remote_landing().listed(f"events/{uploaded}")]
     monkeypatch.setattr(RemoteLanding, "upload", upload)
     result = CliRunner().invoke(app, ["forget", "--user", "user-gone", "--json"])
     assert result.exit_code == 0, result.output

@@ -129,6 +129,14 @@ class RemoteLanding:
         pafs.copy_files(str(path), f"{self.root}/{key}", source_filesystem=pafs.LocalFileSystem(),
                         destination_filesystem=self.fs)
 
+    def listed(self, key: str) -> tuple[int, int]:
+        """An object's (size, mtime_ns) as a listing gives them (`ready` lists; a HEAD request can
+        round LastModified otherwise on some stores)."""
+        folder = f"{self.root}/{key}".rsplit("/", 1)[0]
+        info = next(info for info in self.fs.get_file_info(pafs.FileSelector(folder))
+                    if info.path == f"{self.root}/{key}")
+        return info.size, info.mtime_ns
+
 
 def _size_and_mtime(path: Path) -> tuple[int, int]:
     info = path.stat()
@@ -169,7 +177,8 @@ def scrub_bucket(config: FlywheelConfig, lake: Lake, scrub: Callable[[Path], lis
     a copy and uploading it must find the object unscrubbed again), `scrub` rewrites the
     downloaded file in place and returns the line numbers it blanked; a changed one is uploaded over
     its object, becomes its local copy, and its ledger rows follow the object's new size and
-    LastModified (as the bucket lists it), so it is not ingested again.
+    LastModified (as the bucket lists it), so it is not ingested again — object by object, right
+    after its upload: a run that fails at the next object leaves nothing to re-ingest.
     Returns {relative path of the local copy: the line numbers blanked} of the objects rewritten."""
     remote = remote_landing()
     if remote is None:
@@ -177,36 +186,32 @@ def scrub_bucket(config: FlywheelConfig, lake: Lake, scrub: Callable[[Path], lis
     for leftover in (config.home / "privacy").glob(".bucket-*"):  # a killed run's downloads
         shutil.rmtree(leftover, ignore_errors=True)
     scratch = config.home / "privacy" / f".bucket-{uuid.uuid4().hex}"
-    rewritten: dict[str, RemoteObject] = {}
     blanked: dict[str, list[int]] = {}
     try:
         for found in remote.ready(config.landing):
-            copy = scratch / found.file.relative
-            remote.download(found.key, copy, found.file.mtime_ns)
-            if numbers := scrub(copy):
-                remote.upload(copy, found.key)
-                rewritten[found.key], blanked[found.file.relative] = found, numbers
-        if not rewritten:
-            return {}
-        now = {found.key: found.file for found in remote.ready(config.landing)}  # sizes and mtimes as listed
-        for key, before in rewritten.items():
-            after = now[key]
-            copy = scratch / before.file.relative
-            os.utime(copy, ns=(after.mtime_ns, after.mtime_ns))
-            before.file.path.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(copy, before.file.path)
-            _follow(lake, before.file, after)
+            before = found.file
+            copy = scratch / before.relative
+            remote.download(found.key, copy, before.mtime_ns)
+            if not (numbers := scrub(copy)):
+                continue
+            remote.upload(copy, found.key)
+            size, mtime_ns = remote.listed(found.key)
+            os.utime(copy, ns=(mtime_ns, mtime_ns))
+            before.path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(copy, before.path)
+            _follow(lake, before, size, mtime_ns)
+            blanked[before.relative] = numbers
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return blanked
 
 
-def _follow(lake: Lake, before: LandingFile, after: LandingFile) -> None:
+def _follow(lake: Lake, before: LandingFile, size: int, mtime_ns: int) -> None:
     """The ledger rows of an object's earlier version take its new size and mtime."""
     where = f"source_file = {sql_literal(before.relative)}"
     rows = lake.read(INGESTED_FILES, filter_sql=where).to_pylist()
     if any((row["size_bytes"], row["mtime_ns"]) == (before.size_bytes, before.mtime_ns) for row in rows):
         for row in rows:
             if (row["size_bytes"], row["mtime_ns"]) == (before.size_bytes, before.mtime_ns):
-                row["size_bytes"], row["mtime_ns"] = after.size_bytes, after.mtime_ns
+                row["size_bytes"], row["mtime_ns"] = size, mtime_ns
         lake.overwrite(INGESTED_FILES, pa.Table.from_pylist(rows, schema=INGESTED_FILES.schema), predicate=where)
