@@ -11,12 +11,15 @@ from datetime import datetime, timedelta, timezone
 import pyarrow as pa
 import pytest
 
+from flywheel_assets.lib.curation import refresh_curated
 from flywheel_assets.lib.curation.refresh_curated import refresh_curated_trajectories
 from flywheel_assets.lib.feedback.refresh_scores import (
     refresh_judge_scores, refresh_session_feedback, refresh_trajectory_scores,
 )
 from flywheel_assets.lib.lake import conform
-from flywheel_assets.lib.tables import ANNOTATIONS, CURATED_TRAJECTORIES, SESSION_EVENTS, TRAJECTORIES
+from flywheel_assets.lib.tables import (
+    ANNOTATIONS, CURATED_TRAJECTORIES, SESSION_EVENTS, TRAJECTORIES, TRAJECTORY_SCORES,
+)
 
 T0 = datetime(2026, 11, 1, 9, tzinfo=timezone.utc)
 TABLES = {"events": SESSION_EVENTS, "trajectories": TRAJECTORIES, "annotations": ANNOTATIONS}
@@ -157,3 +160,45 @@ def test_a_deleted_input_or_new_settings_recompute_in_full(lake, config):
     assert victim not in _snapshot(lake)
     config.curation.holdout_fraction = 0.5
     assert refresh_curated_trajectories(lake, config).reason == "settings changed"
+
+
+def _copies(count: int, batch: int, first: int = 0) -> list[tuple[str, int, dict]]:
+    answer = " ".join(f"w{i}" for i in range(60))
+    return [("trajectories", batch, {
+        "trajectory_id": f"c{n}", "session_id": f"sc{n}", "tenant_id": "default", "task_type": "qa",
+        "origin": "usage", "created_at": T0, "user_prompt": "what is it?", "tools_json": "[]",
+        "final_response": answer,
+        "turns": [{"role": "user", "content": "what is it?"}, {"role": "assistant", "content": answer}]})
+        for n in range(first, first + count)]
+
+
+def test_stored_copies_of_one_text_are_checked_once(lake, config, monkeypatch):
+    # 40 stored copies of one answer, then one more: linking the new copy to its group asks one
+    # similarity question per distinct text, not one per stored copy (that grew with the group)
+    _ingest(lake, _copies(40, 0), 0)
+    _refresh(lake, config)
+    checks = []
+    original = refresh_curated.similar
+    monkeypatch.setattr(refresh_curated, "similar", lambda *args: checks.append(1) or original(*args))
+    _ingest(lake, _copies(1, 1, first=40), 1)
+    outcome = _refresh(lake, config)
+    assert not outcome.full
+    after = _snapshot(lake)
+    assert len(after) == 41 and sum(row["dedup_status"] == "kept" for row in after.values()) == 1
+    assert len(checks) == 1
+
+
+def test_a_curated_row_whose_score_row_vanished_recomputes_in_full(lake, config):
+    # only a direct delete on trajectory_scores gets here (forget and retention delete the inputs too)
+    world = _world(6)
+    _ingest(lake, world, 0)
+    _refresh(lake, config)
+    victim = next(iter(_snapshot(lake)))
+    lake.delete_where(TRAJECTORY_SCORES, f"trajectory_id = '{victim}'")
+    _ingest(lake, [("events", 1, {
+        "event_id": "e-late", "session_id": None, "event_type": "output_edited", "user_id": "u0",
+        "tenant_id": "default", "trajectory_id": victim, "ts": T0, "edit_ratio": 0.4,
+        "data_json": json.dumps({"edited_answer": "edited later"})})], 1)
+    outcome = refresh_curated_trajectories(lake, config)
+    assert outcome.full and outcome.reason == "1 curated rows lost their score row"
+    assert victim not in _snapshot(lake)
