@@ -186,6 +186,7 @@ def test_stored_copies_of_one_text_are_checked_once(lake, config, monkeypatch):
     after = _snapshot(lake)
     assert len(after) == 41 and sum(row["dedup_status"] == "kept" for row in after.values()) == 1
     assert len(checks) == 1
+    assert refresh_curated_trajectories(lake, config, full=True).full and _snapshot(lake) == after
 
 
 def test_a_curated_row_whose_score_row_vanished_recomputes_in_full(lake, config):
