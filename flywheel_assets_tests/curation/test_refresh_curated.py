@@ -149,12 +149,17 @@ def test_a_refresh_writes_the_new_row_and_the_copies_it_displaces(lake, config):
     assert {i: r for i, r in after.items() if i not in written} == {i: r for i, r in before.items() if i not in written}
 
 
-def test_a_deleted_input_or_new_settings_recompute_in_full(lake, config):
-    world = _world(5)
-    _ingest(lake, world, 0)
+def _curated_then_deleted(lake, config, seed: int, table) -> str:
+    """A world's first batch curated, then one curated trajectory's row deleted from `table`."""
+    _ingest(lake, _world(seed), 0)
     _refresh(lake, config)
     victim = next(iter(_snapshot(lake)))
-    lake.delete_where(TRAJECTORIES, f"trajectory_id = '{victim}'")
+    lake.delete_where(table, f"trajectory_id = '{victim}'")
+    return victim
+
+
+def test_a_deleted_input_or_new_settings_recompute_in_full(lake, config):
+    victim = _curated_then_deleted(lake, config, 5, TRAJECTORIES)
     outcome = _refresh(lake, config)
     assert outcome.full and "recomputed in full" in outcome.reason  # trajectory_scores was, as it lost a row
     assert victim not in _snapshot(lake)
@@ -191,11 +196,7 @@ def test_stored_copies_of_one_text_are_checked_once(lake, config, monkeypatch):
 
 def test_a_curated_row_whose_score_row_vanished_recomputes_in_full(lake, config):
     # only a direct delete on trajectory_scores gets here (forget and retention delete the inputs too)
-    world = _world(6)
-    _ingest(lake, world, 0)
-    _refresh(lake, config)
-    victim = next(iter(_snapshot(lake)))
-    lake.delete_where(TRAJECTORY_SCORES, f"trajectory_id = '{victim}'")
+    victim = _curated_then_deleted(lake, config, 6, TRAJECTORY_SCORES)
     _ingest(lake, [("events", 1, {
         "event_id": "e-late", "session_id": None, "event_type": "output_edited", "user_id": "u0",
         "tenant_id": "default", "trajectory_id": victim, "ts": T0, "edit_ratio": 0.4,
