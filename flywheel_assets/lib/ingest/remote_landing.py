@@ -199,19 +199,27 @@ def scrub_bucket(config: FlywheelConfig, lake: Lake, scrub: Callable[[Path], lis
             os.utime(copy, ns=(mtime_ns, mtime_ns))
             before.path.parent.mkdir(parents=True, exist_ok=True)
             os.replace(copy, before.path)
-            _follow(lake, before, size, mtime_ns)
+            follow_ledger(lake, before.relative, before.size_bytes, size, before.mtime_ns, mtime_ns)
             blanked[before.relative] = numbers
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return blanked
 
 
-def _follow(lake: Lake, before: LandingFile, size: int, mtime_ns: int) -> None:
-    """The ledger rows of an object's earlier version take its new size and mtime."""
-    where = f"source_file = {sql_literal(before.relative)}"
-    rows = lake.read(INGESTED_FILES, filter_sql=where).to_pylist()
-    if any((row["size_bytes"], row["mtime_ns"]) == (before.size_bytes, before.mtime_ns) for row in rows):
+def follow_ledger(lake: Lake, source_file: str, size_before: int, size_after: int,
+                  mtime_before: int | None = None, mtime_after: int | None = None) -> None:
+    """The ledger rows of a landing file rewritten in place (forget, retention) take its new size,
+    and its new mtime when it has one, so the next ingest does not take it for a new file. Rows
+    are matched on the size (and mtime, when given) it had before; none matching: nothing to do."""
+    where = f"source_file = {sql_literal(source_file)}"
+    rows = lake.read(INGESTED_FILES, filter_sql=where).to_pylist()  # every row of the path (the predicate's)
+
+    def was(row: dict) -> bool:
+        return row["size_bytes"] == size_before and mtime_before in (None, row["mtime_ns"])
+
+    if any(was(row) for row in rows):
         for row in rows:
-            if (row["size_bytes"], row["mtime_ns"]) == (before.size_bytes, before.mtime_ns):
-                row["size_bytes"], row["mtime_ns"] = size, mtime_ns
+            if was(row):
+                row["size_bytes"] = size_after
+                row["mtime_ns"] = row["mtime_ns"] if mtime_after is None else mtime_after
         lake.overwrite(INGESTED_FILES, pa.Table.from_pylist(rows, schema=INGESTED_FILES.schema), predicate=where)

@@ -44,7 +44,7 @@ from flywheel_assets.lib.config import FlywheelConfig
 from flywheel_assets.lib.curation.select import export_chat_jsonl
 from flywheel_assets.lib.experiments.registry import ModelRegistry
 from flywheel_assets.lib.ingest.lock import every_lock, no_writers
-from flywheel_assets.lib.ingest.remote_landing import scrub_bucket
+from flywheel_assets.lib.ingest.remote_landing import follow_ledger, scrub_bucket
 from flywheel_assets.lib.lake import Lake, sql_literal
 from flywheel_assets.lib.privacy.files import Matcher, Rewritten, journal_held, scrub_file, scrub_folder, write_json
 from flywheel_assets.lib.storage.artifacts import artifact_store, local, publish
@@ -371,12 +371,7 @@ def _follow_in_ledger(config: FlywheelConfig, lake: Lake, rewritten: list[Rewrit
     for r in rewritten:
         if r.size_after == r.size_before or not r.path.is_relative_to(config.landing):
             continue
-        where = f"source_file = {sql_literal(r.path.relative_to(config.landing).as_posix())}"
-        rows = lake.read(INGESTED_FILES, filter_sql=where).to_pylist()  # every row of the path (the predicate's)
-        if any(row["size_bytes"] == r.size_before for row in rows):
-            for row in rows:
-                row["size_bytes"] = r.size_after if row["size_bytes"] == r.size_before else row["size_bytes"]
-            lake.overwrite(INGESTED_FILES, pa.Table.from_pylist(rows, schema=INGESTED_FILES.schema), predicate=where)
+        follow_ledger(lake, r.path.relative_to(config.landing).as_posix(), r.size_before, r.size_after)
 
 
 def _relative(config: FlywheelConfig, path) -> str:
