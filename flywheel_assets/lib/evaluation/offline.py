@@ -126,7 +126,8 @@ def evaluate_version(config, version: dict, domain, tasks, log=print) -> list[Ta
     adapter = folder if version["adapter_path"] else None
     # merged: the same function as base + adapter (test_training holds them equal), without the
     # adapter's extra matmuls in every layer at every generated token
-    model, tokenizer = load_for_inference(local(config.home, version["base_path"]), adapter, merged=adapter is not None)
+    base = folder if adapter is None else local(config.home, version["base_path"])  # a base version: fetched above
+    model, tokenizer = load_for_inference(base, adapter, merged=adapter is not None)
     started = time.perf_counter()
 
     def progress(done: int, total: int) -> None:  # a real model's pass takes minutes: say how far it is
