@@ -154,6 +154,11 @@ class Lake:
         con.register(name or table.name, self._dataset(dt, table, prune)
                      if dt is not None else table.schema.empty_table())
 
+    def dataset(self, table: Table, version: int | None = None):
+        """The table's rows (at `version`) as a lazy arrow dataset, as register exposes them; None if absent."""
+        dt = self.delta(table, version)
+        return None if dt is None else self._dataset(dt, table, None)
+
     def _dataset(self, dt: DeltaTable, table: Table, prune: str | None):
         """An arrow dataset of the table's files (and of its cold tier's rows this version reads)."""
         hot = self._files(dt, self.uri(table), prune)

@@ -4,6 +4,9 @@ import json
 import pytest
 
 from flywheel_assets.lib.curation.scrub import (
+    _ANY_SHAPE_HINT,
+    _ANY_TEXT_HINT,
+    _RULES,
     PLACEHOLDERS,
     find_pii,
     luhn_valid,
@@ -239,3 +242,13 @@ def test_find_pii_sees_through_stored_message_json_and_passes_scrubbed_json():
     assert find_pii(json.dumps(messages, ensure_ascii=False)) == ["email", "phone", "card", "ip", "secret"]
     scrubbed, _ = scrub_messages(messages)
     assert find_pii(json.dumps(scrubbed, ensure_ascii=False)) == []
+
+
+def test_the_one_pass_gates_let_every_rules_hint_through():
+    # the gates skip a text holding no hint: a hint they missed would skip its rule unseen
+    for rule in _RULES:
+        for hint in rule.text_hints:
+            assert _ANY_TEXT_HINT.search(f"a {hint} b"), hint
+        for hint in rule.shape_hints:
+            assert _ANY_SHAPE_HINT.search(b"a " + hint + b" b"), hint
+    assert scrub_text("call 555-123-4567 now") == ("call <PHONE> now", {"phone": 1})

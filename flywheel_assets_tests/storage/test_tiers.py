@@ -181,3 +181,22 @@ def test_a_copied_lake_reads_its_own_cold_tier(tiered, tmp_path):
     copy = Lake(lake.config, root=str(tmp_path / "copy"))
     assert copy.cold_uri(SESSION_EVENTS) == f"{tmp_path / 'copy'}/cold/bronze/session_events"
     assert copy.row_count(SESSION_EVENTS) == 200 and len(copy.read(SESSION_EVENTS)) == 200
+
+
+def test_a_lookup_by_key_finds_its_rows_in_both_tiers_at_any_version(tiered):
+    from flywheel_assets.lib.feedback.refresh_scores import keyed
+
+    lake = tiered
+    before_version = lake.version(SESSION_EVENTS)
+    tiers.move_to_cold(lake, SESSION_EVENTS, DAY0 + timedelta(days=2))
+    con = duckdb.connect()
+    con.register("keys", pa.table({"key": ["s000", "s001", "s050", "nowhere", None]}))
+    for version in (None, before_version):
+        every = lake.read(SESSION_EVENTS, version=version)
+        expected = sorted((row["event_id"], row["ts"]) for row in every.to_pylist()
+                          if row["session_id"] in ("s000", "s001", "s050"))
+        found = keyed(con, lake, SESSION_EVENTS, "session_id", "keys", ["event_id", "ts"], version=version)
+        assert found.column_names == ["event_id", "ts"]
+        assert sorted(zip(*found.to_pydict().values())) == expected and len(expected) > 4
+        # rows of both tiers, the cold ones older than the move
+        assert {row[1] < DAY0 + timedelta(days=2) for row in expected} == {True, False}

@@ -16,7 +16,9 @@ import numpy as np
 import pyarrow as pa
 
 from flywheel_assets.lib.config import FlywheelConfig
-from flywheel_assets.lib.curation.dedup import find_duplicates, lsh_keys, text_signatures
+from flywheel_assets.lib.curation.dedup import (
+    NUM_PERM, find_duplicates, lsh_keys, minhash_signatures, normalize, text_signatures,
+)
 from flywheel_assets.lib.curation.scrub import scrub_messages
 from flywheel_assets.lib.lake import conform
 from flywheel_assets.lib.tables import CURATED_TRAJECTORIES
@@ -106,7 +108,9 @@ def content_fields(trajectories: list[dict], edits: dict[str, str], config: Flyw
         messages = to_messages(trajectory["turns"], trajectory["tool_calls"])
         user_edited = apply_edit(messages, edits.get(trajectory["trajectory_id"]))
         messages, found = scrub_messages(messages)
-        rows.append({"messages_json": json.dumps(messages, ensure_ascii=False), "tools_json": trajectory["tools_json"],
+        messages_json = json.dumps(messages, ensure_ascii=False)
+        signatures.learn(messages_json, messages)
+        rows.append({"messages_json": messages_json, "tools_json": trajectory["tools_json"],
                      "prompt_key": prompt_key(trajectory["user_prompt"]), "pii_replacements": sum(found.values()),
                      "pii_kinds": ",".join(sorted(found)), "user_edited": user_edited})
     keys = lsh_keys(signatures.of(rows), config.curation.near_duplicate_jaccard)
@@ -116,17 +120,28 @@ def content_fields(trajectories: list[dict], edits: dict[str, str], config: Flyw
 
 
 class Signatures:
-    """The MinHash signatures of rows' de-duplication texts (from messages_json), each text
-    hashed once however often a run asks."""
+    """The normalized de-duplication texts of rows (from messages_json) and their MinHash
+    signatures, each made once however often a run asks."""
 
     def __init__(self, config: FlywheelConfig):
         self.seed = config.curation.seed
         self._known: dict[str, np.ndarray] = {}
+        self._normalized: dict[str, str] = {}
+
+    def learn(self, messages_json: str, messages: list[dict]) -> None:
+        """The text of messages_json, from the messages it encodes (no parsing back)."""
+        self._normalized.setdefault(messages_json, normalize(_conversation_text(messages)))
+
+    def normalized(self, messages_json: str) -> str:
+        if (text := self._normalized.get(messages_json)) is None:
+            text = self._normalized[messages_json] = normalize(_dedup_text(messages_json))
+        return text
 
     def of(self, rows: list[dict]) -> np.ndarray:
         missing = list(dict.fromkeys(row["messages_json"] for row in rows if row["messages_json"] not in self._known))
         if missing:
-            self._known.update(zip(missing, text_signatures([_dedup_text(text) for text in missing], seed=self.seed)))
+            self._known.update(zip(missing, minhash_signatures([self.normalized(text) for text in missing],
+                                                               NUM_PERM, self.seed)))
         return np.stack([self._known[row["messages_json"]] for row in rows]) if rows \
             else text_signatures([], seed=self.seed)
 
@@ -139,14 +154,16 @@ def mark_duplicates(rows: list[dict], config: FlywheelConfig, signatures: Signat
     for row in rows:
         lanes.setdefault(config.tenancy.lane(row["tenant_id"]), []).append(row)
     for members in lanes.values():
+        texts = [signatures.normalized(row["messages_json"]) for row in members]
         statuses = find_duplicates(
             [row["trajectory_id"] for row in members],
-            [_dedup_text(row["messages_json"]) for row in members],
+            texts,
             # a copy that may be trained on is kept before an opted-out tenant's, whatever their scores
             [row["combined_score"] + (2.0 if row["human_verified"] else 0.0)
              - (10.0 if row["split"] == "opt_out" else 0.0) for row in members],
             near_threshold=config.curation.near_duplicate_jaccard,
             signatures=signatures.of(members),
+            normalized=texts,
         )
         for row, (status, duplicate_of) in zip(members, statuses):
             row["dedup_status"], row["duplicate_of"] = status, duplicate_of
@@ -172,8 +189,11 @@ def curate(scores: pa.Table, trajectories: pa.Table, config: FlywheelConfig,
 
 
 def _dedup_text(messages_json: str) -> str:
+    return _conversation_text(json.loads(messages_json))
+
+
+def _conversation_text(messages: list[dict]) -> str:
     """The conversation without the system prompt, which every row of a deployment shares."""
-    messages = json.loads(messages_json)
     parts = []
     for message in messages:
         if message["role"] == "system":

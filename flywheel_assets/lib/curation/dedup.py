@@ -29,6 +29,7 @@ _SHINGLE_WORDS = 3
 _LSH_RECALL = 0.99
 _PAIR_CHUNK = 100_000
 _HASH_BLOCK = 4_000_000
+NUM_PERM = 64
 
 _MIX_1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX_2 = np.uint64(0x94D049BB133111EB)
@@ -145,7 +146,7 @@ def band_keys(signatures: np.ndarray, threshold: float) -> np.ndarray:
     return keys
 
 
-def text_signatures(texts: list[str], num_perm: int = 64, seed: int = 0) -> np.ndarray:
+def text_signatures(texts: list[str], num_perm: int = NUM_PERM, seed: int = 0) -> np.ndarray:
     """The MinHash signatures find_duplicates gives the texts."""
     if not texts:
         return np.empty((0, num_perm), dtype=np.uint32)
@@ -209,17 +210,20 @@ def find_duplicates(
     texts: list[str],
     priority: list[float],
     near_threshold: float = 0.9,
-    num_perm: int = 64,
+    num_perm: int = NUM_PERM,
     seed: int = 0,
     signatures: np.ndarray | None = None,
+    normalized: list[str] | None = None,
 ) -> list[tuple[str, str | None]]:
     """(status, duplicate_of) per row: "kept", "exact_duplicate" or "near_duplicate".
-    `signatures`: the texts' text_signatures(texts, num_perm, seed), when the caller has them."""
+    `signatures`: the texts' text_signatures(texts, num_perm, seed), and `normalized`: the texts
+    normalized, when the caller has them."""
     if not len(ids) == len(texts) == len(priority):
         raise ValueError("ids, texts and priority must have the same length")
     if not ids:
         return []
-    normalized = [normalize(text) for text in texts]
+    if normalized is None:
+        normalized = [normalize(text) for text in texts]
     order = _keep_order(ids, priority)
     representative_of: dict[str, int] = {}
     exact_of = [0] * len(ids)

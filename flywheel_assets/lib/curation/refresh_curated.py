@@ -24,8 +24,10 @@ watermarks notice: the refresh then recomputes in full.
 from __future__ import annotations
 
 import math
+from itertools import chain
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -103,10 +105,10 @@ def _changed_rows(con, lake: Lake, config: FlywheelConfig, refresh: Refresh, sco
     conversations = logged.filter(pc.is_in(logged.column("trajectory_id"), value_set=rebuild_keys)).to_pylist()
     if earlier := sorted(set(rebuild) - {conversation["trajectory_id"] for conversation in conversations}):
         con.register("earlier", pa.table({"key": pa.array(earlier, pa.string())}))
-        conversations += keyed(con, lake, TRAJECTORIES, "trajectory_id", "earlier", ", ".join(_CONVERSATION),
+        conversations += keyed(con, lake, TRAJECTORIES, "trajectory_id", "earlier", _CONVERSATION,
                                refresh.versions[TRAJECTORIES.name]).to_pylist()
     con.register("rebuild", pa.table({"key": rebuild_keys}))
-    edits = user_edits(keyed(con, lake, SESSION_EVENTS, "trajectory_id", "rebuild", ", ".join(_EDIT_COLUMNS),
+    edits = user_edits(keyed(con, lake, SESSION_EVENTS, "trajectory_id", "rebuild", _EDIT_COLUMNS,
                              refresh.versions[SESSION_EVENTS.name]))
     built = content_fields(conversations, edits, config, signatures)
     contents = dict(zip((conversation["trajectory_id"] for conversation in conversations), built))
@@ -129,19 +131,25 @@ def _linked(con, lake: Lake, config: FlywheelConfig, seeds: list[dict], known: s
         # one check per distinct text pair: copies of one text share their keys and their verdict
         position = {text: index for index, text in enumerate(dict.fromkeys(row["messages_json"] for row in frontier))}
         text_signatures = signatures.of([{"messages_json": text} for text in position])
-        owners: dict[int, set[int]] = {}
-        for row in frontier:
-            for key in row["lsh_keys"] or ():
-                owners.setdefault(key, set()).add(position[row["messages_json"]])
-        con.register("frontier", pa.table({"key": pa.array(sorted(owners), pa.int64())}))
-        shared: dict[str, set[int]] = {}
-        for trajectory_id, key in con.execute("""
-                SELECT trajectory_id, key FROM (SELECT trajectory_id, unnest(lsh_keys) AS key FROM stored)
-                WHERE key IN (SELECT key FROM frontier)""").fetchall():
-            if trajectory_id not in known and trajectory_id not in found:
-                shared.setdefault(trajectory_id, set()).add(key)
-        if not shared:
+        counts = np.fromiter((len(row["lsh_keys"] or ()) for row in frontier), np.int64, len(frontier))
+        keys = np.fromiter(chain.from_iterable(row["lsh_keys"] or () for row in frontier), np.int64, counts.sum())
+        texts = np.repeat(np.fromiter((position[row["messages_json"]] for row in frontier), np.int64, len(frontier)),
+                          counts)
+        con.register("frontier", pa.table({"key": np.unique(keys)}))
+        con.register("seen", pa.table({"id": pa.array(sorted(known | set(found)), pa.string())}))
+        matches = con.execute("""
+            SELECT trajectory_id, key FROM (SELECT trajectory_id, unnest(lsh_keys) AS key FROM stored)
+            WHERE key IN (SELECT key FROM frontier) AND trajectory_id NOT IN (SELECT id FROM seen)""").fetchall()
+        if not matches:
             break
+        shared: dict[str, set[int]] = {}
+        for trajectory_id, key in matches:
+            shared.setdefault(trajectory_id, set()).add(key)
+        # the frontier's texts holding each key a stored row shares
+        matched = np.isin(keys, np.array([key for _, key in matches], np.int64))
+        owners: dict[int, set[int]] = {}
+        for key, text in zip(keys[matched].tolist(), texts[matched].tolist()):
+            owners.setdefault(key, set()).add(text)
         if unfetched := sorted(set(shared) - set(fetched)):
             con.register("candidates", pa.table({"key": pa.array(unfetched, pa.string())}))
             fetched.update((row["trajectory_id"], row) for row in

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import duckdb
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from flywheel_assets.lib.config import FlywheelConfig
 from flywheel_assets.lib.feedback.judges import content_judges, length_stats, score_judges, with_length_ok
@@ -72,11 +73,36 @@ def run_refresh(lake: Lake, output: Table, feeds: tuple[Feed, ...], settings: in
 
 
 def keyed(con: duckdb.DuckDBPyConnection, lake: Lake, table: Table, column: str, keys: str,
-          columns: str = "*", version: int | None = None) -> pa.Table:
-    """The rows of `table` (at `version`) whose `column` is in the view `keys` (one column named key)."""
-    lake.register(con, table, f"_{table.name}", version=version)
-    return con.execute(f"SELECT {columns} FROM _{table.name} WHERE {column} IN (SELECT key FROM {keys})"
-                       ).to_arrow_table()
+          columns: list[str] | None = None, version: int | None = None) -> pa.Table:
+    """`columns` (all by default) of the rows of `table` (at `version`) whose `column` is in the
+    view `keys` (one column named key).
+
+    Read late: every file's `column` first, the other columns only of the files holding a key.
+    A refresh's keys are mostly of recent rows, so the history is read one column deep, not
+    row by row (a join over the table read every column asked for of every row)."""
+    dataset = lake.dataset(table, version)
+    wanted = con.execute(f"SELECT DISTINCT key FROM {keys} WHERE key IS NOT NULL").to_arrow_table().column(0)
+    if dataset is None:
+        schema = table.schema
+        return pa.schema([schema.field(name) for name in columns or schema.names]).empty_table()
+    schema, names = dataset.schema, columns or dataset.schema.names
+    fragments = [fragment for part in getattr(dataset, "children", [dataset]) for fragment in part.get_fragments()]
+    if not fragments or not len(wanted):
+        return pa.schema([schema.field(name) for name in names]).empty_table()
+    # the key columns of every file, one lookup
+    ids = [fragment.to_table(schema=schema, columns=[column]).column(0) for fragment in fragments]
+    # (polars: pyarrow's is_in builds its lookup set again for every chunk, and joining the chunks
+    # into one array first took longer than reading them)
+    key_type = schema.field(column).type
+    hits = pl.Series(pa.chunked_array([chunk for part in ids for chunk in part.chunks], key_type)) \
+        .is_in(pl.Series(wanted.cast(key_type)).implode()).to_arrow()
+    parts, start = [], 0
+    for fragment, chunk in zip(fragments, ids):
+        mask = hits.slice(start, len(chunk))
+        start += len(chunk)
+        if pc.any(mask).as_py():
+            parts.append(fragment.to_table(schema=schema, columns=names).filter(mask))
+    return pa.concat_tables(parts) if parts else pa.schema([schema.field(name) for name in names]).empty_table()
 
 
 def refresh_session_feedback(lake: Lake, config: FlywheelConfig, full: bool = False) -> Outcome:
@@ -95,7 +121,7 @@ def refresh_session_feedback(lake: Lake, config: FlywheelConfig, full: bool = Fa
             con.execute(f"""CREATE TEMP TABLE fresh AS
                 SELECT DISTINCT session_id AS key FROM new_events WHERE event_type IN {_SCORED}
                 EXCEPT SELECT session_id FROM old""")
-            logged = keyed(con, lake, TRAJECTORIES, "session_id", "fresh", "session_id, trajectory_id, created_at")
+            logged = keyed(con, lake, TRAJECTORIES, "session_id", "fresh", ["session_id", "trajectory_id", "created_at"])
             con.register("logged_before", logged)
             con.execute("CREATE TEMP TABLE logged AS SELECT * FROM new_logged UNION ALL BY NAME SELECT * FROM logged_before")
             con.execute("CREATE TEMP TABLE wanted AS SELECT key AS session_id FROM touched")
@@ -181,29 +207,30 @@ def refresh_trajectory_scores(lake: Lake, config: FlywheelConfig, calibration=No
         con.register("new_ids", new_ids)
         con.register("sessions", sessions)
         con.register("judged", judges)
-        lake.register(con, TRAJECTORY_SCORES, "stored")
+        con.execute("CREATE TEMP VIEW changed_sessions AS SELECT session_id AS key FROM sessions")
+        con.register("finals_before", keyed(con, lake, TRAJECTORY_SCORES, "final_of_session", "changed_sessions",
+                                            ["trajectory_id"]))
         con.execute("""CREATE TEMP TABLE affected AS
             SELECT trajectory_id AS key FROM new_ids UNION SELECT trajectory_id FROM new_events
             UNION SELECT trajectory_id FROM new_labels UNION SELECT trajectory_id FROM judged
             UNION SELECT final_trajectory_id FROM sessions WHERE final_trajectory_id IS NOT NULL
-            UNION SELECT trajectory_id FROM stored WHERE final_of_session IN (SELECT session_id FROM sessions)""")
+            UNION SELECT trajectory_id FROM finals_before""")
         con.register("old", old := keyed(con, lake, TRAJECTORY_SCORES, "trajectory_id", "affected"))
         # a trajectory new to the table: what was said of it before it was logged (events or
         # labels ingested earlier) is read back from the history, once
         con.execute("CREATE TEMP TABLE unseen AS SELECT key FROM affected EXCEPT SELECT trajectory_id FROM old")
         # (at the versions planned: what this refresh counts as new is in them, nothing newer)
         con.register("said_before", keyed(con, lake, SESSION_EVENTS, "trajectory_id", "unseen",
-                                          "trajectory_id, event_type, ts, data_json",
+                                          ["trajectory_id", "event_type", "ts", "data_json"],
                                           refresh.versions[SESSION_EVENTS.name]))
         con.register("labelled_before", keyed(con, lake, ANNOTATIONS, "trajectory_id", "unseen",
-                                              "trajectory_id, score, annotated_at", refresh.versions[ANNOTATIONS.name]))
+                                              ["trajectory_id", "score", "annotated_at"], refresh.versions[ANNOTATIONS.name]))
         known = "(SELECT * FROM {} WHERE trajectory_id NOT IN (SELECT key FROM unseen))"
         stored = f"SELECT trajectory_id, {', '.join(_FEEDBACK_COLUMNS)} FROM old"
         folded = fold_feedback_sql(
             f"{feedback_partials_sql(known.format('new_events'), known.format('new_labels'))} UNION ALL BY NAME "
             f"{stored} UNION ALL BY NAME {feedback_partials_sql('said_before', 'labelled_before')}")
-        con.register("trajectories", keyed(con, lake, TRAJECTORIES, "trajectory_id", "affected",
-                                           ", ".join(_SCORE_INPUTS)))
+        con.register("trajectories", keyed(con, lake, TRAJECTORIES, "trajectory_id", "affected", list(_SCORE_INPUTS)))
         con.register("session_feedback", keyed(con, lake, SESSION_FEEDBACK, "final_trajectory_id", "affected"))
         con.register("judge_scores", keyed(con, lake, JUDGE_SCORES, "trajectory_id", "affected"))
         rows = trajectory_scores(con, config, calibration, feedback=folded)
