@@ -17,8 +17,10 @@ Rows are visited in that order and each joins the best kept row it resembles, so
 from __future__ import annotations
 
 import math
+import os
 import re
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -29,6 +31,7 @@ _SHINGLE_WORDS = 3
 _LSH_RECALL = 0.99
 _PAIR_CHUNK = 100_000
 _HASH_BLOCK = 4_000_000
+_HASH_THREADS = min(4, os.cpu_count() or 1)
 NUM_PERM = 64
 
 _MIX_1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -109,10 +112,17 @@ def minhash_signatures(normalized: list[str], num_perm: int, seed: int) -> np.nd
     offsets = rng.integers(0, 2**64, size=num_perm, dtype=np.uint64)
     signatures = np.empty((len(normalized), num_perm), dtype=np.uint32)
     block = max(1, _HASH_BLOCK // max(1, len(shingles)))
-    for first in range(0, num_perm, block):
+
+    def hash_block(first: int) -> None:
         perms = slice(first, min(first + block, num_perm))
-        hashed = (multipliers[perms, None] * shingles[None, :] + offsets[perms, None]) >> np.uint64(32)
+        hashed = np.multiply.outer(multipliers[perms], shingles)
+        hashed += offsets[perms, None]
+        hashed >>= np.uint64(32)
         signatures[:, perms] = np.minimum.reduceat(hashed, starts, axis=1).T
+
+    # numpy lets go of the GIL in its loops: the blocks of permutations hash side by side
+    with ThreadPoolExecutor(_HASH_THREADS) as pool:
+        list(pool.map(hash_block, range(0, num_perm, block)))
     return signatures
 
 
