@@ -183,9 +183,12 @@ def test_a_copied_lake_reads_its_own_cold_tier(tiered, tmp_path):
     assert copy.row_count(SESSION_EVENTS) == 200 and len(copy.read(SESSION_EVENTS)) == 200
 
 
-def test_a_lookup_by_key_finds_its_rows_in_both_tiers_at_any_version(tiered):
+@pytest.mark.parametrize("batch_rows", [1, 4_000_000])  # a file's keys at a time, or all at once
+def test_a_lookup_by_key_finds_its_rows_in_both_tiers_at_any_version(tiered, monkeypatch, batch_rows):
+    from flywheel_assets.lib.feedback import refresh_scores
     from flywheel_assets.lib.feedback.refresh_scores import keyed
 
+    monkeypatch.setattr(refresh_scores, "_KEY_BATCH_ROWS", batch_rows)
     lake = tiered
     before_version = lake.version(SESSION_EVENTS)
     tiers.move_to_cold(lake, SESSION_EVENTS, DAY0 + timedelta(days=2))

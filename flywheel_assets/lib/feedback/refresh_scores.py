@@ -72,37 +72,46 @@ def run_refresh(lake: Lake, output: Table, feeds: tuple[Feed, ...], settings: in
     return Outcome(rows, version, refresh.full, refresh.reason, dict(refresh.new_rows))
 
 
+_KEY_BATCH_ROWS = 4_000_000  # key values held at once by a lookup (memory)
+
+
 def keyed(con: duckdb.DuckDBPyConnection, lake: Lake, table: Table, column: str, keys: str,
           columns: list[str] | None = None, version: int | None = None) -> pa.Table:
     """`columns` (all by default) of the rows of `table` (at `version`) whose `column` is in the
     view `keys` (one column named key).
 
-    Read late: every file's `column` first, the other columns only of the files holding a key.
-    A refresh's keys are mostly of recent rows, so the history is read one column deep, not
-    row by row (a join over the table read every column asked for of every row)."""
+    Read late: every file's `column` first (a few million values held at a time), the other
+    columns only of the files holding a key. A refresh's keys are mostly of recent rows, so
+    the history is read one column deep (a join over the table read every column asked for
+    of every row)."""
     dataset = lake.dataset(table, version)
+    schema = table.schema if dataset is None else dataset.schema
+    names = columns or schema.names
+    empty = pa.schema([schema.field(name) for name in names]).empty_table()
+    fragments = [] if dataset is None else \
+        [fragment for part in getattr(dataset, "children", [dataset]) for fragment in part.get_fragments()]
     wanted = con.execute(f"SELECT DISTINCT key FROM {keys} WHERE key IS NOT NULL").to_arrow_table().column(0)
-    if dataset is None:
-        schema = table.schema
-        return pa.schema([schema.field(name) for name in columns or schema.names]).empty_table()
-    schema, names = dataset.schema, columns or dataset.schema.names
-    fragments = [fragment for part in getattr(dataset, "children", [dataset]) for fragment in part.get_fragments()]
     if not fragments or not len(wanted):
-        return pa.schema([schema.field(name) for name in names]).empty_table()
-    # the key columns of every file, one lookup
-    ids = [fragment.to_table(schema=schema, columns=[column]).column(0) for fragment in fragments]
-    # (polars: pyarrow's is_in builds its lookup set again for every chunk, and joining the chunks
-    # into one array first took longer than reading them)
+        return empty
     key_type = schema.field(column).type
-    hits = pl.Series(pa.chunked_array([chunk for part in ids for chunk in part.chunks], key_type)) \
-        .is_in(pl.Series(wanted.cast(key_type)).implode()).to_arrow()
-    parts, start = [], 0
-    for fragment, chunk in zip(fragments, ids):
-        mask = hits.slice(start, len(chunk))
-        start += len(chunk)
-        if pc.any(mask).as_py():
-            parts.append(fragment.to_table(schema=schema, columns=names).filter(mask))
-    return pa.concat_tables(parts) if parts else pa.schema([schema.field(name) for name in names]).empty_table()
+    values = pl.Series(wanted.cast(key_type)).implode()
+    parts: list[pa.Table] = []
+    # the key columns of a few million rows' files at a time, one lookup each (polars: pyarrow's
+    # is_in builds its lookup set again for every chunk); then the matching files' other columns
+    batch: list[tuple] = []
+    for index, fragment in enumerate(fragments):
+        batch.append((fragment, fragment.to_table(schema=schema, columns=[column]).column(0)))
+        if sum(len(ids) for _, ids in batch) >= _KEY_BATCH_ROWS or index == len(fragments) - 1:
+            hits = pl.Series(pa.chunked_array([chunk for _, ids in batch for chunk in ids.chunks], key_type)) \
+                .is_in(values).to_arrow()
+            start = 0
+            for part, ids in batch:
+                mask = hits.slice(start, len(ids))
+                start += len(ids)
+                if pc.any(mask).as_py():
+                    parts.append(part.to_table(schema=schema, columns=names).filter(mask))
+            batch = []
+    return pa.concat_tables(parts) if parts else empty
 
 
 def refresh_session_feedback(lake: Lake, config: FlywheelConfig, full: bool = False) -> Outcome:
