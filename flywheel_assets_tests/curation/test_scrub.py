@@ -10,6 +10,7 @@ from flywheel_assets.lib.curation.scrub import (
     PLACEHOLDERS,
     find_pii,
     luhn_valid,
+    may_need_scrubbing,
     scrub_messages,
     scrub_text,
 )
@@ -252,3 +253,22 @@ def test_the_one_pass_gates_let_every_rules_hint_through():
         for hint in rule.shape_hints:
             assert _ANY_SHAPE_HINT.search(b"a " + hint + b" b"), hint
     assert scrub_text("call 555-123-4567 now") == ("call <PHONE> now", {"phone": 1})
+
+
+def test_the_batch_gate_flags_every_conversation_a_rule_could_change():
+    # skipped conversations are never scrubbed: the batch gate may flag more than the rules
+    # change, never less; here every PII example and every hint, also as tool-call arguments
+    texts = [text for text, _ in PII_CORPUS] + [f"a {hint} b" for rule in _RULES for hint in rule.text_hints] \
+        + [f"a {hint.decode().replace('9', '7').upper()} b" for rule in _RULES for hint in rule.shape_hints]
+    as_content = [[{"role": "user", "content": "hello"}, {"role": "assistant", "content": text}] for text in texts]
+    as_arguments = [[{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_0", "type": "function", "function": {"name": "f", "arguments": text}}]}] for text in texts]
+    assert may_need_scrubbing(as_content) == [True] * len(texts)
+    assert may_need_scrubbing(as_arguments) == [True] * len(texts)
+    clean = [[{"role": "user", "content": text}] for text in CLEAN_CORPUS]
+    flagged = may_need_scrubbing(clean)
+    # what it lets pass, scrubbing leaves as it is
+    assert all(scrub_messages(messages)[1] == {} for messages, check in zip(clean, flagged) if not check)
+    assert not all(flagged)
+    assert may_need_scrubbing([[{"role": "user", "content": "x \ud800 y"}], [{"role": "user", "content": "w1 w2"}]]) \
+        == [True, False]

@@ -19,7 +19,7 @@ from flywheel_assets.lib.config import FlywheelConfig
 from flywheel_assets.lib.curation.dedup import (
     NUM_PERM, find_duplicates, lsh_keys, minhash_signatures, normalize, text_signatures,
 )
-from flywheel_assets.lib.curation.scrub import scrub_messages
+from flywheel_assets.lib.curation.scrub import may_need_scrubbing, scrub_messages
 from flywheel_assets.lib.lake import conform
 from flywheel_assets.lib.tables import CURATED_TRAJECTORIES
 
@@ -103,11 +103,13 @@ def content_fields(trajectories: list[dict], edits: dict[str, str], config: Flyw
                    signatures: Signatures) -> list[dict]:
     """CONTENT_FIELDS of each logged trajectory: its conversation as chat messages, the final answer
     replaced by its user's edit (`edits`: user_edits), scrubbed, and its LSH keys."""
-    rows = []
+    rows, conversations, edited = [], [], []
     for trajectory in trajectories:
-        messages = to_messages(trajectory["turns"], trajectory["tool_calls"])
-        user_edited = apply_edit(messages, edits.get(trajectory["trajectory_id"]))
-        messages, found = scrub_messages(messages)
+        conversations.append(messages := to_messages(trajectory["turns"], trajectory["tool_calls"]))
+        edited.append(apply_edit(messages, edits.get(trajectory["trajectory_id"])))
+    for trajectory, messages, user_edited, check in zip(trajectories, conversations, edited,
+                                                        may_need_scrubbing(conversations)):
+        messages, found = scrub_messages(messages) if check else (messages, {})
         messages_json = json.dumps(messages, ensure_ascii=False)
         signatures.learn(messages_json, messages)
         rows.append({"messages_json": messages_json, "tools_json": trajectory["tools_json"],

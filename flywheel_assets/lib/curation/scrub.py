@@ -19,6 +19,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import polars as pl
+
 PLACEHOLDERS: dict[str, str] = {
     "email": "<EMAIL>",
     "phone": "<PHONE>",
@@ -221,6 +223,49 @@ _RULES: tuple[_Rule, ...] = (
 _ANY_TEXT_HINT = re.compile("|".join(re.escape(hint) for rule in _RULES for hint in rule.text_hints))
 _ANY_SHAPE_HINT = re.compile(rb"9(?::|\.9|99(?:99999|9[ -]9999|[-. ]9999))|:9|\+9|bearer|api[_-]?key|secret|token|passw")
 # (a gate may let more texts through than the rules' hints, never fewer: test_scrub checks)
+
+
+# The same gates for many conversations at once (may_need_scrubbing): literal hints matched as
+# such (the word ones ASCII case-insensitively, as the shape lower-cases ASCII), the digit ones
+# as a regex with [0-9] for the shape's 9.
+_TEXT_HINTS = [hint for rule in _RULES for hint in rule.text_hints]
+_WORD_HINTS = [hint.decode() for rule in _RULES for hint in rule.shape_hints if b"9" not in hint]
+_DIGIT_HINTS = "|".join("".join({"9": "[0-9]", ".": r"\.", "+": r"\+"}.get(char, char) for char in hint.decode())
+                        for rule in _RULES for hint in rule.shape_hints if b"9" in hint)
+
+
+def may_need_scrubbing(conversations: list[list[dict]]) -> list[bool]:
+    """Per conversation (chat messages), whether a string scrub_messages scrubs holds a rule's
+    hint. One vectorised pass: most conversations hold none, and skip scrubbing altogether."""
+    joined = [_joined(messages) for messages in conversations]
+    try:
+        texts = pl.Series(joined, dtype=pl.String)
+    except UnicodeEncodeError:  # a lone surrogate, which Arrow cannot hold: that text is scrubbed unchecked
+        texts = pl.Series([text if _encodable(text) else None for text in joined], dtype=pl.String)
+    flagged = texts.str.contains_any(_TEXT_HINTS) | texts.str.contains_any(_WORD_HINTS, ascii_case_insensitive=True) \
+        | texts.str.contains(_DIGIT_HINTS)
+    return flagged.fill_null(True).to_list()
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _joined(messages: list[dict]) -> str:
+    """The strings scrub_messages scrubs, a line each (no hint holds a line break)."""
+    parts = []
+    for message in messages:
+        if isinstance(message.get("content"), str):
+            parts.append(message["content"])
+        for call in message.get("tool_calls") or ():
+            function = call.get("function")
+            if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                parts.append(function["arguments"])
+    return "\n".join(parts)
 
 
 def _apply(rule: _Rule, text: str) -> tuple[str, int]:
