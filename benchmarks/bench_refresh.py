@@ -39,7 +39,7 @@ import pyarrow as pa
 from common import machine, mark, print_rows  # noqa: E402  (benchmarks/ is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results" / "bench_refresh-latest.json"
+RESULTS = REPO / "benchmarks" / "results"  # bench_refresh-<history events>.json, e.g. bench_refresh-50M.json
 QUICK_RESULTS = Path(tempfile.gettempdir()) / "bench_refresh-quick.json"
 TARGET_S, TARGET_MB = 5.0, 2048
 KINDS = np.array(["output_accepted", "retry_requested", "output_edited", "session_continued", "error_reported",
@@ -283,10 +283,14 @@ def main(argv: list[str] | None = None) -> int:
               "differing": differing, "equal": equal, "rows_in_tables": rows_in, "daily_s": daily_s,
               "full_s": full_s, "targets": {"seconds": TARGET_S, "peak_rss_mb": TARGET_MB},
               "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    out = QUICK_RESULTS if args.quick else RESULTS
+    out = QUICK_RESULTS if args.quick else RESULTS / f"bench_refresh-{_size(args.events)}.json"
     out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(f"wrote {out}")
     return 0 if equal is not False else 1
+
+
+def _size(events: int) -> str:
+    return f"{events // 1_000_000}M" if events % 1_000_000 == 0 else str(events)
 
 
 if __name__ == "__main__":
