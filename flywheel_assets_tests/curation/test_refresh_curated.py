@@ -204,3 +204,31 @@ def test_a_curated_row_whose_score_row_vanished_recomputes_in_full(lake, config)
     outcome = refresh_curated_trajectories(lake, config)
     assert outcome.full and outcome.reason == "1 curated rows lost their score row"
     assert victim not in _snapshot(lake)
+
+
+def test_rows_sharing_no_band_key_are_kept_unhashed_and_the_rest_decided_as_over_all_rows(config):
+    from flywheel_assets.lib.curation.curate import Signatures, mark_duplicates
+    from flywheel_assets.lib.curation.dedup import find_duplicates, lsh_keys
+
+    rng = random.Random(5)
+    unlike = [" ".join(f"w{rng.randrange(400)}" for _ in range(80)) for _ in range(60)]
+    near = [text.replace(text.split()[40], "changed", 1) for text in unlike[10:20]]
+    texts = unlike + unlike[:10] + near + ["short", "short"]
+    rows = [{"trajectory_id": f"t{index:03d}", "tenant_id": "default", "combined_score": rng.random(),
+             "human_verified": False, "split": "train",
+             "messages_json": json.dumps([{"role": "user", "content": "q"}, {"role": "assistant", "content": text}])}
+            for index, text in enumerate(texts)]
+    signatures = Signatures(config)
+    threshold = config.curation.near_duplicate_jaccard
+    every = signatures.of(rows)
+    for row, keys in zip(rows, lsh_keys(every, threshold).tolist()):
+        row["lsh_keys"] = keys
+    hashed = Signatures(config)
+    mark_duplicates(rows, config, hashed)
+    expected = find_duplicates([row["trajectory_id"] for row in rows],
+                               [hashed.normalized(row["messages_json"]) for row in rows],
+                               [row["combined_score"] for row in rows], near_threshold=threshold, signatures=every)
+    assert [(row["dedup_status"], row["duplicate_of"]) for row in rows] == expected
+    assert {status for status, _ in expected} == {"kept", "exact_duplicate", "near_duplicate"}
+    # the 40 unlike texts without a copy or near copy were set aside: no signature was made for them
+    assert len(hashed._known) == 10 + 2 * 10 + 1

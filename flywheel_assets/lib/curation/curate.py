@@ -82,7 +82,7 @@ def apply_edit(messages: list[dict], edited: str | None) -> bool:
     return True
 
 
-_SCORE_FIELDS = ("trajectory_id", "session_id", "tenant_id", "task_type", "tier", "weight", "combined_score",
+SCORE_FIELDS = ("trajectory_id", "session_id", "tenant_id", "task_type", "tier", "weight", "combined_score",
                  "human_verified", "origin", "created_day")
 CONTENT_FIELDS = ("messages_json", "tools_json", "prompt_key", "pii_replacements", "pii_kinds", "user_edited",
                   "lsh_keys")
@@ -96,7 +96,7 @@ def score_fields(score: dict, config: FlywheelConfig) -> dict:
     split = "holdout" if holdout else "train"
     if not config.tenancy.trains_on(score["tenant_id"]):
         split = "opt_out"  # never trained on; not held out either (the held-out set stays the trained users')
-    return {name: score[name] for name in _SCORE_FIELDS} | {"split": split}
+    return {name: score[name] for name in SCORE_FIELDS} | {"split": split}
 
 
 def content_fields(trajectories: list[dict], edits: dict[str, str], config: FlywheelConfig,
@@ -156,6 +156,7 @@ def mark_duplicates(rows: list[dict], config: FlywheelConfig, signatures: Signat
     for row in rows:
         lanes.setdefault(config.tenancy.lane(row["tenant_id"]), []).append(row)
     for members in lanes.values():
+        members = _sharing_a_key(members)
         texts = [signatures.normalized(row["messages_json"]) for row in members]
         statuses = find_duplicates(
             [row["trajectory_id"] for row in members],
@@ -171,6 +172,19 @@ def mark_duplicates(rows: list[dict], config: FlywheelConfig, signatures: Signat
             row["dedup_status"], row["duplicate_of"] = status, duplicate_of
 
 
+def _sharing_a_key(rows: list[dict]) -> list[dict]:
+    """The rows that share an LSH band key with another row; the others are kept (no other row is
+    a candidate to duplicate them: copies and near copies share band keys), and need no signature."""
+    keys = [row["lsh_keys"] for row in rows]
+    if not rows or any(not row_keys or len(row_keys) != len(keys[0]) for row_keys in keys):
+        return rows  # (keys missing or uneven: no row can be set aside)
+    _, index, counts = np.unique(np.array(keys, np.int64), return_inverse=True, return_counts=True)
+    shared = (counts[index.reshape(len(rows), -1)] > 1).any(axis=1)
+    for row in (row for row, sharing in zip(rows, shared) if not sharing):
+        row["dedup_status"], row["duplicate_of"] = "kept", None
+    return [row for row, sharing in zip(rows, shared) if sharing]
+
+
 def curate(scores: pa.Table, trajectories: pa.Table, config: FlywheelConfig,
            edits: dict[str, str] | None = None) -> pa.Table:
     """One row per scored and logged trajectory (CURATED_TRAJECTORIES), computed from scratch;
@@ -179,7 +193,7 @@ def curate(scores: pa.Table, trajectories: pa.Table, config: FlywheelConfig,
     con.register("scores", scores)
     con.register("trajectories", trajectories)
     joined = con.execute(f"""
-        SELECT {', '.join(f's.{name}' for name in _SCORE_FIELDS)}, t.turns, t.tool_calls, t.tools_json, t.user_prompt
+        SELECT {', '.join(f's.{name}' for name in SCORE_FIELDS)}, t.turns, t.tool_calls, t.tools_json, t.user_prompt
         FROM scores s JOIN trajectories t USING (trajectory_id) ORDER BY s.trajectory_id
     """).to_arrow_table().to_pylist()
     signatures = Signatures(config)

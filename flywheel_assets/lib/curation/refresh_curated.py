@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 
 from flywheel_assets.lib.config import FlywheelConfig
 from flywheel_assets.lib.curation.curate import (
-    CONTENT_FIELDS, Signatures, content_fields, curate, mark_duplicates, score_fields, user_edits,
+    CONTENT_FIELDS, SCORE_FIELDS, Signatures, content_fields, curate, mark_duplicates, score_fields, user_edits,
 )
 from flywheel_assets.lib.curation.dedup import similar
 from flywheel_assets.lib.feedback.refresh import Feed, Refresh, StaleWatermark, fingerprint
@@ -61,15 +61,15 @@ def refresh_curated_trajectories(lake: Lake, config: FlywheelConfig, full: bool 
         logged = refresh.read_new(LOGGED, _CONVERSATION)
         edited = refresh.read_new(EDITS, _EDIT_COLUMNS, where=_EDITED)
         if refresh.full:
-            rows = curate(lake.read(TRAJECTORY_SCORES, version=versions[TRAJECTORY_SCORES.name]), logged, config,
-                          user_edits(edited))
+            rows = curate(lake.read(TRAJECTORY_SCORES, list(SCORE_FIELDS), version=versions[TRAJECTORY_SCORES.name]),
+                          logged, config, user_edits(edited))
             return rows, set(rows.column("created_day").to_pylist())
         newly_edited = set(edited.column("trajectory_id").to_pylist())
         affected = set(rescored.column("trajectory_id").to_pylist()) | set(logged.column("trajectory_id").to_pylist()) \
             | newly_edited
         con.register("affected", pa.table({"key": pa.array(sorted(affected), pa.string())}))
-        scores = keyed(con, lake, TRAJECTORY_SCORES, "trajectory_id", "affected",
-                       version=versions[TRAJECTORY_SCORES.name]).to_pylist()
+        scores = keyed(con, lake, TRAJECTORY_SCORES, "trajectory_id", "affected", list(SCORE_FIELDS),
+                       versions[TRAJECTORY_SCORES.name]).to_pylist()
         old = {row["trajectory_id"]: row for row in keyed(con, lake, CURATED_TRAJECTORIES, "trajectory_id",
                                                           "affected").to_pylist()}
         if gone := set(old) - {score["trajectory_id"] for score in scores}:
@@ -130,7 +130,6 @@ def _linked(con, lake: Lake, config: FlywheelConfig, seeds: list[dict], known: s
     while frontier:
         # one check per distinct text pair: copies of one text share their keys and their verdict
         position = {text: index for index, text in enumerate(dict.fromkeys(row["messages_json"] for row in frontier))}
-        text_signatures = signatures.of([{"messages_json": text} for text in position])
         counts = np.fromiter((len(row["lsh_keys"] or ()) for row in frontier), np.int64, len(frontier))
         keys = np.fromiter(chain.from_iterable(row["lsh_keys"] or () for row in frontier), np.int64, counts.sum())
         texts = np.repeat(np.fromiter((position[row["messages_json"]] for row in frontier), np.int64, len(frontier)),
@@ -150,6 +149,11 @@ def _linked(con, lake: Lake, config: FlywheelConfig, seeds: list[dict], known: s
         owners: dict[int, set[int]] = {}
         for key, text in zip(keys[matched].tolist(), texts[matched].tolist()):
             owners.setdefault(key, set()).add(text)
+        # signatures of those texts only (a text that shares no key needs none)
+        partner_texts = sorted(set().union(*owners.values()))
+        slot = {text: index for index, text in enumerate(partner_texts)}
+        text_of = list(position)
+        text_signatures = signatures.of([{"messages_json": text_of[text]} for text in partner_texts])
         if unfetched := sorted(set(shared) - set(fetched)):
             con.register("candidates", pa.table({"key": pa.array(unfetched, pa.string())}))
             fetched.update((row["trajectory_id"], row) for row in
@@ -161,7 +165,8 @@ def _linked(con, lake: Lake, config: FlywheelConfig, seeds: list[dict], known: s
             partners = frozenset(index for key in shared[row["trajectory_id"]] for index in owners[key])
             verdict = (row["messages_json"], partners)
             if verdict not in verdicts:
-                verdicts[verdict] = bool(similar(text_signatures[sorted(partners)], signature, threshold).any())
+                verdicts[verdict] = bool(similar(text_signatures[[slot[text] for text in sorted(partners)]], signature,
+                                                 threshold).any())
             if verdicts[verdict]:
                 row["was_status"], row["was_duplicate_of"] = row["dedup_status"], row["duplicate_of"]
                 found[row["trajectory_id"]] = row
