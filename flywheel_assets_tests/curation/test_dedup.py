@@ -144,3 +144,14 @@ def test_empty_input_and_mismatched_lengths():
     assert find_duplicates([], [], []) == []
     with pytest.raises(ValueError):
         find_duplicates(["a"], ["text", "more"], [1.0])
+
+
+@pytest.mark.parametrize("hash_block", [1, 7, 500])
+def test_signatures_do_not_depend_on_how_the_hashing_is_split(monkeypatch, hash_block):
+    from flywheel_assets.lib.curation import dedup
+
+    rng = random.Random(3)
+    texts = [" ".join(f"w{rng.randrange(300)}" for _ in range(rng.randrange(0, 60))) for _ in range(200)] + ["a b"]
+    whole = minhash_signatures(texts, 64, 0)  # every hash of a text in one block
+    monkeypatch.setattr(dedup, "_HASH_BLOCK", hash_block)
+    assert (minhash_signatures(texts, 64, 0) == whole).all()

@@ -111,18 +111,26 @@ def minhash_signatures(normalized: list[str], num_perm: int, seed: int) -> np.nd
     multipliers = rng.integers(0, 2**64, size=num_perm, dtype=np.uint64) | np.uint64(1)
     offsets = rng.integers(0, 2**64, size=num_perm, dtype=np.uint64)
     signatures = np.empty((len(normalized), num_perm), dtype=np.uint32)
-    block = max(1, _HASH_BLOCK // max(1, len(shingles)))
+    ends = np.append(starts[1:], len(shingles))
 
-    def hash_block(first: int) -> None:
-        perms = slice(first, min(first + block, num_perm))
-        hashed = np.multiply.outer(multipliers[perms], shingles)
+    def hash_block(task: tuple[int, int, int, int]) -> None:
+        first_text, end_text, first_perm, end_perm = task
+        perms, texts = slice(first_perm, end_perm), slice(first_text, end_text)
+        hashed = np.multiply.outer(multipliers[perms], shingles[starts[first_text]:ends[end_text - 1]])
         hashed += offsets[perms, None]
         hashed >>= np.uint64(32)
-        signatures[:, perms] = np.minimum.reduceat(hashed, starts, axis=1).T
+        signatures[texts, perms] = np.minimum.reduceat(hashed, starts[texts] - starts[first_text], axis=1).T
 
-    # numpy lets go of the GIL in its loops: the blocks of permutations hash side by side
+    # blocks of texts and permutations holding about _HASH_BLOCK hashes each (the memory a
+    # thread holds), hashed side by side: numpy lets go of the GIL in its loops
+    tasks, first_text = [], 0
+    while first_text < len(normalized):
+        end_text = max(first_text + 1, int(np.searchsorted(starts, starts[first_text] + _HASH_BLOCK)))
+        block = max(1, _HASH_BLOCK // int(ends[end_text - 1] - starts[first_text]))
+        tasks += [(first_text, end_text, first, min(first + block, num_perm)) for first in range(0, num_perm, block)]
+        first_text = end_text
     with ThreadPoolExecutor(_HASH_THREADS) as pool:
-        list(pool.map(hash_block, range(0, num_perm, block)))
+        list(pool.map(hash_block, tasks))
     return signatures
 
 

@@ -86,7 +86,7 @@ def keyed(con: duckdb.DuckDBPyConnection, lake: Lake, table: Table, column: str,
     of every row)."""
     dataset = lake.dataset(table, version)
     schema = table.schema if dataset is None else dataset.schema
-    names = columns or schema.names
+    names = list(columns or schema.names)
     empty = pa.schema([schema.field(name) for name in names]).empty_table()
     fragments = [] if dataset is None else \
         [fragment for part in getattr(dataset, "children", [dataset]) for fragment in part.get_fragments()]
@@ -99,9 +99,11 @@ def keyed(con: duckdb.DuckDBPyConnection, lake: Lake, table: Table, column: str,
     # the key columns of a few million rows' files at a time, one lookup each (polars: pyarrow's
     # is_in builds its lookup set again for every chunk); then the matching files' other columns
     batch: list[tuple] = []
+    held = 0
     for index, fragment in enumerate(fragments):
-        batch.append((fragment, fragment.to_table(schema=schema, columns=[column]).column(0)))
-        if sum(len(ids) for _, ids in batch) >= _KEY_BATCH_ROWS or index == len(fragments) - 1:
+        batch.append((fragment, ids := fragment.to_table(schema=schema, columns=[column]).column(0)))
+        held += len(ids)
+        if held >= _KEY_BATCH_ROWS or index == len(fragments) - 1:
             hits = pl.Series(pa.chunked_array([chunk for _, ids in batch for chunk in ids.chunks], key_type)) \
                 .is_in(values).to_arrow()
             start = 0
@@ -110,7 +112,7 @@ def keyed(con: duckdb.DuckDBPyConnection, lake: Lake, table: Table, column: str,
                 start += len(ids)
                 if pc.any(mask).as_py():
                     parts.append(part.to_table(schema=schema, columns=names).filter(mask))
-            batch = []
+            batch, held = [], 0
     return pa.concat_tables(parts) if parts else empty
 
 
