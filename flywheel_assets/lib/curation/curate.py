@@ -83,7 +83,7 @@ def apply_edit(messages: list[dict], edited: str | None) -> bool:
 
 
 SCORE_FIELDS = ("trajectory_id", "session_id", "tenant_id", "task_type", "tier", "weight", "combined_score",
-                 "human_verified", "origin", "created_day")
+                "human_verified", "origin", "created_day")
 CONTENT_FIELDS = ("messages_json", "tools_json", "prompt_key", "pii_replacements", "pii_kinds", "user_edited",
                   "lsh_keys")
 

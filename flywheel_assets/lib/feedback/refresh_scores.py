@@ -98,18 +98,18 @@ def keyed(con: duckdb.DuckDBPyConnection, lake: Lake, table: Table, column: str,
     parts: list[pa.Table] = []
     # the key columns of a few million rows' files at a time, one lookup each (polars: pyarrow's
     # is_in builds its lookup set again for every chunk); then the matching files' other columns
-    batch: list[tuple] = []
+    batch: list[tuple] = []  # (file, its key column)
     held = 0
     for index, fragment in enumerate(fragments):
-        batch.append((fragment, ids := fragment.to_table(schema=schema, columns=[column]).column(0)))
-        held += len(ids)
+        batch.append((fragment, fragment.to_table(schema=schema, columns=[column]).column(0)))
+        held += len(batch[-1][1])
         if held >= _KEY_BATCH_ROWS or index == len(fragments) - 1:
-            hits = pl.Series(pa.chunked_array([chunk for _, ids in batch for chunk in ids.chunks], key_type)) \
+            hits = pl.Series(pa.chunked_array([chunk for _, read in batch for chunk in read.chunks], key_type)) \
                 .is_in(values).to_arrow()
             start = 0
-            for part, ids in batch:
-                mask = hits.slice(start, len(ids))
-                start += len(ids)
+            for part, read in batch:
+                mask = hits.slice(start, len(read))
+                start += len(read)
                 if pc.any(mask).as_py():
                     parts.append(part.to_table(schema=schema, columns=names).filter(mask))
             batch, held = [], 0
