@@ -191,10 +191,14 @@ def test_a_lookup_by_key_finds_its_rows_in_both_tiers_at_any_version(tiered, mon
     monkeypatch.setattr(refresh_scores, "_KEY_BATCH_ROWS", batch_rows)
     lake = tiered
     before_version = lake.version(SESSION_EVENTS)
+    tiers.move_to_cold(lake, SESSION_EVENTS, DAY0 + timedelta(days=1))
+    first_move = lake.version(SESSION_EVENTS)
     tiers.move_to_cold(lake, SESSION_EVENTS, DAY0 + timedelta(days=2))
     con = duckdb.connect()
     con.register("keys", pa.table({"key": ["s000", "s001", "s050", "nowhere", None]}))
-    for version in (None, before_version):
+    # now (hot and cold files), after the first move (its cold rows filtered out of the cold tier,
+    # which holds more since), before any move (hot only)
+    for version in (None, first_move, before_version):
         every = lake.read(SESSION_EVENTS, version=version)
         expected = sorted((row["event_id"], row["ts"]) for row in every.to_pylist()
                           if row["session_id"] in ("s000", "s001", "s050"))
