@@ -125,7 +125,6 @@ def _linked(con, lake: Lake, config: FlywheelConfig, seeds: list[dict], known: s
     and so on: with the seeds, whole duplicate groups. Each carries its stored status as
     was_status and was_duplicate_of."""
     threshold = config.curation.near_duplicate_jaccard
-    lake.register(con, CURATED_TRAJECTORIES, "stored")
     frontier, found, fetched = seeds, {}, {}
     while frontier:
         # one check per distinct text pair: copies of one text share their keys and their verdict
@@ -135,17 +134,17 @@ def _linked(con, lake: Lake, config: FlywheelConfig, seeds: list[dict], known: s
         texts = np.repeat(np.fromiter((position[row["messages_json"]] for row in frontier), np.int64, len(frontier)),
                           counts)
         con.register("frontier", pa.table({"key": np.unique(keys)}))
-        con.register("seen", pa.table({"id": pa.array(sorted(known | set(found)), pa.string())}))
-        matches = con.execute("""
-            SELECT trajectory_id, key FROM (SELECT trajectory_id, unnest(lsh_keys) AS key FROM stored)
-            WHERE key IN (SELECT key FROM frontier) AND trajectory_id NOT IN (SELECT id FROM seen)""").fetchall()
-        if not matches:
+        # the stored rows holding one of those band keys (the key index finds their files)
+        stored = keyed(con, lake, CURATED_TRAJECTORIES, "lsh_keys", "frontier", ["trajectory_id", "lsh_keys"])
+        stored = stored.filter(pc.invert(pc.is_in(stored.column("trajectory_id"),
+                                                  value_set=pa.array(sorted(known | set(found)), pa.string()))))
+        if not stored.num_rows:
             break
-        shared: dict[str, set[int]] = {}
-        for trajectory_id, key in matches:
-            shared.setdefault(trajectory_id, set()).add(key)
+        frontier_keys = set(keys.tolist())
+        shared = {trajectory_id: frontier_keys.intersection(row_keys)
+                  for trajectory_id, row_keys in zip(*stored.to_pydict().values())}
         # the frontier's texts holding each key a stored row shares
-        matched = np.isin(keys, np.array([key for _, key in matches], np.int64))
+        matched = np.isin(keys, np.fromiter(set().union(*shared.values()), np.int64))
         owners: dict[int, set[int]] = {}
         for key, text in zip(keys[matched].tolist(), texts[matched].tolist()):
             owners.setdefault(key, set()).add(text)

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import duckdb
 import polars as pl
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from flywheel_assets.lib.config import FlywheelConfig
 from flywheel_assets.lib.feedback.judges import content_judges, length_stats, score_judges, with_length_ok
@@ -24,6 +23,7 @@ from flywheel_assets.lib.feedback.scoring import (
 )
 from flywheel_assets.lib.ingest.lock import ingest_lock, refresh_lock_name
 from flywheel_assets.lib.lake import Lake, conform, sql_literal, utcnow
+from flywheel_assets.lib.storage.key_index import keyed
 from flywheel_assets.lib.tables import (
     ANNOTATIONS, JUDGE_SCORES, LLM_JUDGMENTS, SESSION_EVENTS, SESSION_FEEDBACK, TRAJECTORIES, TRAJECTORY_SCORES, Table,
 )
@@ -70,50 +70,6 @@ def run_refresh(lake: Lake, output: Table, feeds: tuple[Feed, ...], settings: in
                                                                    rows.num_rows)), output)
         version = refresh.commit(rows, partitions, now)
     return Outcome(rows, version, refresh.full, refresh.reason, dict(refresh.new_rows))
-
-
-_KEY_BATCH_ROWS = 4_000_000  # key values held at once by a lookup (memory)
-
-
-def keyed(con: duckdb.DuckDBPyConnection, lake: Lake, table: Table, column: str, keys: str,
-          columns: list[str] | None = None, version: int | None = None) -> pa.Table:
-    """`columns` (all by default) of the rows of `table` (at `version`) whose `column` is in the
-    view `keys` (one column named key).
-
-    Read late: every file's `column` first (a few million values held at a time), the other
-    columns only of the files holding a key. A refresh's keys are mostly of recent rows, so
-    the history is read one column deep (a join over the table read every column asked for
-    of every row)."""
-    dataset = lake.dataset(table, version)
-    schema = table.schema if dataset is None else dataset.schema
-    names = list(columns or schema.names)
-    empty = pa.schema([schema.field(name) for name in names]).empty_table()
-    fragments = [] if dataset is None else \
-        [fragment for part in getattr(dataset, "children", [dataset]) for fragment in part.get_fragments()]
-    wanted = con.execute(f"SELECT DISTINCT key FROM {keys} WHERE key IS NOT NULL").to_arrow_table().column(0)
-    if not fragments or not len(wanted):
-        return empty
-    key_type = schema.field(column).type
-    values = pl.Series(wanted.cast(key_type)).implode()
-    parts: list[pa.Table] = []
-    # the key columns of a few million rows' files at a time, one lookup each (polars: pyarrow's
-    # is_in builds its lookup set again for every chunk); then the matching files' other columns
-    batch: list[tuple] = []  # (file, its key column)
-    held = 0
-    for index, fragment in enumerate(fragments):
-        batch.append((fragment, fragment.to_table(schema=schema, columns=[column]).column(0)))
-        held += len(batch[-1][1])
-        if held >= _KEY_BATCH_ROWS or index == len(fragments) - 1:
-            hits = pl.Series(pa.chunked_array([chunk for _, read in batch for chunk in read.chunks], key_type)) \
-                .is_in(values).to_arrow()
-            start = 0
-            for part, read in batch:
-                mask = hits.slice(start, len(read))
-                start += len(read)
-                if pc.any(mask).as_py():
-                    parts.append(part.to_table(schema=schema, columns=names).filter(mask))
-            batch, held = [], 0
-    return pa.concat_tables(parts) if parts else empty
 
 
 def refresh_session_feedback(lake: Lake, config: FlywheelConfig, full: bool = False) -> Outcome:

@@ -18,6 +18,8 @@ then per table:
   (the comparison arms of lib/evaluation/arms.py time-travel to them). The Delta log itself is
   kept (small; it is what lets those versions be read).
 
+and last, the key index's files of data files no table holds any more are deleted.
+
 It holds the ingest lock and the refresh locks, so no ingest or score refresh commits between its
 read of a table and its own commits; a curation run that does is detected by Delta (the
 compaction then fails for that table and is tried again at the next run). With a retention set it
@@ -38,6 +40,7 @@ from deltalake.exceptions import DeltaError
 from flywheel_assets.lib.config import FlywheelConfig
 from flywheel_assets.lib.ingest.lock import every_lock, no_writers
 from flywheel_assets.lib.lake import SMALL_FILE_BYTES, ColdTierMissing, Lake, utcnow
+from flywheel_assets.lib.storage import key_index
 from flywheel_assets.lib.storage.tiers import COLD_WRITER, TierMove, move_to_cold, zorder
 from flywheel_assets.lib.tables import ALL_TABLES, DATASET_MANIFESTS, Table
 
@@ -63,6 +66,7 @@ class Upkeep:
     tables: list[TableUpkeep] = field(default_factory=list)
     expired: dict = field(default_factory=dict)  # tenant -> ForgetReport of its expired sessions
     retention_error: str | None = None  # retention failed (the rest ran)
+    index_files_deleted: int = 0  # the key index's files of data files no table holds now (lib/storage/key_index.py)
 
     @property
     def moved(self) -> int:
@@ -105,6 +109,7 @@ def maintain(config: FlywheelConfig, lake: Lake, retention_hours: float | None =
                        f"{upkeep.cold_bytes / 1e6:.1f} MB)" if upkeep.moved and upkeep.moved.rows else "")
                     + (f" ({upkeep.error})" if upkeep.error else ""))
                 done.tables.append(upkeep)
+        done.index_files_deleted = key_index.prune(lake, ALL_TABLES)
     return done
 
 

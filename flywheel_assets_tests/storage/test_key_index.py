@@ -1,0 +1,108 @@
+"""Lookups by key through the key index (lib/storage/key_index.py) find exactly the rows a scan
+finds, at any version, by a scalar or a list column, however many files a batch holds; an index
+that lies costs a read, never a row; maintenance deletes the index of files no table holds."""
+
+import duckdb
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pytest
+
+from flywheel_assets.lib.lake import conform
+from flywheel_assets.lib.storage import key_index
+from flywheel_assets.lib.storage.key_index import keyed
+from flywheel_assets.lib.tables import CURATED_TRAJECTORIES
+
+
+def _rows(day: int, n: int = 40) -> pa.Table:
+    rng = np.random.default_rng(day)
+    keys = [None if i % 11 == 0 else rng.integers(0, 300, 4).tolist() for i in range(n)]
+    return conform(pa.table({
+        "trajectory_id": [f"t{day}-{i}" for i in range(n)],
+        "created_day": [f"2026-11-0{1 + day % 3}" for _ in range(n)],  # partitions: several files a version
+        "lsh_keys": pa.array(keys, pa.list_(pa.int64())),
+        "messages_json": ["[]"] * n}), CURATED_TRAJECTORIES)
+
+
+@pytest.fixture
+def curated(lake):
+    versions = []
+    for day in range(5):
+        lake.append(CURATED_TRAJECTORIES, _rows(day))
+        versions.append(lake.version(CURATED_TRAJECTORIES))
+    return lake, versions
+
+
+def _scan(lake, column, wanted, version=None) -> list:
+    rows = lake.read(CURATED_TRAJECTORIES, version=version).to_pylist()
+    if column == "lsh_keys":
+        found = [row for row in rows if set(row["lsh_keys"] or ()) & set(wanted)]
+    else:
+        found = [row for row in rows if row[column] in wanted]
+    return sorted((row["trajectory_id"], tuple(row["lsh_keys"] or ())) for row in found)
+
+
+def _look_up(lake, column, wanted, version=None) -> list:
+    con = duckdb.connect()
+    con.register("keys", pa.table({"key": pa.array([*wanted, None], CURATED_TRAJECTORIES.schema.field(
+        column).type.value_type if column == "lsh_keys" else pa.string())}))
+    found = keyed(con, lake, CURATED_TRAJECTORIES, column, "keys", ["trajectory_id", "lsh_keys"], version)
+    assert found.column_names == ["trajectory_id", "lsh_keys"]
+    return sorted((row["trajectory_id"], tuple(row["lsh_keys"] or ())) for row in found.to_pylist())
+
+
+def _index_files(lake, column):
+    folder = key_index._folder(lake, CURATED_TRAJECTORIES, column)
+    return sorted(folder.glob("*.npy")) if folder.is_dir() else []
+
+
+@pytest.mark.parametrize("batch", [1, 50, 16_000_000])  # a file's hashes at a time, a few files, all at once
+def test_a_lookup_finds_what_a_scan_finds_at_any_version(curated, monkeypatch, batch):
+    monkeypatch.setattr(key_index, "KEY_BATCH_ROWS", batch)
+    lake, versions = curated
+    files = len(lake.dataset(CURATED_TRAJECTORIES).files)
+    ids = ["t0-3", "t2-39", "t4-0", "t4-11", "nowhere"]
+    keys = [7, 150, 299, 1000, *range(40, 46)]
+    for version in (None, versions[1]):
+        for _ in range(2):  # the files' hashes computed, then read from the index
+            assert _look_up(lake, "trajectory_id", ids, version) == _scan(lake, "trajectory_id", ids, version)
+            found = _look_up(lake, "lsh_keys", keys, version)
+            assert found == _scan(lake, "lsh_keys", keys, version) and len(found) > 4
+    assert len(_index_files(lake, "trajectory_id")) == len(_index_files(lake, "lsh_keys")) == files >= 5
+    # a file whose only hit is its first (smallest) hash is read too
+    every = {row["trajectory_id"]: (row["trajectory_id"], tuple(row["lsh_keys"] or ()))
+             for row in lake.read(CURATED_TRAJECTORIES).to_pylist()}
+    for fragment in lake.dataset(CURATED_TRAJECTORIES).get_fragments():
+        ids = fragment.to_table(columns=["trajectory_id"]).column(0)
+        first = ids[int(np.argmin(pl.Series(ids).hash(key_index._SEED).to_numpy()))].as_py()
+        assert _look_up(lake, "trajectory_id", [first]) == [every[first]]
+
+
+def test_an_index_that_lies_costs_a_read_never_a_wrong_row(curated):
+    lake, _ = curated
+    keys = [7, 150, 299]
+    expected = _scan(lake, "lsh_keys", keys)
+    _look_up(lake, "lsh_keys", keys)
+    stored = _index_files(lake, "lsh_keys")
+    every = pa.array(range(300), pa.int64())
+    claims_all = np.sort(pl.Series(every).hash(key_index._SEED).to_numpy())
+    for path in stored[: len(stored) // 2]:  # these claim every key: their files are read and matched exactly
+        np.save(path, claims_all)
+    for path in stored[len(stored) // 2:]:  # unreadable: computed again from the data file
+        path.write_bytes(b"not an index")
+    assert _look_up(lake, "lsh_keys", keys) == expected
+    assert all(np.load(path).size for path in stored[len(stored) // 2:])
+
+
+def test_maintenance_deletes_the_index_of_files_no_table_holds(curated):
+    lake, _ = curated
+    _look_up(lake, "trajectory_id", ["t0-1"])
+    before = _index_files(lake, "trajectory_id")
+    old_scheme = key_index._folder(lake, CURATED_TRAJECTORIES, "x").parents[3] / "v0-old"
+    (old_scheme / "silver").mkdir(parents=True)
+    lake.overwrite(CURATED_TRAJECTORIES, _rows(9))  # every file replaced
+    _look_up(lake, "trajectory_id", ["t9-1"])
+    assert key_index.prune(lake, [CURATED_TRAJECTORIES]) == len(before)
+    assert not set(before) & set(_index_files(lake, "trajectory_id"))
+    assert len(_index_files(lake, "trajectory_id")) == len(lake.dataset(CURATED_TRAJECTORIES).files)
+    assert not old_scheme.exists()
