@@ -245,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         build_s = time.perf_counter() - started
         made.update(new_day(lake, rng, args.new_events, args.days, yesterday))
         daily = refresh_in_child(home, full=False)
+        # what the key index (lib/storage/key_index.py) keeps beside the lake, after the new day
+        footprint = {name: _bytes(home / folder) for name, folder in (("key_index", "cache/key_index"),
+                                                                      ("lake", "lake"))}
         if compare_full:
             versions = lake.versions(SESSION_FEEDBACK, JUDGE_SCORES, TRAJECTORY_SCORES, CURATED_TRAJECTORIES)
             recompute = refresh_in_child(home, full=True)
@@ -273,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
           f"peak RSS {daily['peak_rss_mb']:.0f} MB {mark(daily['peak_rss_mb'] <= TARGET_MB)} (≤ {TARGET_MB} MB)"
           + (f"; full recompute {full_s:.2f} s, peak RSS {recompute['peak_rss_mb']:.0f} MB: "
              f"{full_s / daily_s:.1f}× the refresh's time" if recompute else ""))
+    print(f"key index: {footprint['key_index']['files']:,} files, {footprint['key_index']['bytes'] / 1e6:.0f} MB "
+          f"(the lake: {footprint['lake']['bytes'] / 1e6:.0f} MB)")
     if compare_full:
         print(f"refreshed = recomputed: {mark(equal)} "
               f"({json.dumps({k: v['differing'] for k, v in differing.items()})})")
@@ -281,12 +286,17 @@ def main(argv: list[str] | None = None) -> int:
     result = {"machine": machine(), "load_average_at_end": os.getloadavg(), "data": made,
               "build_s": round(build_s, 1), "history_refreshes": per_day, "daily": daily, "recompute": recompute,
               "differing": differing, "equal": equal, "rows_in_tables": rows_in, "daily_s": daily_s,
-              "full_s": full_s, "targets": {"seconds": TARGET_S, "peak_rss_mb": TARGET_MB},
+              "full_s": full_s, "footprint": footprint, "targets": {"seconds": TARGET_S, "peak_rss_mb": TARGET_MB},
               "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     out = QUICK_RESULTS if args.quick else RESULTS / f"bench_refresh-{_size(args.events)}.json"
     out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(f"wrote {out}")
     return 0 if equal is not False else 1
+
+
+def _bytes(folder: Path) -> dict:
+    files = [path for path in folder.rglob("*") if path.is_file()] if folder.is_dir() else []
+    return {"files": len(files), "bytes": sum(path.stat().st_size for path in files)}
 
 
 def _size(events: int) -> str:

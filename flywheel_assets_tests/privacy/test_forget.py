@@ -10,6 +10,8 @@ import json
 from datetime import datetime, timedelta
 
 import dagster as dg
+import duckdb
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
@@ -21,7 +23,8 @@ from flywheel_assets.defs.ingest.assets import bronze_ingest
 from flywheel_assets.defs.resources import FlywheelResource
 from flywheel_assets.defs.training.assets import base_model, lora_adapter
 from flywheel_assets.lib.experiments.registry import ModelRegistry
-from flywheel_assets.lib.privacy.forget import SUBJECT_TABLES, find_subject, subject_rows
+from flywheel_assets.lib.privacy.forget import PURGED, SUBJECT_TABLES, find_subject, subject_rows
+from flywheel_assets.lib.storage import key_index
 from flywheel_assets.lib.simulation.seed import write_cold_start
 from flywheel_assets.lib.tables import (
     DATASET_MANIFESTS, FORGET_REQUESTS, QUARANTINE, SESSION_EVENTS, TRAINING_DATASET, TRAJECTORIES,
@@ -142,6 +145,10 @@ def test_forget_leaves_no_trace_and_withdraws_what_was_trained_on_it(home, confi
     planned = json.loads(dry.stdout[dry.stdout.index("{"):])
     assert planned["versions"] == ["c1-lora"] and _found(home, SECRET) == before  # a dry run changes nothing
 
+    con = duckdb.connect()  # a refresh's lookup indexes the files holding the user's rows
+    con.register("keys", pa.table({"key": ["t-gone-1", "t-kept-1"]}))
+    assert key_index.keyed(con, lake, TRAJECTORIES, "trajectory_id", "keys").num_rows == 2
+    indexed = list((home / "cache" / "key_index").rglob("*.npy"))
     result = CliRunner().invoke(app, ["forget", "--user", "user-gone", "--by", "dpo@acme", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout[result.stdout.index("{"):])
@@ -149,6 +156,8 @@ def test_forget_leaves_no_trace_and_withdraws_what_was_trained_on_it(home, confi
 
     assert _found(home, SECRET) == []
     assert _found(home, KEPT)  # the other user's data is all there
+    # the key index kept no hashes of the files purged (the refreshes had indexed the history's)
+    assert indexed and key_index.prune(lake, list(PURGED)) == 0
     assert all(n == 0 for n in subject_rows(lake, find_subject(lake, "user-gone"), find_subject(
         lake, "user-gone").matcher()).values())
     gone = {"trajectories": 3, "session_events": 2, "annotations": 3, "quarantine": 1}

@@ -47,6 +47,7 @@ from flywheel_assets.lib.ingest.lock import every_lock, no_writers
 from flywheel_assets.lib.ingest.remote_landing import follow_ledger, scrub_bucket
 from flywheel_assets.lib.lake import Lake, sql_literal
 from flywheel_assets.lib.privacy.files import Matcher, Rewritten, journal_held, scrub_file, scrub_folder, write_json
+from flywheel_assets.lib.storage import key_index
 from flywheel_assets.lib.storage.artifacts import artifact_store, local, publish
 from flywheel_assets.lib.tables import (
     ANNOTATIONS, CURATED_TRAJECTORIES, DATASET_MANIFESTS, FORGET_REQUESTS, INGESTED_FILES, JUDGE_SCORES,
@@ -256,6 +257,7 @@ def erase(config: FlywheelConfig, lake: Lake, subject: Subject, report: ForgetRe
             report.rows[name] = report.rows.get(name, 0) + count
         for table in PURGED:
             lake.purge_history(table)
+        key_index.prune(lake, list(PURGED))  # the key hashes of the files purged go with them
         left = {name: n for name, n in subject_rows(lake, subject, matcher).items() if n}
         log(f"pass {report.passes}: {report.total_rows} rows deleted, {sum(report.lines.values())} lines blanked; "
             f"left: {left or 'none'}")
