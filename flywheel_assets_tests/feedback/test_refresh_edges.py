@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from flywheel_assets.lib.tables import SESSION_FEEDBACK, TRAJECTORIES, TRAJECTORY_SCORES
-from flywheel_assets_tests.feedback.test_refresh import T0, _ingest, _refresh_all
+from flywheel_assets.lib.tables import JUDGE_SCORES, SESSION_FEEDBACK, TRAJECTORIES, TRAJECTORY_SCORES
+from flywheel_assets_tests.feedback.test_refresh import T0, _ingest, _refresh_all, _snapshot
 
 
 def _trajectory(tid, sid, minutes=0, **extra):
@@ -187,3 +187,25 @@ def test_an_upsert_over_a_table_changed_since_it_read_fails_and_loses_nothing(la
         Racing(config).upsert(SESSION_FEEDBACK, conform(pa.Table.from_pylist([row("s1", "2026-11-01", 0.9)]),
                                                         SESSION_FEEDBACK), {"2026-11-01"})
     assert sorted(lake.read(SESSION_FEEDBACK).column("session_id").to_pylist()) == ["s1", "s2"]
+
+
+def test_a_verdict_that_new_lengths_flip_is_rewritten(lake, config):
+    """length_ok compares a conversation with its task type's whole population: new rows that
+    narrow the spread make an old long answer an outlier, and the refresh rewrites that old row
+    (found by its length) as the full recompute does."""
+    def answered(tid, length, batch):
+        text = "x" * length
+        return _trajectory(tid, f"s-{tid}", batch=batch, final_response=text,
+                           turns=[{"role": "user", "content": "q"}, {"role": "assistant", "content": text}])
+
+    _ingest(lake, [answered(f"a{length}", length, 0) for length in (50, 60, 70, 80, 90, 110, 120, 130, 400)], 0)
+    _refresh_all(lake, config)
+    verdict = {row["trajectory_id"]: row["length_ok"] for row in lake.read(JUDGE_SCORES).to_pylist()}
+    assert verdict["a400"] == 1.0
+    _ingest(lake, [answered(f"b{i}", 100, 1) for i in range(40)], 1)
+    _refresh_all(lake, config)
+    verdict = {row["trajectory_id"]: row["length_ok"] for row in lake.read(JUDGE_SCORES).to_pylist()}
+    assert verdict["a400"] == 0.0 and verdict["a90"] == 1.0
+    incremental = _snapshot(lake)
+    _refresh_all(lake, config, full=True)
+    assert _snapshot(lake) == incremental

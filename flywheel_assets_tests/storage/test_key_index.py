@@ -2,6 +2,8 @@
 finds, at any version, by a scalar or a list column, however many files a batch holds; an index
 that lies costs a read, never a row; maintenance deletes the index of files no table holds."""
 
+import os
+
 import duckdb
 import numpy as np
 import polars as pl
@@ -11,7 +13,7 @@ import pytest
 from flywheel_assets.lib.lake import conform
 from flywheel_assets.lib.storage import key_index
 from flywheel_assets.lib.storage.key_index import keyed
-from flywheel_assets.lib.tables import CURATED_TRAJECTORIES
+from flywheel_assets.lib.tables import CURATED_TRAJECTORIES, FORGET_REQUESTS
 
 
 def _rows(day: int, n: int = 40) -> pa.Table:
@@ -27,7 +29,7 @@ def _rows(day: int, n: int = 40) -> pa.Table:
 @pytest.fixture
 def curated(lake):
     versions = []
-    for day in range(5):
+    for day in range(8):
         lake.append(CURATED_TRAJECTORIES, _rows(day))
         versions.append(lake.version(CURATED_TRAJECTORIES))
     return lake, versions
@@ -68,7 +70,7 @@ def test_a_lookup_finds_what_a_scan_finds_at_any_version(curated, monkeypatch, b
             assert _look_up(lake, "trajectory_id", ids, version) == _scan(lake, "trajectory_id", ids, version)
             found = _look_up(lake, "lsh_keys", keys, version)
             assert found == _scan(lake, "lsh_keys", keys, version) and len(found) > 4
-    assert len(_index_files(lake, "trajectory_id")) == len(_index_files(lake, "lsh_keys")) == files >= 5
+    assert len(_index_files(lake, "trajectory_id")) == len(_index_files(lake, "lsh_keys")) == files >= 8
     # a file whose only hit is its first (smallest) hash is read too
     every = {row["trajectory_id"]: (row["trajectory_id"], tuple(row["lsh_keys"] or ()))
              for row in lake.read(CURATED_TRAJECTORIES).to_pylist()}
@@ -86,23 +88,44 @@ def test_an_index_that_lies_costs_a_read_never_a_wrong_row(curated):
     stored = _index_files(lake, "lsh_keys")
     every = pa.array(range(300), pa.int64())
     claims_all = np.sort(pl.Series(every).hash(key_index._SEED).to_numpy())
-    for path in stored[: len(stored) // 2]:  # these claim every key: their files are read and matched exactly
-        np.save(path, claims_all)
-    for path in stored[len(stored) // 2:]:  # unreadable: computed again from the data file
-        path.write_bytes(b"not an index")
+    half = len(stored) // 2
+    for path in stored[:half]:  # these claim every key: their files are read and matched exactly
+        np.save(path, np.append(claims_all, key_index._checksum(claims_all)))
+    # what a crash can leave (cut short, empty, zeroed at its length) or another writer: computed again
+    stored[half].write_bytes(stored[half].read_bytes()[:100])
+    stored[half + 1].write_bytes(b"")
+    raw, body = stored[half + 2].read_bytes(), np.load(stored[half + 2]).nbytes
+    stored[half + 2].write_bytes(raw[:len(raw) - body] + b"\0" * body)  # its header whole, its hashes zeroed
+    np.save(stored[half + 3], np.zeros(3, np.int64))
     assert _look_up(lake, "lsh_keys", keys) == expected
-    assert all(np.load(path).size for path in stored[len(stored) // 2:])
+    assert all(key_index._load(path) is not None for path in stored)
 
 
 def test_maintenance_deletes_the_index_of_files_no_table_holds(curated):
     lake, _ = curated
     _look_up(lake, "trajectory_id", ["t0-1"])
     before = _index_files(lake, "trajectory_id")
-    old_scheme = key_index._folder(lake, CURATED_TRAJECTORIES, "x").parents[3] / "v0-old"
+    generation = key_index._folder(lake, CURATED_TRAJECTORIES, "x").parents[2]
+    old_scheme, old_generation = generation.parent.parent / "v0-old", generation.parent / "forgets-0-old"
     (old_scheme / "silver").mkdir(parents=True)
+    (old_generation / "silver").mkdir(parents=True)
+    staging = before[0].with_name(f".{before[0].name}.x.tmp")
+    staging.write_bytes(b"left by a crash")
+    os.utime(staging, (1, 1))
     lake.overwrite(CURATED_TRAJECTORIES, _rows(9))  # every file replaced
     _look_up(lake, "trajectory_id", ["t9-1"])
     assert key_index.prune(lake, [CURATED_TRAJECTORIES]) == len(before)
     assert not set(before) & set(_index_files(lake, "trajectory_id"))
     assert len(_index_files(lake, "trajectory_id")) == len(lake.dataset(CURATED_TRAJECTORIES).files)
-    assert not old_scheme.exists()
+    assert not old_scheme.exists() and not old_generation.exists() and not staging.exists()
+
+
+def test_a_forget_recorded_anywhere_starts_a_new_index(curated):
+    lake, _ = curated
+    _look_up(lake, "trajectory_id", ["t0-1"])
+    first = key_index._folder(lake, CURATED_TRAJECTORIES, "trajectory_id")
+    assert list(first.glob("*.npy"))
+    lake.append(FORGET_REQUESTS, pa.Table.from_pylist([{"request_id": "r1"}], schema=FORGET_REQUESTS.schema))
+    assert _look_up(lake, "trajectory_id", ["t0-1"]) == _scan(lake, "trajectory_id", ["t0-1"])
+    assert not first.parents[2].exists() and list(key_index._folder(lake, CURATED_TRAJECTORIES, "trajectory_id")
+                                                   .glob("*.npy"))

@@ -37,8 +37,9 @@ from flywheel_assets.lib.curation.curate import (
 )
 from flywheel_assets.lib.curation.dedup import similar
 from flywheel_assets.lib.feedback.refresh import Feed, Refresh, StaleWatermark, fingerprint
-from flywheel_assets.lib.feedback.refresh_scores import Outcome, keyed, run_refresh
+from flywheel_assets.lib.feedback.refresh_scores import Outcome, run_refresh
 from flywheel_assets.lib.lake import Lake, conform
+from flywheel_assets.lib.storage.key_index import keyed
 from flywheel_assets.lib.tables import CURATED_TRAJECTORIES, SESSION_EVENTS, TRAJECTORIES, TRAJECTORY_SCORES
 
 SCORES = Feed(TRAJECTORY_SCORES, "updated_at", append_only=False)

@@ -117,11 +117,18 @@ def refresh_judge_scores(lake: Lake, config: FlywheelConfig, full: bool = False)
         if refresh.full:
             population = judged
         else:
-            stored = pl.from_arrow(lake.read(JUDGE_SCORES, columns=["trajectory_id", "task_type", "total_chars",
-                                                                   "length_ok"]))
+            # the population's lengths and verdicts, no ids: a verdict is a function of task type and
+            # length, so the rows whose verdict flips are looked up by their lengths
+            stored = pl.from_arrow(lake.read(JUDGE_SCORES, columns=["task_type", "total_chars", "length_ok"]))
             population = pl.concat([stored.select("task_type", "total_chars"), judged.select("task_type", "total_chars")])
             stats = length_stats(population)
-            flipped = with_length_ok(stored.rename({"length_ok": "was"}), stats, config.fusion.length_outlier_z) \
+            z = config.fusion.length_outlier_z
+            flips = with_length_ok(stored.rename({"length_ok": "was"}), stats, z) \
+                .filter(pl.col("was") != pl.col("length_ok"))["total_chars"].unique()
+            con.register("lengths", pa.table({"key": flips.to_arrow().cast(pa.int64())}))
+            flipped = with_length_ok(pl.from_arrow(keyed(con, lake, JUDGE_SCORES, "total_chars", "lengths",
+                                                         ["trajectory_id", "task_type", "total_chars", "length_ok"]))
+                                     .rename({"length_ok": "was"}), stats, z) \
                 .filter(pl.col("was") != pl.col("length_ok"))["trajectory_id"].to_list()
             redo = set(flipped) | (graded - set(judged["trajectory_id"].to_list()))
             con.register("redo", pa.table({"key": pa.array(sorted(redo), pa.string())}))

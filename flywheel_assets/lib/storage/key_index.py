@@ -5,11 +5,16 @@ trajectories that new data touched) in tables of millions. Decoding every data f
 strings for each lookup cost about 75 ns per stored row, a dozen times per daily refresh: the
 refresh's cost grew with the history. A Delta data file never changes once written (a rewrite,
 compaction or forget, is a new file), so the distinct 64-bit hashes of its key values are
-computed once and kept under FLYWHEEL_HOME/cache/key_index/ (one .npy per file, key column and
-hash scheme); a lookup reads those and tests them against its keys' hashes, then reads only the
-files a hash points at and matches their rows exactly. A collision costs a file read, never a
-wrong row; a missing or unreadable index file is computed again from the data file. Files read
-from object storage are indexed on the machine that reads them. `prune` (run by lake_maintenance)
+computed once and kept under FLYWHEEL_HOME/cache/key_index/ (one .npy per file and key column);
+a lookup reads those and tests them against its keys' hashes, then reads only the files a hash
+points at and matches their rows exactly. A collision costs a file read, never a wrong row. An
+index file is written whole (staged, fsynced, renamed) with a checksum; one that is missing or
+fails its checks is computed again from its data file.
+
+The folder names the hash scheme (polars' hash is stable within one version and platform only)
+and the number of forgets and retention runs recorded in audit/forget_requests: after a forget
+anywhere, every machine's next lookup starts a new index and deletes the old one, so no hash of
+a forgotten row outlives it on a machine that had indexed it. `prune` (lake_maintenance, forget)
 deletes the index files of data files the tables no longer hold.
 """
 
@@ -17,22 +22,27 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import shutil
+import time
+import uuid
 from pathlib import Path
 
 import duckdb
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as pa_ds
 
-from flywheel_assets.lib.tables import Table
+from flywheel_assets.lib.tables import FORGET_REQUESTS, Table
 
 _SEED = 0x5EED
-# polars' hash is stable within a version only: a new one starts a new index
-SCHEME = f"v1-polars-{pl.__version__}"
-KEY_BATCH_ROWS = 16_000_000  # key hashes tested at once by a lookup (128 MB; each batch builds the keys' set again)
+_PROBE = pl.Series(["flywheel", "key index", ""]).hash(_SEED).to_numpy().tobytes()
+# a hash scheme per polars version, platform and hash output (a shared cache/ serves every machine
+# whose hashes agree)
+SCHEME = f"v2-polars-{pl.__version__}-{platform.machine()}-{hashlib.sha256(_PROBE).hexdigest()[:8]}"
+KEY_BATCH_ROWS = 8_000_000  # key hashes tested at once by a lookup (64 MB, a few times that in flight)
+_STAGING_HOURS = 1  # prune: staging files older than this were left by a crash
 
 
 def keyed(con: duckdb.DuckDBPyConnection, lake, table: Table, column: str, keys: str,
@@ -40,7 +50,7 @@ def keyed(con: duckdb.DuckDBPyConnection, lake, table: Table, column: str, keys:
     """`columns` (all by default) of the rows of `table` (at `version`) whose `column` is in the
     view `keys` (one column named key); a list column matches when any of its values is.
 
-    Every data file's key hashes first (from the index, a few million at a time), then the files
+    Every data file's key hashes first (from the index, KEY_BATCH_ROWS at a time), then the files
     a hash points at, whole, their rows matched exactly. A refresh's keys are mostly of recent
     rows, so the history costs 8 bytes a distinct key (a join over the table had read every
     column asked for of every row; decoding every file's key strings, 75 ns a row)."""
@@ -96,38 +106,58 @@ def _matches(read: pa.ChunkedArray, values: pl.Series) -> pa.Array:
     """Which rows hold one of `values` (a list: any of its items)."""
     if not (pa.types.is_list(read.type) or pa.types.is_large_list(read.type)):
         return pl.Series(read).is_in(values.implode()).fill_null(False).to_arrow()
-    lists = read.combine_chunks()
-    found = pl.Series(pc.list_flatten(lists)).is_in(values.implode()).to_numpy()
-    mask = np.zeros(len(lists), bool)
-    mask[pc.list_parent_indices(lists).to_numpy()[found]] = True
+    rows = pl.DataFrame({"items": pl.Series(read)}).with_row_index("row").explode("items") \
+        .filter(pl.col("items").is_in(values.implode()).fill_null(False))["row"].to_numpy()
+    mask = np.zeros(len(read), bool)
+    mask[rows] = True
     return pa.array(mask)
 
 
 def _hashes(fragment: pa_ds.Fragment, schema: pa.Schema, column: str, folder: Path | None) -> np.ndarray:
-    """The distinct hashes of a data file's key values (nulls left out), from the index when it
-    holds them. Rows held in memory (a tier's filtered rows) are hashed each time."""
+    """The distinct hashes of a data file's key values (nulls left out), sorted, from the index
+    when it holds them intact. Rows held in memory (a tier's filtered rows) are hashed each time."""
     path = getattr(fragment, "path", None)
     stored = None if folder is None or path is None else folder / f"{_file_id(fragment, path)}.npy"
-    if stored is not None:
-        try:
-            return np.load(stored)
-        except (OSError, ValueError):
-            pass  # not indexed yet, or unreadable: computed again
+    if stored is not None and (found := _load(stored)) is not None:
+        return found
     read = fragment.to_table(schema=schema, columns=[column]).column(0)
     if pa.types.is_list(read.type) or pa.types.is_large_list(read.type):
-        read = pc.list_flatten(read)
+        read = pa.chunked_array([chunk.flatten() for chunk in read.chunks], read.type.value_type)
     found = pl.Series(read).drop_nulls().hash(_SEED).unique().sort().to_numpy()
     if stored is not None:
         _save(stored, found)
     return found
 
 
+def _checksum(found: np.ndarray) -> np.uint64:
+    with np.errstate(over="ignore"):
+        return np.uint64(found.sum(dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+                         + np.uint64(len(found) + 1) * np.uint64(0xBF58476D1CE4E5B9))
+
+
+def _load(stored: Path) -> np.ndarray | None:
+    """An index file's hashes, or None when it is absent or fails its checks (type, order,
+    checksum: a file cut short or zeroed by a crash)."""
+    try:
+        held = np.load(stored)
+    except Exception:  # absent, cut short, not an array
+        return None
+    if held.dtype != np.uint64 or held.ndim != 1 or not len(held):
+        return None
+    found = held[:-1]
+    if held[-1] != _checksum(found) or (len(found) > 1 and not bool(np.all(found[1:] > found[:-1]))):
+        return None
+    return found
+
+
 def _save(stored: Path, found: np.ndarray) -> None:
-    staging = stored.with_name(f".{stored.name}.{os.getpid()}.tmp")
+    staging = stored.with_name(f".{stored.name}.{uuid.uuid4().hex}.tmp")  # one per writer, any host
     try:
         stored.parent.mkdir(parents=True, exist_ok=True)
         with open(staging, "wb") as out:
-            np.save(out, found)
+            np.save(out, np.append(found, _checksum(found)))
+            out.flush()
+            os.fsync(out.fileno())
         os.replace(staging, stored)
     except OSError:  # a full or read-only disk: the lookup goes on without indexing this file
         staging.unlink(missing_ok=True)
@@ -140,29 +170,57 @@ def _file_id(fragment: pa_ds.Fragment, path: str) -> str:
 
 
 def _folder(lake, table: Table, column: str) -> Path | None:
+    """This table column's index folder, in the current scheme and forget generation; older
+    ones are deleted first."""
     home = getattr(lake.config, "home", None)
-    return None if home is None else Path(home) / "cache" / "key_index" / SCHEME / table.layer / table.name / column
+    if home is None:
+        return None
+    current = _current(lake)
+    _delete_other(current.parent, current.name)
+    _delete_other(current.parent.parent, current.parent.name)
+    return current / table.layer / table.name / column
+
+
+def _current(lake) -> Path:
+    return Path(lake.config.home) / "cache" / "key_index" / SCHEME / f"forgets-{lake.row_count(FORGET_REQUESTS)}"
+
+
+def _delete_other(folder: Path, keep: str) -> None:
+    for other in (folder.iterdir() if folder.is_dir() else []):
+        if other.name != keep:
+            shutil.rmtree(other, ignore_errors=True)
+
+
+def live_names(lake, table: Table) -> set[str]:
+    """The index file names of the data files the table's current version reads."""
+    dataset = lake.dataset(table)
+    fragments = [] if dataset is None else \
+        [fragment for part in getattr(dataset, "children", [dataset]) for fragment in part.get_fragments()]
+    return {f"{_file_id(fragment, fragment.path)}.npy" for fragment in fragments if getattr(fragment, "path", None)}
 
 
 def prune(lake, tables: list[Table]) -> int:
     """Delete the index files of data files that `tables` no longer hold at their current
-    version (older versions' files are indexed again if read), and every older scheme's index;
-    the number of files deleted."""
-    root = Path(lake.config.home) / "cache" / "key_index"
+    version (an older version's files are indexed again if read), staging files a crash left,
+    and every other scheme's and forget generation's index; the number of index files deleted.
+    A table that cannot be read now is skipped (maintenance reports it elsewhere)."""
+    current = _current(lake)
+    _delete_other(current.parent, current.name)
+    _delete_other(current.parent.parent, current.parent.name)
     deleted = 0
-    for other in (root.iterdir() if root.is_dir() else []):
-        if other.name != SCHEME:
-            shutil.rmtree(other, ignore_errors=True)
     for table in tables:
-        folder = root / SCHEME / table.layer / table.name
+        folder = current / table.layer / table.name
         if not folder.is_dir():
             continue
-        dataset = lake.dataset(table)
-        fragments = [] if dataset is None else \
-            [fragment for part in getattr(dataset, "children", [dataset]) for fragment in part.get_fragments()]
-        live = {f"{_file_id(fragment, fragment.path)}.npy" for fragment in fragments if getattr(fragment, "path", None)}
-        for stored in folder.glob("*/*.npy"):
-            if stored.name not in live:
-                stored.unlink(missing_ok=True)
-                deleted += 1
+        try:
+            live = live_names(lake, table)
+            for stored in folder.glob("*/*.npy"):
+                if stored.name not in live:
+                    stored.unlink(missing_ok=True)
+                    deleted += 1
+            for staging in folder.glob("*/.*.tmp"):
+                if staging.stat().st_mtime < time.time() - _STAGING_HOURS * 3600:
+                    staging.unlink(missing_ok=True)
+        except Exception:  # noqa: BLE001  (a missing cold tier, a read-only home: the next run tries again)
+            continue
     return deleted
