@@ -58,8 +58,7 @@ def keyed(con: duckdb.DuckDBPyConnection, lake, table: Table, column: str, keys:
     schema = table.schema if dataset is None else dataset.schema
     names = list(columns or schema.names)
     empty = pa.schema([schema.field(name) for name in names]).empty_table()
-    fragments = [] if dataset is None else \
-        [fragment for part in getattr(dataset, "children", [dataset]) for fragment in part.get_fragments()]
+    fragments = _fragments(dataset)
     wanted = con.execute(f"SELECT DISTINCT key FROM {keys} WHERE key IS NOT NULL").to_arrow_table().column(0)
     if not fragments or not len(wanted):
         return empty
@@ -172,17 +171,23 @@ def _file_id(fragment: pa_ds.Fragment, path: str) -> str:
 def _folder(lake, table: Table, column: str) -> Path | None:
     """This table column's index folder, in the current scheme and forget generation; older
     ones are deleted first."""
-    home = getattr(lake.config, "home", None)
-    if home is None:
+    if getattr(lake.config, "home", None) is None:
         return None
-    current = _current(lake)
-    _delete_other(current.parent, current.name)
-    _delete_other(current.parent.parent, current.parent.name)
-    return current / table.layer / table.name / column
+    return _current(lake) / table.layer / table.name / column
 
 
 def _current(lake) -> Path:
-    return Path(lake.config.home) / "cache" / "key_index" / SCHEME / f"forgets-{lake.row_count(FORGET_REQUESTS)}"
+    """The index folder of this scheme and forget generation; every other one is deleted."""
+    current = Path(lake.config.home) / "cache" / "key_index" / SCHEME / f"forgets-{lake.row_count(FORGET_REQUESTS)}"
+    _delete_other(current.parent, current.name)
+    _delete_other(current.parent.parent, current.parent.name)
+    return current
+
+
+def _fragments(dataset) -> list:
+    """A dataset's parts' fragments (a tiered table's: the hot files, then the cold ones)."""
+    return [] if dataset is None else \
+        [fragment for part in getattr(dataset, "children", [dataset]) for fragment in part.get_fragments()]
 
 
 def _delete_other(folder: Path, keep: str) -> None:
@@ -193,10 +198,8 @@ def _delete_other(folder: Path, keep: str) -> None:
 
 def live_names(lake, table: Table) -> set[str]:
     """The index file names of the data files the table's current version reads."""
-    dataset = lake.dataset(table)
-    fragments = [] if dataset is None else \
-        [fragment for part in getattr(dataset, "children", [dataset]) for fragment in part.get_fragments()]
-    return {f"{_file_id(fragment, fragment.path)}.npy" for fragment in fragments if getattr(fragment, "path", None)}
+    return {f"{_file_id(fragment, fragment.path)}.npy" for fragment in _fragments(lake.dataset(table))
+            if getattr(fragment, "path", None)}
 
 
 def prune(lake, tables: list[Table]) -> int:
@@ -205,8 +208,6 @@ def prune(lake, tables: list[Table]) -> int:
     and every other scheme's and forget generation's index; the number of index files deleted.
     A table that cannot be read now is skipped (maintenance reports it elsewhere)."""
     current = _current(lake)
-    _delete_other(current.parent, current.name)
-    _delete_other(current.parent.parent, current.parent.name)
     deleted = 0
     for table in tables:
         folder = current / table.layer / table.name
