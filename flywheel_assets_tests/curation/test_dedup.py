@@ -155,3 +155,36 @@ def test_signatures_do_not_depend_on_how_the_hashing_is_split(monkeypatch, hash_
     whole = minhash_signatures(texts, 64, 0)  # every hash of a text in one block
     monkeypatch.setattr(dedup, "_HASH_BLOCK", hash_block)
     assert (minhash_signatures(texts, 64, 0) == whole).all()
+
+
+def plain_signature(text: str, num_perm: int, seed: int) -> list[int]:
+    """MinHash as the module documents it, one text and one shingle at a time, in Python integers."""
+    import zlib
+
+    from flywheel_assets.lib.curation import dedup
+
+    def mix(value: int) -> int:
+        value = ((value ^ (value >> 30)) * int(dedup._MIX_1)) % 2**64
+        value = ((value ^ (value >> 27)) * int(dedup._MIX_2)) % 2**64
+        return value ^ (value >> 31)
+
+    words = text.split() if len(text.split()) >= 3 else [text]
+    hashes = [zlib.crc32(word.encode("utf-8", "surrogatepass")) for word in words]
+    width = 3 if len(words) >= 3 else 1
+    shingles = {mix(sum(word * int(weight) for word, weight in zip(hashes[start:start + width], dedup._WORD_WEIGHTS))
+                    % 2**64) >> 32 for start in range(len(words) - width + 1)}
+    rng = __import__("numpy").random.default_rng(seed)
+    multipliers = rng.integers(0, 2**64, size=num_perm, dtype="uint64") | 1
+    offsets = rng.integers(0, 2**64, size=num_perm, dtype="uint64")
+    return [min(((int(a) * shingle + int(b)) % 2**64) >> 32 for shingle in shingles)
+            for a, b in zip(multipliers, offsets)]
+
+
+@pytest.mark.parametrize("surrogate", [False, True])
+def test_signatures_equal_a_plain_one_text_at_a_time_minhash(surrogate):
+    rng = random.Random(4)
+    texts = ["", "a", "a b", "a b c", "été à la plage", "ß straße 東京 タワー", "x" * 40]
+    texts += [" ".join(f"w{rng.randrange(40)}" for _ in range(rng.randrange(0, 12))) for _ in range(60)]
+    texts = [normalize(text) for text in texts] + (["a\ud800 b c"] if surrogate else [])  # Arrow cannot hold it
+    signatures = minhash_signatures(texts, 16, 5)
+    assert [row.tolist() for row in signatures] == [plain_signature(text, 16, 5) for text in texts]

@@ -23,6 +23,8 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import polars as pl
+import pyarrow.compute as pc
 
 _PUNCTUATION = re.compile(r"[^\w\s]|_")
 _SHINGLE_WORDS = 3
@@ -57,11 +59,41 @@ def lsh_bands(num_perm: int, threshold: float) -> tuple[int, int]:
     return best
 
 
-class _WordHashes(dict):
-    # crc32 rather than hash(): Python's string hash changes with every process.
-    def __missing__(self, word: str) -> int:
-        value = self[word] = zlib.crc32(word.encode("utf-8", "surrogatepass"))
-        return value
+def _word_hashes(normalized: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The crc32 of every word of every text (a text of fewer than three words: the text as one
+    word), concatenated as uint64, and each text's number of words. Texts are split in Arrow and
+    each distinct word hashed once (Arrow's dictionary encoding) (crc32 rather than hash(): Python's string hash changes with
+    every process)."""
+    if not normalized:
+        return np.empty(0, np.uint64), np.empty(0, np.int64)
+    try:
+        texts = pl.Series(normalized, dtype=pl.String)
+    except UnicodeEncodeError:  # a lone surrogate, which Arrow cannot hold: word by word in Python
+        return _word_hashes_in_python(normalized)
+    split = pl.DataFrame({"text": texts}).select(
+        pl.when(pl.col("text").str.split(" ").list.len() < _SHINGLE_WORDS).then(pl.concat_list("text"))
+        .otherwise(pl.col("text").str.split(" "))).to_series()  # (an empty text: one empty word)
+    lengths = split.list.len()
+    words = pc.dictionary_encode(split.explode().to_arrow())
+    hashes = np.fromiter((zlib.crc32(word.encode("utf-8")) for word in words.dictionary.to_pylist()), np.uint64,
+                         len(words.dictionary))
+    return hashes[words.indices.to_numpy()], lengths.to_numpy().astype(np.int64)
+
+
+def _word_hashes_in_python(normalized: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    known: dict[str, int] = {}
+    flat: list[int] = []
+    lengths = np.empty(len(normalized), dtype=np.int64)
+    for row, text in enumerate(normalized):
+        words = text.split(" ")
+        if len(words) < _SHINGLE_WORDS:
+            words = [text]
+        lengths[row] = len(words)
+        for word in words:
+            if (value := known.get(word)) is None:
+                value = known[word] = zlib.crc32(word.encode("utf-8", "surrogatepass"))
+            flat.append(value)
+    return np.array(flat, dtype=np.uint64), lengths
 
 
 def _mix(values: np.ndarray) -> np.ndarray:
@@ -74,31 +106,25 @@ def _mix(values: np.ndarray) -> np.ndarray:
 def _shingles(normalized: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """32-bit hashes of every text's word 3-shingles, concatenated, and where each text starts.
 
-    A text of fewer than three words is one shingle: the whole text.
+    A text of fewer than three words is one shingle: the whole text. The texts are normalized
+    (normalize), so their words are what splitting at single spaces gives.
     """
-    word_hashes = _WordHashes()
-    flat: list[int] = []
-    lengths = np.empty(len(normalized), dtype=np.int64)
-    for row, text in enumerate(normalized):
-        words = text.split()
-        if len(words) < _SHINGLE_WORDS:
-            words = [text]
-        lengths[row] = len(words)
-        flat.extend(map(word_hashes.__getitem__, words))
-    words = np.array(flat, dtype=np.uint64)
-    word_starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
-    short = lengths < _SHINGLE_WORDS
+    words, lengths = _word_hashes(normalized)
+    short = lengths < _SHINGLE_WORDS  # (such a text is one word: itself)
     counts = np.where(short, 1, lengths - (_SHINGLE_WORDS - 1))
-    shingle_starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
-    position = np.repeat(word_starts, counts) + np.arange(counts.sum()) - np.repeat(shingle_starts, counts)
+    # every word with the ones following it, then the positions that start a shingle: all but
+    # the last two words of each longer text; a one-word text has no following words of its own
     padded = np.concatenate((words, np.zeros(_SHINGLE_WORDS - 1, dtype=np.uint64)))
-    single = np.repeat(short, counts)
-    combined = padded[position] * _WORD_WEIGHTS[0]
+    combined = words * _WORD_WEIGHTS[0]
     for offset in range(1, _SHINGLE_WORDS):
-        # A one-shingle text has no following words of its own: leave its neighbour out.
-        following = np.where(single, np.uint64(0), padded[position + offset])
-        combined += following * _WORD_WEIGHTS[offset]
-    return _mix(combined) >> np.uint64(32), shingle_starts
+        combined += padded[offset:offset + len(words)] * _WORD_WEIGHTS[offset]
+    word_starts = np.cumsum(lengths) - lengths
+    combined[word_starts[short]] = words[word_starts[short]] * _WORD_WEIGHTS[0]
+    starts_shingle = np.ones(len(words), dtype=bool)
+    ends = (word_starts + lengths)[~short]
+    for back in range(1, _SHINGLE_WORDS):
+        starts_shingle[ends - back] = False
+    return _mix(combined[starts_shingle]) >> np.uint64(32), np.cumsum(counts) - counts
 
 
 def minhash_signatures(normalized: list[str], num_perm: int, seed: int) -> np.ndarray:
