@@ -62,8 +62,8 @@ def lsh_bands(num_perm: int, threshold: float) -> tuple[int, int]:
 def _word_hashes(normalized: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """The crc32 of every word of every text (a text of fewer than three words: the text as one
     word), concatenated as uint64, and each text's number of words. Texts are split in Arrow and
-    each distinct word hashed once (Arrow's dictionary encoding) (crc32 rather than hash(): Python's string hash changes with
-    every process)."""
+    each distinct word hashed once (Arrow's dictionary encoding); crc32 rather than hash():
+    Python's string hash changes with every process."""
     if not normalized:
         return np.empty(0, np.uint64), np.empty(0, np.int64)
     try:
