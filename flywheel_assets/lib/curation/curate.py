@@ -13,13 +13,15 @@ import re
 
 import duckdb
 import numpy as np
+import polars as pl
 import pyarrow as pa
 
 from flywheel_assets.lib.config import FlywheelConfig
+from flywheel_assets.lib.curation.columnar import plain_conversations
 from flywheel_assets.lib.curation.dedup import (
     NUM_PERM, find_duplicates, lsh_keys, minhash_signatures, normalize, text_signatures,
 )
-from flywheel_assets.lib.curation.scrub import may_need_scrubbing, scrub_messages
+from flywheel_assets.lib.curation.scrub import holds_a_hint, may_need_scrubbing, scrub_messages
 from flywheel_assets.lib.lake import conform
 from flywheel_assets.lib.tables import CURATED_TRAJECTORIES
 
@@ -99,25 +101,50 @@ def score_fields(score: dict, config: FlywheelConfig) -> dict:
     return {name: score[name] for name in SCORE_FIELDS} | {"split": split}
 
 
-def content_fields(trajectories: list[dict], edits: dict[str, str], config: FlywheelConfig,
+def content_fields(trajectories: pa.Table, edits: dict[str, str], config: FlywheelConfig,
                    signatures: Signatures) -> list[dict]:
-    """CONTENT_FIELDS of each logged trajectory: its conversation as chat messages, the final answer
-    replaced by its user's edit (`edits`: user_edits), scrubbed, and its LSH keys."""
+    """CONTENT_FIELDS of each logged trajectory (`trajectories`: trajectory_id, turns, tool_calls,
+    tools_json, user_prompt): its conversation as chat messages, the final answer replaced by its
+    user's edit (`edits`: user_edits), scrubbed, and its LSH keys. Plain conversations that need
+    no edit and no scrubbing are built in Arrow (columnar.py), the others one by one."""
+    built = plain_conversations(trajectories)
+    ids = trajectories.column("trajectory_id").to_pylist()
+    plain = (built["plain"] & pl.Series(ids, dtype=pl.String).is_in(list(edits)).not_()
+             & holds_a_hint(built["joined"]).not_()).to_list()
+    messages_json, texts, normalized = (built[name].to_list() for name in ("messages_json", "text", "normalized"))
+    tools, prompts = (trajectories.column(name).to_pylist() for name in ("tools_json", "user_prompt"))
+    rows: list[dict] = []
+    for index, is_plain in enumerate(plain):
+        if is_plain:
+            signatures.learn(messages_json[index], normalized[index] or normalize(texts[index]))
+            rows.append({"messages_json": messages_json[index], "pii_replacements": 0, "pii_kinds": "",
+                         "user_edited": False})
+        else:
+            rows.append({})
+    others = [index for index, is_plain in enumerate(plain) if not is_plain]
+    for index, content in zip(others, _one_by_one(trajectories.take(pa.array(others, pa.int64())).to_pylist(),
+                                                  edits, signatures)):
+        rows[index] = content
+    for row, tools_json, prompt in zip(rows, tools, prompts):
+        row["tools_json"], row["prompt_key"] = tools_json, prompt_key(prompt)
+    keys = lsh_keys(signatures.of(rows), config.curation.near_duplicate_jaccard)
+    for row, row_keys in zip(rows, keys.tolist()):
+        row["lsh_keys"] = row_keys
+    return rows
+
+
+def _one_by_one(trajectories: list[dict], edits: dict[str, str], signatures: Signatures) -> list[dict]:
+    """content_fields' messages, scrubbing and text of conversations, one at a time."""
     rows, conversations, edited = [], [], []
     for trajectory in trajectories:
         conversations.append(messages := to_messages(trajectory["turns"], trajectory["tool_calls"]))
         edited.append(apply_edit(messages, edits.get(trajectory["trajectory_id"])))
-    for trajectory, messages, user_edited, check in zip(trajectories, conversations, edited,
-                                                        may_need_scrubbing(conversations)):
+    for messages, user_edited, check in zip(conversations, edited, may_need_scrubbing(conversations)):
         messages, found = scrub_messages(messages) if check else (messages, {})
         messages_json = json.dumps(messages, ensure_ascii=False)
-        signatures.learn(messages_json, messages)
-        rows.append({"messages_json": messages_json, "tools_json": trajectory["tools_json"],
-                     "prompt_key": prompt_key(trajectory["user_prompt"]), "pii_replacements": sum(found.values()),
+        signatures.learn(messages_json, normalize(_conversation_text(messages)))
+        rows.append({"messages_json": messages_json, "pii_replacements": sum(found.values()),
                      "pii_kinds": ",".join(sorted(found)), "user_edited": user_edited})
-    keys = lsh_keys(signatures.of(rows), config.curation.near_duplicate_jaccard)
-    for row, row_keys in zip(rows, keys.tolist()):
-        row["lsh_keys"] = row_keys
     return rows
 
 
@@ -130,9 +157,9 @@ class Signatures:
         self._known: dict[str, np.ndarray] = {}
         self._normalized: dict[str, str] = {}
 
-    def learn(self, messages_json: str, messages: list[dict]) -> None:
-        """The text of messages_json, from the messages it encodes (no parsing back)."""
-        self._normalized.setdefault(messages_json, normalize(_conversation_text(messages)))
+    def learn(self, messages_json: str, normalized: str) -> None:
+        """The normalized text of messages_json, from the messages it encodes (no parsing back)."""
+        self._normalized.setdefault(messages_json, normalized)
 
     def normalized(self, messages_json: str) -> str:
         if (text := self._normalized.get(messages_json)) is None:
@@ -195,10 +222,11 @@ def curate(scores: pa.Table, trajectories: pa.Table, config: FlywheelConfig,
     joined = con.execute(f"""
         SELECT {', '.join(f's.{name}' for name in SCORE_FIELDS)}, t.turns, t.tool_calls, t.tools_json, t.user_prompt
         FROM scores s JOIN trajectories t USING (trajectory_id) ORDER BY s.trajectory_id
-    """).to_arrow_table().to_pylist()
+    """).to_arrow_table()
     signatures = Signatures(config)
     contents = content_fields(joined, edits or {}, config, signatures)
-    rows = [score_fields(row, config) | content for row, content in zip(joined, contents)]
+    rows = [score_fields(row, config) | content
+            for row, content in zip(joined.select(list(SCORE_FIELDS)).to_pylist(), contents)]
     mark_duplicates(rows, config, signatures)
     return conform(pa.Table.from_pylist(rows) if rows else CURATED_TRAJECTORIES.schema.empty_table(),
                    CURATED_TRAJECTORIES)

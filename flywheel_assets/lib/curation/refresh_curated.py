@@ -103,16 +103,18 @@ def _changed_rows(con, lake: Lake, config: FlywheelConfig, refresh: Refresh, sco
     rebuild = sorted(score["trajectory_id"] for score in scores
                      if score["trajectory_id"] not in old or score["trajectory_id"] in newly_edited)
     rebuild_keys = pa.array(rebuild, pa.string())
-    conversations = logged.filter(pc.is_in(logged.column("trajectory_id"), value_set=rebuild_keys)).to_pylist()
-    if earlier := sorted(set(rebuild) - {conversation["trajectory_id"] for conversation in conversations}):
+    conversations = logged.filter(pc.is_in(logged.column("trajectory_id"), value_set=rebuild_keys))
+    if earlier := sorted(set(rebuild) - set(conversations.column("trajectory_id").to_pylist())):
         con.register("earlier", pa.table({"key": pa.array(earlier, pa.string())}))
-        conversations += keyed(con, lake, TRAJECTORIES, "trajectory_id", "earlier", _CONVERSATION,
-                               refresh.versions[TRAJECTORIES.name]).to_pylist()
+        history = keyed(con, lake, TRAJECTORIES, "trajectory_id", "earlier", _CONVERSATION,
+                        refresh.versions[TRAJECTORIES.name])
+        conversations = pa.concat_tables([conversations.select(_CONVERSATION), history.select(_CONVERSATION)],
+                                         promote_options="permissive")
     con.register("rebuild", pa.table({"key": rebuild_keys}))
     edits = user_edits(keyed(con, lake, SESSION_EVENTS, "trajectory_id", "rebuild", _EDIT_COLUMNS,
                              refresh.versions[SESSION_EVENTS.name]))
     built = content_fields(conversations, edits, config, signatures)
-    contents = dict(zip((conversation["trajectory_id"] for conversation in conversations), built))
+    contents = dict(zip(conversations.column("trajectory_id").to_pylist(), built))
     for trajectory_id, row in old.items():
         contents.setdefault(trajectory_id, {name: row[name] for name in CONTENT_FIELDS})
     return {score["trajectory_id"]: score_fields(score, config) | contents[score["trajectory_id"]]

@@ -242,9 +242,14 @@ def may_need_scrubbing(conversations: list[list[dict]]) -> list[bool]:
         texts = pl.Series(joined, dtype=pl.String)
     except UnicodeEncodeError:  # a lone surrogate, which Arrow cannot hold: that text is scrubbed unchecked
         texts = pl.Series([text if _encodable(text) else None for text in joined], dtype=pl.String)
+    return holds_a_hint(texts).to_list()
+
+
+def holds_a_hint(texts: pl.Series) -> pl.Series:
+    """Per text (_joined's lines), whether it holds a rule's hint; a null text does."""
     flagged = texts.str.contains_any(_TEXT_HINTS) | texts.str.contains_any(_WORD_HINTS, ascii_case_insensitive=True) \
         | texts.str.contains(_DIGIT_HINTS)
-    return flagged.fill_null(True).to_list()
+    return flagged.fill_null(True)
 
 
 def _encodable(text: str) -> bool:
