@@ -26,6 +26,8 @@ import numpy as np
 import polars as pl
 import pyarrow.compute as pc
 
+from flywheel_assets.lib.arrays import distinct
+
 _PUNCTUATION = re.compile(r"[^\w\s]|_")
 _SHINGLE_WORDS = 3
 # LSH bands are shaped so that a pair exactly at the threshold becomes a candidate with
@@ -217,7 +219,7 @@ def _similar_pairs(signatures: np.ndarray, threshold: float) -> tuple[np.ndarray
         left, right = _pairs_within_groups(keys[:, band])
         lefts.append(left)
         rights.append(right)
-    pair_codes = np.unique(np.concatenate(lefts) * rows_count + np.concatenate(rights))
+    pair_codes = distinct(np.concatenate(lefts) * rows_count + np.concatenate(rights))
     left, right = pair_codes // rows_count, pair_codes % rows_count
     keep = np.zeros(len(pair_codes), dtype=bool)
     for start in range(0, len(pair_codes), _PAIR_CHUNK):

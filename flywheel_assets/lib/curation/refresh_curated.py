@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from flywheel_assets.lib.arrays import distinct
 from flywheel_assets.lib.config import FlywheelConfig
 from flywheel_assets.lib.curation.curate import (
     CONTENT_FIELDS, SCORE_FIELDS, Signatures, content_fields, curate, mark_duplicates, score_fields, user_edits,
@@ -136,7 +137,7 @@ def _linked(con, lake: Lake, config: FlywheelConfig, seeds: list[dict], known: s
         keys = np.fromiter(chain.from_iterable(row["lsh_keys"] or () for row in frontier), np.int64, counts.sum())
         texts = np.repeat(np.fromiter((position[row["messages_json"]] for row in frontier), np.int64, len(frontier)),
                           counts)
-        con.register("frontier", pa.table({"key": np.unique(keys)}))
+        con.register("frontier", pa.table({"key": distinct(keys)}))
         # the stored rows holding one of those band keys (the key index finds their files)
         stored = keyed(con, lake, CURATED_TRAJECTORIES, "lsh_keys", "frontier", ["trajectory_id", "lsh_keys"])
         stored = stored.filter(pc.invert(pc.is_in(stored.column("trajectory_id"),

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from flywheel_assets.lib.arrays import distinct
 from flywheel_assets.lib.ingest.limits import PROBLEM_REASONS, TS_MAX, TS_MIN, TS_RANGE
 from flywheel_assets.lib.lake import utcnow
 from flywheel_assets.lib.tables import QUARANTINE
@@ -318,7 +319,7 @@ def _first_of_each_id(con: duckdb.DuckDBPyConnection, rows: pa.Table) -> pa.Tabl
     repeated = ordered[1:][ordered[1:] == ordered[:-1]]
     if len(repeated) == 0:
         return rows
-    candidates = rows.filter(pc.is_in(rows.column("event_hash"), value_set=pa.array(np.unique(repeated))))
+    candidates = rows.filter(pc.is_in(rows.column("event_hash"), value_set=pa.array(distinct(repeated))))
     con.register("candidates", candidates.select(["event_id", "source_line"]))
     try:
         repeats = con.execute(_REPEATS_SQL).to_arrow_table().column("source_line")

@@ -7,6 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from flywheel_assets.lib.arrays import distinct
 from flywheel_assets.lib.ingest.events import with_event_hash
 from flywheel_assets.lib.lake import Lake
 from flywheel_assets.lib.tables import ANNOTATIONS, QUARANTINE, SESSION_EVENTS, TRAJECTORIES, Table
@@ -52,7 +53,7 @@ class KeyIndex:
                     known |= seen[np.minimum(found, len(seen) - 1)] == hashes
             if not known.any():
                 return rows
-            candidates = np.unique(hashes[known])
+            candidates = distinct(hashes[known])
             seen_ids = []
             for seen_hashes, ids in self.ids:
                 found = np.searchsorted(candidates, seen_hashes)

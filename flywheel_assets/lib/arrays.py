@@ -1,0 +1,13 @@
+"""numpy helpers for the hot paths."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def distinct(values: np.ndarray) -> np.ndarray:
+    """np.unique(values) of an integer array (its sorted distinct values, flattened), by sorting:
+    numpy 2.3+ finds them by hashing, some 70x slower on a few million distinct 64-bit keys
+    (1.9 s against 0.03 s for 2.2M random uint64 here)."""
+    values = np.sort(np.asarray(values), axis=None)
+    return values[np.concatenate(([True], values[1:] != values[:-1]))] if len(values) > 1 else values
