@@ -16,7 +16,7 @@ from flywheel_assets.lib.tables import TRAJECTORIES
 
 # quotes, backslashes, every escape json.dumps writes, control characters it writes as \uXXXX,
 # Python-only whitespace (\x1c, \xa0), non-ASCII letters and digits, PII that scrubbing replaces
-PIECES = ["word", "Mixed CASE", " ", "  ", '"', "\\", "\n", "\r", "\t", "\b", "\f", "\x00", "\x1c", "\x1f", "\x7f",
+PIECES = ["word", "Mixed CASE", " ", "  ", "\x0b", '"', "\\", "\n", "\r", "\t", "\b", "\f", "\x00", "\x1c", "\x1f", "\x7f",
           "_", "-", "é", "ÉTÉ", "東京", "٣", "ß", "\xa0", "\u2028", "😀", "42", "a.b", "x_y", "jane@example.com",
           "sk-abcdefghijklmnopqrstu", "+1 415 555 0100"]
 
@@ -80,4 +80,4 @@ def test_content_fields_equal_the_per_row_path_for_every_row(seed):
     assert got == expected
     assert [columnar.normalized(row["messages_json"]) for row in got] \
         == [normalize(curate._dedup_text(row["messages_json"])) for row in got]
-    assert sum(row["pii_replacements"] > 0 for row in got) > 20 and sum(row["user_edited"] for row in got) > 10
+    assert sum(row["pii_replacements"] > 0 for row in got) > 20 and sum(row["user_edited"] for row in got) > 5

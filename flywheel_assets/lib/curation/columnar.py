@@ -18,6 +18,7 @@ import polars as pl
 _ESCAPES = (("\\", "\\\\"), ('"', '\\"'), ("\n", "\\n"), ("\r", "\\r"), ("\t", "\\t"), ("\b", "\\b"), ("\f", "\\f"))
 _OTHER_CONTROL = r"[\x00-\x07\x0b\x0e-\x1f]"
 _NOT_ASCII = r"[^\x00-\x7f]"
+_ASCII_SPACE = r"[\t\n\x0b\x0c\r\x1c-\x1f ]+"  # what str.split() and re's \s take for space in ASCII
 
 
 def plain_conversations(conversations: pa.Table) -> pl.DataFrame:
@@ -48,3 +49,12 @@ def _quoted(text: pl.Expr) -> pl.Expr:
     for char, escaped in _ESCAPES:
         text = text.str.replace_all(char, escaped, literal=True)
     return pl.lit('"') + text + pl.lit('"')
+
+
+def prompt_texts(prompts: pa.ChunkedArray | pa.Array) -> list[str | None]:
+    """The text curate.py's prompt_key hashes (stripped, lower case, each run of space one
+    space) of each ASCII prompt (a missing one: ""); None for the others, left to prompt_key."""
+    prompt = pl.Series(prompts)
+    return pl.select(pl.when(prompt.fill_null("").str.contains(_NOT_ASCII).not_()).then(
+        prompt.fill_null("").str.replace_all(_ASCII_SPACE, " ").str.strip_chars(" ").str.to_lowercase())
+    ).to_series().to_list()

@@ -17,7 +17,7 @@ import polars as pl
 import pyarrow as pa
 
 from flywheel_assets.lib.config import FlywheelConfig
-from flywheel_assets.lib.curation.columnar import plain_conversations
+from flywheel_assets.lib.curation.columnar import plain_conversations, prompt_texts
 from flywheel_assets.lib.curation.dedup import (
     NUM_PERM, find_duplicates, lsh_keys, minhash_signatures, normalize, text_signatures,
 )
@@ -125,8 +125,9 @@ def content_fields(trajectories: pa.Table, edits: dict[str, str], config: Flywhe
     for index, content in zip(others, _one_by_one(trajectories.take(pa.array(others, pa.int64())).to_pylist(),
                                                   edits, signatures)):
         rows[index] = content
-    for row, tools_json, prompt in zip(rows, tools, prompts):
-        row["tools_json"], row["prompt_key"] = tools_json, prompt_key(prompt)
+    for row, tools_json, prompt, text in zip(rows, tools, prompts, prompt_texts(trajectories.column("user_prompt"))):
+        row["tools_json"] = tools_json
+        row["prompt_key"] = prompt_key(prompt) if text is None else hashlib.md5(text.encode()).hexdigest()
     keys = lsh_keys(signatures.of(rows), config.curation.near_duplicate_jaccard)
     for row, row_keys in zip(rows, keys.tolist()):
         row["lsh_keys"] = row_keys

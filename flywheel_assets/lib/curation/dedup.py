@@ -34,7 +34,7 @@ _SHINGLE_WORDS = 3
 # at least this probability; candidates are then checked against the full signature.
 _LSH_RECALL = 0.99
 _PAIR_CHUNK = 100_000
-_HASH_BLOCK = 4_000_000
+_HASH_BLOCK = 500_000  # hashes a thread holds: 4 MB, about what a core caches here (4M was ~30% slower)
 _HASH_THREADS = min(4, os.cpu_count() or 1)
 NUM_PERM = 64
 

@@ -137,16 +137,15 @@ def _linked(con, lake: Lake, config: FlywheelConfig, seeds: list[dict], known: s
         keys = np.fromiter(chain.from_iterable(row["lsh_keys"] or () for row in frontier), np.int64, counts.sum())
         texts = np.repeat(np.fromiter((position[row["messages_json"]] for row in frontier), np.int64, len(frontier)),
                           counts)
-        con.register("frontier", pa.table({"key": distinct(keys)}))
+        frontier_keys = distinct(keys)
+        con.register("frontier", pa.table({"key": frontier_keys}))
         # the stored rows holding one of those band keys (the key index finds their files)
         stored = keyed(con, lake, CURATED_TRAJECTORIES, "lsh_keys", "frontier", ["trajectory_id", "lsh_keys"])
         stored = stored.filter(pc.invert(pc.is_in(stored.column("trajectory_id"),
                                                   value_set=pa.array(sorted(known | set(found)), pa.string()))))
         if not stored.num_rows:
             break
-        frontier_keys = set(keys.tolist())
-        shared = {trajectory_id: frontier_keys.intersection(row_keys)
-                  for trajectory_id, row_keys in zip(*stored.to_pydict().values())}
+        shared = _keys_among(stored, frontier_keys)
         # the frontier's texts holding each key a stored row shares
         matched = np.isin(keys, np.fromiter(set().union(*shared.values()), np.int64))
         owners: dict[int, set[int]] = {}
@@ -175,6 +174,20 @@ def _linked(con, lake: Lake, config: FlywheelConfig, seeds: list[dict], known: s
                 found[row["trajectory_id"]] = row
                 frontier.append(row)
     return list(found.values())
+
+
+def _keys_among(stored: pa.Table, keys: np.ndarray) -> dict[str, set[int]]:
+    """trajectory_id -> the lsh_keys of that stored row that are among `keys` (sorted)."""
+    column = stored.column("lsh_keys").combine_chunks()
+    flat = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.int64)
+    owner = pc.list_parent_indices(column).to_numpy()
+    found = np.searchsorted(keys, flat)
+    among = np.flatnonzero(keys[np.minimum(found, len(keys) - 1)] == flat) if len(keys) else np.empty(0, np.int64)
+    ids = stored.column("trajectory_id").to_pylist()
+    shared: dict[str, set[int]] = {}
+    for row, key in zip(owner[among].tolist(), flat[among].tolist()):
+        shared.setdefault(ids[row], set()).add(key)
+    return shared
 
 
 def _differs(row: dict, stored: dict | None) -> bool:
