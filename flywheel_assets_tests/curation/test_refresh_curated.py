@@ -231,4 +231,4 @@ def test_rows_sharing_no_band_key_are_kept_unhashed_and_the_rest_decided_as_over
     assert [(row["dedup_status"], row["duplicate_of"]) for row in rows] == expected
     assert {status for status, _ in expected} == {"kept", "exact_duplicate", "near_duplicate"}
     # the 40 unlike texts without a copy or near copy were set aside: no signature was made for them
-    assert len(hashed._known) == 10 + 2 * 10 + 1
+    assert len(hashed._slot) == len(hashed._signatures) == 10 + 2 * 10 + 1

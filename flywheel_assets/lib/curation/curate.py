@@ -155,7 +155,8 @@ class Signatures:
 
     def __init__(self, config: FlywheelConfig):
         self.seed = config.curation.seed
-        self._known: dict[str, np.ndarray] = {}
+        self._slot: dict[str, int] = {}  # messages_json -> its row of _signatures
+        self._signatures = text_signatures([], seed=self.seed)
         self._normalized: dict[str, str] = {}
 
     def learn(self, messages_json: str, normalized: str) -> None:
@@ -168,12 +169,12 @@ class Signatures:
         return text
 
     def of(self, rows: list[dict]) -> np.ndarray:
-        missing = list(dict.fromkeys(row["messages_json"] for row in rows if row["messages_json"] not in self._known))
-        if missing:
-            self._known.update(zip(missing, minhash_signatures([self.normalized(text) for text in missing],
-                                                               NUM_PERM, self.seed)))
-        return np.stack([self._known[row["messages_json"]] for row in rows]) if rows \
-            else text_signatures([], seed=self.seed)
+        texts = [row["messages_json"] for row in rows]
+        if missing := [text for text in dict.fromkeys(texts) if text not in self._slot]:
+            self._slot.update(zip(missing, range(len(self._signatures), len(self._signatures) + len(missing))))
+            self._signatures = np.concatenate([self._signatures, minhash_signatures(
+                [self.normalized(text) for text in missing], NUM_PERM, self.seed)])
+        return self._signatures[np.fromiter(map(self._slot.__getitem__, texts), np.int64, len(texts))]
 
 
 def mark_duplicates(rows: list[dict], config: FlywheelConfig, signatures: Signatures) -> None:
