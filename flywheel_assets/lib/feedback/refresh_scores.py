@@ -8,7 +8,9 @@ test_refresh.py and benchmarks/bench_refresh.py compare them).
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import duckdb
@@ -58,18 +60,33 @@ def run_refresh(lake: Lake, output: Table, feeds: tuple[Feed, ...], settings: in
     with ingest_lock(lake.config.landing, lake.config.ingest.lock_timeout_s, owner=f"refresh {output.name}",
                      name=refresh_lock_name(output.name)):
         refresh = Refresh.plan(lake, output, feeds, settings, full)
-        try:
-            rows, partitions = body(refresh, duckdb.connect())
-        except StaleWatermark as stale:
-            refresh = Refresh.plan(lake, output, feeds, settings, full=True)
-            refresh.reason = str(stale)
-            rows, partitions = body(refresh, duckdb.connect())
+        with _without_cycle_collection():
+            try:
+                rows, partitions = body(refresh, duckdb.connect())
+            except StaleWatermark as stale:
+                refresh = Refresh.plan(lake, output, feeds, settings, full=True)
+                refresh.reason = str(stale)
+                rows, partitions = body(refresh, duckdb.connect())
         now = utcnow()
         rows = rows.drop_columns([name for name in ("updated_at",) if name in rows.column_names])
         rows = conform(rows.append_column("updated_at", pa.repeat(pa.scalar(now, pa.timestamp("us", tz="UTC")),
                                                                    rows.num_rows)), output)
         version = refresh.commit(rows, partitions, now)
     return Outcome(rows, version, refresh.full, refresh.reason, dict(refresh.new_rows))
+
+
+@contextmanager
+def _without_cycle_collection():
+    """Python's cycle collector paused: a refresh makes and drops hundreds of thousands of row
+    dicts and strings, none in a cycle, and each full collection walks every live one (about
+    1.5 s of a 1M-event day's curation)."""
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if paused:
+            gc.enable()
 
 
 def refresh_session_feedback(lake: Lake, config: FlywheelConfig, full: bool = False) -> Outcome:
