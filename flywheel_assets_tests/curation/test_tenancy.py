@@ -58,9 +58,11 @@ def test_an_opted_out_tenant_is_analysed_but_never_trained_on_nor_sent_to_the_te
 
     scored = lake.read(TRAJECTORY_SCORES, columns=["tenant_id"]).column("tenant_id").to_pylist()
     assert scored.count("globex") > 100  # analysed: scored like everyone
-    curated = lake.read(CURATED_TRAJECTORIES, columns=["tenant_id", "split"]).to_pylist()
+    curated = lake.read(CURATED_TRAJECTORIES, columns=["tenant_id", "split", "origin"]).to_pylist()
     assert {r["split"] for r in curated if r["tenant_id"] == "globex"} == {"opt_out"}
     assert {"train", "holdout"} <= {r["split"] for r in curated if r["tenant_id"] == "acme"}
+    # the cold start is not a sample of live usage: never held out
+    assert len(cold := [r["split"] for r in curated if r["origin"] != "usage"]) >= 100 and set(cold) == {"train"}
 
     instance.add_dynamic_partitions("cycle", ["c1"])
     cycle = dg.materialize([training_dataset, training_set_tenancy], partition_key="c1",

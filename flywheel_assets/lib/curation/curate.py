@@ -90,15 +90,21 @@ CONTENT_FIELDS = ("messages_json", "tools_json", "prompt_key", "pii_replacements
                   "lsh_keys")
 
 
-def score_fields(score: dict, config: FlywheelConfig) -> dict:
-    """A curated row's fields that follow its trajectory_scores row, split included."""
-    # golden and synthetic data is never held out: it is not a sample of live usage
-    unit = score["session_id"] or score["trajectory_id"]
-    holdout = score["origin"] == "usage" and in_holdout(unit, config.curation.holdout_fraction)
-    split = "holdout" if holdout else "train"
-    if not config.tenancy.trains_on(score["tenant_id"]):
-        split = "opt_out"  # never trained on; not held out either (the held-out set stays the trained users')
-    return {name: score[name] for name in SCORE_FIELDS} | {"split": split}
+def score_fields(scores: list[dict], config: FlywheelConfig) -> list[dict]:
+    """Curated rows' fields that follow their trajectory_scores rows (`scores`: SCORE_FIELDS each),
+    split included: the dicts of `scores`, completed in place."""
+    fraction, trains = config.curation.holdout_fraction, {}
+    for score in scores:
+        if (tenant := score["tenant_id"]) not in trains:
+            trains[tenant] = config.tenancy.trains_on(tenant)
+        if not trains[tenant]:  # never trained on; not held out either (the held-out set stays the trained users')
+            score["split"] = "opt_out"
+        # golden and synthetic data is never held out: it is not a sample of live usage
+        elif score["origin"] == "usage" and in_holdout(score["session_id"] or score["trajectory_id"], fraction):
+            score["split"] = "holdout"
+        else:
+            score["split"] = "train"
+    return scores
 
 
 def content_fields(trajectories: pa.Table, edits: dict[str, str], config: FlywheelConfig,
@@ -227,8 +233,9 @@ def curate(scores: pa.Table, trajectories: pa.Table, config: FlywheelConfig,
     """).to_arrow_table()
     signatures = Signatures(config)
     contents = content_fields(joined, edits or {}, config, signatures)
-    rows = [score_fields(row, config) | content
-            for row, content in zip(joined.select(list(SCORE_FIELDS)).to_pylist(), contents)]
+    rows = score_fields(joined.select(list(SCORE_FIELDS)).to_pylist(), config)
+    for row, content in zip(rows, contents):
+        row.update(content)
     mark_duplicates(rows, config, signatures)
     return conform(pa.Table.from_pylist(rows) if rows else CURATED_TRAJECTORIES.schema.empty_table(),
                    CURATED_TRAJECTORIES)

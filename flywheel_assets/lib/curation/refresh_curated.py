@@ -118,8 +118,10 @@ def _changed_rows(con, lake: Lake, config: FlywheelConfig, refresh: Refresh, sco
     contents = dict(zip(conversations.column("trajectory_id").to_pylist(), built))
     for trajectory_id, row in old.items():
         contents.setdefault(trajectory_id, {name: row[name] for name in CONTENT_FIELDS})
-    return {score["trajectory_id"]: score_fields(score, config) | contents[score["trajectory_id"]]
-            for score in scores if score["trajectory_id"] in contents}
+    rows = score_fields([score for score in scores if score["trajectory_id"] in contents], config)
+    for row in rows:
+        row.update(contents[row["trajectory_id"]])
+    return {row["trajectory_id"]: row for row in rows}
 
 
 def _linked(con, lake: Lake, config: FlywheelConfig, seeds: list[dict], known: set[str],
