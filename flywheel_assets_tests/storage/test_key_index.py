@@ -58,9 +58,15 @@ def _index_files(lake, column):
     return sorted(folder.glob("*.npy")) if folder.is_dir() else []
 
 
-@pytest.mark.parametrize("batch", [1, 50, 16_000_000])  # a file's hashes at a time, a few files, all at once
-def test_a_lookup_finds_what_a_scan_finds_at_any_version(curated, monkeypatch, batch):
+@pytest.mark.parametrize("batch, few", [
+    (1, 0), (50, 0), (16_000_000, 0),  # every hash tested: a file's hashes at a time, a few files, all at once
+    (50, 4_096),  # each file's sorted hashes searched for the few keys (mapped, once this process checked it)
+])
+def test_a_lookup_finds_what_a_scan_finds_at_any_version(curated, monkeypatch, batch, few):
     monkeypatch.setattr(key_index, "KEY_BATCH_ROWS", batch)
+    monkeypatch.setattr(key_index, "FEW_KEYS", few)
+    if few:  # the search alone answers
+        monkeypatch.setattr(key_index, "_Hashes", None)
     lake, versions = curated
     files = len(lake.dataset(CURATED_TRAJECTORIES).files)
     ids = ["t0-3", "t2-39", "t4-0", "t4-11", "nowhere"]
@@ -80,7 +86,9 @@ def test_a_lookup_finds_what_a_scan_finds_at_any_version(curated, monkeypatch, b
         assert _look_up(lake, "trajectory_id", [first]) == [every[first]]
 
 
-def test_an_index_that_lies_costs_a_read_never_a_wrong_row(curated):
+@pytest.mark.parametrize("few", [0, 4_096])
+def test_an_index_that_lies_costs_a_read_never_a_wrong_row(curated, monkeypatch, few):
+    monkeypatch.setattr(key_index, "FEW_KEYS", few)
     lake, _ = curated
     keys = [7, 150, 299]
     expected = _scan(lake, "lsh_keys", keys)
@@ -97,8 +105,22 @@ def test_an_index_that_lies_costs_a_read_never_a_wrong_row(curated):
     raw, body = stored[half + 2].read_bytes(), np.load(stored[half + 2]).nbytes
     stored[half + 2].write_bytes(raw[:len(raw) - body] + b"\0" * body)  # its header whole, its hashes zeroed
     np.save(stored[half + 3], np.zeros(3, np.int64))
+    # (a process trusts a file it checked while it stays the same file: what a crash leaves, the
+    # next process finds)
+    monkeypatch.setattr(key_index, "_CHECKED", {})
     assert _look_up(lake, "lsh_keys", keys) == expected
     assert all(key_index._load(path) is not None for path in stored)
+
+
+def test_a_checked_index_file_replaced_is_checked_again(curated):
+    lake, _ = curated
+    _look_up(lake, "trajectory_id", ["t0-1"])
+    stored = _index_files(lake, "trajectory_id")[0]
+    assert key_index._load(stored) is not None and isinstance(key_index._load(stored, mapped=True), np.memmap)
+    staged = stored.with_name("replacement.npy")
+    np.save(staged, np.arange(5, dtype=np.uint64))  # an array, its checksum wrong; moved in place as a writer would
+    os.replace(staged, stored)
+    assert key_index._load(stored, mapped=True) is None
 
 
 def test_maintenance_deletes_the_index_of_files_no_table_holds(curated):

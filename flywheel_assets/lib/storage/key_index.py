@@ -43,6 +43,10 @@ _PROBE = pl.Series(["flywheel", "key index", ""]).hash(_SEED).to_numpy().tobytes
 SCHEME = f"v2-polars-{pl.__version__}-{platform.machine()}-{hashlib.sha256(_PROBE).hexdigest()[:8]}"
 KEY_BATCH_ROWS = 8_000_000  # key hashes tested at once by a lookup (64 MB, a few times that in flight)
 _STAGING_HOURS = 1  # prune: staging files older than this were left by a crash
+# A lookup of at most this many distinct keys searches each file's sorted hashes (about
+# FEW_KEYS * 20 comparisons a file) instead of testing every stored hash against its keys
+FEW_KEYS = 4_096
+_CHECKED: dict[Path, tuple[int, int, int]] = {}  # index files this process found intact, as they were then
 
 
 def keyed(con: duckdb.DuckDBPyConnection, lake, table: Table, column: str, keys: str,
@@ -65,9 +69,16 @@ def keyed(con: duckdb.DuckDBPyConnection, lake, table: Table, column: str, keys:
     key_type = schema.field(column).type
     value_type = key_type.value_type if pa.types.is_list(key_type) or pa.types.is_large_list(key_type) else key_type
     values = pl.Series(wanted.cast(value_type))
-    hashes = _Hashes(values.hash(_SEED).unique().to_numpy())
+    query = values.hash(_SEED).unique().to_numpy()
     folder = _folder(lake, table, column)
     parts: list[pa.Table] = []
+    if len(query) <= FEW_KEYS:  # each file's sorted hashes searched: a few pages of each, mapped
+        query = np.sort(query)
+        for fragment in fragments:
+            if _holds_any(_hashes(fragment, schema, column, folder, mapped=True), query):
+                _read_matching(fragment, schema, names, column, values, parts)
+        return pa.concat_tables(parts) if parts else empty
+    hashes = _Hashes(query)
     batch: list[tuple[pa_ds.Fragment, np.ndarray]] = []
     held = 0
     for index, fragment in enumerate(fragments):
@@ -77,11 +88,24 @@ def keyed(con: duckdb.DuckDBPyConnection, lake, table: Table, column: str, keys:
             ends = np.cumsum([len(found) for _, found in batch])
             hits = np.flatnonzero(hashes.among(np.concatenate([found for _, found in batch])))
             for position in np.unique(np.searchsorted(ends, hits, side="right")).tolist():
-                read = batch[position][0].to_table(schema=schema, columns=list(dict.fromkeys([*names, column])))
-                if (matched := read.filter(_matches(read.column(column), values))).num_rows:
-                    parts.append(matched.select(names))
+                _read_matching(batch[position][0], schema, names, column, values, parts)
             batch, held = [], 0
     return pa.concat_tables(parts) if parts else empty
+
+
+def _read_matching(fragment: pa_ds.Fragment, schema: pa.Schema, names: list[str], column: str, values: pl.Series,
+                   parts: list[pa.Table]) -> None:
+    read = fragment.to_table(schema=schema, columns=list(dict.fromkeys([*names, column])))
+    if (matched := read.filter(_matches(read.column(column), values))).num_rows:
+        parts.append(matched.select(names))
+
+
+def _holds_any(found: np.ndarray, query: np.ndarray) -> bool:
+    """Whether sorted hashes `found` hold one of the sorted hashes `query`."""
+    if not len(found):
+        return False
+    position = np.searchsorted(found, query)
+    return bool((found[np.minimum(position, len(found) - 1)] == query).any())
 
 
 class _Hashes:
@@ -112,12 +136,14 @@ def _matches(read: pa.ChunkedArray, values: pl.Series) -> pa.Array:
     return pa.array(mask)
 
 
-def _hashes(fragment: pa_ds.Fragment, schema: pa.Schema, column: str, folder: Path | None) -> np.ndarray:
+def _hashes(fragment: pa_ds.Fragment, schema: pa.Schema, column: str, folder: Path | None,
+            mapped: bool = False) -> np.ndarray:
     """The distinct hashes of a data file's key values (nulls left out), sorted, from the index
-    when it holds them intact. Rows held in memory (a tier's filtered rows) are hashed each time."""
+    when it holds them intact (`mapped`: memory-mapped when this process checked the file
+    already). Rows held in memory (a tier's filtered rows) are hashed each time."""
     path = getattr(fragment, "path", None)
     stored = None if folder is None or path is None else folder / f"{_file_id(fragment, path)}.npy"
-    if stored is not None and (found := _load(stored)) is not None:
+    if stored is not None and (found := _load(stored, mapped)) is not None:
         return found
     read = fragment.to_table(schema=schema, columns=[column]).column(0)
     if pa.types.is_list(read.type) or pa.types.is_large_list(read.type):
@@ -134,10 +160,16 @@ def _checksum(found: np.ndarray) -> np.uint64:
                          + np.uint64(len(found) + 1) * np.uint64(0xBF58476D1CE4E5B9))
 
 
-def _load(stored: Path) -> np.ndarray | None:
+def _load(stored: Path, mapped: bool = False) -> np.ndarray | None:
     """An index file's hashes, or None when it is absent or fails its checks (type, order,
-    checksum: a file cut short or zeroed by a crash)."""
+    checksum: a file cut short or zeroed by a crash). A file this process checked already, and
+    that is the same file still (inode, size, modification time), is trusted: `mapped` then maps
+    it instead of reading it (a search touches a few pages)."""
     try:
+        status = os.stat(stored)
+        seen = (status.st_ino, status.st_size, status.st_mtime_ns)
+        if mapped and _CHECKED.get(stored) == seen:
+            return np.load(stored, mmap_mode="r")[:-1]
         held = np.load(stored)
     except Exception:  # absent, cut short, not an array
         return None
@@ -146,6 +178,7 @@ def _load(stored: Path) -> np.ndarray | None:
     found = held[:-1]
     if held[-1] != _checksum(found) or (len(found) > 1 and not bool(np.all(found[1:] > found[:-1]))):
         return None
+    _CHECKED[stored] = seen
     return found
 
 
