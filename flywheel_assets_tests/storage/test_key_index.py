@@ -60,7 +60,7 @@ def _index_files(lake, column):
 
 @pytest.mark.parametrize("batch, few", [
     (1, 0), (50, 0), (16_000_000, 0),  # every hash tested: a file's hashes at a time, a few files, all at once
-    (50, 4_096),  # each file's sorted hashes searched for the few keys (mapped, once this process checked it)
+    (50, 4_096),  # each file's sorted hashes searched for the few keys
 ])
 def test_a_lookup_finds_what_a_scan_finds_at_any_version(curated, monkeypatch, batch, few):
     monkeypatch.setattr(key_index, "KEY_BATCH_ROWS", batch)
@@ -116,11 +116,11 @@ def test_a_checked_index_file_replaced_is_checked_again(curated):
     lake, _ = curated
     _look_up(lake, "trajectory_id", ["t0-1"])
     stored = _index_files(lake, "trajectory_id")[0]
-    assert key_index._load(stored) is not None and isinstance(key_index._load(stored, mapped=True), np.memmap)
+    assert key_index._load(stored) is not None and stored in key_index._CHECKED  # checked once, then trusted
     staged = stored.with_name("replacement.npy")
     np.save(staged, np.arange(5, dtype=np.uint64))  # an array, its checksum wrong; moved in place as a writer would
     os.replace(staged, stored)
-    assert key_index._load(stored, mapped=True) is None
+    assert key_index._load(stored) is None
 
 
 def test_maintenance_deletes_the_index_of_files_no_table_holds(curated):

@@ -72,10 +72,10 @@ def keyed(con: duckdb.DuckDBPyConnection, lake, table: Table, column: str, keys:
     query = values.hash(_SEED).unique().to_numpy()
     folder = _folder(lake, table, column)
     parts: list[pa.Table] = []
-    if len(query) <= FEW_KEYS:  # each file's sorted hashes searched: a few pages of each, mapped
+    if len(query) <= FEW_KEYS:  # each file's sorted hashes searched
         query = np.sort(query)
         for fragment in fragments:
-            if _holds_any(_hashes(fragment, schema, column, folder, mapped=True), query):
+            if _holds_any(_hashes(fragment, schema, column, folder), query):
                 _read_matching(fragment, schema, names, column, values, parts)
         return pa.concat_tables(parts) if parts else empty
     hashes = _Hashes(query)
@@ -136,14 +136,12 @@ def _matches(read: pa.ChunkedArray, values: pl.Series) -> pa.Array:
     return pa.array(mask)
 
 
-def _hashes(fragment: pa_ds.Fragment, schema: pa.Schema, column: str, folder: Path | None,
-            mapped: bool = False) -> np.ndarray:
+def _hashes(fragment: pa_ds.Fragment, schema: pa.Schema, column: str, folder: Path | None) -> np.ndarray:
     """The distinct hashes of a data file's key values (nulls left out), sorted, from the index
-    when it holds them intact (`mapped`: memory-mapped when this process checked the file
-    already). Rows held in memory (a tier's filtered rows) are hashed each time."""
+    when it holds them intact. Rows held in memory (a tier's filtered rows) are hashed each time."""
     path = getattr(fragment, "path", None)
     stored = None if folder is None or path is None else folder / f"{_file_id(fragment, path)}.npy"
-    if stored is not None and (found := _load(stored, mapped)) is not None:
+    if stored is not None and (found := _load(stored)) is not None:
         return found
     read = fragment.to_table(schema=schema, columns=[column]).column(0)
     if pa.types.is_list(read.type) or pa.types.is_large_list(read.type):
@@ -160,17 +158,18 @@ def _checksum(found: np.ndarray) -> np.uint64:
                          + np.uint64(len(found) + 1) * np.uint64(0xBF58476D1CE4E5B9))
 
 
-def _load(stored: Path, mapped: bool = False) -> np.ndarray | None:
+def _load(stored: Path) -> np.ndarray | None:
     """An index file's hashes, or None when it is absent or fails its checks (type, order,
     checksum: a file cut short or zeroed by a crash). A file this process checked already, and
-    that is the same file still (inode, size, modification time), is trusted: `mapped` then maps
-    it instead of reading it (a search touches a few pages)."""
+    that is the same file still (inode, size, modification time), is read unchecked. (Read whole,
+    never memory-mapped: a map holds a file handle each, and on a shared network volume a file
+    another host deletes would fault the pages read later, outside any error handling.)"""
     try:
         status = os.stat(stored)
         seen = (status.st_ino, status.st_size, status.st_mtime_ns)
-        if mapped and _CHECKED.get(stored) == seen:
-            return np.load(stored, mmap_mode="r")[:-1]
         held = np.load(stored)
+        if _CHECKED.get(stored) == seen:
+            return held[:-1]
     except Exception:  # absent, cut short, not an array
         return None
     if held.dtype != np.uint64 or held.ndim != 1 or not len(held):
