@@ -4,6 +4,7 @@ declares the lake's data tables with it, lib/tables_ops.py the operational recor
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import pyarrow as pa
 
@@ -22,7 +23,7 @@ class Table:
     # cold tier (lib/storage/tiers.py) and are still read through Lake as one table
     tiered: bool = False
 
-    @property
+    @cached_property  # (a frozen dataclass: the cache goes to the instance's __dict__ directly)
     def schema(self) -> pa.Schema:
         return pa.schema([pa.field(name, dtype) for name, dtype, _ in self.columns])
 
