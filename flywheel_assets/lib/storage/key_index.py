@@ -54,8 +54,9 @@ def keyed(con: duckdb.DuckDBPyConnection, lake, table: Table, column: str, keys:
     """`columns` (all by default) of the rows of `table` (at `version`) whose `column` is in the
     view `keys` (one column named key); a list column matches when any of its values is.
 
-    Every data file's key hashes first (from the index, KEY_BATCH_ROWS at a time), then the files
-    a hash points at, whole, their rows matched exactly. A refresh's keys are mostly of recent
+    Every data file's key hashes first (from the index, KEY_BATCH_ROWS at a time; a lookup of at
+    most FEW_KEYS keys binary-searches each file's sorted hashes instead), then the files a hash
+    points at, whole, their rows matched exactly. A refresh's keys are mostly of recent
     rows, so the history costs 8 bytes a distinct key (a join over the table had read every
     column asked for of every row; decoding every file's key strings, 75 ns a row)."""
     dataset = lake.dataset(table, version)
