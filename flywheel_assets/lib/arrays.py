@@ -1,8 +1,10 @@
-"""numpy helpers for the hot paths."""
+"""Array helpers for the hot paths."""
 
 from __future__ import annotations
 
 import numpy as np
+import polars as pl
+import pyarrow as pa
 
 
 def distinct(values: np.ndarray) -> np.ndarray:
@@ -11,3 +13,10 @@ def distinct(values: np.ndarray) -> np.ndarray:
     (1.9 s against 0.03 s for 2.2M random uint64 here)."""
     values = np.sort(np.asarray(values), axis=None)
     return values[np.concatenate(([True], values[1:] != values[:-1]))] if len(values) > 1 else values
+
+
+def items_among(lists: pa.Array | pa.ChunkedArray, values: pl.Series) -> tuple[np.ndarray, pl.Series]:
+    """The row and the value of every item of a list column that is one of `values` (nulls never)."""
+    hits = pl.DataFrame({"items": pl.Series(lists)}).with_row_index("row").explode("items") \
+        .filter(pl.col("items").is_in(values.implode()).fill_null(False))
+    return hits["row"].to_numpy(), hits["items"]

@@ -120,14 +120,15 @@ def content_fields(trajectories: pa.Table, edits: dict[str, str], config: Flywhe
     messages_json, texts, normalized = (built[name].to_list() for name in ("messages_json", "text", "normalized"))
     tools, prompts = (trajectories.column(name).to_pylist() for name in ("tools_json", "user_prompt"))
     rows: list[dict] = []
+    others: list[int] = []  # the rows built one by one
     for index, is_plain in enumerate(plain):
-        if is_plain:
-            signatures.learn(messages_json[index], normalized[index] or normalize(texts[index]))
-            rows.append({"messages_json": messages_json[index], "pii_replacements": 0, "pii_kinds": "",
-                         "user_edited": False})
-        else:
+        if not is_plain:
+            others.append(index)
             rows.append({})
-    others = [index for index, is_plain in enumerate(plain) if not is_plain]
+            continue
+        signatures.learn(messages_json[index], normalized[index] or normalize(texts[index]))
+        rows.append({"messages_json": messages_json[index], "pii_replacements": 0, "pii_kinds": "",
+                     "user_edited": False})
     for index, content in zip(others, _one_by_one(trajectories.take(pa.array(others, pa.int64())).to_pylist(),
                                                   edits, signatures)):
         rows[index] = content

@@ -72,9 +72,9 @@ def _word_hashes(normalized: list[str]) -> tuple[np.ndarray, np.ndarray]:
         texts = pl.Series(normalized, dtype=pl.String)
     except UnicodeEncodeError:  # a lone surrogate, which Arrow cannot hold: word by word in Python
         return _word_hashes_in_python(normalized)
-    split = pl.DataFrame({"text": texts}).select(
-        pl.when(pl.col("text").str.split(" ").list.len() < _SHINGLE_WORDS).then(pl.concat_list("text"))
-        .otherwise(pl.col("text").str.split(" "))).to_series()  # (an empty text: one empty word)
+    split = pl.DataFrame({"text": texts}).with_columns(words=pl.col("text").str.split(" ")).select(
+        pl.when(pl.col("words").list.len() < _SHINGLE_WORDS).then(pl.concat_list("text"))
+        .otherwise("words")).to_series()  # (an empty text: one empty word)
     lengths = split.list.len()
     words = pc.dictionary_encode(split.explode().to_arrow())
     hashes = np.fromiter((zlib.crc32(word.encode("utf-8")) for word in words.dictionary.to_pylist()), np.uint64,

@@ -28,10 +28,11 @@ from itertools import chain
 
 import duckdb
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from flywheel_assets.lib.arrays import distinct
+from flywheel_assets.lib.arrays import distinct, items_among
 from flywheel_assets.lib.config import FlywheelConfig
 from flywheel_assets.lib.curation.curate import (
     CONTENT_FIELDS, SCORE_FIELDS, Signatures, content_fields, curate, mark_duplicates, score_fields, user_edits,
@@ -179,15 +180,11 @@ def _linked(con, lake: Lake, config: FlywheelConfig, seeds: list[dict], known: s
 
 
 def _keys_among(stored: pa.Table, keys: np.ndarray) -> dict[str, set[int]]:
-    """trajectory_id -> the lsh_keys of that stored row that are among `keys` (sorted)."""
-    column = stored.column("lsh_keys").combine_chunks()
-    flat = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.int64)
-    owner = pc.list_parent_indices(column).to_numpy()
-    found = np.searchsorted(keys, flat)
-    among = np.flatnonzero(keys[np.minimum(found, len(keys) - 1)] == flat) if len(keys) else np.empty(0, np.int64)
+    """trajectory_id -> the lsh_keys of that stored row that are among `keys`."""
+    rows, items = items_among(stored.column("lsh_keys"), pl.Series(keys, dtype=pl.Int64))
     ids = stored.column("trajectory_id").to_pylist()
     shared: dict[str, set[int]] = {}
-    for row, key in zip(owner[among].tolist(), flat[among].tolist()):
+    for row, key in zip(rows.tolist(), items.to_list()):
         shared.setdefault(ids[row], set()).add(key)
     return shared
 

@@ -34,6 +34,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.dataset as pa_ds
 
+from flywheel_assets.lib.arrays import items_among
 from flywheel_assets.lib.tables import FORGET_REQUESTS, Table
 
 _SEED = 0x5EED
@@ -130,10 +131,8 @@ def _matches(read: pa.ChunkedArray, values: pl.Series) -> pa.Array:
     """Which rows hold one of `values` (a list: any of its items)."""
     if not (pa.types.is_list(read.type) or pa.types.is_large_list(read.type)):
         return pl.Series(read).is_in(values.implode()).fill_null(False).to_arrow()
-    rows = pl.DataFrame({"items": pl.Series(read)}).with_row_index("row").explode("items") \
-        .filter(pl.col("items").is_in(values.implode()).fill_null(False))["row"].to_numpy()
     mask = np.zeros(len(read), bool)
-    mask[rows] = True
+    mask[items_among(read, values)[0]] = True
     return pa.array(mask)
 
 
