@@ -146,14 +146,16 @@ def test_empty_input_and_mismatched_lengths():
         find_duplicates(["a"], ["text", "more"], [1.0])
 
 
-@pytest.mark.parametrize("hash_block", [1, 7, 500])
-def test_signatures_do_not_depend_on_how_the_hashing_is_split(monkeypatch, hash_block):
+@pytest.mark.parametrize(("hash_block", "text_chunk"), [(1, 10**9), (7, 10**9), (500, 10**9), (500, 1), (7, 300)])
+def test_signatures_do_not_depend_on_how_the_hashing_is_split(monkeypatch, hash_block, text_chunk):
     from flywheel_assets.lib.curation import dedup
 
     rng = random.Random(3)
     texts = [" ".join(f"w{rng.randrange(300)}" for _ in range(rng.randrange(0, 60))) for _ in range(200)] + ["a b"]
-    whole = minhash_signatures(texts, 64, 0)  # every hash of a text in one block
+    monkeypatch.setattr(dedup, "_TEXT_CHUNK", 10**9)
+    whole = minhash_signatures(texts, 64, 0)  # every hash of a text in one block, every text in one chunk
     monkeypatch.setattr(dedup, "_HASH_BLOCK", hash_block)
+    monkeypatch.setattr(dedup, "_TEXT_CHUNK", text_chunk)  # texts (of at least one) of up to this many characters
     assert (minhash_signatures(texts, 64, 0) == whole).all()
 
 

@@ -36,6 +36,7 @@ _LSH_RECALL = 0.99
 _PAIR_CHUNK = 100_000
 _HASH_BLOCK = 500_000  # hashes a thread holds: 4 MB, about what a core caches here (4M was ~30% slower)
 _HASH_THREADS = min(4, os.cpu_count() or 1)
+_TEXT_CHUNK = 4_000_000  # characters of text whose words and shingles are held at once
 NUM_PERM = 64
 
 _MIX_1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -134,11 +135,27 @@ def minhash_signatures(normalized: list[str], num_perm: int, seed: int) -> np.nd
 
     Permutation i is the multiply-add-shift hash ((a_i * x + b_i) mod 2^64) >> 32.
     """
-    shingles, starts = _shingles(normalized)
     rng = np.random.default_rng(seed)
     multipliers = rng.integers(0, 2**64, size=num_perm, dtype=np.uint64) | np.uint64(1)
     offsets = rng.integers(0, 2**64, size=num_perm, dtype=np.uint64)
     signatures = np.empty((len(normalized), num_perm), dtype=np.uint32)
+    # texts of about _TEXT_CHUNK characters at a time: their words and shingles are what is held
+    read = np.cumsum(np.fromiter(map(len, normalized), np.int64, len(normalized)))  # characters up to each text's end
+    with ThreadPoolExecutor(_HASH_THREADS) as pool:
+        first = 0
+        while first < len(normalized):
+            before = int(read[first - 1]) if first else 0
+            end = max(first + 1, int(np.searchsorted(read, before + _TEXT_CHUNK, side="right")))
+            _hash_into(signatures[first:end], normalized[first:end], multipliers, offsets, pool)
+            first = end
+    return signatures
+
+
+def _hash_into(signatures: np.ndarray, normalized: list[str], multipliers: np.ndarray, offsets: np.ndarray,
+               pool: ThreadPoolExecutor) -> None:
+    """minhash_signatures of some texts, written into `signatures` (their rows)."""
+    shingles, starts = _shingles(normalized)
+    num_perm = len(multipliers)
     ends = np.append(starts[1:], len(shingles))
 
     def hash_block(task: tuple[int, int, int, int]) -> None:
@@ -157,9 +174,7 @@ def minhash_signatures(normalized: list[str], num_perm: int, seed: int) -> np.nd
         block = max(1, _HASH_BLOCK // int(ends[end_text - 1] - starts[first_text]))
         tasks += [(first_text, end_text, first, min(first + block, num_perm)) for first in range(0, num_perm, block)]
         first_text = end_text
-    with ThreadPoolExecutor(_HASH_THREADS) as pool:
-        list(pool.map(hash_block, tasks))
-    return signatures
+    list(pool.map(hash_block, tasks))
 
 
 def _pairs_within_groups(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
