@@ -70,12 +70,14 @@ def test_content_fields_equal_the_per_row_path_for_every_row(seed):
     config = FlywheelConfig()
     edits = {f"t{row:04d}": f"edited {row}" for row in range(0, 400, 7)}
     columnar = curate.Signatures(config)
-    got = curate.content_fields(table, edits, config, columnar)
+    built = curate.content_fields(table, edits, config, columnar)
+    assert built.column("trajectory_id").to_pylist() == table.column("trajectory_id").to_pylist()
+    got = built.drop_columns(["trajectory_id"]).to_pylist()
     per_row = curate.Signatures(config)
     expected = curate._one_by_one(table.to_pylist(), edits, per_row)
     for row, record in zip(expected, table.to_pylist()):
         row["tools_json"], row["prompt_key"] = record["tools_json"], curate.prompt_key(record["user_prompt"])
-    for row, keys in zip(expected, curate.lsh_keys(per_row.of(expected), config.curation.near_duplicate_jaccard)):
+    for row, keys in zip(expected, curate.lsh_keys(per_row.of([row["messages_json"] for row in expected]), config.curation.near_duplicate_jaccard)):
         row["lsh_keys"] = keys.tolist()
     assert got == expected
     assert [columnar.normalized(row["messages_json"]) for row in got] \

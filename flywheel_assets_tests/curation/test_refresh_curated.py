@@ -220,15 +220,15 @@ def test_rows_sharing_no_band_key_are_kept_unhashed_and_the_rest_decided_as_over
             for index, text in enumerate(texts)]
     signatures = Signatures(config)
     threshold = config.curation.near_duplicate_jaccard
-    every = signatures.of(rows)
+    every = signatures.of([row["messages_json"] for row in rows])
     for row, keys in zip(rows, lsh_keys(every, threshold).tolist()):
         row["lsh_keys"] = keys
     hashed = Signatures(config)
-    mark_duplicates(rows, config, hashed)
+    marked = mark_duplicates(pa.Table.from_pylist(rows), config, hashed).to_pylist()
     expected = find_duplicates([row["trajectory_id"] for row in rows],
                                [hashed.normalized(row["messages_json"]) for row in rows],
                                [row["combined_score"] for row in rows], near_threshold=threshold, signatures=every)
-    assert [(row["dedup_status"], row["duplicate_of"]) for row in rows] == expected
+    assert [(row["dedup_status"], row["duplicate_of"]) for row in marked] == expected
     assert {status for status, _ in expected} == {"kept", "exact_duplicate", "near_duplicate"}
     # the 40 unlike texts without a copy or near copy were set aside: no signature was made for them
     assert len(hashed._slot) == len(hashed._signatures) == 10 + 2 * 10 + 1

@@ -44,6 +44,33 @@ def test_the_policy_as_a_rule_and_as_sql():
         TenancyConfig(policies={"acme corp": "isolated"})  # a lane's name is in paths and partition keys
 
 
+def test_each_rows_split_follows_its_tenant_its_origin_and_its_sessions_hash():
+    import hashlib
+    import random
+
+    from flywheel_assets.lib.config import FlywheelConfig
+    from flywheel_assets.lib.curation.curate import score_fields
+
+    config = FlywheelConfig()
+    config.tenancy.policies = {"nope": "opt_out"}
+    config.curation.holdout_fraction = 0.3
+    rng = random.Random(4)
+    scores = [{"trajectory_id": f"t{index}-{rng.choice(['é', '✓', 'x'])}", "tenant_id": rng.choice(["default", "nope", None]),
+               "origin": rng.choice(["usage", "usage", "golden", "synthetic", None]),
+               "session_id": rng.choice([None, "", f"s{index % 40}", f"sé{index % 7}"])} for index in range(600)]
+
+    def expected(score: dict) -> str:  # the rule as documented, one row at a time
+        if score["tenant_id"] == "nope":
+            return "opt_out"
+        unit = score["session_id"] or score["trajectory_id"]
+        held = int(hashlib.md5(unit.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < 0.3
+        return "holdout" if score["origin"] == "usage" and held else "train"
+
+    splits = score_fields(pa.Table.from_pylist(scores), config).column("split").to_pylist()
+    assert splits == [expected(score) for score in scores]
+    assert {"opt_out", "holdout", "train"} <= set(splits)
+
+
 def test_an_opted_out_tenant_is_analysed_but_never_trained_on_nor_sent_to_the_teacher(home):
     (home / "config.json").write_text(json.dumps({"tenancy": {"policies": {"globex": "opt_out"}},
                                                   "cold_start": {"synthetic_trajectories": 100}}))

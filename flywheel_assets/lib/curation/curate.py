@@ -15,6 +15,7 @@ import duckdb
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from flywheel_assets.lib.config import FlywheelConfig
 from flywheel_assets.lib.curation.columnar import plain_conversations, prompt_texts
@@ -57,8 +58,14 @@ def prompt_key(text: str | None) -> str:
     return hashlib.md5(_SPACES.sub(" ", (text or "").strip().lower()).encode()).hexdigest()
 
 
-def in_holdout(unit: str, fraction: float) -> bool:
-    return int(hashlib.md5(unit.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
+def in_holdout(units: pa.Array | pa.ChunkedArray, fraction: float) -> np.ndarray:
+    """Whether each unit (a session, or a trajectory without one) is held out: the first 32 bits
+    of its md5, as a fraction of 2^32 - 1, below `fraction`."""
+    con = duckdb.connect()
+    con.register("units", pa.table({"unit": units}))
+    # (a projection keeps the rows' order)
+    bits = con.execute("SELECT ('0x' || md5(unit)[1:8])::UBIGINT AS bits FROM units").fetchnumpy()["bits"]
+    return np.asarray(bits, np.float64) / 0xFFFFFFFF < fraction
 
 
 def user_edits(events: pa.Table) -> dict[str, str]:
@@ -90,55 +97,55 @@ CONTENT_FIELDS = ("messages_json", "tools_json", "prompt_key", "pii_replacements
                   "lsh_keys")
 
 
-def score_fields(scores: list[dict], config: FlywheelConfig) -> list[dict]:
-    """Curated rows' fields that follow their trajectory_scores rows (`scores`: SCORE_FIELDS each),
-    split included: the dicts of `scores`, completed in place."""
-    fraction, trains = config.curation.holdout_fraction, {}
-    for score in scores:
-        if (tenant := score["tenant_id"]) not in trains:
-            trains[tenant] = config.tenancy.trains_on(tenant)
-        if not trains[tenant]:  # never trained on; not held out either (the held-out set stays the trained users')
-            score["split"] = "opt_out"
-        # golden and synthetic data is never held out: it is not a sample of live usage
-        elif score["origin"] == "usage" and in_holdout(score["session_id"] or score["trajectory_id"], fraction):
-            score["split"] = "holdout"
-        else:
-            score["split"] = "train"
-    return scores
+def score_fields(scores: pa.Table, config: FlywheelConfig) -> pa.Table:
+    """`scores` (SCORE_FIELDS of trajectory_scores rows) with the curated rows' split."""
+    tenants = scores.column("tenant_id").to_pylist()
+    trains = {tenant: config.tenancy.trains_on(tenant) for tenant in set(tenants)}
+    trained = np.fromiter(map(trains.__getitem__, tenants), bool, len(tenants))
+    # golden and synthetic data is never held out: it is not a sample of live usage
+    usage = pc.fill_null(pc.equal(scores.column("origin"), "usage"), False).to_numpy(zero_copy_only=False)
+    sessions = scores.column("session_id")
+    units = pc.if_else(pc.fill_null(pc.not_equal(sessions, ""), False), sessions, scores.column("trajectory_id"))
+    held = usage & in_holdout(units, config.curation.holdout_fraction)
+    # a tenant never trained on is not held out either (the held-out set stays the trained users')
+    split = np.where(trained, np.where(held, "holdout", "train"), "opt_out")
+    return scores.append_column("split", pa.array(split, pa.string()))
 
 
 def content_fields(trajectories: pa.Table, edits: dict[str, str], config: FlywheelConfig,
-                   signatures: Signatures) -> list[dict]:
-    """CONTENT_FIELDS of each logged trajectory (`trajectories`: trajectory_id, turns, tool_calls,
-    tools_json, user_prompt): its conversation as chat messages, the final answer replaced by its
-    user's edit (`edits`: user_edits), scrubbed, and its LSH keys. Plain conversations that need
-    no edit and no scrubbing are built in Arrow (columnar.py), the others one by one."""
+                   signatures: Signatures) -> pa.Table:
+    """trajectory_id and CONTENT_FIELDS of each logged trajectory (`trajectories`: trajectory_id,
+    turns, tool_calls, tools_json, user_prompt): its conversation as chat messages, the final
+    answer replaced by its user's edit (`edits`: user_edits), scrubbed, and its LSH keys. Plain
+    conversations that need no edit and no scrubbing are built in Arrow (columnar.py), the
+    others one by one."""
     built = plain_conversations(trajectories)
-    ids = trajectories.column("trajectory_id").to_pylist()
-    plain = (built["plain"] & pl.Series(ids, dtype=pl.String).is_in(list(edits)).not_()
-             & holds_a_hint(built["joined"]).not_()).to_list()
+    ids = trajectories.column("trajectory_id")
+    plain = (built["plain"] & pl.Series(ids).is_in(list(edits)).not_() & holds_a_hint(built["joined"]).not_())
     messages_json, texts, normalized = (built[name].to_list() for name in ("messages_json", "text", "normalized"))
-    tools, prompts = (trajectories.column(name).to_pylist() for name in ("tools_json", "user_prompt"))
-    rows: list[dict] = []
+    del built
+    count = len(messages_json)
+    replacements, kinds, edited = [0] * count, [""] * count, [False] * count
     others: list[int] = []  # the rows built one by one
-    for index, is_plain in enumerate(plain):
-        if not is_plain:
+    for index, is_plain in enumerate(plain.to_list()):
+        if is_plain:
+            signatures.learn(messages_json[index], normalized[index] or normalize(texts[index]))
+        else:
             others.append(index)
-            rows.append({})
-            continue
-        signatures.learn(messages_json[index], normalized[index] or normalize(texts[index]))
-        rows.append({"messages_json": messages_json[index], "pii_replacements": 0, "pii_kinds": "",
-                     "user_edited": False})
     for index, content in zip(others, _one_by_one(trajectories.take(pa.array(others, pa.int64())).to_pylist(),
                                                   edits, signatures)):
-        rows[index] = content
-    for row, tools_json, prompt, text in zip(rows, tools, prompts, prompt_texts(trajectories.column("user_prompt"))):
-        row["tools_json"] = tools_json
-        row["prompt_key"] = prompt_key(prompt) if text is None else hashlib.md5(text.encode()).hexdigest()
-    keys = lsh_keys(signatures.of(rows), config.curation.near_duplicate_jaccard)
-    for row, row_keys in zip(rows, keys.tolist()):
-        row["lsh_keys"] = row_keys
-    return rows
+        messages_json[index], replacements[index] = content["messages_json"], content["pii_replacements"]
+        kinds[index], edited[index] = content["pii_kinds"], content["user_edited"]
+    prompt_keys = [prompt_key(prompt) if text is None else hashlib.md5(text.encode()).hexdigest() for prompt, text
+                   in zip(trajectories.column("user_prompt").to_pylist(), prompt_texts(trajectories.column("user_prompt")))]
+    keys = lsh_keys(signatures.of(messages_json), config.curation.near_duplicate_jaccard)
+    return pa.table({
+        "trajectory_id": ids, "messages_json": pa.array(messages_json, pa.string()),
+        "tools_json": trajectories.column("tools_json"), "prompt_key": pa.array(prompt_keys, pa.string()),
+        "pii_replacements": pa.array(replacements, pa.int64()), "pii_kinds": pa.array(kinds, pa.string()),
+        "user_edited": pa.array(edited, pa.bool_()),
+        "lsh_keys": pa.ListArray.from_arrays(np.arange(count + 1, dtype=np.int32) * keys.shape[1], keys.reshape(-1)),
+    })
 
 
 def _one_by_one(trajectories: list[dict], edits: dict[str, str], signatures: Signatures) -> list[dict]:
@@ -175,8 +182,8 @@ class Signatures:
             text = self._normalized[messages_json] = normalize(_dedup_text(messages_json))
         return text
 
-    def of(self, rows: list[dict]) -> np.ndarray:
-        texts = [row["messages_json"] for row in rows]
+    def of(self, texts: list[str]) -> np.ndarray:
+        """The signatures of messages_json texts."""
         if missing := [text for text in dict.fromkeys(texts) if text not in self._slot]:
             self._slot.update(zip(missing, range(len(self._signatures), len(self._signatures) + len(missing))))
             self._signatures = np.concatenate([self._signatures, minhash_signatures(
@@ -184,41 +191,48 @@ class Signatures:
         return self._signatures[np.fromiter(map(self._slot.__getitem__, texts), np.int64, len(texts))]
 
 
-def mark_duplicates(rows: list[dict], config: FlywheelConfig, signatures: Signatures) -> None:
-    """Set each row's dedup_status and duplicate_of, de-duplicating within each lane (lib/tenancy.py):
-    a private tenant's copy never hides a pooled one from the shared lane's datasets, nor the
-    reverse. `rows` must hold whole duplicate groups: a row's status depends on its group only."""
-    lanes: dict[str, list[dict]] = {}
-    for row in rows:
-        lanes.setdefault(config.tenancy.lane(row["tenant_id"]), []).append(row)
-    for members in lanes.values():
-        members = _sharing_a_key(members)
-        texts = [signatures.normalized(row["messages_json"]) for row in members]
-        statuses = find_duplicates(
-            [row["trajectory_id"] for row in members],
-            texts,
-            # a copy that may be trained on is kept before an opted-out tenant's, whatever their scores
-            [row["combined_score"] + (2.0 if row["human_verified"] else 0.0)
-             - (10.0 if row["split"] == "opt_out" else 0.0) for row in members],
-            near_threshold=config.curation.near_duplicate_jaccard,
-            signatures=signatures.of(members),
-            normalized=texts,
-        )
-        for row, (status, duplicate_of) in zip(members, statuses):
-            row["dedup_status"], row["duplicate_of"] = status, duplicate_of
+def mark_duplicates(rows: pa.Table, config: FlywheelConfig, signatures: Signatures) -> pa.Table:
+    """`rows` (curated rows; dedup_status and duplicate_of may be missing) with each row's
+    dedup_status and duplicate_of, de-duplicated within each lane (lib/tenancy.py): a private
+    tenant's copy never hides a pooled one from the shared lane's datasets, nor the reverse.
+    `rows` must hold whole duplicate groups: a row's status depends on its group only."""
+    count = rows.num_rows
+    statuses: list[str] = ["kept"] * count
+    duplicate_of: list[str | None] = [None] * count
+    tenants = rows.column("tenant_id").to_pylist()
+    lane_of = {tenant: config.tenancy.lane(tenant) for tenant in set(tenants)}
+    lanes = np.array([lane_of[tenant] for tenant in tenants], dtype=object)
+    # a copy that may be trained on is kept before an opted-out tenant's, whatever their scores
+    priority = (rows.column("combined_score").to_numpy(zero_copy_only=False).astype(np.float64)
+                + 2.0 * pc.fill_null(rows.column("human_verified"), False).to_numpy(zero_copy_only=False)
+                - 10.0 * pc.fill_null(pc.equal(rows.column("split"), "opt_out"), False).to_numpy(zero_copy_only=False))
+    keys = rows.column("lsh_keys")
+    for lane in set(lane_of.values()):
+        members = np.flatnonzero(lanes == lane)
+        members = members[_sharing_a_key(keys.take(members))]
+        if not len(members):
+            continue
+        messages = rows.column("messages_json").take(members).to_pylist()
+        texts = [signatures.normalized(text) for text in messages]
+        found = find_duplicates(rows.column("trajectory_id").take(members).to_pylist(), texts,
+                                priority[members].tolist(), near_threshold=config.curation.near_duplicate_jaccard,
+                                signatures=signatures.of(messages), normalized=texts)
+        for member, (status, kept) in zip(members.tolist(), found):
+            statuses[member], duplicate_of[member] = status, kept
+    rows = rows.drop_columns([name for name in ("dedup_status", "duplicate_of") if name in rows.column_names])
+    return rows.append_column("dedup_status", pa.array(statuses, pa.string())).append_column(
+        "duplicate_of", pa.array(duplicate_of, pa.string()))
 
 
-def _sharing_a_key(rows: list[dict]) -> list[dict]:
-    """The rows that share an LSH band key with another row; the others are kept (no other row is
-    a candidate to duplicate them: copies and near copies share band keys), and need no signature."""
-    keys = [row["lsh_keys"] for row in rows]
-    if not rows or any(not row_keys or len(row_keys) != len(keys[0]) for row_keys in keys):
-        return rows  # (keys missing or uneven: no row can be set aside)
-    _, index, counts = np.unique(np.array(keys, np.int64), return_inverse=True, return_counts=True)
-    shared = (counts[index.reshape(len(rows), -1)] > 1).any(axis=1)
-    for row in (row for row, sharing in zip(rows, shared) if not sharing):
-        row["dedup_status"], row["duplicate_of"] = "kept", None
-    return [row for row, sharing in zip(rows, shared) if sharing]
+def _sharing_a_key(keys: pa.ChunkedArray) -> np.ndarray:
+    """Which rows (their lsh_keys) share an LSH band key with another row. The others are kept (no
+    other row is a candidate to duplicate them: copies and near copies share band keys) and need
+    no signature."""
+    lengths = pc.list_value_length(keys).to_numpy(zero_copy_only=False)
+    if not len(keys) or keys.null_count or lengths.min() == 0 or lengths.min() != lengths.max():
+        return np.ones(len(keys), bool)  # (keys missing or uneven: no row can be set aside)
+    _, index, counts = np.unique(pc.list_flatten(keys).to_numpy(), return_inverse=True, return_counts=True)
+    return (counts[index.reshape(len(keys), -1)] > 1).any(axis=1)
 
 
 def curate(scores: pa.Table, trajectories: pa.Table, config: FlywheelConfig,
@@ -233,13 +247,20 @@ def curate(scores: pa.Table, trajectories: pa.Table, config: FlywheelConfig,
         FROM scores s JOIN trajectories t USING (trajectory_id) ORDER BY s.trajectory_id
     """).to_arrow_table()
     signatures = Signatures(config)
-    contents = content_fields(joined, edits or {}, config, signatures)
-    rows = score_fields(joined.select(list(SCORE_FIELDS)).to_pylist(), config)
-    for row, content in zip(rows, contents):
-        row.update(content)
-    mark_duplicates(rows, config, signatures)
-    return conform(pa.Table.from_pylist(rows) if rows else CURATED_TRAJECTORIES.schema.empty_table(),
-                   CURATED_TRAJECTORIES)
+    rows = with_contents(score_fields(joined.select(list(SCORE_FIELDS)), config),
+                         content_fields(joined, edits or {}, config, signatures))
+    return conform(mark_duplicates(rows, config, signatures), CURATED_TRAJECTORIES)
+
+
+def with_contents(scores: pa.Table, contents: pa.Table) -> pa.Table:
+    """The rows of `scores` whose trajectory has a row in `contents` (trajectory_id and
+    CONTENT_FIELDS), with those fields."""
+    position = pc.index_in(scores.column("trajectory_id"), value_set=contents.column("trajectory_id"))
+    scores = scores.filter(pc.is_valid(position))
+    contents = contents.take(pc.drop_null(position))
+    for name in CONTENT_FIELDS:
+        scores = scores.append_column(name, contents.column(name))
+    return scores
 
 
 def _dedup_text(messages_json: str) -> str:

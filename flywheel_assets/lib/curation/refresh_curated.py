@@ -23,9 +23,6 @@ watermarks notice: the refresh then recomputes in full.
 
 from __future__ import annotations
 
-import math
-from itertools import chain
-
 import duckdb
 import numpy as np
 import polars as pl
@@ -35,7 +32,7 @@ import pyarrow.compute as pc
 from flywheel_assets.lib.arrays import distinct, items_among
 from flywheel_assets.lib.config import FlywheelConfig
 from flywheel_assets.lib.curation.curate import (
-    CONTENT_FIELDS, SCORE_FIELDS, Signatures, content_fields, curate, mark_duplicates, score_fields, user_edits,
+    CONTENT_FIELDS, SCORE_FIELDS, Signatures, content_fields, curate, mark_duplicates, score_fields, user_edits, with_contents,
 )
 from flywheel_assets.lib.curation.dedup import similar
 from flywheel_assets.lib.feedback.refresh import Feed, Refresh, StaleWatermark, fingerprint
@@ -54,6 +51,7 @@ _EDIT_COLUMNS = ["trajectory_id", "event_id", "event_type", "data_json", "ts"]
 # (a scrubbing fix reaches the history; old lsh_keys never meet new ones).
 CURATION_FORMAT = 1
 _CONVERSATION = ["trajectory_id", "turns", "tool_calls", "tools_json", "user_prompt"]
+_SEED = ["trajectory_id", "messages_json", "lsh_keys"]
 
 
 def refresh_curated_trajectories(lake: Lake, config: FlywheelConfig, full: bool = False) -> Outcome:
@@ -67,28 +65,24 @@ def refresh_curated_trajectories(lake: Lake, config: FlywheelConfig, full: bool 
             rows = curate(lake.read(TRAJECTORY_SCORES, list(SCORE_FIELDS), version=versions[TRAJECTORY_SCORES.name]),
                           logged, config, user_edits(edited))
             return rows, set(rows.column("created_day").to_pylist())
-        newly_edited = set(edited.column("trajectory_id").to_pylist())
-        affected = set(rescored.column("trajectory_id").to_pylist()) | set(logged.column("trajectory_id").to_pylist()) \
-            | newly_edited
-        con.register("affected", pa.table({"key": pa.array(sorted(affected), pa.string())}))
+        affected = pc.unique(_ids(rescored, logged, edited))
+        con.register("affected", pa.table({"key": affected.take(pc.array_sort_indices(affected))}))
         scores = keyed(con, lake, TRAJECTORY_SCORES, "trajectory_id", "affected", list(SCORE_FIELDS),
-                       versions[TRAJECTORY_SCORES.name]).to_pylist()
-        old = {row["trajectory_id"]: row for row in keyed(con, lake, CURATED_TRAJECTORIES, "trajectory_id",
-                                                          "affected").to_pylist()}
-        if gone := set(old) - {score["trajectory_id"] for score in scores}:
-            raise StaleWatermark(f"{len(gone)} curated rows lost their score row")
+                       versions[TRAJECTORY_SCORES.name])
+        old = conform(keyed(con, lake, CURATED_TRAJECTORIES, "trajectory_id", "affected"), CURATED_TRAJECTORIES)
+        if gone := pc.sum(pc.invert(pc.is_in(old.column("trajectory_id"), value_set=_ids(scores)))).as_py():
+            raise StaleWatermark(f"{gone} curated rows lost their score row")
         signatures = Signatures(config)
-        rows = _changed_rows(con, lake, config, refresh, scores, old, newly_edited, logged, signatures)
-        linked = _linked(con, lake, config, [*rows.values(), *old.values()], set(rows) | set(old), signatures)
-        mark_duplicates([*rows.values(), *linked], config, signatures)
+        rows = _changed_rows(con, lake, config, refresh, scores, old, _ids(edited), logged, signatures)
+        linked = _linked(con, lake, config, pa.concat_tables([rows.select(_SEED), old.select(_SEED)]),
+                         _ids(rows, old), signatures)
+        marked = mark_duplicates(pa.concat_tables([rows, linked]), config, signatures)
         # only what changed: a rescore that moved nothing curated here, and a linked row whose status
         # held, stay as stored
-        written = [row for row in rows.values() if _differs(row, old.get(row["trajectory_id"]))] \
-            + [row for row in linked if (row["dedup_status"], row["duplicate_of"])
-               != (row["was_status"], row["was_duplicate_of"])]
-        table = conform(pa.Table.from_pylist(written), CURATED_TRAJECTORIES) if written \
-            else CURATED_TRAJECTORIES.schema.empty_table()
-        return table, _days(written) | _days(old[row["trajectory_id"]] for row in written if row["trajectory_id"] in old)
+        rows, now_linked = marked.slice(0, rows.num_rows), marked.slice(rows.num_rows)
+        written = pa.concat_tables([rows.filter(_differs(rows, old)),
+                                    now_linked.filter(_differs(now_linked, linked, ["dedup_status", "duplicate_of"]))])
+        return written, _days(written) | _days(old.filter(pc.is_in(old.column("trajectory_id"), value_set=_ids(written))))
 
     curation = config.curation
     settings = fingerprint("curated_trajectories", CURATION_FORMAT, curation.holdout_fraction,
@@ -96,87 +90,86 @@ def refresh_curated_trajectories(lake: Lake, config: FlywheelConfig, full: bool 
     return run_refresh(lake, CURATED_TRAJECTORIES, (SCORES, LOGGED, EDITS), settings, full, body)
 
 
-def _changed_rows(con, lake: Lake, config: FlywheelConfig, refresh: Refresh, scores: list[dict],
-                  old: dict[str, dict], newly_edited: set[str], logged: pa.Table,
-                  signatures: Signatures) -> dict[str, dict]:
-    """The new curated rows of the scored trajectories among those affected (a trajectory not yet
-    scored, or scored but not yet logged, waits, as it does in a full run). The conversations
-    to rebuild come from the newly `logged` rows, the history only for the others."""
-    rebuild = sorted(score["trajectory_id"] for score in scores
-                     if score["trajectory_id"] not in old or score["trajectory_id"] in newly_edited)
-    rebuild_keys = pa.array(rebuild, pa.string())
-    conversations = logged.filter(pc.is_in(logged.column("trajectory_id"), value_set=rebuild_keys))
-    if earlier := sorted(set(rebuild) - set(conversations.column("trajectory_id").to_pylist())):
-        con.register("earlier", pa.table({"key": pa.array(earlier, pa.string())}))
+def _changed_rows(con, lake: Lake, config: FlywheelConfig, refresh: Refresh, scores: pa.Table, old: pa.Table,
+                  newly_edited: pa.Array, logged: pa.Table, signatures: Signatures) -> pa.Table:
+    """The new curated rows (CURATED_TRAJECTORIES, not yet de-duplicated) of the scored
+    trajectories among those affected (a trajectory not yet scored, or scored but not yet logged,
+    waits, as it does in a full run). The conversations to rebuild are the new and newly edited
+    ones, read from the newly `logged` rows, the history only for the others; the others keep
+    their stored content."""
+    ids = _ids(scores)
+    rebuild_keys = ids.filter(pc.or_(pc.invert(pc.is_in(ids, value_set=_ids(old))), pc.is_in(ids, value_set=newly_edited)))
+    conversations = logged.filter(pc.is_in(logged.column("trajectory_id"), value_set=rebuild_keys)).select(_CONVERSATION)
+    earlier = rebuild_keys.filter(pc.invert(pc.is_in(rebuild_keys, value_set=_ids(conversations))))
+    if len(earlier):
+        con.register("earlier", pa.table({"key": earlier}))
         history = keyed(con, lake, TRAJECTORIES, "trajectory_id", "earlier", _CONVERSATION,
                         refresh.versions[TRAJECTORIES.name])
-        conversations = pa.concat_tables([conversations.select(_CONVERSATION), history.select(_CONVERSATION)],
-                                         promote_options="permissive")
+        conversations = pa.concat_tables([conversations, history.select(_CONVERSATION)], promote_options="permissive")
     con.register("rebuild", pa.table({"key": rebuild_keys}))
     edits = user_edits(keyed(con, lake, SESSION_EVENTS, "trajectory_id", "rebuild", _EDIT_COLUMNS,
                              refresh.versions[SESSION_EVENTS.name]))
     built = content_fields(conversations, edits, config, signatures)
-    contents = dict(zip(conversations.column("trajectory_id").to_pylist(), built))
-    for trajectory_id, row in old.items():
-        contents.setdefault(trajectory_id, {name: row[name] for name in CONTENT_FIELDS})
-    rows = score_fields([score for score in scores if score["trajectory_id"] in contents], config)
-    for row in rows:
-        row.update(contents[row["trajectory_id"]])
-    return {row["trajectory_id"]: row for row in rows}
+    kept = old.filter(pc.invert(pc.is_in(old.column("trajectory_id"), value_set=_ids(built))))
+    schema = pa.schema([CURATED_TRAJECTORIES.schema.field(name) for name in ["trajectory_id", *CONTENT_FIELDS]])
+    contents = pa.concat_tables([built.select(schema.names).cast(schema), kept.select(schema.names)])
+    return conform(with_contents(score_fields(scores, config), contents), CURATED_TRAJECTORIES)
 
 
-def _linked(con, lake: Lake, config: FlywheelConfig, seeds: list[dict], known: set[str],
-            signatures: Signatures) -> list[dict]:
-    """The stored rows (other than `known`) a seed row resembles as find_duplicates judges it (a
-    shared LSH band key, then signatures agreeing at the threshold), and the rows those resemble,
-    and so on: with the seeds, whole duplicate groups. Each carries its stored status as
-    was_status and was_duplicate_of."""
+def _linked(con, lake: Lake, config: FlywheelConfig, seeds: pa.Table, known: pa.Array,
+            signatures: Signatures) -> pa.Table:
+    """The stored rows (CURATED_TRAJECTORIES, other than those `known`) a seed row (trajectory_id,
+    messages_json, lsh_keys) resembles as find_duplicates links two rows (a shared LSH band key,
+    then signatures agreeing at the threshold), and the rows those resemble, and so on: with the
+    seeds, whole duplicate groups."""
     threshold = config.curation.near_duplicate_jaccard
-    frontier, found, fetched = seeds, {}, {}
-    while frontier:
-        # one check per distinct text pair: copies of one text share their keys and their verdict
-        position = {text: index for index, text in enumerate(dict.fromkeys(row["messages_json"] for row in frontier))}
-        counts = np.fromiter((len(row["lsh_keys"] or ()) for row in frontier), np.int64, len(frontier))
-        keys = np.fromiter(chain.from_iterable(row["lsh_keys"] or () for row in frontier), np.int64, counts.sum())
-        texts = np.repeat(np.fromiter((position[row["messages_json"]] for row in frontier), np.int64, len(frontier)),
-                          counts)
+    frontier, found, fetched = seeds, [], []
+    while frontier.num_rows:
+        keys = pc.list_flatten(frontier.column("lsh_keys")).to_numpy()
+        rows_of_keys = np.repeat(np.arange(frontier.num_rows),
+                                 pc.fill_null(pc.list_value_length(frontier.column("lsh_keys")), 0).to_numpy())
         frontier_keys = distinct(keys)
         con.register("frontier", pa.table({"key": frontier_keys}))
         # the stored rows holding one of those band keys (the key index finds their files)
         stored = keyed(con, lake, CURATED_TRAJECTORIES, "lsh_keys", "frontier", ["trajectory_id", "lsh_keys"])
-        stored = stored.filter(pc.invert(pc.is_in(stored.column("trajectory_id"),
-                                                  value_set=pa.array(sorted(known | set(found)), pa.string()))))
+        stored = stored.filter(pc.invert(pc.is_in(stored.column("trajectory_id"), value_set=_ids(known, *found))))
         if not stored.num_rows:
             break
         shared = _keys_among(stored, frontier_keys)
-        # the frontier's texts holding each key a stored row shares
+        # the frontier's texts holding each key a stored row shares (one check per distinct text pair:
+        # copies of one text share their keys and their verdict)
         matched = np.isin(keys, np.fromiter(set().union(*shared.values()), np.int64))
+        owner_rows = distinct(rows_of_keys[matched])
+        owner_texts = frontier.column("messages_json").take(owner_rows).to_pylist()
+        position = {text: index for index, text in enumerate(dict.fromkeys(owner_texts))}
+        text_at = dict(zip(owner_rows.tolist(), map(position.__getitem__, owner_texts)))
         owners: dict[int, set[int]] = {}
-        for key, text in zip(keys[matched].tolist(), texts[matched].tolist()):
-            owners.setdefault(key, set()).add(text)
+        for key, row in zip(keys[matched].tolist(), rows_of_keys[matched].tolist()):
+            owners.setdefault(key, set()).add(text_at[row])
         # signatures of those texts only (a text that shares no key needs none)
-        partner_texts = sorted(set().union(*owners.values()))
-        slot = {text: index for index, text in enumerate(partner_texts)}
-        text_of = list(position)
-        text_signatures = signatures.of([{"messages_json": text_of[text]} for text in partner_texts])
-        if unfetched := sorted(set(shared) - set(fetched)):
+        text_signatures = signatures.of(list(position))
+        unfetched = sorted(set(shared) - {trajectory_id for table in fetched
+                                          for trajectory_id in table.column("trajectory_id").to_pylist()})
+        if unfetched:
             con.register("candidates", pa.table({"key": pa.array(unfetched, pa.string())}))
-            fetched.update((row["trajectory_id"], row) for row in
-                           keyed(con, lake, CURATED_TRAJECTORIES, "trajectory_id", "candidates").to_pylist())
-        candidates = [fetched[trajectory_id] for trajectory_id in sorted(shared)]
+            fetched.append(conform(keyed(con, lake, CURATED_TRAJECTORIES, "trajectory_id", "candidates"),
+                                   CURATED_TRAJECTORIES))
+        every = pa.concat_tables(fetched)
+        ids = pa.array(sorted(shared), pa.string())
+        candidates = every.take(pc.index_in(ids, value_set=_ids(every)))
+        texts = candidates.column("messages_json").to_pylist()
         verdicts: dict[tuple[str, frozenset], bool] = {}
-        frontier = []
-        for row, signature in zip(candidates, signatures.of(candidates)):
-            partners = frozenset(index for key in shared[row["trajectory_id"]] for index in owners[key])
-            verdict = (row["messages_json"], partners)
+        similar_rows = []
+        for index, (trajectory_id, text, signature) in enumerate(zip(ids.to_pylist(), texts, signatures.of(texts))):
+            partners = frozenset(owner for key in shared[trajectory_id] for owner in owners[key])
+            verdict = (text, partners)
             if verdict not in verdicts:
-                verdicts[verdict] = bool(similar(text_signatures[[slot[text] for text in sorted(partners)]], signature,
-                                                 threshold).any())
+                verdicts[verdict] = bool(similar(text_signatures[sorted(partners)], signature, threshold).any())
             if verdicts[verdict]:
-                row["was_status"], row["was_duplicate_of"] = row["dedup_status"], row["duplicate_of"]
-                found[row["trajectory_id"]] = row
-                frontier.append(row)
-    return list(found.values())
+                similar_rows.append(index)
+        frontier = candidates.take(pa.array(similar_rows, pa.int64()))
+        found.append(frontier)
+    return pa.concat_tables(found) if found else CURATED_TRAJECTORIES.schema.empty_table()
 
 
 def _keys_among(stored: pa.Table, keys: np.ndarray) -> dict[str, set[int]]:
@@ -189,17 +182,25 @@ def _keys_among(stored: pa.Table, keys: np.ndarray) -> dict[str, set[int]]:
     return shared
 
 
-def _differs(row: dict, stored: dict | None) -> bool:
-    if stored is None:
-        return True
-    for name in CURATED_TRAJECTORIES.schema.names:
-        if name == "updated_at":
-            continue
-        new, was = row.get(name), stored.get(name)
-        if new != was and not (isinstance(new, float) and isinstance(was, float) and math.isnan(new) and math.isnan(was)):
-            return True
-    return False
+def _differs(rows: pa.Table, stored: pa.Table, names: list[str] | None = None) -> pa.ChunkedArray:
+    """Whether each row (CURATED_TRAJECTORIES) is not stored, or differs from its stored row in a
+    column (`names`; all but updated_at when None); NaN equals NaN."""
+    names = names or [name for name in CURATED_TRAJECTORIES.schema.names if name not in ("trajectory_id", "updated_at")]
+    new = pl.from_arrow(rows.select(["trajectory_id", *names]))
+    was = pl.from_arrow(stored.select(["trajectory_id", *names])).with_columns(stored_=pl.lit(True))
+    joined = new.join(was, on="trajectory_id", how="left", suffix="_was", maintain_order="left")
+    differs = pl.col("stored_").is_null()
+    for name in names:
+        differs = differs | pl.col(name).eq_missing(pl.col(f"{name}_was")).not_()
+    return pa.chunked_array([joined.select(differs).to_series().to_arrow()])
 
 
-def _days(rows) -> set:
-    return {row["created_day"] for row in rows}
+def _ids(*sources: pa.Table | pa.Array) -> pa.Array:
+    """The trajectory_id columns of tables (and arrays of ids), as one string array."""
+    chunks = [chunk.cast(pa.string()) for source in sources
+              for chunk in ([source] if isinstance(source, pa.Array) else source.column("trajectory_id").chunks)]
+    return pa.concat_arrays(chunks) if chunks else pa.array([], pa.string())
+
+
+def _days(rows: pa.Table) -> set:
+    return set(pc.unique(rows.column("created_day")).to_pylist())
