@@ -11,8 +11,9 @@ flywheel_assets_tests/curation/test_columnar.py checks both give the same.
 
 from __future__ import annotations
 
-import pyarrow as pa
+import duckdb
 import polars as pl
+import pyarrow as pa
 
 # what json.dumps escapes with a short escape; the other control characters become \uXXXX
 _ESCAPES = (("\\", "\\\\"), ('"', '\\"'), ("\n", "\\n"), ("\r", "\\r"), ("\t", "\\t"), ("\b", "\\b"), ("\f", "\\f"))
@@ -51,10 +52,15 @@ def _quoted(text: pl.Expr) -> pl.Expr:
     return pl.lit('"') + text + pl.lit('"')
 
 
-def prompt_texts(prompts: pa.ChunkedArray | pa.Array) -> list[str | None]:
-    """The text curate.py's prompt_key hashes (stripped, lower case, each run of space one
-    space) of each ASCII prompt (a missing one: ""); None for the others, left to prompt_key."""
+def prompt_keys(prompts: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """curate.py's prompt_key of each ASCII prompt (a missing one: the key of ""): the md5 of the
+    prompt stripped, in lower case, each run of space one space; null for the others, left to
+    prompt_key."""
     prompt = pl.Series(prompts)
-    return pl.select(pl.when(prompt.fill_null("").str.contains(_NOT_ASCII).not_()).then(
+    texts = pl.select(pl.when(prompt.fill_null("").str.contains(_NOT_ASCII).not_()).then(
         prompt.fill_null("").str.replace_all(_ASCII_SPACE, " ").str.strip_chars(" ").str.to_lowercase())
-    ).to_series().to_list()
+    ).to_series().to_arrow()
+    con = duckdb.connect()
+    con.register("texts", pa.table({"text": texts}))
+    # (a projection keeps the rows' order)
+    return con.execute("SELECT md5(text) AS key FROM texts").to_arrow_table().column("key").combine_chunks().cast(pa.string())

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from flywheel_assets.lib.config import FlywheelConfig
-from flywheel_assets.lib.curation.columnar import plain_conversations, prompt_texts
+from flywheel_assets.lib.curation.columnar import plain_conversations, prompt_keys
 from flywheel_assets.lib.curation.dedup import (
     NUM_PERM, find_duplicates, lsh_keys, minhash_signatures, normalize, text_signatures,
 )
@@ -136,12 +136,15 @@ def content_fields(trajectories: pa.Table, edits: dict[str, str], config: Flywhe
                                                   edits, signatures)):
         messages_json[index], replacements[index] = content["messages_json"], content["pii_replacements"]
         kinds[index], edited[index] = content["pii_kinds"], content["user_edited"]
-    prompt_keys = [prompt_key(prompt) if text is None else hashlib.md5(text.encode()).hexdigest() for prompt, text
-                   in zip(trajectories.column("user_prompt").to_pylist(), prompt_texts(trajectories.column("user_prompt")))]
+    prompts = trajectories.column("user_prompt")
+    keys_of_prompts = prompt_keys(prompts)  # (ASCII prompts: prompt_key in polars and DuckDB; the others here)
+    if keys_of_prompts.null_count:
+        keys_of_prompts = pa.array([key or prompt_key(prompt) for key, prompt
+                                    in zip(keys_of_prompts.to_pylist(), prompts.to_pylist())], pa.string())
     keys = lsh_keys(signatures.of(messages_json), config.curation.near_duplicate_jaccard)
     return pa.table({
         "trajectory_id": ids, "messages_json": pa.array(messages_json, pa.string()),
-        "tools_json": trajectories.column("tools_json"), "prompt_key": pa.array(prompt_keys, pa.string()),
+        "tools_json": trajectories.column("tools_json"), "prompt_key": keys_of_prompts,
         "pii_replacements": pa.array(replacements, pa.int64()), "pii_kinds": pa.array(kinds, pa.string()),
         "user_edited": pa.array(edited, pa.bool_()),
         "lsh_keys": pa.ListArray.from_arrays(np.arange(count + 1, dtype=np.int32) * keys.shape[1], keys.reshape(-1)),
@@ -253,14 +256,17 @@ def curate(scores: pa.Table, trajectories: pa.Table, config: FlywheelConfig,
 
 
 def with_contents(scores: pa.Table, contents: pa.Table) -> pa.Table:
-    """The rows of `scores` whose trajectory has a row in `contents` (trajectory_id and
-    CONTENT_FIELDS), with those fields."""
-    position = pc.index_in(scores.column("trajectory_id"), value_set=contents.column("trajectory_id"))
-    scores = scores.filter(pc.is_valid(position))
-    contents = contents.take(pc.drop_null(position))
-    for name in CONTENT_FIELDS:
-        scores = scores.append_column(name, contents.column(name))
-    return scores
+    """The rows of `contents` (trajectory_id and CONTENT_FIELDS) whose trajectory has a row in
+    `scores` (SCORE_FIELDS and split), with that row's fields (the small columns move, not the
+    texts)."""
+    position = pc.index_in(contents.column("trajectory_id"), value_set=scores.column("trajectory_id"))
+    if position.null_count:  # (filtering copies the texts)
+        contents, position = contents.filter(pc.is_valid(position)), pc.drop_null(position)
+    scores = scores.take(position)
+    for name in scores.column_names:
+        if name != "trajectory_id":
+            contents = contents.append_column(name, scores.column(name))
+    return contents
 
 
 def _dedup_text(messages_json: str) -> str:
