@@ -20,3 +20,12 @@ def items_among(lists: pa.Array | pa.ChunkedArray, values: pl.Series) -> tuple[n
     hits = pl.DataFrame({"items": pl.Series(lists)}).with_row_index("row").explode("items") \
         .filter(pl.col("items").is_in(values.implode()).fill_null(False))
     return hits["row"].to_numpy(), hits["items"]
+
+
+def rows_at(data: pa.Table | pa.ChunkedArray, positions) -> pa.Table | pa.ChunkedArray:
+    """The rows of `data` at `positions` (ascending, distinct), chunk by chunk: take would first
+    join a chunked column's chunks into one array, whose 32-bit offsets overflow past 2 GiB of
+    text (and which copies every text once more)."""
+    mask = np.zeros(len(data), dtype=bool)
+    mask[np.asarray(positions, dtype=np.int64)] = True
+    return data.filter(pa.array(mask))

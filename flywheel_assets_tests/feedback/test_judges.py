@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import polars as pl
 import pytest
 
@@ -133,6 +135,30 @@ def test_length_outlier_threshold_comes_from_config():
     rows = [trajectory(f"qa{i}", user_prompt="x" * (80 + i)) for i in range(19)]
     rows.append(trajectory("huge", user_prompt="x" * 100_000))
     assert judge(*rows, fusion=FusionConfig(length_outlier_z=5.0))["huge"]["length_ok"] == 1.0
+
+
+def test_length_stats_are_the_populations_bit_for_bit_however_it_is_split_or_ordered():
+    import random
+    import statistics
+
+    from flywheel_assets.lib.feedback.judges import length_stats
+
+    rng = random.Random(8)
+    rows = [{"task_type": rng.choice(["calc", "qa", None]), "total_chars": rng.choice([None, *range(1, 400)])
+             if rng.random() < 0.05 else int(rng.lognormvariate(5, 1))} for _ in range(3000)]
+    whole = length_stats(pl.DataFrame(rows)).sort("task_type", nulls_last=True)
+    for task_type, n, mean, std in whole.iter_rows():
+        logs = [math.log1p(row["total_chars"]) for row in rows
+                if row["task_type"] == task_type and row["total_chars"] is not None]
+        assert n == sum(row["task_type"] == task_type for row in rows)
+        assert mean == pytest.approx(statistics.fmean(logs), rel=1e-12)
+        assert std == pytest.approx(statistics.stdev(logs), rel=1e-12)
+    # a refresh's population: the stored rows counted per length, then the new rows, in another order
+    rng.shuffle(rows)
+    stored = pl.DataFrame(rows[:2000]).group_by("task_type", "total_chars").agg(n=pl.len().cast(pl.Int64))
+    split = pl.concat([stored, pl.DataFrame(rows[2000:]).with_columns(n=pl.lit(1, pl.Int64))], how="diagonal")
+    assert length_stats(split).sort("task_type", nulls_last=True).equals(whole)
+    assert length_stats(pl.DataFrame(rows[::-1])).sort("task_type", nulls_last=True).equals(whole)
 
 
 @pytest.mark.parametrize(

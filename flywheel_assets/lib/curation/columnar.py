@@ -52,7 +52,7 @@ def _quoted(text: pl.Expr) -> pl.Expr:
     return pl.lit('"') + text + pl.lit('"')
 
 
-def prompt_keys(prompts: pa.ChunkedArray | pa.Array) -> pa.Array:
+def prompt_keys(prompts: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray:
     """curate.py's prompt_key of each ASCII prompt (a missing one: the key of ""): the md5 of the
     prompt stripped, in lower case, each run of space one space; null for the others, left to
     prompt_key."""
@@ -63,4 +63,4 @@ def prompt_keys(prompts: pa.ChunkedArray | pa.Array) -> pa.Array:
     con = duckdb.connect()
     con.register("texts", pa.table({"text": texts}))
     # (a projection keeps the rows' order)
-    return con.execute("SELECT md5(text) AS key FROM texts").to_arrow_table().column("key").combine_chunks().cast(pa.string())
+    return con.execute("SELECT md5(text) AS key FROM texts").to_arrow_table().column("key").cast(pa.string())

@@ -17,6 +17,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from flywheel_assets.lib.arrays import rows_at
 from flywheel_assets.lib.config import FlywheelConfig
 from flywheel_assets.lib.curation.columnar import plain_conversations, prompt_keys
 from flywheel_assets.lib.curation.dedup import (
@@ -65,7 +66,7 @@ def in_holdout(units: pa.Array | pa.ChunkedArray, fraction: float) -> np.ndarray
     con.register("units", pa.table({"unit": units}))
     # (a projection keeps the rows' order)
     bits = con.execute("SELECT ('0x' || md5(unit)[1:8])::UBIGINT AS bits FROM units").fetchnumpy()["bits"]
-    return np.asarray(bits, np.float64) / 0xFFFFFFFF < fraction
+    return np.ma.filled(bits, 0xFFFFFFFF).astype(np.float64) / 0xFFFFFFFF < fraction  # (no unit: not held out)
 
 
 def user_edits(events: pa.Table) -> dict[str, str]:
@@ -132,7 +133,7 @@ def content_fields(trajectories: pa.Table, edits: dict[str, str], config: Flywhe
             signatures.learn(messages_json[index], normalized[index] or normalize(texts[index]))
         else:
             others.append(index)
-    for index, content in zip(others, _one_by_one(trajectories.take(pa.array(others, pa.int64())).to_pylist(),
+    for index, content in zip(others, _one_by_one(rows_at(trajectories, others).to_pylist(),
                                                   edits, signatures)):
         messages_json[index], replacements[index] = content["messages_json"], content["pii_replacements"]
         kinds[index], edited[index] = content["pii_kinds"], content["user_edited"]
@@ -147,7 +148,7 @@ def content_fields(trajectories: pa.Table, edits: dict[str, str], config: Flywhe
         "tools_json": trajectories.column("tools_json"), "prompt_key": keys_of_prompts,
         "pii_replacements": pa.array(replacements, pa.int64()), "pii_kinds": pa.array(kinds, pa.string()),
         "user_edited": pa.array(edited, pa.bool_()),
-        "lsh_keys": pa.ListArray.from_arrays(np.arange(count + 1, dtype=np.int32) * keys.shape[1], keys.reshape(-1)),
+        "lsh_keys": pa.FixedSizeListArray.from_arrays(keys.reshape(-1), keys.shape[1]).cast(pa.list_(pa.int64())),
     })
 
 
@@ -212,12 +213,12 @@ def mark_duplicates(rows: pa.Table, config: FlywheelConfig, signatures: Signatur
     keys = rows.column("lsh_keys")
     for lane in set(lane_of.values()):
         members = np.flatnonzero(lanes == lane)
-        members = members[_sharing_a_key(keys.take(members))]
+        members = members[_sharing_a_key(rows_at(keys, members))]
         if not len(members):
             continue
-        messages = rows.column("messages_json").take(members).to_pylist()
+        messages = rows_at(rows.column("messages_json"), members).to_pylist()
         texts = [signatures.normalized(text) for text in messages]
-        found = find_duplicates(rows.column("trajectory_id").take(members).to_pylist(), texts,
+        found = find_duplicates(rows_at(rows.column("trajectory_id"), members).to_pylist(), texts,
                                 priority[members].tolist(), near_threshold=config.curation.near_duplicate_jaccard,
                                 signatures=signatures.of(messages), normalized=texts)
         for member, (status, kept) in zip(members.tolist(), found):

@@ -29,7 +29,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from flywheel_assets.lib.arrays import distinct, items_among
+from flywheel_assets.lib.arrays import distinct, items_among, rows_at
 from flywheel_assets.lib.config import FlywheelConfig
 from flywheel_assets.lib.curation.curate import (
     CONTENT_FIELDS, SCORE_FIELDS, Signatures, content_fields, curate, mark_duplicates, score_fields, user_edits, with_contents,
@@ -140,7 +140,7 @@ def _linked(con, lake: Lake, config: FlywheelConfig, seeds: pa.Table, known: pa.
         # copies of one text share their keys and their verdict)
         matched = np.isin(keys, np.fromiter(set().union(*shared.values()), np.int64))
         owner_rows = distinct(rows_of_keys[matched])
-        owner_texts = frontier.column("messages_json").take(owner_rows).to_pylist()
+        owner_texts = rows_at(frontier.column("messages_json"), owner_rows).to_pylist()
         position = {text: index for index, text in enumerate(dict.fromkeys(owner_texts))}
         text_at = dict(zip(owner_rows.tolist(), map(position.__getitem__, owner_texts)))
         owners: dict[int, set[int]] = {}
@@ -155,19 +155,19 @@ def _linked(con, lake: Lake, config: FlywheelConfig, seeds: pa.Table, known: pa.
             fetched.append(conform(keyed(con, lake, CURATED_TRAJECTORIES, "trajectory_id", "candidates"),
                                    CURATED_TRAJECTORIES))
         every = pa.concat_tables(fetched)
-        ids = pa.array(sorted(shared), pa.string())
-        candidates = every.take(pc.index_in(ids, value_set=_ids(every)))
+        candidates = every.filter(pc.is_in(every.column("trajectory_id"), value_set=pa.array(list(shared), pa.string())))
         texts = candidates.column("messages_json").to_pylist()
         verdicts: dict[tuple[str, frozenset], bool] = {}
         similar_rows = []
-        for index, (trajectory_id, text, signature) in enumerate(zip(ids.to_pylist(), texts, signatures.of(texts))):
+        for index, (trajectory_id, text, signature) in enumerate(zip(candidates.column("trajectory_id").to_pylist(), texts,
+                                                                     signatures.of(texts))):
             partners = frozenset(owner for key in shared[trajectory_id] for owner in owners[key])
             verdict = (text, partners)
             if verdict not in verdicts:
                 verdicts[verdict] = bool(similar(text_signatures[sorted(partners)], signature, threshold).any())
             if verdicts[verdict]:
                 similar_rows.append(index)
-        frontier = candidates.take(pa.array(similar_rows, pa.int64()))
+        frontier = rows_at(candidates, similar_rows)
         found.append(frontier)
     return pa.concat_tables(found) if found else CURATED_TRAJECTORIES.schema.empty_table()
 

@@ -7,6 +7,8 @@ and their meaning are documented in tables.JUDGE_SCORES.
 
 from __future__ import annotations
 
+import math
+
 import polars as pl
 
 from flywheel_assets.lib.config import FusionConfig
@@ -69,10 +71,23 @@ def content_judges(trajectories: pl.DataFrame, fusion: FusionConfig) -> pl.DataF
 
 
 def length_stats(population: pl.DataFrame) -> pl.DataFrame:
-    """Per task type: how many, and the mean and sample std of log1p(total_chars)."""
-    log_length = pl.col("total_chars").cast(pl.Float64).log1p()
-    return population.group_by("task_type").agg(
-        n=pl.len(), mean=log_length.mean(), std=log_length.std())
+    """Per task type: how many, and the mean and sample std of log1p(total_chars) (a row without
+    a length counts, but has no log length). `population`: task_type and total_chars, a row per
+    trajectory or, with a column n, per n trajectories. The sums run over each task type's
+    distinct lengths exactly (math.fsum), so the same population gives the same bits however it
+    was split or ordered: an incremental refresh's verdicts and a full recompute's agree."""
+    counts = population.group_by("task_type", "total_chars").agg(
+        n=pl.col("n").sum() if "n" in population.columns else pl.len()
+    ).with_columns(log=pl.col("total_chars").cast(pl.Float64).log1p())
+    stats = []
+    for (task_type,), group in counts.group_by("task_type"):
+        lengths = group.filter(pl.col("log").is_not_null())
+        weights, logs = lengths["n"].cast(pl.Float64).to_numpy(), lengths["log"].to_numpy()
+        known = weights.sum()  # (exact sums: the same bits whatever the order)
+        mean = math.fsum(weights * logs) / known if known else None
+        std = math.sqrt(math.fsum(weights * (logs - mean) ** 2) / (known - 1)) if known > 1 else None
+        stats.append({"task_type": task_type, "n": int(group["n"].sum()), "mean": mean, "std": std})
+    return pl.DataFrame(stats, schema={"task_type": pl.String, "n": pl.UInt32, "mean": pl.Float64, "std": pl.Float64})
 
 
 def with_length_ok(judged: pl.DataFrame, stats: pl.DataFrame, outlier_z: float) -> pl.DataFrame:

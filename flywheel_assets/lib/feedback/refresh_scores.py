@@ -134,13 +134,17 @@ def refresh_judge_scores(lake: Lake, config: FlywheelConfig, full: bool = False)
         if refresh.full:
             population = judged
         else:
-            # the population's lengths and verdicts, no ids: a verdict is a function of task type and
-            # length, so the rows whose verdict flips are looked up by their lengths
-            stored = pl.from_arrow(lake.read(JUDGE_SCORES, columns=["task_type", "total_chars", "length_ok"]))
-            population = pl.concat([stored.select("task_type", "total_chars"), judged.select("task_type", "total_chars")])
+            # the population's lengths and verdicts counted (in DuckDB, as it reads them), no ids: a
+            # verdict is a function of task type and length, so the rows whose verdict flips are
+            # looked up by their lengths
+            lake.register(con, JUDGE_SCORES, name="stored_judges")
+            stored = pl.from_arrow(con.execute("""SELECT task_type, total_chars, length_ok, count(*) AS n
+                FROM stored_judges GROUP BY ALL""").to_arrow_table())
+            population = pl.concat([stored.select("task_type", "total_chars", pl.col("n").cast(pl.Int64)),
+                                    judged.select("task_type", "total_chars", n=pl.lit(1, pl.Int64))])
             stats = length_stats(population)
             z = config.fusion.length_outlier_z
-            flips = with_length_ok(stored.rename({"length_ok": "was"}), stats, z) \
+            flips = with_length_ok(stored.select("task_type", "total_chars", was="length_ok"), stats, z) \
                 .filter(pl.col("was") != pl.col("length_ok"))["total_chars"].unique()
             con.register("lengths", pa.table({"key": flips.to_arrow().cast(pa.int64())}))
             flipped = with_length_ok(pl.from_arrow(keyed(con, lake, JUDGE_SCORES, "total_chars", "lengths",
