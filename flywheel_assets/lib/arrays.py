@@ -26,6 +26,9 @@ def rows_at(data: pa.Table | pa.ChunkedArray, positions) -> pa.Table | pa.Chunke
     """The rows of `data` at `positions` (ascending, distinct), chunk by chunk: take would first
     join a chunked column's chunks into one array, whose 32-bit offsets overflow past 2 GiB of
     text (and which copies every text once more)."""
+    positions = np.asarray(positions, dtype=np.int64)
+    if (np.diff(positions) <= 0).any():
+        raise ValueError("rows_at takes ascending, distinct positions (a mask keeps the rows' order, once each)")
     mask = np.zeros(len(data), dtype=bool)
-    mask[np.asarray(positions, dtype=np.int64)] = True
+    mask[positions] = True
     return data.filter(pa.array(mask))

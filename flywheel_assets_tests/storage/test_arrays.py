@@ -26,3 +26,5 @@ def test_rows_at_are_takes_rows_chunk_by_chunk():
         assert rows_at(texts, positions).to_pylist() == texts.take(positions).to_pylist()
         assert rows_at(table, positions).to_pylist() == table.take(positions).to_pylist()
     assert rows_at(texts, [1, 30]).num_chunks > 1  # (the chunks were not joined)
+    with pytest.raises(ValueError, match="ascending"):
+        rows_at(texts, [3, 1])

@@ -32,7 +32,8 @@ import pyarrow.compute as pc
 from flywheel_assets.lib.arrays import distinct, items_among, rows_at
 from flywheel_assets.lib.config import FlywheelConfig
 from flywheel_assets.lib.curation.curate import (
-    CONTENT_FIELDS, SCORE_FIELDS, Signatures, content_fields, curate, mark_duplicates, score_fields, user_edits, with_contents,
+    CONTENT_FIELDS, SCORE_FIELDS, Signatures, content_fields, curate, mark_duplicates, score_fields, user_edits,
+    with_contents,
 )
 from flywheel_assets.lib.curation.dedup import similar
 from flywheel_assets.lib.feedback.refresh import Feed, Refresh, StaleWatermark, fingerprint
@@ -82,7 +83,8 @@ def refresh_curated_trajectories(lake: Lake, config: FlywheelConfig, full: bool 
         rows, now_linked = marked.slice(0, rows.num_rows), marked.slice(rows.num_rows)
         written = pa.concat_tables([rows.filter(_differs(rows, old)),
                                     now_linked.filter(_differs(now_linked, linked, ["dedup_status", "duplicate_of"]))])
-        return written, _days(written) | _days(old.filter(pc.is_in(old.column("trajectory_id"), value_set=_ids(written))))
+        rewritten = old.filter(pc.is_in(old.column("trajectory_id"), value_set=_ids(written)))
+        return written, _days(written) | _days(rewritten)
 
     curation = config.curation
     settings = fingerprint("curated_trajectories", CURATION_FORMAT, curation.holdout_fraction,
@@ -98,8 +100,10 @@ def _changed_rows(con, lake: Lake, config: FlywheelConfig, refresh: Refresh, sco
     ones, read from the newly `logged` rows, the history only for the others; the others keep
     their stored content."""
     ids = _ids(scores)
-    rebuild_keys = ids.filter(pc.or_(pc.invert(pc.is_in(ids, value_set=_ids(old))), pc.is_in(ids, value_set=newly_edited)))
-    conversations = logged.filter(pc.is_in(logged.column("trajectory_id"), value_set=rebuild_keys)).select(_CONVERSATION)
+    rebuild_keys = ids.filter(pc.or_(pc.invert(pc.is_in(ids, value_set=_ids(old))),
+                                     pc.is_in(ids, value_set=newly_edited)))
+    conversations = logged.filter(pc.is_in(logged.column("trajectory_id"), value_set=rebuild_keys))
+    conversations = conversations.select(_CONVERSATION)
     earlier = rebuild_keys.filter(pc.invert(pc.is_in(rebuild_keys, value_set=_ids(conversations))))
     if len(earlier):
         con.register("earlier", pa.table({"key": earlier}))
@@ -155,12 +159,12 @@ def _linked(con, lake: Lake, config: FlywheelConfig, seeds: pa.Table, known: pa.
             fetched.append(conform(keyed(con, lake, CURATED_TRAJECTORIES, "trajectory_id", "candidates"),
                                    CURATED_TRAJECTORIES))
         every = pa.concat_tables(fetched)
-        candidates = every.filter(pc.is_in(every.column("trajectory_id"), value_set=pa.array(list(shared), pa.string())))
-        texts = candidates.column("messages_json").to_pylist()
+        candidates = every.filter(pc.is_in(every.column("trajectory_id"),
+                                           value_set=pa.array(list(shared), pa.string())))
+        ids, texts = (candidates.column(name).to_pylist() for name in ("trajectory_id", "messages_json"))
         verdicts: dict[tuple[str, frozenset], bool] = {}
         similar_rows = []
-        for index, (trajectory_id, text, signature) in enumerate(zip(candidates.column("trajectory_id").to_pylist(), texts,
-                                                                     signatures.of(texts))):
+        for index, (trajectory_id, text, signature) in enumerate(zip(ids, texts, signatures.of(texts))):
             partners = frozenset(owner for key in shared[trajectory_id] for owner in owners[key])
             verdict = (text, partners)
             if verdict not in verdicts:

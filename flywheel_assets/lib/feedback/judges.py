@@ -7,8 +7,7 @@ and their meaning are documented in tables.JUDGE_SCORES.
 
 from __future__ import annotations
 
-import math
-
+import numpy as np
 import polars as pl
 
 from flywheel_assets.lib.config import FusionConfig
@@ -74,20 +73,29 @@ def length_stats(population: pl.DataFrame) -> pl.DataFrame:
     """Per task type: how many, and the mean and sample std of log1p(total_chars) (a row without
     a length counts, but has no log length). `population`: task_type and total_chars, a row per
     trajectory or, with a column n, per n trajectories. The sums run over each task type's
-    distinct lengths exactly (math.fsum), so the same population gives the same bits however it
-    was split or ordered: an incremental refresh's verdicts and a full recompute's agree."""
+    distinct lengths in sorted order, so the same population gives the same bits however it was
+    split or ordered: an incremental refresh's verdicts and a full recompute's agree."""
     counts = population.group_by("task_type", "total_chars").agg(
         n=pl.col("n").sum() if "n" in population.columns else pl.len()
-    ).with_columns(log=pl.col("total_chars").cast(pl.Float64).log1p())
-    stats = []
-    for (task_type,), group in counts.group_by("task_type"):
-        lengths = group.filter(pl.col("log").is_not_null())
-        weights, logs = lengths["n"].cast(pl.Float64).to_numpy(), lengths["log"].to_numpy()
-        known = weights.sum()  # (exact sums: the same bits whatever the order)
-        mean = math.fsum(weights * logs) / known if known else None
-        std = math.sqrt(math.fsum(weights * (logs - mean) ** 2) / (known - 1)) if known > 1 else None
-        stats.append({"task_type": task_type, "n": int(group["n"].sum()), "mean": mean, "std": std})
-    return pl.DataFrame(stats, schema={"task_type": pl.String, "n": pl.UInt32, "mean": pl.Float64, "std": pl.Float64})
+    ).sort("task_type", "total_chars", nulls_last=True).with_columns(
+        group=pl.col("task_type").rle_id(), log=pl.col("total_chars").cast(pl.Float64).log1p())
+    group = counts["group"].to_numpy()
+    size = int(group[-1]) + 1 if len(group) else 0
+    rows = counts["n"].cast(pl.Float64).to_numpy()
+    logs = counts["log"].fill_null(0.0).to_numpy()
+    weights = np.where(counts["log"].is_null().to_numpy(), 0.0, rows)
+    # (bincount adds in array order: the same sorted input, the same bits)
+    known = np.bincount(group, weights=weights, minlength=size)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean = np.bincount(group, weights=weights * logs, minlength=size) / known
+        std = np.sqrt(np.bincount(group, weights=weights * (logs - mean[group]) ** 2, minlength=size) / (known - 1))
+    firsts = counts.filter(pl.col("group").is_first_distinct())
+    return pl.DataFrame({
+        "task_type": firsts["task_type"],
+        "n": np.bincount(group, weights=rows, minlength=size).astype(np.uint32),
+        "mean": pl.Series(mean).fill_nan(None) if size else pl.Series([], dtype=pl.Float64),
+        "std": pl.Series(np.where(known > 1, std, np.nan)).fill_nan(None) if size else pl.Series([], dtype=pl.Float64),
+    }, schema={"task_type": pl.String, "n": pl.UInt32, "mean": pl.Float64, "std": pl.Float64})
 
 
 def with_length_ok(judged: pl.DataFrame, stats: pl.DataFrame, outlier_z: float) -> pl.DataFrame:

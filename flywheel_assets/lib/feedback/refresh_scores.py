@@ -132,7 +132,7 @@ def refresh_judge_scores(lake: Lake, config: FlywheelConfig, full: bool = False)
                      .column("trajectory_id").to_pylist()) if llm.enabled else set()
         old_days: set = set()
         if refresh.full:
-            population = judged
+            stats = length_stats(judged)
         else:
             # the population's lengths and verdicts counted (in DuckDB, as it reads them), no ids: a
             # verdict is a function of task type and length, so the rows whose verdict flips are
@@ -156,7 +156,7 @@ def refresh_judge_scores(lake: Lake, config: FlywheelConfig, full: bool = False)
             again = pl.from_arrow(keyed(con, lake, JUDGE_SCORES, "trajectory_id", "redo"))
             old_days = set(again["created_day"].to_list())
             judged = pl.concat([judged, again.select(judged.columns)], how="vertical_relaxed")
-        scored = score_judges(with_length_ok(judged, length_stats(population), config.fusion.length_outlier_z))
+        scored = score_judges(with_length_ok(judged, stats, config.fusion.length_outlier_z))
         scored = scored.with_columns(created_day=judged["created_day"])
         rows = _with_llm(lake, config, scored)
         return rows.to_arrow(), set(rows["created_day"].to_list()) | old_days
