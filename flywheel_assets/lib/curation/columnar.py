@@ -11,9 +11,10 @@ flywheel_assets_tests/curation/test_columnar.py checks both give the same.
 
 from __future__ import annotations
 
-import duckdb
 import polars as pl
 import pyarrow as pa
+
+from flywheel_assets.lib.arrays import per_row
 
 # what json.dumps escapes with a short escape; the other control characters become \uXXXX
 _ESCAPES = (("\\", "\\\\"), ('"', '\\"'), ("\n", "\\n"), ("\r", "\\r"), ("\t", "\\t"), ("\b", "\\b"), ("\f", "\\f"))
@@ -60,7 +61,4 @@ def prompt_keys(prompts: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray:
     texts = pl.select(pl.when(prompt.fill_null("").str.contains(_NOT_ASCII).not_()).then(
         prompt.fill_null("").str.replace_all(_ASCII_SPACE, " ").str.strip_chars(" ").str.to_lowercase())
     ).to_series().to_arrow()
-    con = duckdb.connect()
-    con.register("texts", pa.table({"text": texts}))
-    # (a projection keeps the rows' order)
-    return con.execute("SELECT md5(text) AS key FROM texts").to_arrow_table().column("key").cast(pa.string())
+    return per_row("md5(value)", texts).cast(pa.string())

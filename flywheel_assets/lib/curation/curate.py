@@ -17,7 +17,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from flywheel_assets.lib.arrays import rows_at
+from flywheel_assets.lib.arrays import per_row, rows_at
 from flywheel_assets.lib.config import FlywheelConfig
 from flywheel_assets.lib.curation.columnar import plain_conversations, prompt_keys
 from flywheel_assets.lib.curation.dedup import (
@@ -62,11 +62,8 @@ def prompt_key(text: str | None) -> str:
 def in_holdout(units: pa.Array | pa.ChunkedArray, fraction: float) -> np.ndarray:
     """Whether each unit (a session, or a trajectory without one) is held out: the first 32 bits
     of its md5, as a fraction of 2^32 - 1, below `fraction`."""
-    con = duckdb.connect()
-    con.register("units", pa.table({"unit": units}))
-    # (a projection keeps the rows' order)
-    bits = con.execute("SELECT ('0x' || md5(unit)[1:8])::UBIGINT AS bits FROM units").fetchnumpy()["bits"]
-    return np.ma.filled(bits, 0xFFFFFFFF).astype(np.float64) / 0xFFFFFFFF < fraction  # (no unit: not held out)
+    bits = per_row("('0x' || md5(value)[1:8])::UBIGINT", units).to_numpy().astype(np.float64)
+    return np.nan_to_num(bits, nan=0xFFFFFFFF) / 0xFFFFFFFF < fraction  # (no unit: not held out)
 
 
 def user_edits(events: pa.Table) -> dict[str, str]:

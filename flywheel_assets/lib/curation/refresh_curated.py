@@ -127,7 +127,7 @@ def _linked(con, lake: Lake, config: FlywheelConfig, seeds: pa.Table, known: pa.
     then signatures agreeing at the threshold), and the rows those resemble, and so on: with the
     seeds, whole duplicate groups."""
     threshold = config.curation.near_duplicate_jaccard
-    frontier, found, fetched = seeds, [], []
+    frontier, found, fetched, fetched_ids = seeds, [], [], set()
     while frontier.num_rows:
         keys = pc.list_flatten(frontier.column("lsh_keys")).to_numpy()
         rows_of_keys = np.repeat(np.arange(frontier.num_rows),
@@ -152,12 +152,11 @@ def _linked(con, lake: Lake, config: FlywheelConfig, seeds: pa.Table, known: pa.
             owners.setdefault(key, set()).add(text_at[row])
         # signatures of those texts only (a text that shares no key needs none)
         text_signatures = signatures.of(list(position))
-        unfetched = sorted(set(shared) - {trajectory_id for table in fetched
-                                          for trajectory_id in table.column("trajectory_id").to_pylist()})
-        if unfetched:
+        if unfetched := sorted(set(shared) - fetched_ids):
             con.register("candidates", pa.table({"key": pa.array(unfetched, pa.string())}))
             fetched.append(conform(keyed(con, lake, CURATED_TRAJECTORIES, "trajectory_id", "candidates"),
                                    CURATED_TRAJECTORIES))
+            fetched_ids.update(unfetched)
         every = pa.concat_tables(fetched)
         candidates = every.filter(pc.is_in(every.column("trajectory_id"),
                                            value_set=pa.array(list(shared), pa.string())))

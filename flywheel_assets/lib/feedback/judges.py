@@ -93,8 +93,8 @@ def length_stats(population: pl.DataFrame) -> pl.DataFrame:
     return pl.DataFrame({
         "task_type": firsts["task_type"],
         "n": np.bincount(group, weights=rows, minlength=size).astype(np.uint32),
-        "mean": pl.Series(mean).fill_nan(None) if size else pl.Series([], dtype=pl.Float64),
-        "std": pl.Series(np.where(known > 1, std, np.nan)).fill_nan(None) if size else pl.Series([], dtype=pl.Float64),
+        "mean": pl.Series(mean, dtype=pl.Float64).fill_nan(None),
+        "std": pl.Series(np.where(known > 1, std, np.nan), dtype=pl.Float64).fill_nan(None),
     }, schema={"task_type": pl.String, "n": pl.UInt32, "mean": pl.Float64, "std": pl.Float64})
 
 
