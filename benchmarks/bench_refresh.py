@@ -4,7 +4,9 @@ Writes a history of N events (default 50M) over N/5 sessions, one trajectory eac
 over D days (default 50) straight to the bronze Delta tables with their ingested_at, as
 the ingest leaves them (bench_data.py measures the ingest itself), and refreshes after each
 day as a deployment would (session_feedback, judge_scores, trajectory_scores and
-curated_trajectories, each folding in only what is new: the first day is a full run). The
+curated_trajectories, each folding in only what is new: the first day is a full run), then
+merges the key index as the nightly lake_maintenance does (key_index.merge: the lookups of the
+next day binary-search one sorted run per key column; only that day's files stay loose). The
 conversations are varied texts, a few of them copies or near copies of another, so
 de-duplication has groups to keep up to date. Then it lands one new day (default 1M events:
 sessions that start today, and events that continue yesterday's sessions) and times its
@@ -124,8 +126,11 @@ def _trajectories(rng, sessions: dict, ingested: datetime) -> pa.Table:
 
 def history(lake, home: Path, rng, events: int, days: int) -> tuple[dict, dict, list[dict]]:
     """`days` days of sessions, appended day by day (one Delta file per day, as daily ingests
-    leave them), each followed by its daily refresh; returns the counts, the last day's
-    sessions and each day's refresh."""
+    leave them), each followed by its daily refresh and the key index's merge; returns the
+    counts, the last day's sessions and each day's refresh."""
+    from flywheel_assets.lib.storage import key_index
+    from flywheel_assets.lib.tables import ALL_TABLES
+
     per_day = events // EVENTS_PER_SESSION // days
     made = {"history_events": 0, "history_sessions": 0}
     sessions, refreshes = {}, []
@@ -138,8 +143,12 @@ def history(lake, home: Path, rng, events: int, days: int) -> tuple[dict, dict, 
         made["history_sessions"] += per_day
         refreshes.append(refresh_in_child(home, full=False))
         took = sum(refreshes[-1]["seconds"].values())
+        started = time.perf_counter()
+        merged = key_index.merge(lake, ALL_TABLES)  # lake_maintenance's last step, nightly
+        refreshes[-1]["index_merge_s"] = time.perf_counter() - started
         print(f"  day {day + 1}/{days}: {made['history_events']:,} events, refreshed in {took:.1f} s "
-              f"({', '.join(f'{k} {v:.1f}' for k, v in refreshes[-1]['seconds'].items())})", flush=True)
+              f"({', '.join(f'{k} {v:.1f}' for k, v in refreshes[-1]['seconds'].items())}); "
+              f"key index merged ({merged:,} hashes) in {refreshes[-1]['index_merge_s']:.1f} s", flush=True)
     return made, sessions, refreshes
 
 
@@ -276,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
           f"peak RSS {daily['peak_rss_mb']:.0f} MB {mark(daily['peak_rss_mb'] <= TARGET_MB)} (≤ {TARGET_MB} MB)"
           + (f"; full recompute {full_s:.2f} s, peak RSS {recompute['peak_rss_mb']:.0f} MB: "
              f"{full_s / daily_s:.1f}× the refresh's time" if recompute else ""))
+    merges = [day["index_merge_s"] for day in per_day]
+    print(f"key index merged nightly (lake_maintenance's last step): {merges[0]:.1f} s after day 1, "
+          f"{merges[-1]:.1f} s after day {len(merges)}")
     print(f"key index: {footprint['key_index']['files']:,} files, {footprint['key_index']['bytes'] / 1e6:.0f} MB "
           f"(the lake: {footprint['lake']['bytes'] / 1e6:.0f} MB)")
     if compare_full:

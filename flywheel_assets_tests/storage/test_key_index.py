@@ -151,3 +151,86 @@ def test_a_forget_recorded_anywhere_starts_a_new_index(curated):
     assert _look_up(lake, "trajectory_id", ["t0-1"]) == _scan(lake, "trajectory_id", ["t0-1"])
     assert not first.parents[2].exists() and list(key_index._folder(lake, CURATED_TRAJECTORIES, "trajectory_id")
                                                    .glob("*.npy"))
+
+
+def _merged_lookups_equal_scans(lake, versions) -> None:
+    ids = ["t0-3", "t2-39", "t4-0", "t4-11", "t9-5", "nowhere"]
+    keys = [7, 150, 299, 1000, *range(40, 46)]
+    for version in (None, versions[1]):
+        assert _look_up(lake, "trajectory_id", ids, version) == _scan(lake, "trajectory_id", ids, version)
+        assert _look_up(lake, "lsh_keys", keys, version) == _scan(lake, "lsh_keys", keys, version)
+
+
+@pytest.mark.parametrize("few", [0, 4_096])
+def test_a_merged_run_answers_for_the_files_it_covers(curated, monkeypatch, few):
+    """After maintenance's merge a lookup reads no covered file's own index, and finds what a scan
+    finds: the files written since (loose), a covered file rewritten since (no longer read), an
+    older version, equal hashes in several files across block boundaries."""
+    monkeypatch.setattr(key_index, "FEW_KEYS", few)
+    monkeypatch.setattr(key_index, "BLOCK", 4)  # many blocks, equal hashes spanning them
+    monkeypatch.setattr(key_index, "_GAP_BLOCKS", 0)  # each run of needed blocks read on its own
+    lake, versions = curated
+    _look_up(lake, "trajectory_id", ["t0-1"])
+    _look_up(lake, "lsh_keys", [1])
+    covered = {fragment.path for fragment in lake.dataset(CURATED_TRAJECTORIES).get_fragments()}
+    assert key_index.merge(lake, [CURATED_TRAJECTORIES]) > 2 * 8 * 40  # both columns, every file
+    lake.append(CURATED_TRAJECTORIES, _rows(9))  # loose
+    lake.upsert(CURATED_TRAJECTORIES, _rows(4, n=12), partitions={"2026-11-02"})  # covered files rewritten
+    read = []
+    original = key_index._hashes
+    monkeypatch.setattr(key_index, "_hashes", lambda fragment, *rest: read.append(fragment.path) or original(fragment, *rest))
+    _merged_lookups_equal_scans(lake, versions)
+    assert read and not set(read) & covered  # the covered files answered by the merged run alone
+    # merged again: now it covers the files written since too
+    assert key_index.merge(lake, [CURATED_TRAJECTORIES])
+    read.clear()
+    ids = ["t9-5", "t4-3"]
+    assert _look_up(lake, "trajectory_id", ids) == _scan(lake, "trajectory_id", ids) and not read
+
+
+def test_a_merged_run_that_fails_its_checks_is_not_used(curated, monkeypatch):
+    """Whatever happens to a merged run (cut short, a block zeroed, an owner or a hash changed, a
+    header rewritten), a lookup finds what a scan finds: the run is left out, its files looked up
+    on their own."""
+    monkeypatch.setattr(key_index, "BLOCK", 8)
+    lake, versions = curated
+    _look_up(lake, "lsh_keys", [1])
+    _look_up(lake, "trajectory_id", ["t0-1"])
+    key_index.merge(lake, [CURATED_TRAJECTORIES])
+    runs = [key_index._folder(lake, CURATED_TRAJECTORIES, column) / key_index.MERGED
+            for column in ("lsh_keys", "trajectory_id")]
+    intact = [run.read_bytes() for run in runs]
+    for damage in ("cut", "zeroed", "owner", "hash", "header"):
+        for run, raw in zip(runs, intact):
+            run.write_bytes(raw)
+            merged = key_index._Merged.open(run)
+            entries = merged.entries
+            if damage == "cut":
+                changed = raw[:-5]
+            elif damage == "zeroed":
+                changed = raw[:merged.start] + b"\0" * (8 * entries) + raw[merged.start + 8 * entries:]
+            elif damage in ("owner", "hash"):  # every entry's owner made another file's, or every hash moved
+                body = bytearray(raw)
+                width, at = (4, merged.start + 8 * entries) if damage == "owner" else (8, merged.start)
+                values = np.frombuffer(raw, np.uint32 if width == 4 else np.uint64, entries, at)
+                body[at:at + width * entries] = (values + values.dtype.type(1)).tobytes()
+                changed = bytes(body)
+            else:
+                changed = raw[:len(key_index._MAGIC)] + np.array([entries + 1], np.uint64).tobytes() + \
+                    raw[len(key_index._MAGIC) + 8:]
+            run.write_bytes(changed)
+        _merged_lookups_equal_scans(lake, versions)
+        assert all(key_index._Merged.open(run) is None or key_index._Merged.open(run).holding(
+            np.array([1, 2**63], np.uint64)) is None for run in runs), damage
+
+
+def test_a_merged_run_finds_every_file_of_a_hash_held_by_many(tmp_path, monkeypatch):
+    """Equal hashes spanning blocks: every file holding one is found, whichever block it starts in."""
+    monkeypatch.setattr(key_index, "BLOCK", 4)
+    hashes = np.array([1, 3, 5, 5, 5, 5, 5, 5, 5, 5, 5, 9, 9, 12, 2**64 - 1], np.uint64)
+    owners = np.arange(len(hashes), dtype=np.uint32)
+    key_index._save_merged(tmp_path / "run", [f"{i:032d}" for i in range(len(hashes))], hashes, owners)
+    merged = key_index._Merged.open(tmp_path / "run")
+    assert merged.holding(np.array([5], np.uint64)) == set(range(2, 11))
+    assert merged.holding(np.array([0, 4, 2**63], np.uint64)) == set()
+    assert merged.holding(np.array([1, 9, 2**64 - 1], np.uint64)) == {0, 11, 12, 14}

@@ -1,12 +1,15 @@
 """Lake upkeep: compaction and vacuum shrink what is stored, change no row, and keep every version a
-dataset manifest pinned readable (the comparison arms time-travel to them)."""
+dataset manifest pinned readable (the comparison arms time-travel to them); the key index is
+merged last."""
 
 import json
 
+import duckdb
 import pyarrow as pa
 import pytest
 
 from flywheel_assets.lib.lake import conform
+from flywheel_assets.lib.storage.key_index import keyed
 from flywheel_assets.lib.storage.maintenance import footprint, maintain
 from flywheel_assets.lib.tables import CURATED_TRAJECTORIES, DATASET_MANIFESTS, MODEL_REGISTRY
 
@@ -31,7 +34,14 @@ def test_maintenance_shrinks_the_lake_and_keeps_pinned_versions(config, lake):
     files, size = footprint(lake, CURATED_TRAJECTORIES)
     assert files == 6
 
-    done = {u.table: u for u in maintain(config, lake, retention_hours=0).tables}
+    con = duckdb.connect()
+    con.register("keys", pa.table({"key": ["t1"]}))
+    assert keyed(con, lake, CURATED_TRAJECTORIES, "trajectory_id", "keys").num_rows == 1  # the column indexed
+    upkeep = maintain(config, lake, retention_hours=0)
+    done = {u.table: u for u in upkeep.tables}
+    # the key index merged last, over the compacted file: its 200 ids, in one run answering lookups
+    assert upkeep.index_entries_merged == 200
+    assert keyed(con, lake, CURATED_TRAJECTORIES, "trajectory_id", "keys").column("trajectory_id").to_pylist() == ["t1"]
 
     curated = done["gold/curated_trajectories"]
     assert (curated.files_before, curated.files_after, curated.pinned) == (6, 2, [pinned])  # current + pinned

@@ -18,7 +18,9 @@ then per table:
   (the comparison arms of lib/evaluation/arms.py time-travel to them). The Delta log itself is
   kept (small; it is what lets those versions be read).
 
-and last, the key index's files of data files no table holds any more are deleted.
+and last, the key index's files of data files no table holds any more are deleted and each
+indexed column's files merged into one sorted run (lookups binary-search it; only the files
+written since stay on their own).
 
 It holds the ingest lock and the refresh locks, so no ingest or score refresh commits between its
 read of a table and its own commits; a curation run that does is detected by Delta (the
@@ -67,6 +69,7 @@ class Upkeep:
     expired: dict = field(default_factory=dict)  # tenant -> ForgetReport of its expired sessions
     retention_error: str | None = None  # retention failed (the rest ran)
     index_files_deleted: int = 0  # the key index's files of data files no table holds now (lib/storage/key_index.py)
+    index_entries_merged: int = 0  # key hashes in the index's merged runs after the run (key_index.merge)
 
     @property
     def moved(self) -> int:
@@ -110,6 +113,7 @@ def maintain(config: FlywheelConfig, lake: Lake, retention_hours: float | None =
                     + (f" ({upkeep.error})" if upkeep.error else ""))
                 done.tables.append(upkeep)
         done.index_files_deleted = key_index.prune(lake, ALL_TABLES)
+        done.index_entries_merged = key_index.merge(lake, ALL_TABLES)
     return done
 
 
