@@ -53,3 +53,29 @@ def test_pending_files_of_a_subset_are_those_of_the_whole_zone(config, lake):
     assert [f.relative for f in pending] == ["events/3.jsonl", "events/4.jsonl", "events/5.jsonl"]
     for subset in (every, every[2:], every[4:], every[:2], []):
         assert pending_files(config, lake, subset) == [f for f in pending if f in subset]
+
+
+def test_a_table_version_is_read_through_one_dataset_until_the_table_changes(lake, monkeypatch):
+    """A version's files never change: its dataset is built once; a new version, or a table
+    deleted and made again at the same place (its versions counted from 0 again), is read anew."""
+    import shutil
+
+    from flywheel_assets.lib.lake import conform
+    from flywheel_assets.lib.tables import CURATED_TRAJECTORIES
+
+    def rows(tag: str) -> pa.Table:
+        return conform(pa.table({"trajectory_id": [tag]}), CURATED_TRAJECTORIES)
+
+    lake.append(CURATED_TRAJECTORIES, rows("a"))
+    first = lake.dataset(CURATED_TRAJECTORIES)
+    assert lake.dataset(CURATED_TRAJECTORIES) is first and lake.dataset(CURATED_TRAJECTORIES, version=0) is first
+    lake.append(CURATED_TRAJECTORIES, rows("b"))
+    assert sorted(lake.read(CURATED_TRAJECTORIES).column("trajectory_id").to_pylist()) == ["a", "b"]
+    assert lake.dataset(CURATED_TRAJECTORIES, version=0) is first
+    shutil.rmtree(lake.uri(CURATED_TRAJECTORIES))
+    lake.append(CURATED_TRAJECTORIES, rows("c"))  # version 0 again, another table
+    assert lake.read(CURATED_TRAJECTORIES).column("trajectory_id").to_pylist() == ["c"]
+    monkeypatch.setattr(lake_module, "_DATASETS_KEPT", 1)
+    lake.append(CURATED_TRAJECTORIES, rows("d"))
+    assert sorted(lake.read(CURATED_TRAJECTORIES, version=1).column("trajectory_id").to_pylist()) == ["c", "d"]
+    assert len(lake._datasets) == 1
