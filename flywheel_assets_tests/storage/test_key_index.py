@@ -169,6 +169,8 @@ def test_a_merged_run_answers_for_the_files_it_covers(curated, monkeypatch, few)
     monkeypatch.setattr(key_index, "FEW_KEYS", few)
     monkeypatch.setattr(key_index, "BLOCK", 4)  # many blocks, equal hashes spanning them
     monkeypatch.setattr(key_index, "_GAP_BLOCKS", 0)  # each run of needed blocks read on its own
+    monkeypatch.setattr(key_index, "_READ_BLOCKS", 3)  # ... and split
+    monkeypatch.setattr(key_index, "_MERGE_ENTRIES", 50)  # merged a range of the hash space at a time
     lake, versions = curated
     _look_up(lake, "trajectory_id", ["t0-1"])
     _look_up(lake, "lsh_keys", [1])
@@ -182,16 +184,23 @@ def test_a_merged_run_answers_for_the_files_it_covers(curated, monkeypatch, few)
     _merged_lookups_equal_scans(lake, versions)
     assert read and not set(read) & covered  # the covered files answered by the merged run alone
     # merged again: now it covers the files written since too
+    monkeypatch.setattr(key_index, "_hashes", original)
     assert key_index.merge(lake, [CURATED_TRAJECTORIES])
+    monkeypatch.setattr(key_index, "_hashes", lambda fragment, *rest: read.append(fragment.path) or original(fragment, *rest))
     read.clear()
     ids = ["t9-5", "t4-3"]
     assert _look_up(lake, "trajectory_id", ids) == _scan(lake, "trajectory_id", ids) and not read
 
 
+def _run(path):
+    handle = open(path, "rb")
+    return handle, key_index._Merged.read(handle)
+
+
 def test_a_merged_run_that_fails_its_checks_is_not_used(curated, monkeypatch):
-    """Whatever happens to a merged run (cut short, a block zeroed, an owner or a hash changed, a
-    header rewritten), a lookup finds what a scan finds: the run is left out, its files looked up
-    on their own."""
+    """Whatever happens to a merged run (cut short, a block zeroed, entries or owners changed or
+    swapped, ids swapped, a header's sizes changed), a lookup finds what a scan finds: the run is
+    left out, its files looked up on their own; never an exception."""
     monkeypatch.setattr(key_index, "BLOCK", 8)
     lake, versions = curated
     _look_up(lake, "lsh_keys", [1])
@@ -200,37 +209,77 @@ def test_a_merged_run_that_fails_its_checks_is_not_used(curated, monkeypatch):
     runs = [key_index._folder(lake, CURATED_TRAJECTORIES, column) / key_index.MERGED
             for column in ("lsh_keys", "trajectory_id")]
     intact = [run.read_bytes() for run in runs]
-    for damage in ("cut", "zeroed", "owner", "hash", "header"):
+    every = np.sort(pl.Series(pa.array(range(300), pa.int64())).hash(key_index._SEED).to_numpy())
+    for damage in ("cut", "zeroed", "owner", "hash", "owners swapped", "hashes swapped", "ids swapped",
+                   "files", "blocks"):
         for run, raw in zip(runs, intact):
             run.write_bytes(raw)
-            merged = key_index._Merged.open(run)
-            entries = merged.entries
+            handle, merged = _run(run)
+            handle.close()
+            entries, start, body = merged.entries, merged.start, bytearray(raw)
+            owners_at, magic = start + 8 * entries, len(key_index._MAGIC)
             if damage == "cut":
-                changed = raw[:-5]
+                body = body[:-5]
             elif damage == "zeroed":
-                changed = raw[:merged.start] + b"\0" * (8 * entries) + raw[merged.start + 8 * entries:]
-            elif damage in ("owner", "hash"):  # every entry's owner made another file's, or every hash moved
-                body = bytearray(raw)
-                width, at = (4, merged.start + 8 * entries) if damage == "owner" else (8, merged.start)
+                body[start:owners_at] = b"\0" * (8 * entries)
+            elif damage in ("owner", "hash"):  # every owner made another file's, or every hash moved
+                width, at = (4, owners_at) if damage == "owner" else (8, start)
                 values = np.frombuffer(raw, np.uint32 if width == 4 else np.uint64, entries, at)
                 body[at:at + width * entries] = (values + values.dtype.type(1)).tobytes()
-                changed = bytes(body)
-            else:
-                changed = raw[:len(key_index._MAGIC)] + np.array([entries + 1], np.uint64).tobytes() + \
-                    raw[len(key_index._MAGIC) + 8:]
-            run.write_bytes(changed)
+            elif damage == "owners swapped":  # the sums of each block unchanged
+                owners = np.frombuffer(raw, np.uint32, entries, owners_at).copy()
+                at = next(i for i in range(entries - 1) if owners[i] != owners[i + 1] and (i + 1) % 8)
+                owners[[at, at + 1]] = owners[[at + 1, at]]
+                body[owners_at:owners_at + 4 * entries] = owners.tobytes()
+            elif damage == "hashes swapped":
+                hashes = np.frombuffer(raw, np.uint64, entries, start).copy()
+                at = next(i for i in range(entries - 1) if hashes[i] != hashes[i + 1] and (i + 1) % 8)
+                hashes[[at, at + 1]] = hashes[[at + 1, at]]
+                body[start:owners_at] = hashes.tobytes()
+            elif damage == "ids swapped":
+                ids = magic + 32
+                body[ids:ids + 64] = raw[ids + 32:ids + 64] + raw[ids:ids + 32]
+            else:  # a header's size made huge (a bit flipped high): nothing that size is read
+                at = magic + (8 if damage == "files" else 16)
+                body[at:at + 8] = np.array([2**45 + 7], np.uint64).tobytes()
+            assert bytes(body) != raw, damage
+            run.write_bytes(bytes(body))
         _merged_lookups_equal_scans(lake, versions)
-        assert all(key_index._Merged.open(run) is None or key_index._Merged.open(run).holding(
-            np.array([1, 2**63], np.uint64)) is None for run in runs), damage
+        _look_up(lake, "lsh_keys", list(range(300)))
+        for run in runs:
+            handle, merged = _run(run)
+            with handle:
+                assert merged is None or merged.holding(handle, every) is None, damage
+
+
+def test_a_lookup_reads_the_run_it_opened_though_another_replaces_it(curated):
+    """A merge replacing the run while a lookup reads it: the lookup goes on reading the one whose
+    head it read (the new one's owners would name other files)."""
+    lake, _ = curated
+    _look_up(lake, "trajectory_id", ["t0-1"])
+    key_index.merge(lake, [CURATED_TRAJECTORIES])
+    path = key_index._folder(lake, CURATED_TRAJECTORIES, "trajectory_id") / key_index.MERGED
+    handle, merged = _run(path)
+    lake.upsert(CURATED_TRAJECTORIES, _rows(4, n=12), partitions={"2026-11-02"})
+    key_index.merge(lake, [CURATED_TRAJECTORIES])  # other files, other owners
+    with handle:
+        wanted = pl.Series(["t0-3", "t7-2"]).hash(key_index._SEED).sort().to_numpy()
+        found = {merged.ids[owner] for owner in merged.holding(handle, wanted)}
+    files = {key_index._file_id(fragment, fragment.path): fragment
+             for fragment in lake.dataset(CURATED_TRAJECTORIES, version=7).get_fragments()}
+    holding = {file_id for file_id, fragment in files.items()
+               if {"t0-3", "t7-2"} & set(fragment.to_table(columns=["trajectory_id"]).column(0).to_pylist())}
+    assert found == holding and len(found) == 2
 
 
 def test_a_merged_run_finds_every_file_of_a_hash_held_by_many(tmp_path, monkeypatch):
     """Equal hashes spanning blocks: every file holding one is found, whichever block it starts in."""
     monkeypatch.setattr(key_index, "BLOCK", 4)
-    hashes = np.array([1, 3, 5, 5, 5, 5, 5, 5, 5, 5, 5, 9, 9, 12, 2**64 - 1], np.uint64)
-    owners = np.arange(len(hashes), dtype=np.uint32)
-    key_index._save_merged(tmp_path / "run", [f"{i:032d}" for i in range(len(hashes))], hashes, owners)
-    merged = key_index._Merged.open(tmp_path / "run")
-    assert merged.holding(np.array([5], np.uint64)) == set(range(2, 11))
-    assert merged.holding(np.array([0, 4, 2**63], np.uint64)) == set()
-    assert merged.holding(np.array([1, 9, 2**64 - 1], np.uint64)) == {0, 11, 12, 14}
+    hashes = [1, 3, 5, 5, 5, 5, 5, 5, 5, 5, 5, 9, 9, 12, 2**64 - 1]
+    key_index._save_merged(tmp_path / "run", [f"{i:032d}" for i in range(len(hashes))],
+                           [np.array([value], np.uint64) for value in hashes])
+    handle, merged = _run(tmp_path / "run")
+    with handle:
+        assert merged.holding(handle, np.array([5], np.uint64)) == set(range(2, 11))
+        assert merged.holding(handle, np.array([0, 4, 2**63], np.uint64)) == set()
+        assert merged.holding(handle, np.array([1, 9, 2**64 - 1], np.uint64)) == {0, 11, 12, 14}
