@@ -79,3 +79,19 @@ def test_a_table_version_is_read_through_one_dataset_until_the_table_changes(lak
     lake.append(CURATED_TRAJECTORIES, rows("d"))
     assert sorted(lake.read(CURATED_TRAJECTORIES, version=1).column("trajectory_id").to_pylist()) == ["c", "d"]
     assert len(lake._datasets) == 1
+
+
+def test_a_table_is_checkpointed_every_ten_commits(lake):
+    """TABLE_PROPERTIES: a table is made with a checkpoint each 10 commits, so an open replays at
+    most ten JSON commits (delta-rs's default, 100, had a refresh's ~100 opens replay up to 100 each)."""
+    from flywheel_assets.lib.lake import TABLE_PROPERTIES, conform
+    from flywheel_assets.lib.tables import CURATED_TRAJECTORIES, TRAJECTORY_SCORES
+
+    for i in range(12):
+        lake.append(CURATED_TRAJECTORIES, conform(pa.table({"trajectory_id": [f"t{i}"], "created_day": ["d"]}),
+                                                  CURATED_TRAJECTORIES))
+    lake.upsert(TRAJECTORY_SCORES, conform(pa.table({"trajectory_id": ["t"]}), TRAJECTORY_SCORES))  # made by an upsert
+    for table in (CURATED_TRAJECTORIES, TRAJECTORY_SCORES):
+        assert lake.delta(table).metadata().configuration == TABLE_PROPERTIES
+    log = os.listdir(os.path.join(lake.uri(CURATED_TRAJECTORIES), "_delta_log"))
+    assert "00000000000000000009.checkpoint.parquet" in log and "_last_checkpoint" in log

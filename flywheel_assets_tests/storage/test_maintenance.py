@@ -67,3 +67,26 @@ def test_lake_maintenance_job_runs_under_dagster(home, lake):
         resources={"flywheel": FlywheelResource(home=str(home)),
                    "catalog": DuckDBResource(database=str(home / "flywheel.duckdb"))})
     assert result.success and footprint(lake, CURATED_TRAJECTORIES)[0] == 1
+
+
+def test_maintenance_gives_an_older_table_its_properties_and_the_refreshes_stay_incremental(config, lake):
+    """A table made before TABLE_PROPERTIES (delta-rs's defaults) takes them at the next upkeep, in a
+    metadata-only commit that the refreshes reading it take as harmless."""
+    from deltalake import write_deltalake
+
+    from flywheel_assets.lib.feedback.refresh_scores import refresh_judge_scores
+    from flywheel_assets.lib.lake import TABLE_PROPERTIES, utcnow
+    from flywheel_assets.lib.tables import TRAJECTORIES
+
+    def logged(tag: str) -> pa.Table:
+        return conform(pa.Table.from_pylist([{"trajectory_id": tag, "task_type": "qa", "ingested_at": utcnow(),
+                                              "created_at": utcnow(), "turns": []}]), TRAJECTORIES)
+
+    write_deltalake(lake.uri(TRAJECTORIES), logged("t1"))  # as an older version of the lake made it
+    assert lake.delta(TRAJECTORIES).metadata().configuration == {}
+    assert refresh_judge_scores(lake, config).full  # (the first run)
+    maintain(config, lake, retention_hours=0)
+    assert lake.delta(TRAJECTORIES).metadata().configuration.items() >= TABLE_PROPERTIES.items()
+    lake.append(TRAJECTORIES, logged("t2"))
+    outcome = refresh_judge_scores(lake, config)
+    assert not outcome.full and outcome.new_rows == {"trajectories": 1}, outcome.reason

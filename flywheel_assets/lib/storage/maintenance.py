@@ -10,6 +10,7 @@ and Delta keeps every earlier version's files until a vacuum. `maintain` runs, i
 
 then per table:
 
+- properties: a table made before lake.TABLE_PROPERTIES (a checkpoint each 10 commits) takes them;
 - compaction (OPTIMIZE): small files rewritten into few, per partition; no row changes;
 - vacuum: the files that neither the current version nor a pinned one reads, once they have been
   out of the log for `maintenance.vacuum_retention_hours` (a run reading a snapshot older than
@@ -41,7 +42,7 @@ from deltalake.exceptions import DeltaError
 
 from flywheel_assets.lib.config import FlywheelConfig
 from flywheel_assets.lib.ingest.lock import every_lock, no_writers
-from flywheel_assets.lib.lake import SMALL_FILE_BYTES, ColdTierMissing, Lake, utcnow
+from flywheel_assets.lib.lake import SMALL_FILE_BYTES, TABLE_PROPERTIES, ColdTierMissing, Lake, utcnow
 from flywheel_assets.lib.storage import key_index
 from flywheel_assets.lib.storage.tiers import COLD_WRITER, TierMove, move_to_cold, zorder
 from flywheel_assets.lib.tables import ALL_TABLES, DATASET_MANIFESTS, Table
@@ -147,6 +148,7 @@ def _maintain_table(lake: Lake, table: Table, pinned: list[int], hours: float, c
             upkeep.error = f"no tier move: {type(error).__name__}: {error}"
     try:
         dt = lake.delta(table)
+        _with_properties(dt)
         metrics = dt.optimize.compact(target_size=SMALL_FILE_BYTES)
         upkeep.compacted = int(metrics.get("numFilesRemoved", 0))
         upkeep.zordered = table.tiered and zorder_hot and zorder(lake, table)
@@ -165,6 +167,14 @@ def _maintain_table(lake: Lake, table: Table, pinned: list[int], hours: float, c
     return upkeep
 
 
+def _with_properties(dt) -> None:
+    """A table made before TABLE_PROPERTIES (a checkpoint each 10 commits) takes them (a
+    metadata-only commit: the refreshes stay incremental)."""
+    configuration = dt.metadata().configuration
+    if any(configuration.get(name) != value for name, value in TABLE_PROPERTIES.items()):
+        dt.alter.set_table_properties(TABLE_PROPERTIES)
+
+
 def _compact_cold(lake: Lake, table: Table, hours: float) -> str | None:
     """The cold tier's day files compacted (zstd again) and the replaced ones vacuumed: a read of
     an older hot version filters the cold rows themselves (lib/lake.py), never an older cold
@@ -172,6 +182,7 @@ def _compact_cold(lake: Lake, table: Table, hours: float) -> str | None:
     try:
         if (cold := lake.cold(table)) is None:
             return None
+        _with_properties(cold)
         cold.optimize.compact(target_size=SMALL_FILE_BYTES, writer_properties=COLD_WRITER)
         cold = lake.cold(table)
         cold.vacuum(retention_hours=int(hours), enforce_retention_duration=False, dry_run=False)
