@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections import OrderedDict
 from datetime import datetime, timedelta, timezone
 
 import duckdb
@@ -30,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.dataset as pa_ds
 import pyarrow.fs as pa_fs
-from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+from deltalake import CommitProperties, DeltaTable, PostCommitHookProperties, Transaction, write_deltalake
 from deltalake.exceptions import DeltaError, TableNotFoundError
 
 from flywheel_assets.lib.config import FlywheelConfig
@@ -41,11 +40,12 @@ from flywheel_assets.lib.tables import Table
 # cycles. Once an unpartitioned table holds COMPACT_AT files under SMALL_FILE_BYTES, the
 # append that made it so also compacts them (a second commit; the rows do not change).
 COMPACT_AT = 64
-# Every table is made with these properties: a Delta checkpoint each 10 commits (delta-rs's
-# default is 100), so opening a table replays at most ten JSON commits (~15 ms at 50, ~3 ms
-# after a checkpoint; a refresh opens ~100). Older tables take them at the next lake_maintenance.
-TABLE_PROPERTIES = {"delta.checkpointInterval": "10"}
-_DATASETS_KEPT = 64  # table versions whose arrow datasets a Lake keeps, the last built (Lake._files)
+# A Lake's writes checkpoint the table each CHECKPOINT_EVERY versions, themselves (delta-rs's
+# post-commit checkpoint, each 100 versions by default, raises after the commit landed when the
+# checkpoint fails: a write that happened reported as failed). An open replays the JSON commits
+# since the last checkpoint: ~15 ms at 50, ~3 ms after one, and a refresh opens about a hundred.
+CHECKPOINT_EVERY = 10
+_NO_CHECKPOINT = PostCommitHookProperties(create_checkpoint=False)
 SMALL_FILE_BYTES = 32 << 20
 LOG_RETENTION, DEFAULT_LOG_RETENTION = "delta.logRetentionDuration", "interval 30 days"
 ORPHAN_HOURS = 1  # purge_history: untracked files older than this are deleted
@@ -68,7 +68,7 @@ class Lake:
         self._cold_default = not explicit  # under the lake root: recorded relative to it (a home moves whole)
         cold_options = os.environ.get("FLYWHEEL_COLD_STORAGE_OPTIONS")
         self.cold_storage_options = json.loads(cold_options) if cold_options else self.storage_options
-        self._datasets: OrderedDict[tuple, pa_ds.Dataset] = OrderedDict()  # _files' latest, by table and version
+        self._datasets: dict[str, tuple[tuple, pa_ds.Dataset]] = {}  # _files: by location, the version read last
 
     def uri(self, table: Table) -> str:
         return f"{self.root.rstrip('/')}/{table.layer}/{table.name}"
@@ -194,20 +194,19 @@ class Lake:
         file system: deltalake's default (a Python file system handler called from Arrow's I/O
         threads) made about half of the processes that had read a table abort at exit
         ("terminate called without an active exception").
-        A version's files never change, so its dataset (without `prune`) is built once by this
-        Lake (a refresh reads the same versions a dozen times: ~30 ms each at 100 files)."""
-        key = None if prune is not None else (uri, dt.metadata().id, dt.version())
-        if key is not None and (cached := self._datasets.get(key)) is not None:
-            return cached
+        A version's files never change, so the dataset of the version of each table read last
+        (without `prune`) is kept by this Lake and read again (a refresh reads the same versions a
+        dozen times: ~30 ms each at 100 files); one a table, so the Parquet footers its fragments
+        keep are one version's."""
+        made = (dt.metadata().id, dt.version())  # (a table made again at the same place: another id)
+        if prune is None and (kept := self._datasets.get(uri)) is not None and kept[0] == made:
+            return kept[1]
         filesystem = None
         if "://" not in uri:
             filesystem = pa_fs.SubTreeFileSystem(os.path.abspath(uri), pa_fs.LocalFileSystem())
         dataset = dt.to_pyarrow_dataset(file_pruning_predicate=prune, filesystem=filesystem)
-        if key is not None:
-            self._datasets[key] = dataset
-            while len(self._datasets) > _DATASETS_KEPT:  # the oldest built first
-                with contextlib.suppress(KeyError):  # (another thread's)
-                    self._datasets.popitem(last=False)
+        if prune is None:
+            self._datasets[uri] = (made, dataset)
         return dataset
 
     def append(self, table: Table, data: pa.Table) -> int:
@@ -226,10 +225,10 @@ class Lake:
         write_deltalake(
             self.uri(table), data, mode=mode, predicate=predicate, schema_mode=schema_mode,
             storage_options=self.storage_options,
-            partition_by=list(table.partition_by) or None, configuration=TABLE_PROPERTIES,
+            partition_by=list(table.partition_by) or None, post_commithook_properties=_NO_CHECKPOINT,
         )
         dt = self.delta(table)
-        version = dt.version()
+        version = _checkpointed(dt)
         if mode == "append" and not table.partition_by:
             compact_small_files(dt)
         return version
@@ -253,8 +252,8 @@ class Lake:
         if replace or dt is None:
             write_deltalake(self.uri(table), data, mode="overwrite", schema_mode="overwrite",
                             storage_options=self.storage_options, partition_by=partition_by,
-                            commit_properties=commit, configuration=TABLE_PROPERTIES)
-            return self.version(table)
+                            commit_properties=commit, post_commithook_properties=_NO_CHECKPOINT)
+            return _checkpointed(self.delta(table))
         if data.num_rows == 0:
             return None
         predicate, selected = None, None
@@ -276,11 +275,13 @@ class Lake:
         # (nothing is lost); an append of keys that snapshot lacked does not conflict with one, so a
         # second writer of the same keys is kept out by the refresh lock (one refresh per table).
         if kept.num_rows == old.num_rows:  # only new keys: an append, nothing rewritten
-            write_deltalake(dt, data, mode="append", partition_by=partition_by, commit_properties=commit)
+            write_deltalake(dt, data, mode="append", partition_by=partition_by, commit_properties=commit,
+                            post_commithook_properties=_NO_CHECKPOINT)
         else:
             write_deltalake(dt, pa.concat_tables([kept, data]), mode="overwrite", predicate=predicate,
-                            partition_by=partition_by, commit_properties=commit)
-        return self.version(table)
+                            partition_by=partition_by, commit_properties=commit,
+                            post_commithook_properties=_NO_CHECKPOINT)
+        return _checkpointed(self.delta(table))
 
     def delete_where(self, table: Table, predicate: str) -> int:
         """Delete the rows a Delta predicate holds for, in one commit per tier that rewrites only
@@ -371,6 +372,16 @@ def compact_small_files(dt: DeltaTable, at: int | None = None) -> bool:
     except DeltaError:  # e.g. another writer changed these files meanwhile: the append stands, the next one retries
         return False
     return True
+
+
+def _checkpointed(dt: DeltaTable) -> int:
+    """The version of `dt` (just written), checkpointed first at each CHECKPOINT_EVERY-th: a
+    checkpoint that fails (a full disk, a store error) is left to the next one, the write done."""
+    version = dt.version()
+    if version and version % CHECKPOINT_EVERY == 0:
+        with contextlib.suppress(DeltaError, OSError):
+            dt.create_checkpoint()
+    return version
 
 
 def conform(data: pa.Table, table: Table) -> pa.Table:

@@ -55,9 +55,10 @@ def test_pending_files_of_a_subset_are_those_of_the_whole_zone(config, lake):
         assert pending_files(config, lake, subset) == [f for f in pending if f in subset]
 
 
-def test_a_table_version_is_read_through_one_dataset_until_the_table_changes(lake, monkeypatch):
-    """A version's files never change: its dataset is built once; a new version, or a table
-    deleted and made again at the same place (its versions counted from 0 again), is read anew."""
+def test_a_table_version_is_read_through_one_dataset_until_the_table_changes(lake):
+    """A version's files never change: the dataset of the version read last is built once; another
+    version, or a table deleted and made again at the same place (its versions counted from 0
+    again), is read anew. One is kept a table."""
     import shutil
 
     from flywheel_assets.lib.lake import conform
@@ -71,27 +72,41 @@ def test_a_table_version_is_read_through_one_dataset_until_the_table_changes(lak
     assert lake.dataset(CURATED_TRAJECTORIES) is first and lake.dataset(CURATED_TRAJECTORIES, version=0) is first
     lake.append(CURATED_TRAJECTORIES, rows("b"))
     assert sorted(lake.read(CURATED_TRAJECTORIES).column("trajectory_id").to_pylist()) == ["a", "b"]
-    assert lake.dataset(CURATED_TRAJECTORIES, version=0) is first
+    assert lake.dataset(CURATED_TRAJECTORIES, version=0) is not first  # one version kept: the last read
+    assert lake.read(CURATED_TRAJECTORIES, version=0).column("trajectory_id").to_pylist() == ["a"]
     shutil.rmtree(lake.uri(CURATED_TRAJECTORIES))
     lake.append(CURATED_TRAJECTORIES, rows("c"))  # version 0 again, another table
     assert lake.read(CURATED_TRAJECTORIES).column("trajectory_id").to_pylist() == ["c"]
-    monkeypatch.setattr(lake_module, "_DATASETS_KEPT", 1)
-    lake.append(CURATED_TRAJECTORIES, rows("d"))
-    assert sorted(lake.read(CURATED_TRAJECTORIES, version=1).column("trajectory_id").to_pylist()) == ["c", "d"]
-    assert len(lake._datasets) == 1
+    assert list(lake._datasets) == [lake.uri(CURATED_TRAJECTORIES)]
 
 
-def test_a_table_is_checkpointed_every_ten_commits(lake):
-    """TABLE_PROPERTIES: a table is made with a checkpoint each 10 commits, so an open replays at
-    most ten JSON commits (delta-rs's default, 100, had a refresh's ~100 opens replay up to 100 each)."""
-    from flywheel_assets.lib.lake import TABLE_PROPERTIES, conform
+def test_a_lake_checkpoints_each_tenth_version_and_a_failed_checkpoint_fails_no_write(lake, monkeypatch):
+    """An open replays the JSON commits since the last checkpoint: the Lake's writes checkpoint
+    each CHECKPOINT_EVERY versions (delta-rs's default: 100); a checkpoint that fails leaves the
+    write done and reported so."""
+    from deltalake import DeltaTable
+    from deltalake.exceptions import DeltaError
+
+    from flywheel_assets.lib.lake import CHECKPOINT_EVERY, conform
     from flywheel_assets.lib.tables import CURATED_TRAJECTORIES, TRAJECTORY_SCORES
 
-    for i in range(12):
-        lake.append(CURATED_TRAJECTORIES, conform(pa.table({"trajectory_id": [f"t{i}"], "created_day": ["d"]}),
-                                                  CURATED_TRAJECTORIES))
-    lake.upsert(TRAJECTORY_SCORES, conform(pa.table({"trajectory_id": ["t"]}), TRAJECTORY_SCORES))  # made by an upsert
+    def rows(tag: str, table) -> pa.Table:
+        return conform(pa.table({"trajectory_id": [tag], "created_day": ["d"]}), table)
+
+    for i in range(CHECKPOINT_EVERY + 2):
+        lake.append(CURATED_TRAJECTORIES, rows(f"t{i}", CURATED_TRAJECTORIES))
+    for i in range(CHECKPOINT_EVERY + 1):  # the upsert's append, overwrite and first write
+        lake.upsert(TRAJECTORY_SCORES, rows("t" if i % 2 else f"t{i}", TRAJECTORY_SCORES))
     for table in (CURATED_TRAJECTORIES, TRAJECTORY_SCORES):
-        assert lake.delta(table).metadata().configuration == TABLE_PROPERTIES
+        log = os.listdir(os.path.join(lake.uri(table), "_delta_log"))
+        assert f"{CHECKPOINT_EVERY:020d}.checkpoint.parquet" in log and "_last_checkpoint" in log
+    assert lake.row_count(CURATED_TRAJECTORIES) == CHECKPOINT_EVERY + 2
+
+    def fails(self):
+        raise DeltaError("the disk is full")
+
+    monkeypatch.setattr(DeltaTable, "create_checkpoint", fails)
+    versions = [lake.append(CURATED_TRAJECTORIES, rows(f"u{i}", CURATED_TRAJECTORIES)) for i in range(CHECKPOINT_EVERY)]
+    assert 2 * CHECKPOINT_EVERY in versions and lake.row_count(CURATED_TRAJECTORIES) == 2 * CHECKPOINT_EVERY + 2
     log = os.listdir(os.path.join(lake.uri(CURATED_TRAJECTORIES), "_delta_log"))
-    assert "00000000000000000009.checkpoint.parquet" in log and "_last_checkpoint" in log
+    assert f"{2 * CHECKPOINT_EVERY:020d}.checkpoint.parquet" not in log  # (failed, as it was made to)

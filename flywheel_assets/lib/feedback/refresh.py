@@ -161,10 +161,10 @@ def _apps(feed: Feed) -> tuple[str, str, str, str]:
     return f"{name}.after", f"{name}.rows", f"{name}.generation", f"{name}.version"
 
 
-# What an append-only input's log may hold between two refreshes: appends, and compactions,
-# vacuums and table properties set, which change no row. Anything else (an UPDATE, DELETE,
-# MERGE, overwrite) may have rewritten rows the watermark will never see again.
-_HARMLESS = {"OPTIMIZE", "VACUUM START", "VACUUM END", "SET TBLPROPERTIES"}
+# What an append-only input's log may hold between two refreshes: appends, and compactions
+# and vacuums, which change no row. Anything else (an UPDATE, DELETE, MERGE, overwrite) may
+# have rewritten rows the watermark will never see again.
+_HARMLESS = {"OPTIMIZE", "VACUUM START", "VACUUM END"}
 
 
 def _rewrites(dt, folded: int | None) -> str | None:

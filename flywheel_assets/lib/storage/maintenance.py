@@ -10,14 +10,15 @@ and Delta keeps every earlier version's files until a vacuum. `maintain` runs, i
 
 then per table:
 
-- properties: a table made before lake.TABLE_PROPERTIES (a checkpoint each 10 commits) takes them;
 - compaction (OPTIMIZE): small files rewritten into few, per partition; no row changes;
 - vacuum: the files that neither the current version nor a pinned one reads, once they have been
   out of the log for `maintenance.vacuum_retention_hours` (a run reading a snapshot older than
   that could fail: the retention is the longest a read may take). Pinned: the Delta versions every
   dataset manifest recorded for its inputs, so each cycle's data can still be read as it was
   (the comparison arms of lib/evaluation/arms.py time-travel to them). The Delta log itself is
-  kept (small; it is what lets those versions be read).
+  kept (small; it is what lets those versions be read);
+- a checkpoint, so an open replays only the commits after it (the Lake's own writes checkpoint
+  each lake.CHECKPOINT_EVERY versions too).
 
 and last, the key index's files of data files no table holds any more are deleted and each
 indexed column's files merged into one sorted run (lookups binary-search it; only the files
@@ -42,7 +43,7 @@ from deltalake.exceptions import DeltaError
 
 from flywheel_assets.lib.config import FlywheelConfig
 from flywheel_assets.lib.ingest.lock import every_lock, no_writers
-from flywheel_assets.lib.lake import SMALL_FILE_BYTES, TABLE_PROPERTIES, ColdTierMissing, Lake, utcnow
+from flywheel_assets.lib.lake import SMALL_FILE_BYTES, ColdTierMissing, Lake, utcnow
 from flywheel_assets.lib.storage import key_index
 from flywheel_assets.lib.storage.tiers import COLD_WRITER, TierMove, move_to_cold, zorder
 from flywheel_assets.lib.tables import ALL_TABLES, DATASET_MANIFESTS, Table
@@ -148,7 +149,6 @@ def _maintain_table(lake: Lake, table: Table, pinned: list[int], hours: float, c
             upkeep.error = f"no tier move: {type(error).__name__}: {error}"
     try:
         dt = lake.delta(table)
-        _with_properties(dt)
         metrics = dt.optimize.compact(target_size=SMALL_FILE_BYTES)
         upkeep.compacted = int(metrics.get("numFilesRemoved", 0))
         upkeep.zordered = table.tiered and zorder_hot and zorder(lake, table)
@@ -156,6 +156,8 @@ def _maintain_table(lake: Lake, table: Table, pinned: list[int], hours: float, c
         # keep_versions: those versions stay readable whatever their age
         upkeep.vacuumed = len(dt.vacuum(retention_hours=int(hours), enforce_retention_duration=False, dry_run=False,
                                         keep_versions=_readable(lake, table, pinned) or None))
+        with contextlib.suppress(DeltaError, OSError):  # an open replays only what is committed after it
+            lake.delta(table).create_checkpoint()
     except DeltaError as error:  # a concurrent commit (a curation run): tried again at the next run
         upkeep.error = "; ".join(filter(None, (upkeep.error, f"skipped: {error}")))
     if table.tiered and upkeep.error is None:
@@ -167,14 +169,6 @@ def _maintain_table(lake: Lake, table: Table, pinned: list[int], hours: float, c
     return upkeep
 
 
-def _with_properties(dt) -> None:
-    """A table made before TABLE_PROPERTIES (a checkpoint each 10 commits) takes them (a
-    metadata-only commit: the refreshes stay incremental)."""
-    configuration = dt.metadata().configuration
-    if any(configuration.get(name) != value for name, value in TABLE_PROPERTIES.items()):
-        dt.alter.set_table_properties(TABLE_PROPERTIES)
-
-
 def _compact_cold(lake: Lake, table: Table, hours: float) -> str | None:
     """The cold tier's day files compacted (zstd again) and the replaced ones vacuumed: a read of
     an older hot version filters the cold rows themselves (lib/lake.py), never an older cold
@@ -182,7 +176,6 @@ def _compact_cold(lake: Lake, table: Table, hours: float) -> str | None:
     try:
         if (cold := lake.cold(table)) is None:
             return None
-        _with_properties(cold)
         cold.optimize.compact(target_size=SMALL_FILE_BYTES, writer_properties=COLD_WRITER)
         cold = lake.cold(table)
         cold.vacuum(retention_hours=int(hours), enforce_retention_duration=False, dry_run=False)

@@ -27,7 +27,7 @@ import pyarrow as pa
 from deltalake import CommitProperties, Transaction, WriterProperties, write_deltalake
 
 from flywheel_assets.lib.lake import (
-    COLD_URI_PROPERTY, OPERATION, TABLE_PROPERTIES, TIER_MARK, TIER_MOVE, Lake, conform, micros_iso,
+    COLD_URI_PROPERTY, OPERATION, TIER_MARK, TIER_MOVE, Lake, conform, micros_iso,
 )
 from flywheel_assets.lib.tables import Table
 
@@ -95,7 +95,7 @@ def _before(mark: int) -> str:
 def _append_cold(lake: Lake, table: Table, rows: pa.Table, mark: int) -> None:
     write_deltalake(lake.cold_uri(table), conform(rows.sort_by("session_id"), table), mode="append",
                     storage_options=lake.cold_storage_options, writer_properties=COLD_WRITER, schema_mode="merge",
-                    commit_properties=_commit(mark), configuration=TABLE_PROPERTIES)
+                    commit_properties=_commit(mark))
 
 
 def _delete_hot(lake: Lake, table: Table, mark: int) -> int:
