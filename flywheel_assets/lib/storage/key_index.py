@@ -318,10 +318,10 @@ def _block_sums(hashes: np.ndarray, owners: np.ndarray) -> np.ndarray:
 def merge(lake, tables: list[Table]) -> int:
     """Merge each indexed column's files into its folder's merged run, covering every file the
     table's current version holds (their index files computed where missing); the entries
-    written. lake_maintenance's last step: the day's new files stay loose until the next run,
-    and a run whose files were rewritten since only costs reads of them (their ids no longer
-    live). A table or column that cannot be read is skipped (its old run, if any, kept: it is
-    checked as it is read). Memory: the column's hashes (8 bytes each) and a range of them at a
+    written. lake_maintenance's last step: the files written after it stay loose until the next
+    run, and the entries of files a table no longer holds (rewritten, compacted) are passed over
+    by lookups. A table or column that cannot be read is skipped (its old run, if any, kept: it
+    is checked as it is read). Memory: the column's hashes (8 bytes each) and a range of them at a
     time merged."""
     written = 0
     for table in tables:
