@@ -1,6 +1,7 @@
 """Lookups by key through the key index (lib/storage/key_index.py) find exactly the rows a scan
-finds, at any version, by a scalar or a list column, however many files a batch holds; an index
-that lies costs a read, never a row; maintenance deletes the index of files no table holds."""
+finds, at any version, by a scalar or a list column, however many files a batch holds, through
+each file's index or a merged run; an index or run that lies or is damaged costs a read, never a
+row; maintenance deletes the index of files no table holds."""
 
 import os
 

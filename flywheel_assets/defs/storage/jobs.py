@@ -36,7 +36,7 @@ def maintain_lake(context: dg.OpExecutionContext, config: MaintenanceRunConfig, 
                       for tenant, report in done.expired.items())
     context.log.info(f"lake: {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB{expired}\n" + "\n".join(lines)
                      + f"\nkey index: {done.index_files_deleted} files deleted (their data files are gone), "
-                       f"{done.index_entries_merged:,} key hashes in its merged runs")
+                       f"{done.index_entries_merged:,} key hashes merged into its runs")
     if done.moved and Path(catalog.database).exists():  # a view made before the table had a cold tier reads hot rows only
         try:
             with catalog.get_connection() as con:

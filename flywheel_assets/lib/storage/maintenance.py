@@ -71,7 +71,7 @@ class Upkeep:
     expired: dict = field(default_factory=dict)  # tenant -> ForgetReport of its expired sessions
     retention_error: str | None = None  # retention failed (the rest ran)
     index_files_deleted: int = 0  # the key index's files of data files no table holds now (lib/storage/key_index.py)
-    index_entries_merged: int = 0  # key hashes in the index's merged runs after the run (key_index.merge)
+    index_entries_merged: int = 0  # key hashes this run wrote to the index's merged runs (key_index.merge)
 
     @property
     def moved(self) -> int:
