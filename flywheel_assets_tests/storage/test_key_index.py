@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 
 from flywheel_assets.lib.lake import conform
-from flywheel_assets.lib.storage import key_index
+from flywheel_assets.lib.storage import key_index, merged_run
 from flywheel_assets.lib.storage.key_index import keyed
 from flywheel_assets.lib.tables import CURATED_TRAJECTORIES, FORGET_REQUESTS
 
@@ -168,10 +168,10 @@ def test_a_merged_run_answers_for_the_files_it_covers(curated, monkeypatch, few)
     finds: the files written since (loose), a covered file rewritten since (no longer read), an
     older version, equal hashes in several files across block boundaries."""
     monkeypatch.setattr(key_index, "FEW_KEYS", few)
-    monkeypatch.setattr(key_index, "BLOCK", 4)  # many blocks, equal hashes spanning them
-    monkeypatch.setattr(key_index, "_GAP_BLOCKS", 0)  # each run of needed blocks read on its own
-    monkeypatch.setattr(key_index, "_READ_BLOCKS", 3)  # ... and split
-    monkeypatch.setattr(key_index, "_MERGE_ENTRIES", 50)  # merged a range of the hash space at a time
+    monkeypatch.setattr(merged_run, "BLOCK", 4)  # many blocks, equal hashes spanning them
+    monkeypatch.setattr(merged_run, "GAP_BLOCKS", 0)  # each run of needed blocks read on its own
+    monkeypatch.setattr(merged_run, "READ_BLOCKS", 3)  # ... and split
+    monkeypatch.setattr(merged_run, "MERGE_ENTRIES", 50)  # merged a range of the hash space at a time
     lake, versions = curated
     _look_up(lake, "trajectory_id", ["t0-1"])
     _look_up(lake, "lsh_keys", [1])
@@ -195,19 +195,19 @@ def test_a_merged_run_answers_for_the_files_it_covers(curated, monkeypatch, few)
 
 def _run(path):
     handle = open(path, "rb")
-    return handle, key_index._Merged.read(handle)
+    return handle, merged_run.MergedRun.read(handle)
 
 
 def test_a_merged_run_that_fails_its_checks_is_not_used(curated, monkeypatch):
     """Whatever happens to a merged run (cut short, a block zeroed, entries or owners changed or
     swapped, ids swapped, a header's sizes changed), a lookup finds what a scan finds: the run is
     left out, its files looked up on their own; never an exception."""
-    monkeypatch.setattr(key_index, "BLOCK", 8)
+    monkeypatch.setattr(merged_run, "BLOCK", 8)
     lake, versions = curated
     _look_up(lake, "lsh_keys", [1])
     _look_up(lake, "trajectory_id", ["t0-1"])
     key_index.merge(lake, [CURATED_TRAJECTORIES])
-    runs = [key_index._folder(lake, CURATED_TRAJECTORIES, column) / key_index.MERGED
+    runs = [key_index._folder(lake, CURATED_TRAJECTORIES, column) / merged_run.NAME
             for column in ("lsh_keys", "trajectory_id")]
     intact = [run.read_bytes() for run in runs]
     every = np.sort(pl.Series(pa.array(range(300), pa.int64())).hash(key_index._SEED).to_numpy())
@@ -218,7 +218,7 @@ def test_a_merged_run_that_fails_its_checks_is_not_used(curated, monkeypatch):
             handle, merged = _run(run)
             handle.close()
             entries, start, body = merged.entries, merged.start, bytearray(raw)
-            owners_at, magic = start + 8 * entries, len(key_index._MAGIC)
+            owners_at, magic = start + 8 * entries, len(merged_run._MAGIC)
             if damage == "cut":
                 body = body[:-5]
             elif damage == "zeroed":
@@ -259,7 +259,7 @@ def test_a_lookup_reads_the_run_it_opened_though_another_replaces_it(curated):
     lake, _ = curated
     _look_up(lake, "trajectory_id", ["t0-1"])
     key_index.merge(lake, [CURATED_TRAJECTORIES])
-    path = key_index._folder(lake, CURATED_TRAJECTORIES, "trajectory_id") / key_index.MERGED
+    path = key_index._folder(lake, CURATED_TRAJECTORIES, "trajectory_id") / merged_run.NAME
     handle, merged = _run(path)
     lake.upsert(CURATED_TRAJECTORIES, _rows(4, n=12), partitions={"2026-11-02"})
     key_index.merge(lake, [CURATED_TRAJECTORIES])  # other files, other owners
@@ -275,9 +275,9 @@ def test_a_lookup_reads_the_run_it_opened_though_another_replaces_it(curated):
 
 def test_a_merged_run_finds_every_file_of_a_hash_held_by_many(tmp_path, monkeypatch):
     """Equal hashes spanning blocks: every file holding one is found, whichever block it starts in."""
-    monkeypatch.setattr(key_index, "BLOCK", 4)
+    monkeypatch.setattr(merged_run, "BLOCK", 4)
     hashes = [1, 3, 5, 5, 5, 5, 5, 5, 5, 5, 5, 9, 9, 12, 2**64 - 1]
-    key_index._save_merged(tmp_path / "run", [f"{i:032d}" for i in range(len(hashes))],
+    merged_run.write(tmp_path / "run", [f"{i:032d}" for i in range(len(hashes))],
                            [np.array([value], np.uint64) for value in hashes])
     handle, merged = _run(tmp_path / "run")
     with handle:

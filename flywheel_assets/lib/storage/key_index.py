@@ -11,10 +11,9 @@ points at and matches their rows exactly. A collision costs a file read, never a
 index file is written whole (staged, fsynced, renamed) with a checksum; one that is missing or
 fails its checks is computed again from its data file.
 
-Lake maintenance merges each column's index files into one sorted run (`merge`, nightly): a
-lookup then binary-searches the blocks of that run its keys fall in instead of testing every
-stored hash (about 7 ns each: 1 s of a 1M-event day's curation over a 50M-event history, for the
-LSH band keys alone), and tests only the files written since on their own.
+Lake maintenance merges each column's index files into one sorted run (`merge`, nightly;
+merged_run.py): a lookup then binary-searches the blocks of that run its keys fall in instead of
+testing every stored hash, and tests only the files written since on their own.
 
 The folder names the hash scheme (polars' hash is stable within one version and platform only)
 and the number of forgets and retention runs recorded in audit/forget_requests: after a forget
@@ -26,13 +25,11 @@ deletes the index files of data files the tables no longer hold.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import os
 import platform
 import shutil
 import time
-import uuid
 from pathlib import Path
 
 import duckdb
@@ -44,6 +41,8 @@ from deltalake.exceptions import DeltaError
 
 from flywheel_assets.lib.arrays import items_among
 from flywheel_assets.lib.lake import ColdTierMissing
+from flywheel_assets.lib.storage import merged_run
+from flywheel_assets.lib.storage.merged_run import staged
 from flywheel_assets.lib.tables import FORGET_REQUESTS, Table
 
 _SEED = 0x5EED
@@ -57,13 +56,6 @@ _STAGING_HOURS = 1  # prune: staging files older than this were left by a crash
 # FEW_KEYS * 20 comparisons a file) instead of testing every stored hash against its keys
 FEW_KEYS = 4_096
 _CHECKED: dict[Path, tuple[int, int, int]] = {}  # index files this process found intact, as they were then
-MERGED = "merged.idx"  # a column folder's merged run (`merge`)
-_MAGIC = b"FWKEYIX2"
-BLOCK = 4_096  # entries of a merged run a fence and a checksum cover (32 KB of hashes)
-_GAP_BLOCKS = 16  # needed blocks at most this far apart are read as one
-_READ_BLOCKS = 256  # ... and at most this many at a time (12 MB of hashes and owners)
-_MERGE_ENTRIES = 4_000_000  # a merge sorts a range of the hash space holding about this many at a time
-_VERIFIED: dict[tuple, np.ndarray] = {}  # merged runs' blocks this process found intact, by file
 
 
 def keyed(con: duckdb.DuckDBPyConnection, lake, table: Table, column: str, keys: str,
@@ -101,14 +93,16 @@ def _holding(fragments: list, schema: pa.Schema, column: str, folder: Path | Non
     folder's merged run covers found by it, the others by their own index files."""
     owners: dict[int, int] = {}
     hit: set[int] = set()
-    try:
-        with open(folder / MERGED, "rb") if folder is not None else contextlib.nullcontext() as run:
-            merged = _Merged.read(run) if run is not None else None
-            owners = merged.owners_of(fragments) if merged is not None else {}
-            if owners and (hit := merged.holding(run, query)) is None:  # failed its checks: every file on its own
-                owners = {}
-    except OSError:  # no merged run yet
-        owners = {}
+    if folder is not None:
+        try:
+            with open(folder / merged_run.NAME, "rb") as run:
+                if (merged := merged_run.MergedRun.read(run)) is not None:
+                    owners = merged.owners_of([_file_id(fragment, fragment.path) if getattr(fragment, "path", None)
+                                               else None for fragment in fragments])
+                    if owners and (hit := merged.holding(run, query)) is None:  # failed its checks: files on their own
+                        owners = {}
+        except OSError:  # no merged run yet
+            owners = {}
     found = {position for position, owner in owners.items() if owner in hit} if owners else set()
     loose = [(position, fragment) for position, fragment in enumerate(fragments) if position not in owners]
     if len(query) <= FEW_KEYS:  # each file's sorted hashes searched
@@ -186,135 +180,6 @@ def _hashes(fragment: pa_ds.Fragment, schema: pa.Schema, column: str, folder: Pa
     return found
 
 
-class _Merged:
-    """A column folder's merged run (written by `merge`, lake_maintenance's last step): the hashes of
-    every file it covers in one sorted array, each with its file, so a lookup binary-searches one
-    array instead of testing every stored hash. Its layout: a magic; entries, files, blocks and a
-    digest (blake2b) of the rest of the head; the covered files' ids (32 bytes each); the first
-    hash of every block of BLOCK entries; each block's checksum (weighted by position: entries
-    swapped or moved change it); the hashes; the owners (uint32: a file's place among the ids).
-    A lookup reads only the blocks its keys fall in, through the handle it read the head with
-    (a run replaced meanwhile is not mixed with it), and checks each block it reads (checksum,
-    order, fences, owners); a run failing a check is not used: its files are then looked up on
-    their own."""
-
-    def __init__(self, ids: list[str], fences: np.ndarray, sums: np.ndarray, entries: int, start: int):
-        self.ids, self.fences, self.sums, self.entries, self.start = ids, fences, sums, entries, start
-
-    @classmethod
-    def read(cls, run) -> _Merged | None:
-        """The head of the run open as `run`, or None when it fails its checks."""
-        try:
-            size = os.fstat(run.fileno()).st_size
-            if run.read(len(_MAGIC)) != _MAGIC:
-                return None
-            counts = np.fromfile(run, np.uint64, 4)
-            if len(counts) != 4:
-                return None
-            entries, files, blocks, digest = (int(value) for value in counts)
-            start = len(_MAGIC) + 32 + 32 * files + 16 * blocks
-            if blocks != -(-entries // BLOCK) or size != start + 12 * entries:  # before reading what they size
-                return None
-            head = run.read(32 * files)
-            fences = np.fromfile(run, np.uint64, blocks)
-            sums = np.fromfile(run, np.uint64, blocks)
-        except (OSError, ValueError, OverflowError, MemoryError):
-            return None
-        if len(head) != 32 * files or len(fences) != blocks or len(sums) != blocks or \
-                digest != _digest(counts[:3], head, fences, sums) or bool(np.any(fences[1:] < fences[:-1])):
-            return None
-        return cls([head[at:at + 32].decode("ascii", "replace") for at in range(0, len(head), 32)],
-                   fences, sums, entries, start)
-
-    def owners_of(self, fragments: list) -> dict[int, int]:
-        """position in `fragments` -> owner, of the fragments this run covers."""
-        owner = {file_id: index for index, file_id in enumerate(self.ids)}
-        return {position: owner[file_id] for position, fragment in enumerate(fragments)
-                if getattr(fragment, "path", None) and (file_id := _file_id(fragment, fragment.path)) in owner}
-
-    def holding(self, run, query: np.ndarray) -> set[int] | None:
-        """The owners of the files holding one of the sorted hashes `query`, read from `run` (the
-        file this head was read from); None when a block read fails its checks."""
-        if not self.entries:
-            return set()
-        # the blocks a key can be in: from the last starting below it (an equal hash may end the
-        # block before the one it starts) to the last starting at or below it
-        first = np.maximum(np.searchsorted(self.fences, query, "left") - 1, 0)
-        last = np.maximum(np.searchsorted(self.fences, query, "right") - 1, 0)
-        blocks = len(self.fences)
-        opened = np.bincount(first, minlength=blocks + 1) - np.bincount(last + 1, minlength=blocks + 1)
-        needed = np.flatnonzero(np.cumsum(opened[:-1]) > 0)
-        if not len(needed):
-            return set()
-        # runs of needed blocks (those a few blocks apart read as one), READ_BLOCKS at most a read
-        breaks = np.flatnonzero((np.diff(needed) > _GAP_BLOCKS) | (np.diff(needed // _READ_BLOCKS) > 0))
-        owners: set[int] = set()
-        try:
-            # blocks this process checked in this same file (inode, size, modification time) are trusted
-            status = os.fstat(run.fileno())
-            seen = (status.st_ino, status.st_size, status.st_mtime_ns, BLOCK)
-            if len(_VERIFIED) > 64:
-                _VERIFIED.clear()
-            verified = _VERIFIED.setdefault(seen, np.zeros(blocks, bool))
-            for begin, end in zip(needed[np.r_[0, breaks + 1]].tolist(), needed[np.r_[breaks, len(needed) - 1]].tolist()):
-                low, high = begin * BLOCK, min((end + 1) * BLOCK, self.entries)
-                hashes, held = self._read(run, low, high)
-                if hashes is None:
-                    return None
-                if not verified[begin:end + 1].all():
-                    if not np.array_equal(_block_sums(hashes, held), self.sums[begin:end + 1]) or \
-                            not np.array_equal(hashes[::BLOCK], self.fences[begin:end + 1]) or \
-                            bool(np.any(hashes[1:] < hashes[:-1])) or bool(np.any(held >= len(self.ids))):
-                        return None
-                    verified[begin:end + 1] = True
-                keys = query[np.searchsorted(query, hashes[0]):np.searchsorted(query, hashes[-1], "right")]
-                left = np.searchsorted(hashes, keys)
-                left = left[hashes[np.minimum(left, len(hashes) - 1)] == keys]  # the keys held (few)
-                if len(left):
-                    counts = np.searchsorted(hashes, hashes[left], "right") - left
-                    at = np.repeat(left - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
-                    owners.update(np.unique(held[at]).tolist())
-        except (OSError, ValueError):
-            return None
-        return owners
-
-    def _read(self, run, low: int, high: int) -> tuple[np.ndarray | None, np.ndarray | None]:
-        run.seek(self.start + 8 * low)
-        hashes = np.fromfile(run, np.uint64, high - low)
-        run.seek(self.start + 8 * self.entries + 4 * low)
-        held = np.fromfile(run, np.uint32, high - low)
-        return (hashes, held) if len(hashes) == len(held) == high - low else (None, None)
-
-
-def _digest(*parts) -> int:
-    digest = hashlib.blake2b(digest_size=8)
-    for part in parts:
-        digest.update(part if isinstance(part, bytes) else np.ascontiguousarray(part).tobytes())
-    return int.from_bytes(digest.digest(), "little")
-
-
-@functools.lru_cache(maxsize=4)
-def _weights(count: int) -> np.ndarray:
-    """`count` fixed odd 64-bit weights, one per position in a block."""
-    return np.random.default_rng(0x5EED).integers(0, 2**63, count, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
-
-
-def _block_sums(hashes: np.ndarray, owners: np.ndarray) -> np.ndarray:
-    """Each BLOCK entries' checksum (the first at the start of `hashes`): their hashes and owners
-    weighted by position, wrapping (entries swapped, moved or zeroed change it)."""
-    weights = _weights(BLOCK)
-    full = len(hashes) // BLOCK * BLOCK
-    with np.errstate(over="ignore"):
-        sums = [np.einsum("ij,j->i", hashes[:full].reshape(-1, BLOCK), weights) * np.uint64(0x9E3779B97F4A7C15)
-                + np.einsum("ij,j->i", owners[:full].reshape(-1, BLOCK).astype(np.uint64), weights[::-1])
-                * np.uint64(0xBF58476D1CE4E5B9) + np.uint64(BLOCK)]
-        if rest := len(hashes) - full:
-            sums.append(np.array([(hashes[full:] * weights[:rest]).sum(dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-                                  + (owners[full:].astype(np.uint64) * weights[::-1][:rest]).sum(dtype=np.uint64)
-                                  * np.uint64(0xBF58476D1CE4E5B9) + np.uint64(rest)], np.uint64))
-    return np.concatenate(sums)
-
-
 def merge(lake, tables: list[Table]) -> int:
     """Merge each indexed column's files into its folder's merged run, covering every file the
     table's current version holds (their index files computed where missing); the entries
@@ -323,76 +188,23 @@ def merge(lake, tables: list[Table]) -> int:
     by lookups. A table or column that cannot be read is skipped (its old run, if any, kept: it
     is checked as it is read). Memory: the column's hashes (8 bytes each) and a range of them at a
     time merged."""
-    written = 0
+    written, current = 0, _current(lake)
     for table in tables:
-        folder = _current(lake) / table.layer / table.name
+        folder = current / table.layer / table.name
         columns = sorted(path.name for path in folder.iterdir() if path.is_dir()) if folder.is_dir() else []
         for column in columns:
             try:
                 dataset = lake.dataset(table)
                 if dataset is None or column not in dataset.schema.names:
-                    (folder / column / MERGED).unlink(missing_ok=True)
+                    (folder / column / merged_run.NAME).unlink(missing_ok=True)
                     continue
                 fragments = [fragment for fragment in _fragments(dataset) if getattr(fragment, "path", None)]
                 found = [_hashes(fragment, dataset.schema, column, folder / column) for fragment in fragments]
-                written += _save_merged(folder / column / MERGED,
-                                        [_file_id(fragment, fragment.path) for fragment in fragments], found)
+                written += merged_run.write(folder / column / merged_run.NAME,
+                                            [_file_id(fragment, fragment.path) for fragment in fragments], found)
             except (OSError, pa.ArrowException, DeltaError, ColdTierMissing):  # the next run tries again
                 continue
     return written
-
-
-def _save_merged(path: Path, ids: list[str], found: list[np.ndarray]) -> int:
-    """Write the run of the files `ids` (their sorted hashes `found`), a range of the hash space
-    at a time; the entries written (0 when the disk refused it: lookups go on without it)."""
-    entries = sum(len(part) for part in found)
-    blocks = -(-entries // BLOCK)
-    head = "".join(ids).encode("ascii")
-    start = len(_MAGIC) + 32 + len(head) + 16 * blocks
-    staging = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(staging, "w+b") as out:
-            # the hashes and owners, range by range (each range's entries sorted: a merge of sorted files)
-            ranges = max(1, -(-entries // _MERGE_ENTRIES))
-            bounds = [2**64 * share // ranges for share in range(ranges + 1)]
-            at = 0
-            for low, high in zip(bounds[:-1], bounds[1:]):
-                parts = [(owner, part[np.searchsorted(part, np.uint64(low)):
-                                      len(part) if high >= 2**64 else np.searchsorted(part, np.uint64(high))])
-                         for owner, part in enumerate(found)]
-                hashes = np.concatenate([part for _, part in parts]) if parts else np.zeros(0, np.uint64)
-                owners = np.repeat(np.arange(len(parts), dtype=np.uint32), [len(part) for _, part in parts])
-                order = np.argsort(hashes, kind="stable")
-                out.seek(start + 8 * at)
-                hashes[order].tofile(out)
-                out.seek(start + 8 * entries + 4 * at)
-                owners[order].tofile(out)
-                at += len(hashes)
-            # then each block's fence and checksum, read back a few blocks at a time
-            fences, sums = np.zeros(blocks, np.uint64), np.zeros(blocks, np.uint64)
-            step = BLOCK * _READ_BLOCKS
-            for low in range(0, entries, step):
-                out.seek(start + 8 * low)
-                hashes = np.fromfile(out, np.uint64, min(step, entries - low))
-                out.seek(start + 8 * entries + 4 * low)
-                owners = np.fromfile(out, np.uint32, len(hashes))
-                fences[low // BLOCK:low // BLOCK + -(-len(hashes) // BLOCK)] = hashes[::BLOCK]
-                sums[low // BLOCK:low // BLOCK + -(-len(hashes) // BLOCK)] = _block_sums(hashes, owners)
-            counts = np.array([entries, len(ids), blocks], np.uint64)
-            out.seek(0)
-            out.write(_MAGIC)
-            np.append(counts, np.uint64(_digest(counts, head, fences, sums))).tofile(out)
-            out.write(head)
-            fences.tofile(out)
-            sums.tofile(out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(staging, path)
-    except OSError:
-        staging.unlink(missing_ok=True)
-        return 0
-    return entries
 
 
 def _checksum(found: np.ndarray) -> np.uint64:
@@ -425,16 +237,9 @@ def _load(stored: Path) -> np.ndarray | None:
 
 
 def _save(stored: Path, found: np.ndarray) -> None:
-    staging = stored.with_name(f".{stored.name}.{uuid.uuid4().hex}.tmp")  # one per writer, any host
-    try:
-        stored.parent.mkdir(parents=True, exist_ok=True)
-        with open(staging, "wb") as out:
+    with contextlib.suppress(OSError):  # a full or read-only disk: the lookup goes on without indexing this file
+        with staged(stored) as out:
             np.save(out, np.append(found, _checksum(found)))
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(staging, stored)
-    except OSError:  # a full or read-only disk: the lookup goes on without indexing this file
-        staging.unlink(missing_ok=True)
 
 
 def _file_id(fragment: pa_ds.Fragment, path: str) -> str:
